@@ -1,0 +1,52 @@
+"""What a node serves: its models and its load, as announced in heartbeats.
+
+These are plain frozen values shared by the backends (which produce them),
+the heartbeat codec (which puts them on the wire), the peer table and the
+router (which read them) and the gateway (which lists them as ``/api/tags``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+
+def _frozen(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d or {}))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model a node serves.
+
+    ``name`` is Ollama's canonical short form (``llama3:latest``,
+    ``user/model:tag``), see :mod:`meshollama.names`. ``digest`` is 64 hex
+    characters without ``sha256:``. ``details`` is Ollama's ``details``
+    object (format, family, parameter_size, quantization_level, ...).
+    ``capabilities`` mirrors ``/api/show`` (e.g. ``("completion",)`` or
+    ``("embedding",)``) when known.
+    """
+
+    name: str
+    digest: str = ""
+    size: int = 0
+    loaded: bool = False
+    modified_at: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+    capabilities: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "details", _frozen(self.details))
+
+    def __hash__(self) -> int:  # details is a mapping; hash by identity fields
+        return hash((self.name, self.digest, self.size, self.loaded))
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """How busy a node is: requests being served, slots, requests waiting."""
+
+    in_flight: int = 0
+    capacity: int = 1
+    queued: int = 0

@@ -1,0 +1,98 @@
+"""HTTP messages as they travel between the gateway and an upstream.
+
+An *upstream* is anything that can answer one Ollama-API HTTP request: this
+node's own backend (Ollama, embedded llama.cpp) or a remote peer reached over a
+libp2p stream. The gateway only knows this interface, so routing and retries
+are tested with fakes and the transport can change without touching them.
+
+Contract of ``Upstream.open(request)``:
+
+* it is an async context manager yielding a :class:`ProxyResponse`;
+* if the upstream cannot be reached, is overloaded, or fails before the
+  response status is known, it raises :class:`~meshollama.errors.UpstreamUnavailable`
+  or :class:`~meshollama.errors.UpstreamBusy` (the gateway retries elsewhere);
+* once it yields, ``response.status``/``headers`` are final; iterating
+  ``response.body`` yields raw body bytes as they arrive (never re-chunked
+  or buffered); a failure while iterating raises
+  :class:`~meshollama.errors.UpstreamBroken`;
+* leaving the context early (client went away, cancellation) aborts the
+  upstream work: the backend request is closed, the libp2p stream reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Headers = tuple[tuple[str, str], ...]
+
+# Hop-by-hop and transport headers that must not be copied across a proxy hop.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+        "content-encoding",
+        "accept-encoding",
+    }
+)
+
+
+def forwardable(headers: Headers) -> Headers:
+    """Headers minus hop-by-hop ones, names lower-cased."""
+    return tuple((k.lower(), v) for k, v in headers if k.lower() not in HOP_BY_HOP)
+
+
+def header(headers: Headers, name: str, default: str | None = None) -> str | None:
+    """First value of header ``name`` (case-insensitive)."""
+    name = name.lower()
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return default
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    """One HTTP request to forward. ``path`` includes the query string."""
+
+    method: str
+    path: str
+    headers: Headers = ()
+    body: bytes = b""
+
+
+@dataclass
+class ProxyResponse:
+    """The head of an upstream's answer plus its body as an async byte iterator."""
+
+    status: int
+    headers: Headers
+    body: AsyncIterator[bytes] = field(repr=False)
+
+    async def read_all(self, limit: int = 64 * 1024 * 1024) -> bytes:
+        """Collect the whole body (for small, non-streamed answers)."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.body:
+            size += len(chunk)
+            if size > limit:
+                raise ValueError("upstream body over limit")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class Upstream(Protocol):
+    """Something that answers one HTTP request: a backend or a remote peer."""
+
+    def open(self, request: ProxyRequest) -> AbstractAsyncContextManager[ProxyResponse]: ...
