@@ -48,6 +48,17 @@ class AnnouncementError(ProtocolError):
     """A heartbeat announcement is malformed, oversized or unverifiable."""
 
 
+# --- libp2p ---------------------------------------------------------------
+
+
+class P2PError(MeshollamaError):
+    """A libp2p operation (dial, stream open, read, write) failed or timed out."""
+
+
+class StreamReset(P2PError):
+    """The remote end reset or closed the stream unexpectedly."""
+
+
 # --- talking to an upstream (local backend or remote peer) -----------------
 
 

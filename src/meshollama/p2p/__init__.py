@@ -1,0 +1,12 @@
+"""The only package that imports py-libp2p.
+
+py-libp2p is young (see docs/architecture.md, "py-libp2p sharp edges"): every
+workaround for it lives here, every stream operation has a timeout, and its
+exceptions are mapped to :mod:`meshollama.errors` before they leave.
+
+* ``host``: build and run a Noise-only, Yamux, optionally PSK-protected host
+  with GossipSub, the Kademlia DHT and mDNS; connection events; publish.
+* ``patches``: process-wide fixes (DHT protocol ID, pubsub junk handling).
+* ``stream``: a libp2p stream with timeouts and error mapping.
+* ``httpstream``: HTTP requests over libp2p streams (client and server).
+"""

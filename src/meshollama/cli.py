@@ -1,0 +1,271 @@
+"""The ``meshollama`` command line.
+
+Flags default to "not given" (``argparse.SUPPRESS``) so only what the user
+typed overrides the config file and environment, as in hypercorn's CLI.
+Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError, IdentityError, MeshollamaError, PortInUseError
+
+# flag dest -> dotted config key
+FLAG_KEYS = {
+    "data_dir": "node.data_dir",
+    "log_level": "node.log_level",
+    "log_format": "node.log_format",
+    "p2p_listen": "p2p.listen",
+    "bootstrap": "p2p.bootstrap",
+    "psk_file": "p2p.psk_file",
+    "heartbeat_interval": "p2p.heartbeat_interval",
+    "api_listen": "gateway.listen",
+    "api_key_file": "gateway.api_key_file",
+    "routing": "gateway.routing",
+    "backend": "backend.kind",
+    "ollama_url": "ollama.url",
+    "model_dir": "embedded.model_dir",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshollama", description="Pool machines running LLMs into one Ollama endpoint.")
+    p.add_argument("--version", action="version", version=f"meshollama {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    S = argparse.SUPPRESS
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", default=S, help="YAML config file (also MESHOLLAMA_CONFIG)")
+        sp.add_argument("--data-dir", default=S, help="identity and state directory (default ~/.meshollama)")
+
+    start = sub.add_parser("start", help="run a node")
+    common(start)
+    start.add_argument("--p2p-listen", action="append", default=S, metavar="MULTIADDR",
+                       help="libp2p listen address, repeatable (default /ip4/0.0.0.0/tcp/4001)")
+    start.add_argument("--bootstrap", action="append", default=S, metavar="MULTIADDR",
+                       help="peer to join through, repeatable (/ip4/.../tcp/4001/p2p/12D3...)")
+    start.add_argument("--api-listen", default=S, metavar="HOST:PORT", help="gateway address (default 127.0.0.1:11434)")
+    start.add_argument("--no-mdns", dest="mdns", action="store_false", default=S, help="no LAN discovery")
+    start.add_argument("--no-dht", dest="dht", action="store_false", default=S, help="no Kademlia DHT")
+    start.add_argument("--psk-file", default=S, help="private-network key (see meshollama keygen --psk)")
+    start.add_argument("--heartbeat-interval", type=float, default=S, metavar="SECONDS")
+    start.add_argument("--log-level", default=S, choices=["debug", "info", "warning", "error"])
+    start.add_argument("--log-format", default=S, choices=["text", "json"])
+    start.add_argument("--backend", default=S, choices=["auto", "ollama", "embedded", "none"])
+    start.add_argument("--ollama-url", default=S, help="local Ollama (default http://127.0.0.1:11435)")
+    start.add_argument("--spawn-ollama", dest="spawn_ollama", action="store_true", default=S,
+                       help="start and supervise `ollama serve`")
+    start.add_argument("--api-key-file", default=S, help="require these bearer keys on the gateway")
+    start.add_argument("--model-dir", default=S, help="directory of GGUF models for the embedded backend")
+    start.add_argument("--routing", default=S, choices=["least_loaded", "round_robin", "random", "local_first"])
+
+    ident = sub.add_parser("id", help="print this node's peer ID and addresses")
+    common(ident)
+    ident.add_argument("--json", action="store_true")
+
+    for name, helptext in (("peers", "list the peers in the mesh"), ("status", "show this node's mesh status")):
+        sp = sub.add_parser(name, help=helptext)
+        common(sp)
+        sp.add_argument("--api", default=S, metavar="URL", help="gateway URL (default: from node.json or config)")
+        sp.add_argument("--api-key", default=os.environ.get("MESHOLLAMA_API_KEY"), help=S)
+        sp.add_argument("--json", action="store_true", help="raw JSON")
+
+    conf = sub.add_parser("config", help="configuration tools")
+    conf_sub = conf.add_subparsers(dest="config_command", required=True)
+    check = conf_sub.add_parser("check", help="validate a config file without starting")
+    check.add_argument("file")
+
+    keygen = sub.add_parser("keygen", help="create keys")
+    keygen.add_argument("--psk", required=True, metavar="FILE", help="write a new private-network key to FILE")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dest, key in FLAG_KEYS.items():
+        if hasattr(args, dest):
+            out[key] = getattr(args, dest)
+    if hasattr(args, "mdns"):
+        out["p2p.mdns"] = args.mdns
+    if hasattr(args, "dht"):
+        out["p2p.dht"] = args.dht
+    if hasattr(args, "spawn_ollama"):
+        out["ollama.spawn"] = True
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(getattr(args, "config", None), os.environ, _overrides(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"meshollama: config error: {exc}", file=sys.stderr)
+        return 2
+    except (PortInUseError, IdentityError) as exc:
+        print(f"meshollama: {exc}", file=sys.stderr)
+        return 1
+    except MeshollamaError as exc:
+        print(f"meshollama: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "start":
+        return _start(args)
+    if args.command == "id":
+        return _id(args)
+    if args.command in ("peers", "status"):
+        return _query(args)
+    if args.command == "config":
+        from .config import check_file
+
+        check_file(args.file)
+        print(f"{args.file}: ok")
+        return 0
+    if args.command == "keygen":
+        from .identity import write_psk
+
+        write_psk(Path(args.psk))
+        print(f"wrote private-network key to {args.psk} (mode 0600); give it to every node with --psk-file")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _start(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import logs
+    from .node import run_until_signalled
+
+    config = _load(args)
+    logs.setup(config.node.log_level, config.node.log_format)
+    return trio.run(_run_with_errors, config, run_until_signalled)
+
+
+async def _run_with_errors(config, run) -> int:
+    # Errors from inside nurseries arrive wrapped in exception groups; unwrap
+    # the first meshollama error so the user gets one clear line.
+    try:
+        return await run(config)
+    except BaseExceptionGroup as group:
+        leaf = _first_leaf(group)
+        if isinstance(leaf, MeshollamaError):
+            raise leaf from None
+        raise
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        for sub in exc.exceptions:
+            if isinstance(sub, MeshollamaError) or isinstance(sub, BaseExceptionGroup):
+                exc = sub
+                break
+        else:
+            exc = exc.exceptions[0]
+    return exc
+
+
+def _id(args: argparse.Namespace) -> int:
+    from .identity import load_or_create, peer_id_of
+    from .node import read_node_file
+
+    config = _load(args)
+    peer_id = peer_id_of(load_or_create(Path(config.node.data_dir)))
+    running = read_node_file(Path(config.node.data_dir)) or {}
+    if running.get("peer_id") == peer_id and running.get("p2p_addrs"):
+        addrs = list(running["p2p_addrs"])
+    else:
+        addrs = [f"{a}/p2p/{peer_id}" for a in config.p2p.listen]
+    if args.json:
+        print(json.dumps({"peer_id": peer_id, "p2p_addrs": addrs}, indent=2))
+    else:
+        print(peer_id)
+        for a in addrs:
+            print(a)
+    return 0
+
+
+def _api_url(args: argparse.Namespace, config) -> str:
+    from .node import read_node_file
+
+    if hasattr(args, "api"):
+        return args.api.rstrip("/")
+    running = read_node_file(Path(config.node.data_dir)) or {}
+    if running.get("api_url"):
+        return running["api_url"].rstrip("/")
+    return f"http://{config.gateway.listen}"
+
+
+def _query(args: argparse.Namespace) -> int:
+    import httpx
+
+    config = _load(args)
+    url = _api_url(args, config)
+    path = "/api/mesh/peers" if args.command == "peers" else "/api/mesh/status"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        resp = httpx.get(url + path, headers=headers, timeout=5.0)
+    except httpx.HTTPError as exc:
+        print(f"meshollama: cannot reach the node at {url}: {exc} (is `meshollama start` running?)", file=sys.stderr)
+        return 1
+    if resp.status_code != 200:
+        print(f"meshollama: {url}{path} answered {resp.status_code}: {resp.text.strip()}", file=sys.stderr)
+        return 1
+    data = resp.json()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif args.command == "peers":
+        print(format_peers(data))
+    else:
+        print(format_status(data))
+    return 0
+
+
+def format_peers(data: Any) -> str:
+    peers = data.get("peers", data) if isinstance(data, dict) else data
+    rows = [("PEER", "STATE", "LOAD", "LAST SEEN", "MODELS")]
+    for p in peers:
+        load = p.get("load", {})
+        models = ", ".join(m.get("name", "?") + ("*" if m.get("loaded") else "") for m in p.get("models", []))
+        peer = p.get("peer_id", "?") + (" (self)" if p.get("is_self") else "")
+        seen = p.get("seconds_since_heartbeat")
+        rows.append((
+            peer,
+            str(p.get("state", "?")),
+            f"{load.get('in_flight', 0)}/{load.get('capacity', 0)}" + (f" +{load['queued']}q" if load.get("queued") else ""),
+            "-" if seen is None else f"{float(seen):.1f}s",
+            models or "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    return "\n".join(lines) + "\n(* = loaded)"
+
+
+def format_status(data: dict) -> str:
+    lines = []
+    for k, v in data.items():
+        if isinstance(v, (list, tuple)):
+            v = ", ".join(map(str, v)) or "-"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
+        lines.append(f"{k:24} {v}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

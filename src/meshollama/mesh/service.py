@@ -1,0 +1,431 @@
+"""The mesh service: heartbeats out and in, the peer table, discovery, liveness.
+
+It owns the peer table (pure, ``mesh.peertable``) and drives it from network
+events delivered by :class:`~meshollama.p2p.host.P2PHost`:
+
+* publish our announcement every ``heartbeat_interval``, and at once (rate
+  limited) when the backend reports a change;
+* apply verified announcements from others; an announcement whose signer is
+  not the peer it describes, or that does not decode, is dropped and counted;
+* a closed connection marks the peer down at once and releases every stream
+  waiting on it; a failed liveness ping does the same for a frozen peer;
+* peers that miss ``miss_limit`` intervals expire;
+* bootstrap addresses are dialled with backoff until they answer, and again
+  whenever the connection is lost; peers learned from heartbeats, the DHT
+  and mDNS are dialled too, up to ``max_connections``;
+* on shutdown we publish a ``leaving`` announcement so others drop us at once.
+
+The libp2p host is supervised: if it fails, the error is logged and it is
+rebuilt with backoff, while the peer table and the HTTP side keep running.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import __version__
+from ..catalog import LoadInfo, ModelInfo
+from ..errors import AnnouncementError, P2PError
+from ..p2p.host import Event, HostSettings, P2PHost
+from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
+from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream
+from ..p2p.ping import Pinger
+from . import announce
+from .peertable import ApplyResult, PeerState, PeerTable, Snapshot
+
+log = logging.getLogger("meshollama.mesh")
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    heartbeat_interval: float = 2.0
+    miss_limit: int = 3
+    liveness_interval: float = 1.0
+    liveness_timeout: float = 2.0
+    bootstrap: tuple[str, ...] = ()
+    bootstrap_retry_max: float = 30.0
+    max_connections: int = 64
+    dht_refresh_first: float = 10.0
+    dht_refresh_every: float = 60.0
+    api_url: str = ""
+
+
+@dataclass
+class MeshCounters:
+    """Plain counters, mirrored into Prometheus by the node."""
+
+    heartbeats_sent: int = 0
+    heartbeats_received: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    stream_errors: dict[str, int] = field(default_factory=dict)
+    inbound_rejected: dict[str, int] = field(default_factory=dict)
+    host_restarts: int = 0
+
+    @staticmethod
+    def bump(d: dict[str, int], key: str) -> None:
+        d[key] = d.get(key, 0) + 1
+
+
+class MeshService:
+    """Runs the mesh. Also the gateway's ``MeshView``."""
+
+    def __init__(
+        self,
+        key_pair,
+        host_settings: HostSettings,
+        settings: MeshSettings,
+        *,
+        models: Callable[[], tuple[ModelInfo, ...]],
+        load: Callable[[], LoadInfo],
+        changed: Callable[[], trio.Event],
+        local_upstream,
+        http_server_factory: Callable[[Callable[[str], None], Callable[[str], None]], HttpStreamServer],
+        on_counter: Callable[[str, str], None] | None = None,
+    ) -> None:
+        from ..identity import peer_id_of
+
+        self.key_pair = key_pair
+        self.host_settings = host_settings
+        self.settings = settings
+        self.self_id = peer_id_of(key_pair)
+        self.table = PeerTable(self.self_id, interval=settings.heartbeat_interval, miss_limit=settings.miss_limit)
+        self.counters = MeshCounters()
+        self.scopes = PeerScopes()
+        self._models = models
+        self._load = load
+        self._changed = changed
+        self._local = local_upstream
+        self._http_server_factory = http_server_factory
+        self._on_counter = on_counter or (lambda name, label: None)
+        self._host: P2PHost | None = None
+        self._host_ready = trio.Event()
+        # Sequence numbers start at the wall clock (ns) so a restarted node's
+        # heartbeats are never taken for stale ones; I/O code may read it.
+        self._seq = time.time_ns()
+        self._started_at = trio.current_time()
+        self._publish_now = trio.Event()
+        self._dialing: set[str] = set()
+        self._rng = random.Random()
+        self.addrs: list[str] = []
+        self._leaving = False
+
+    # --- MeshView (for the gateway) ------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        return self.table.snapshot(trio.current_time())
+
+    def upstream(self, peer_id: str):
+        if peer_id == self.self_id:
+            return self._local
+        return PeerUpstream(
+            self._open_stream,
+            peer_id,
+            self.scopes,
+            on_error=lambda kind: self._count("stream_errors", kind),
+        )
+
+    def status(self) -> dict:
+        host = self._host
+        return {
+            "peer_id": self.self_id,
+            "version": __version__,
+            "p2p_addrs": list(self.addrs),
+            "api_url": self.settings.api_url,
+            "uptime_seconds": round(trio.current_time() - self._started_at, 3),
+            "heartbeat_interval": self.settings.heartbeat_interval,
+            "connected_peers": sorted(host.connected_peers()) if host is not None and self._host_ready.is_set() else [],
+            "dht_routing_table_size": host.dht_size() if host is not None and self._host_ready.is_set() else 0,
+            "heartbeats_sent": self.counters.heartbeats_sent,
+            "heartbeats_received": self.counters.heartbeats_received,
+            "heartbeats_dropped": dict(self.counters.dropped),
+            "host_restarts": self.counters.host_restarts,
+        }
+
+    # --- running ---------------------------------------------------------------
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled, restarting the libp2p host if it fails."""
+        self.table.set_self(self._announcement(), trio.current_time())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expiry_loop)
+            backoff = 0.5
+            first = True
+            while True:
+                try:
+                    if first:
+                        await nursery.start(self._run_host)
+                        task_status.started(list(self.addrs))
+                        first = False
+                        await trio.sleep_forever()
+                    else:
+                        await self._run_host()
+                except P2PError as exc:
+                    if first:
+                        raise
+                    log.error("libp2p host failed: %s; restarting in %.1fs", exc, backoff)
+                except Exception as exc:
+                    if first:
+                        raise
+                    log.exception("libp2p host crashed: %r; restarting in %.1fs", exc, backoff)
+                self.counters.host_restarts += 1
+                self._host_ready = trio.Event()
+                for peer in list(self.table.snapshot(trio.current_time()).peers):
+                    if not peer.is_self:
+                        self.table.mark_down(peer.peer_id, trio.current_time())
+                        self.scopes.cancel_peer(peer.peer_id)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def _run_host(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        host = P2PHost(self.key_pair, self.host_settings, on_junk=lambda peer, why: self._drop("junk_rpc"))
+        server = self._http_server_factory(
+            lambda reason: self._count("inbound_rejected", reason),
+            lambda kind: self._count("stream_errors", kind),
+        )
+        host.set_handler(HTTP_PROTOCOL, server.handle)
+        self._host = host
+        self._pinger = Pinger(host.open_stream, timeout=self.settings.liveness_timeout)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.addrs = await nursery.start(host.serve)
+            self._host_ready.set()
+            self.table.set_self(self._announcement(), trio.current_time())
+            nursery.start_soon(self._publish_loop, host)
+            nursery.start_soon(self._receive_loop, host)
+            nursery.start_soon(self._event_loop, host)
+            nursery.start_soon(self._liveness_loop, host)
+            for addr in self.settings.bootstrap:
+                nursery.start_soon(self._bootstrap_loop, host, addr)
+            if self.host_settings.dht:
+                nursery.start_soon(self._dht_loop, host)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                await self._say_goodbye(host)
+
+    async def _say_goodbye(self, host: P2PHost) -> None:
+        """Publish a ``leaving`` announcement, shielded and time-boxed."""
+        if not self._leaving:
+            return
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            try:
+                await host.publish(announce.encode(self._announcement(leaving=True)))
+                # Give pubsub a moment to flush it to the mesh before the host closes.
+                await trio.sleep(0.2)
+            except Exception as exc:
+                log.debug("could not publish leave: %r", exc)
+
+    def prepare_shutdown(self) -> None:
+        """Called before cancellation so the host announces that we leave."""
+        self._leaving = True
+
+    # --- heartbeats --------------------------------------------------------------
+
+    def _announcement(self, *, leaving: bool = False) -> announce.Announcement:
+        self._seq += 1
+        return announce.fit(
+            announce.Announcement(
+                peer_id=self.self_id,
+                seq=self._seq,
+                version=__version__,
+                models=tuple(self._models()),
+                load=self._load(),
+                addrs=tuple(self.addrs),
+                api_url=self.settings.api_url,
+                leaving=leaving,
+            )
+        )
+
+    def request_heartbeat(self) -> None:
+        self._publish_now.set()
+
+    async def _publish_loop(self, host: P2PHost) -> None:
+        interval = self.settings.heartbeat_interval
+        min_gap = min(interval, 0.25)  # rate limit for change-triggered heartbeats
+        changed = self._changed()
+        async with trio.open_nursery() as nursery:
+
+            async def watch_backend() -> None:
+                nonlocal changed
+                while True:
+                    await changed.wait()
+                    changed = self._changed()
+                    self._publish_now.set()
+
+            nursery.start_soon(watch_backend)
+            while True:
+                ann = self._announcement()
+                self.table.set_self(ann, trio.current_time())
+                try:
+                    await host.publish(announce.encode(ann))
+                    self.counters.heartbeats_sent += 1
+                    self._on_counter("heartbeats_sent", "")
+                except P2PError as exc:
+                    log.debug("heartbeat publish failed: %s", exc)
+                except Exception as exc:
+                    log.warning("heartbeat publish failed: %r", exc)
+                last = trio.current_time()
+                self._publish_now = trio.Event()
+                with trio.move_on_after(interval):
+                    await self._publish_now.wait()
+                gap = trio.current_time() - last
+                if gap < min_gap:
+                    await trio.sleep(min_gap - gap)
+
+    async def _receive_loop(self, host: P2PHost) -> None:
+        while True:
+            msg = await host.next_message()
+            try:
+                ann = announce.decode(msg.data)
+            except AnnouncementError as exc:
+                log.debug("dropping heartbeat from %s: %s", msg.from_peer, exc)
+                self._drop("malformed")
+                continue
+            if ann.peer_id != msg.from_peer:
+                # Signed by one peer, describing another: forged. Drop.
+                self._drop("signer_mismatch")
+                continue
+            now = trio.current_time()
+            result = self.table.apply(ann, now)
+            if result is ApplyResult.STALE:
+                self._drop("stale")
+                continue
+            if result is ApplyResult.SELF:
+                continue
+            self.counters.heartbeats_received += 1
+            self._on_counter("heartbeats_received", "")
+            if result is ApplyResult.LEFT:
+                log.info("peer %s left the mesh", ann.peer_id)
+                self.scopes.cancel_peer(ann.peer_id)
+                continue
+            if result is ApplyResult.NEW:
+                log.info("peer %s joined with %d model(s)", ann.peer_id, len(ann.models))
+            if ann.peer_id not in host.connected_peers() and ann.addrs:
+                self._maybe_dial(host, ann.peer_id, ann.addrs)
+
+    def _drop(self, reason: str) -> None:
+        MeshCounters.bump(self.counters.dropped, reason)
+        self._on_counter("heartbeats_dropped", reason)
+
+    def _count(self, what: str, label: str) -> None:
+        MeshCounters.bump(getattr(self.counters, what), label)
+        self._on_counter(what, label)
+
+    # --- connections -------------------------------------------------------------
+
+    async def _event_loop(self, host: P2PHost) -> None:
+        async with trio.open_nursery() as nursery:
+            async for event in host.events:
+                self._on_event(host, event, nursery)
+
+    def _on_event(self, host: P2PHost, event: Event, nursery: trio.Nursery) -> None:
+        now = trio.current_time()
+        if event.kind == "disconnected":
+            if event.peer_id not in host.connected_peers():
+                if self.table.mark_down(event.peer_id, now):
+                    log.info("peer %s disconnected", event.peer_id)
+                self.scopes.cancel_peer(event.peer_id)
+                nursery.start_soon(self._pinger.forget, event.peer_id)
+        elif event.kind == "connected":
+            self.table.mark_up(event.peer_id, now)
+            self.request_heartbeat()  # let the new peer learn about us now
+        elif event.kind == "discovered":
+            self._maybe_dial(host, event.peer_id, event.addrs)
+
+    def _maybe_dial(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...]) -> None:
+        if peer_id == self.self_id or peer_id in self._dialing:
+            return
+        if len(host.connected_peers()) >= self.settings.max_connections:
+            return
+        self._dialing.add(peer_id)
+
+        async def dial() -> None:
+            try:
+                await host.connect(addrs)
+            except P2PError as exc:
+                log.debug("dial %s failed: %s", peer_id, exc)
+            finally:
+                self._dialing.discard(peer_id)
+
+        self._spawn(dial)
+
+    def _spawn(self, fn) -> None:
+        # Dials run in the host's nursery so a slow dial never blocks the
+        # receive loop, and all of them stop with the host.
+        self._nursery.start_soon(_swallow_cancel, fn)
+
+    async def _bootstrap_loop(self, host: P2PHost, addr: str) -> None:
+        """Dial a bootstrap peer until it answers; re-dial whenever it is lost."""
+        backoff = 0.25
+        target = addr.rsplit("/p2p/", 1)[-1]
+        while True:
+            if target in host.connected_peers():
+                backoff = 0.25
+                await trio.sleep(self.settings.heartbeat_interval)
+                continue
+            try:
+                await host.connect([addr])
+                log.info("connected to bootstrap peer %s", target)
+                backoff = 0.25
+            except P2PError as exc:
+                log.debug("bootstrap %s not reachable (%s); retry in %.1fs", addr, exc, backoff)
+                await trio.sleep(backoff * (0.5 + self._rng.random()))
+                backoff = min(backoff * 2, self.settings.bootstrap_retry_max)
+
+    async def _dht_loop(self, host: P2PHost) -> None:
+        await trio.sleep(min(self.settings.dht_refresh_first, 2 * self.settings.heartbeat_interval))
+        delay = self.settings.dht_refresh_first
+        while True:
+            for peer_id, addrs in await host.dht_refresh():
+                if peer_id not in host.connected_peers():
+                    self._maybe_dial(host, peer_id, addrs)
+            await trio.sleep(delay)
+            delay = self.settings.dht_refresh_every
+
+    async def _liveness_loop(self, host: P2PHost) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                snap = self.table.snapshot(trio.current_time())
+                connected = host.connected_peers()
+                for peer in snap.peers:
+                    if not peer.is_self and peer.state is PeerState.ALIVE and peer.peer_id in connected:
+                        nursery.start_soon(self._check, peer.peer_id)
+                await trio.sleep(self.settings.liveness_interval)
+
+    async def _check(self, peer_id: str) -> None:
+        try:
+            await self._pinger.ping(peer_id)
+        except P2PError as exc:
+            if self.table.mark_down(peer_id, trio.current_time()):
+                log.warning("peer %s failed its liveness check (%s): marked down", peer_id, exc)
+            self.scopes.cancel_peer(peer_id)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.heartbeat_interval / 2)
+            for peer_id in self.table.expire(trio.current_time()):
+                log.info("peer %s expired (no heartbeat for %d intervals)", peer_id, self.settings.miss_limit)
+                self.scopes.cancel_peer(peer_id)
+
+    async def _open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None):
+        host = self._host
+        if host is None or not self._host_ready.is_set():
+            raise P2PError("libp2p host is not running")
+        return await host.open_stream(peer_id, protocol, timeout=timeout)
+
+
+async def _swallow_cancel(fn) -> None:
+    try:
+        await fn()
+    except trio.Cancelled:
+        raise
+    except Exception as exc:
+        log.debug("background task failed: %r", exc)

@@ -1,0 +1,180 @@
+"""The daemon: wires identity, backend, mesh and gateway together and runs them.
+
+Start order matters: the backend first (so the first heartbeat already lists
+our models), then the gateway (so its bound URL goes into heartbeats and
+node.json), then the mesh. Shutdown (SIGINT/SIGTERM): the mesh announces
+that we leave, everything is cancelled, the libp2p host closes its
+connections (shielded, time-boxed), and the process exits 0 within a few
+seconds. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from . import __version__, identity
+from .config import Config
+from .limits import InboundLimiter
+from .mesh.service import MeshService, MeshSettings
+from .p2p.host import HostSettings
+from .p2p.httpstream import HttpStreamServer
+
+log = logging.getLogger("meshollama.node")
+
+NODE_FILE = "node.json"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    peer_id: str
+    p2p_addrs: tuple[str, ...]
+    api_url: str
+    backend: str
+
+    def to_json(self) -> dict:
+        return {"peer_id": self.peer_id, "p2p_addrs": list(self.p2p_addrs), "api_url": self.api_url,
+                "backend": self.backend, "pid": os.getpid(), "version": __version__}
+
+
+def host_settings(config: Config, psk: str | None) -> HostSettings:
+    p = config.p2p
+    return HostSettings(
+        listen=tuple(p.listen),
+        psk=psk,
+        mdns=p.mdns,
+        dht=p.dht,
+        gossip_degree=p.gossip_degree,
+        gossip_degree_low=p.gossip_degree_low,
+        gossip_degree_high=p.gossip_degree_high,
+        stream_timeout=p.stream_timeout,
+    )
+
+
+def mesh_settings(config: Config, api_url: str) -> MeshSettings:
+    p = config.p2p
+    return MeshSettings(
+        heartbeat_interval=p.heartbeat_interval,
+        miss_limit=p.miss_limit,
+        liveness_interval=p.liveness_interval,
+        liveness_timeout=p.liveness_timeout,
+        bootstrap=tuple(p.bootstrap),
+        bootstrap_retry_max=p.bootstrap_retry_max,
+        api_url=api_url,
+    )
+
+
+def write_node_file(data_dir: Path, info: NodeInfo) -> Path:
+    path = Path(data_dir) / NODE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_node_file(data_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(data_dir) / NODE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Node:
+    """One meshollama node. ``await nursery.start(node.serve)`` returns its NodeInfo."""
+
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.mesh: MeshService | None = None
+        self.info: NodeInfo | None = None
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from .backends.select import create_backend
+        from .gateway.app import create_app
+        from .gateway.metrics import MeshMetrics
+        from .gateway.server import serve_gateway
+
+        cfg = self.config
+        data_dir = Path(cfg.node.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        key_pair = identity.load_or_create(data_dir)
+        psk = identity.read_psk(cfg.p2p.psk_file) if cfg.p2p.psk_file else None
+        selected = create_backend(cfg)
+        backend = selected.backend
+        mesh_metrics = MeshMetrics(self.registry)
+        limiter = InboundLimiter(cfg.p2p.max_inbound_streams, cfg.p2p.max_inbound_per_peer)
+
+        def http_server(on_reject, on_error) -> HttpStreamServer:
+            return HttpStreamServer(backend, limiter, max_body_bytes=cfg.gateway.max_body_bytes,
+                                    on_reject=on_reject, on_error=on_error)
+
+        mesh = MeshService(
+            key_pair,
+            host_settings(cfg, psk),
+            mesh_settings(cfg, ""),
+            models=backend.models,
+            load=backend.load,
+            changed=backend.changed,
+            local_upstream=backend,
+            http_server_factory=http_server,
+            on_counter=mesh_metrics.count,
+        )
+        self.mesh = mesh
+        mesh_metrics.bind(mesh)
+        app = create_app(cfg, mesh, backend, self.registry)
+
+        async with trio.open_nursery() as nursery:
+            for service in selected.services:
+                await nursery.start(service.serve)
+            await nursery.start(backend.serve)
+            bound = await nursery.start(serve_gateway, app, cfg.gateway.listen)
+            api_url = f"http://{bound}"
+            mesh.settings = dataclasses.replace(mesh.settings, api_url=api_url)
+            addrs = await nursery.start(mesh.serve)
+            self.info = NodeInfo(mesh.self_id, tuple(addrs), api_url, backend.kind)
+            write_node_file(data_dir, self.info)
+            log.info("node %s up: backend=%s api=%s p2p=%s", mesh.self_id, backend.kind, api_url, " ".join(addrs))
+            task_status.started(self.info)
+
+    def prepare_shutdown(self) -> None:
+        if self.mesh is not None:
+            self.mesh.prepare_shutdown()
+
+
+async def run_until_signalled(config: Config, *, out=sys.stdout) -> int:
+    """Run a node until SIGINT/SIGTERM; print how to reach it once it is up."""
+    node = Node(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            info: NodeInfo = await nursery.start(node.serve)
+            print(f"meshollama {__version__} node {info.peer_id}", file=out)
+            print(f"  backend: {info.backend}", file=out)
+            print(f"  api:     {info.api_url}", file=out)
+            for addr in info.p2p_addrs:
+                print(f"  p2p:     {addr}", file=out)
+            print(f"  others join with: meshollama start --bootstrap {info.p2p_addrs[0]}", file=out)
+            out.flush()
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                node.prepare_shutdown()
+                nursery.cancel_scope.cancel()
+                trio.lowlevel.spawn_system_task(_hard_exit_on_second_signal, signals)
+                break
+    return 0
+
+
+async def _hard_exit_on_second_signal(signals) -> None:
+    try:
+        async for _ in signals:
+            os._exit(130)
+    except Exception:
+        pass

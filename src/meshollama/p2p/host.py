@@ -1,0 +1,452 @@
+"""Build and run our libp2p host: Noise only, Yamux, optional PSK, GossipSub, DHT, mDNS.
+
+Sharp edges handled here (see docs/architecture.md for the list):
+
+* the default security options also accept plaintext and SECIO: we pass a
+  Noise-only ``sec_opt``;
+* ``new_host(bootstrap=...)`` deadlocks with pubsub: we start pubsub first,
+  then dial bootstrap peers ourselves (``mesh.service``);
+* leaving ``host.run()`` does not close sockets, so peers never notice we are
+  gone: ``serve`` always ends with a shielded, time-boxed ``host.close()``;
+* ``max_connections_per_peer=1`` avoids a 250 ms happy-eyeballs sleep per dial;
+* the DHT ignores ``protocol_prefix`` and never adds connected peers to its
+  routing table: ``patches.patch_dht_protocol`` and ``_on_connected`` fix both;
+* a junk pubsub message kills a stock host: ``patches.make_safe_pubsub_class``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from ..errors import P2PError, PortInUseError
+from . import patches
+from .stream import Stream
+
+log = logging.getLogger("meshollama.p2p")
+
+TOPIC = "/meshollama/heartbeat/1"
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """What the mesh asks of libp2p (built from ``Config.p2p``)."""
+
+    listen: tuple[str, ...]
+    psk: str | None = None  # 64 hex chars
+    mdns: bool = True
+    dht: bool = True
+    gossip_degree: int = 3
+    gossip_degree_low: int = 2
+    gossip_degree_high: int = 4
+    stream_timeout: float = 10.0
+    max_pubsub_message: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something happened on the network: ``kind`` is connected|disconnected|discovered."""
+
+    kind: str
+    peer_id: str
+    addrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Message:
+    """A pubsub message whose signature libp2p has verified against ``from_peer``."""
+
+    from_peer: str
+    data: bytes
+
+
+Handler = Callable[[Stream], Awaitable[None]]
+
+
+class P2PHost:
+    """One libp2p host and its services. Create, then ``await nursery.start(host.serve)``."""
+
+    def __init__(self, key_pair, settings: HostSettings, *, on_junk: Callable[[str, str], None] | None = None) -> None:
+        from libp2p.peer.id import ID
+
+        self.key_pair = key_pair
+        self.settings = settings
+        self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+        self._on_junk = on_junk or (lambda peer, why: None)
+        self._events_send, self.events = trio.open_memory_channel[Event](1024)
+        self._handlers: dict[str, Handler] = {}
+        self._host = None
+        self._pubsub = None
+        self._dht = None
+        self._subscription = None
+        self._closed = False
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def set_handler(self, protocol: str, handler: Handler) -> None:
+        """Register ``handler(stream)`` for inbound streams on ``protocol`` (before serve)."""
+        self._handlers[protocol] = handler
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the host until cancelled; ``started()`` with our dialable addresses."""
+        import multiaddr
+        from libp2p.tools.anyio_service import background_trio_service
+
+        patches.patch_dht_protocol()
+        host, pubsub, gossip = self._build()
+        listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
+        try:
+            async with host.run(listen):
+                if not host.get_addrs():
+                    raise P2PError("libp2p did not bind any listen address")
+                async with background_trio_service(pubsub), background_trio_service(gossip):
+                    await pubsub.wait_until_ready()
+                    self._subscription = await pubsub.subscribe(TOPIC)
+                    async with trio.open_nursery() as nursery:
+                        if self.settings.dht:
+                            await self._start_dht(nursery)
+                        if self.settings.mdns:
+                            self._start_mdns(nursery)
+                        task_status.started(self.addrs())
+                        await trio.sleep_forever()
+        except OSError as exc:
+            raise PortInUseError(
+                f"cannot listen on {', '.join(self.settings.listen)}: {exc.strerror or exc} "
+                "(change it with --p2p-listen)"
+            ) from exc
+        finally:
+            await self._close(host)
+
+    def _build(self):
+        import multiaddr
+        from libp2p import new_host
+        from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
+        from libp2p.network.config import ConnectionConfig
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+        from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+        from libp2p.security.noise.transport import Transport as NoiseTransport
+        from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+        from libp2p.stream_muxer.yamux.yamux import Yamux
+
+        kp = self.key_pair
+        s = self.settings
+        try:
+            host = new_host(
+                key_pair=kp,
+                # Noise only: the defaults would also accept plaintext and SECIO.
+                sec_opt={NOISE_ID: NoiseTransport(kp, noise_privkey=new_x25519().private_key)},
+                muxer_opt={YAMUX_ID: Yamux},
+                connection_config=ConnectionConfig(
+                    max_connections_per_peer=1,
+                    dial_timeout=s.stream_timeout,
+                    inbound_upgrade_timeout=s.stream_timeout,
+                    outbound_upgrade_timeout=s.stream_timeout,
+                ),
+                listen_addrs=[multiaddr.Multiaddr(a) for a in s.listen],
+                psk=s.psk,
+                enable_mDNS=False,  # we run our own on a private service name
+            )
+        except Exception as exc:
+            raise P2PError(f"cannot create libp2p host: {exc}") from exc
+        gossip = GossipSub(
+            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+            degree=s.gossip_degree,
+            degree_low=s.gossip_degree_low,
+            degree_high=s.gossip_degree_high,
+            heartbeat_interval=1,
+            # Heartbeats are tiny and frequent; the default 10 msg/s/topic spam
+            # limit is per forwarder and would drop relayed heartbeats in big meshes.
+            max_messages_per_topic_per_second=1000.0,
+        )
+        safe_pubsub = patches.make_safe_pubsub_class(lambda peer, exc: self._on_junk(peer, type(exc).__name__))
+        pubsub = safe_pubsub(
+            host,
+            gossip,
+            strict_signing=True,
+            max_inbound_rpc_size=s.max_pubsub_message,
+            allowed_topics={TOPIC},
+        )
+        host.get_network().register_notifee(_Notifee(self))
+        for protocol, handler in self._handlers.items():
+            host.set_stream_handler(protocol, self._wrap_handler(handler))
+        self._host, self._pubsub, self._gossip = host, pubsub, gossip
+        return host, pubsub, gossip
+
+    async def _close(self, host) -> None:
+        # Leaving host.run() leaves sockets open; close explicitly, shielded and time-boxed.
+        if self._closed:
+            return
+        self._closed = True
+        with trio.move_on_after(5.0) as scope:
+            scope.shield = True
+            try:
+                await host.close()
+            except Exception as exc:
+                log.debug("error closing libp2p host: %r", exc)
+        self._events_send.close()
+
+    # --- services ----------------------------------------------------------
+
+    async def _start_dht(self, nursery: trio.Nursery) -> None:
+        from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+        from libp2p.tools.anyio_service import background_trio_service
+
+        self._dht = KadDHT(self._host, DHTMode.SERVER)
+
+        async def run_dht(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                async with background_trio_service(self._dht):
+                    task_status.started()
+                    await trio.sleep_forever()
+            except Exception as exc:  # the DHT is an optimisation: never fatal
+                log.warning("DHT stopped: %r", exc)
+                self._dht = None
+
+        await nursery.start(run_dht)
+
+    def _start_mdns(self, nursery: trio.Nursery) -> None:
+        try:
+            from libp2p.discovery.events.peerDiscovery import peerDiscovery
+            from libp2p.discovery.mdns.mdns import create_mdns_discovery
+
+            port = self._tcp_port()
+            fingerprint = "meshollama" if not self.settings.psk else "mo" + self.settings.psk[:8]
+            mdns = create_mdns_discovery(
+                self._host.get_network(), port=port, private_network_fingerprint=fingerprint, host=self._host
+            )
+            token = trio.lowlevel.current_trio_token()
+
+            def discovered(info) -> None:  # called from zeroconf's thread
+                event = Event("discovered", info.peer_id.to_base58(), tuple(str(a) for a in info.addrs))
+                try:
+                    token.run_sync_soon(self._emit, event)
+                except trio.RunFinishedError:
+                    pass
+
+            peerDiscovery.register_peer_discovered_handler(discovered)
+            mdns.start()
+            self._host.mDNS = mdns  # so host.close() stops it
+
+            async def unregister():
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    peerDiscovery.unregister_peer_discovered_handler(discovered)
+
+            nursery.start_soon(unregister)
+        except Exception as exc:  # mDNS is best-effort (no multicast in containers, ...)
+            log.warning("mDNS discovery disabled: %r", exc)
+
+    def _tcp_port(self) -> int:
+        for a in self._host.get_addrs():
+            port = a.value_for_protocol("tcp")
+            if port:
+                return int(port)
+        return 0
+
+    # --- events ------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self._events_send.send_nowait(event)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            log.debug("dropping p2p event %s", event)
+
+    def _wrap_handler(self, handler: Handler):
+        async def run(raw) -> None:
+            peer = raw.muxed_conn.peer_id.to_base58()
+            stream = Stream(raw, peer, timeout=self.settings.stream_timeout)
+            try:
+                await handler(stream)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:  # a handler failure is that stream's problem only
+                log.warning("stream handler failed for %s: %r", peer, exc)
+                await stream.reset()
+
+        return run
+
+    # --- operations ----------------------------------------------------------
+
+    def addrs(self) -> list[str]:
+        """Our dialable multiaddrs with ``/p2p/<id>``; wildcard binds expanded to interfaces."""
+        out: list[str] = []
+        for a in self._host.get_addrs():
+            text = str(a)
+            if "/p2p/" not in text:
+                text = f"{text}/p2p/{self.peer_id}"
+            if text.startswith("/ip4/0.0.0.0/"):
+                rest = text[len("/ip4/0.0.0.0/") :]
+                out.extend(f"/ip4/{ip}/{rest}" for ip in _local_ipv4s())
+            else:
+                out.append(text)
+        return list(dict.fromkeys(out))
+
+    def connected_peers(self) -> set[str]:
+        return {p.to_base58() for p in self._host.get_connected_peers()}
+
+    async def connect(self, addrs: Sequence[str], *, timeout: float | None = None) -> str:
+        """Dial a peer given multiaddrs ending in ``/p2p/<id>``; returns its peer id."""
+        import multiaddr
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        infos = []
+        for a in addrs:
+            try:
+                infos.append(info_from_p2p_addr(multiaddr.Multiaddr(a)))
+            except Exception as exc:
+                raise P2PError(f"bad peer address {a!r}: {exc}") from exc
+        if not infos:
+            raise P2PError("no address to dial")
+        info = infos[0]
+        for other in infos[1:]:
+            if other.peer_id == info.peer_id:
+                info.addrs.extend(other.addrs)
+        if info.peer_id.to_base58() == self.peer_id:
+            return self.peer_id
+        try:
+            with trio.fail_after(timeout or self.settings.stream_timeout):
+                await self._host.connect(info)
+        except trio.TooSlowError:
+            raise P2PError(f"dial {info.peer_id} timed out") from None
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            raise P2PError(f"dial {info.peer_id} failed: {type(exc).__name__}: {exc}") from exc
+        if self._dht is not None:
+            await self._dht_add(info.peer_id)
+        return info.peer_id.to_base58()
+
+    async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None) -> Stream:
+        """Open a stream; fails fast (P2PError) on a dead or frozen peer."""
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+
+        limit = timeout or self.settings.stream_timeout
+        try:
+            with trio.fail_after(limit):
+                raw = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+        except trio.TooSlowError:
+            raise P2PError(f"opening {protocol} to {peer_id} timed out after {limit:.1f}s") from None
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            raise P2PError(f"opening {protocol} to {peer_id} failed: {type(exc).__name__}: {exc}") from exc
+        return Stream(raw, peer_id, timeout=self.settings.stream_timeout)
+
+    async def publish(self, data: bytes) -> None:
+        try:
+            with trio.fail_after(self.settings.stream_timeout):
+                await self._pubsub.publish(TOPIC, data)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            raise P2PError(f"publish failed: {type(exc).__name__}: {exc}") from exc
+
+    async def next_message(self) -> Message:
+        """Next heartbeat-topic message (signature already verified by pubsub)."""
+        from libp2p.peer.id import ID
+
+        while True:
+            msg = await self._subscription.get()
+            try:
+                sender = ID(msg.from_id).to_base58()
+            except Exception:
+                continue
+            if sender == self.peer_id:
+                continue
+            return Message(sender, bytes(msg.data))
+
+    async def disconnect(self, peer_id: str) -> None:
+        from libp2p.peer.id import ID
+
+        with trio.move_on_after(2.0):
+            try:
+                await self._host.disconnect(ID.from_base58(peer_id))
+            except Exception:
+                pass
+
+    async def _dht_add(self, peer) -> None:
+        try:
+            with trio.move_on_after(self.settings.stream_timeout):
+                await self._dht.add_peer(peer, skip_server_mode_check=True)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            log.debug("DHT add_peer(%s) failed: %r", peer, exc)
+
+    async def dht_refresh(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Ask the DHT for peers close to us; returns (peer_id, addrs) we could dial."""
+        if self._dht is None:
+            return []
+        from libp2p.peer.id import ID
+
+        found: dict[str, tuple[str, ...]] = {}
+        try:
+            with trio.move_on_after(self.settings.stream_timeout):
+                peers = await self._dht.peer_routing.find_closest_peers_network(
+                    ID.from_base58(self.peer_id).to_bytes()
+                )
+            for p in peers or ():
+                pid = p.to_base58()
+                if pid == self.peer_id or pid in found:
+                    continue
+                addrs = tuple(
+                    str(a) if "/p2p/" in str(a) else f"{a}/p2p/{pid}"
+                    for a in self._host.get_peerstore().addrs(p)
+                )
+                if addrs:
+                    found[pid] = addrs
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            log.debug("DHT refresh failed: %r", exc)
+        return list(found.items())
+
+    def dht_size(self) -> int:
+        if self._dht is None:
+            return 0
+        try:
+            return self._dht.routing_table.size()
+        except Exception:
+            return 0
+
+
+class _Notifee:
+    """Turns swarm callbacks into ``Event``s without blocking the swarm."""
+
+    def __init__(self, owner: P2PHost) -> None:
+        self._owner = owner
+
+    async def opened_stream(self, network, stream) -> None:
+        pass
+
+    async def closed_stream(self, network, stream) -> None:
+        pass
+
+    async def connected(self, network, conn) -> None:
+        self._owner._emit(Event("connected", conn.muxed_conn.peer_id.to_base58()))
+
+    async def disconnected(self, network, conn) -> None:
+        self._owner._emit(Event("disconnected", conn.muxed_conn.peer_id.to_base58()))
+
+    async def listen(self, network, multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network, multiaddr) -> None:
+        pass
+
+
+def _local_ipv4s() -> list[str]:
+    """Addresses to advertise for a 0.0.0.0 bind: loopback plus this host's addresses."""
+    ips = ["127.0.0.1"]
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            ips.append(info[4][0])
+    except OSError:
+        pass
+    return list(dict.fromkeys(ip for ip in ips if not ip.startswith("127.") or ip == "127.0.0.1"))

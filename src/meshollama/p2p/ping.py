@@ -1,0 +1,58 @@
+"""Our own liveness check, because py-libp2p never notices a frozen peer.
+
+A SIGSTOPped peer keeps its TCP connection open: libp2p still lists it as
+connected, reads on its streams hang forever and new streams fail only after
+a 10 s negotiation timeout. We keep one ``/ipfs/ping/1.0.0`` stream per peer
+(py-libp2p's host answers it by default) and send 32 bytes every
+``liveness_interval``; no echo within ``liveness_timeout`` means down.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from ..errors import P2PError
+from .stream import Stream
+
+PING_PROTOCOL = "/ipfs/ping/1.0.0"
+PING_SIZE = 32
+
+
+class Pinger:
+    def __init__(self, open_stream, *, timeout: float) -> None:
+        self._open_stream = open_stream
+        self._timeout = timeout
+        self._streams: dict[str, Stream] = {}
+
+    async def ping(self, peer_id: str) -> float:
+        """Round-trip time in seconds; raises P2PError if the peer does not answer in time."""
+        start = trio.current_time()
+        try:
+            with trio.fail_after(self._timeout):
+                stream = self._streams.get(peer_id)
+                if stream is None:
+                    stream = await self._open_stream(peer_id, PING_PROTOCOL, timeout=self._timeout)
+                    self._streams[peer_id] = stream
+                payload = os.urandom(PING_SIZE)
+                await stream.write(payload, timeout=self._timeout)
+                echo = b""
+                while len(echo) < PING_SIZE:
+                    chunk = await stream.read(PING_SIZE - len(echo), timeout=self._timeout)
+                    if not chunk:
+                        raise P2PError(f"ping stream to {peer_id} closed")
+                    echo += chunk
+                if echo != payload:
+                    raise P2PError(f"bad ping echo from {peer_id}")
+        except (P2PError, trio.TooSlowError) as exc:
+            await self.forget(peer_id)
+            if isinstance(exc, trio.TooSlowError):
+                raise P2PError(f"ping to {peer_id} timed out after {self._timeout:.1f}s") from None
+            raise
+        return trio.current_time() - start
+
+    async def forget(self, peer_id: str) -> None:
+        stream = self._streams.pop(peer_id, None)
+        if stream is not None:
+            await stream.reset()
