@@ -145,9 +145,10 @@ class Node:
             log.info("node %s up: backend=%s api=%s p2p=%s", mesh.self_id, backend.kind, api_url, " ".join(addrs))
             task_status.started(self.info)
 
-    def prepare_shutdown(self) -> None:
+    async def leave(self) -> None:
+        """Announce that we leave; call before cancelling ``serve``."""
         if self.mesh is not None:
-            self.mesh.prepare_shutdown()
+            await self.mesh.leave()
 
 
 async def run_until_signalled(config: Config, *, out=sys.stdout) -> int:
@@ -165,7 +166,7 @@ async def run_until_signalled(config: Config, *, out=sys.stdout) -> int:
             out.flush()
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
-                node.prepare_shutdown()
+                await node.leave()
                 nursery.cancel_scope.cancel()
                 trio.lowlevel.spawn_system_task(_hard_exit_on_second_signal, signals)
                 break

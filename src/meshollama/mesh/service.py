@@ -205,27 +205,21 @@ class MeshService:
             if self.host_settings.dht:
                 nursery.start_soon(self._dht_loop, host)
             task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                await self._say_goodbye(host)
+            await trio.sleep_forever()
 
-    async def _say_goodbye(self, host: P2PHost) -> None:
-        """Publish a ``leaving`` announcement, shielded and time-boxed."""
-        if not self._leaving:
+    async def leave(self, timeout: float = 1.0) -> None:
+        """Tell the mesh we are leaving (before shutdown), so peers drop us at once."""
+        host = self._host
+        if host is None or not self._host_ready.is_set():
             return
-        with trio.move_on_after(1.0) as scope:
-            scope.shield = True
+        self._leaving = True
+        with trio.move_on_after(timeout):
             try:
                 await host.publish(announce.encode(self._announcement(leaving=True)))
-                # Give pubsub a moment to flush it to the mesh before the host closes.
-                await trio.sleep(0.2)
+                # Give pubsub a moment to flush it before connections close.
+                await trio.sleep(min(0.2, timeout / 2))
             except Exception as exc:
                 log.debug("could not publish leave: %r", exc)
-
-    def prepare_shutdown(self) -> None:
-        """Called before cancellation so the host announces that we leave."""
-        self._leaving = True
 
     # --- heartbeats --------------------------------------------------------------
 
@@ -262,6 +256,8 @@ class MeshService:
 
             nursery.start_soon(watch_backend)
             while True:
+                if self._leaving:
+                    return
                 ann = self._announcement()
                 self.table.set_self(ann, trio.current_time())
                 try:

@@ -92,7 +92,38 @@ class P2PHost:
         self._handlers[protocol] = handler
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run the host until cancelled; ``started()`` with our dialable addresses."""
+        """Run the host until cancelled; ``started()`` with our dialable addresses.
+
+        py-libp2p closes connections properly only while its own service tasks
+        are still running; a plain outside cancellation tears those down first
+        and leaves the sockets open, so peers never notice we left. So the host
+        runs in a shielded scope, and outside cancellation is turned into an
+        orderly stop: close every connection, then let libp2p's tasks end.
+        """
+        stop = trio.Event()
+        finished = trio.Event()
+        inner = trio.CancelScope(shield=True)
+
+        async def body(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with inner:
+                try:
+                    await self._serve_until(stop, task_status)
+                finally:
+                    finished.set()
+
+        async with trio.open_nursery() as nursery:
+            addrs = await nursery.start(body)
+            task_status.started(addrs)
+            try:
+                await finished.wait()  # returns early only if the host died
+            finally:
+                stop.set()
+                with trio.move_on_after(8.0) as deadline:
+                    deadline.shield = True
+                    await finished.wait()
+                inner.cancel()  # closing hung: stop waiting for it
+
+    async def _serve_until(self, stop: trio.Event, task_status) -> None:
         import multiaddr
         from libp2p.tools.anyio_service import background_trio_service
 
@@ -112,7 +143,10 @@ class P2PHost:
                         if self.settings.mdns:
                             self._start_mdns(nursery)
                         task_status.started(self.addrs())
-                        await trio.sleep_forever()
+                        await stop.wait()
+                        nursery.cancel_scope.cancel()
+                    # Still inside run(): connections close for real here.
+                    await self._close(host)
         except OSError as exc:
             raise PortInUseError(
                 f"cannot listen on {', '.join(self.settings.listen)}: {exc.strerror or exc} "
@@ -186,7 +220,7 @@ class P2PHost:
             try:
                 await host.close()
             except Exception as exc:
-                log.debug("error closing libp2p host: %r", exc)
+                log.warning("error closing libp2p host: %r", exc)
         self._events_send.close()
 
     # --- services ----------------------------------------------------------

@@ -1,0 +1,545 @@
+"""Layered, validated, frozen configuration.
+
+Four layers, lowest first: built-in defaults, a YAML file, environment
+variables ``MESHOLLAMA_<SECTION>_<KEY>``, and overrides from command-line flags
+(only the flags the user typed). Each value is checked where it enters, so an
+error names the key and the layer it came from; rules between keys are checked
+once on the merged result, which is a tree of frozen dataclasses.
+
+The section dataclasses are the schema: each field carries its kind (the
+validator) and a one-line doc in ``metadata``; environment names and the
+parsing of every layer derive from them. ``Config()`` gives the defaults
+without validation (handy in tests); start-up goes through :func:`load_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import multiaddr
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX", "CONFIG_ENV", "OTHER_ENV", "Config", "NodeConfig", "P2PConfig", "GatewayConfig",
+    "BackendConfig", "OllamaConfig", "EmbeddedConfig", "load_config", "check_file", "config_to_dict",
+]
+
+ENV_PREFIX = "MESHOLLAMA_"
+CONFIG_ENV = "MESHOLLAMA_CONFIG"  # the config file path, when --config is not given
+# MESHOLLAMA_ variables that are not config keys: the file path, and the key the
+# client commands (`meshollama peers/status`) send to a gateway.
+OTHER_ENV = frozenset({CONFIG_ENV, "MESHOLLAMA_API_KEY"})
+
+
+# --- kinds: how one value is checked, typed (YAML, flags) or as env text -----
+
+
+def _got(value: Any) -> str:
+    text = repr(str(value) if isinstance(value, Path) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Kind:
+    """``check`` returns the value, raises TypeError for "not the expected form"
+    (answered with the generic message) or ValueError with a message of its own."""
+
+    expected = "a value"
+
+    def check(self, raw: Any) -> Any:
+        raise NotImplementedError
+
+    def parse(self, text: str) -> Any:
+        """Environment text to the typed value ``check`` takes."""
+        return text
+
+    def value(self, key: str, raw: Any, *, from_text: bool = False) -> Any:
+        try:
+            return self.check(self.parse(raw) if from_text else raw)
+        except TypeError:
+            raise ConfigError(key, f"expected {self.expected}, got {_got(raw)}") from None
+        except ValueError as e:
+            raise ConfigError(key, str(e)) from None
+
+
+class _Str(_Kind):
+    def __init__(self, expected: str = "a non-empty string", test: Callable[[str], str] = str.strip):
+        self.expected, self.test = expected, test
+
+    def check(self, raw: Any) -> str:
+        if not isinstance(raw, str) or not raw.strip():
+            raise TypeError
+        return self.test(raw.strip())
+
+
+class _Choice(_Str):
+    def __init__(self, *options: str):
+        super().__init__("one of " + ", ".join(options), self._pick)
+        self.options = options
+
+    def _pick(self, text: str) -> str:
+        if text.lower() not in self.options:
+            raise TypeError
+        return text.lower()
+
+
+class _Num(_Kind):
+    """An int or float in a range. Floats take ints; neither takes a bool (an int in Python)."""
+
+    def __init__(self, typ: type, lo: float, hi: float | None = None, *, open_lo: bool = False):
+        self.typ, self.lo, self.hi, self.open_lo = typ, lo, hi, open_lo
+        bound = f"between {lo:g} and {hi:g}" if hi is not None else f"{'>' if open_lo else '>='} {lo:g}"
+        self.expected = f"{'an integer' if typ is int else 'a number'} {bound}"
+
+    def check(self, raw: Any) -> Any:
+        types = (int,) if self.typ is int else (int, float)
+        if isinstance(raw, bool) or not isinstance(raw, types) or not math.isfinite(raw):
+            raise TypeError
+        if raw < self.lo or (self.open_lo and raw == self.lo) or (self.hi is not None and raw > self.hi):
+            raise TypeError
+        return self.typ(raw)
+
+    def parse(self, text: str) -> Any:
+        try:
+            return self.typ(text)
+        except ValueError:
+            raise TypeError from None
+
+
+def _int(lo: int) -> _Num:
+    return _Num(int, lo)
+
+
+def _positive() -> _Num:
+    return _Num(float, 0, open_lo=True)
+
+
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+               "0": False, "false": False, "no": False, "off": False}
+
+
+class _Bool(_Kind):
+    expected = "true or false"
+
+    def check(self, raw: Any) -> bool:
+        if not isinstance(raw, bool):
+            raise TypeError
+        return raw
+
+    def parse(self, text: str) -> bool:
+        if text.lower() not in _BOOL_WORDS:
+            raise ValueError(f"expected one of 1/0/true/false/yes/no/on/off, got {_got(text)}")
+        return _BOOL_WORDS[text.lower()]
+
+
+class _Path(_Kind):
+    def __init__(self, optional: bool = False):
+        self.optional = optional
+        self.expected = "a file system path" + (" or null" if optional else "")
+
+    def check(self, raw: Any) -> Path | None:
+        if raw is None and self.optional:
+            return None
+        raw = os.fspath(raw) if isinstance(raw, os.PathLike) else raw
+        if not isinstance(raw, str) or not raw.strip():
+            raise TypeError
+        return Path(raw.strip()).expanduser()
+
+    def parse(self, text: str) -> str | None:
+        return None if text == "" and self.optional else text  # an empty variable: no file
+
+
+class _List(_Kind):
+    """A YAML list, or comma-separated text; items are checked and named ``key[i]``."""
+
+    def __init__(self, item: _Kind, min_len: int = 0):
+        self.item, self.min_len = item, min_len
+        self.expected = f"a list (each {item.expected})" + (", at least one" if min_len else "")
+
+    def value(self, key: str, raw: Any, *, from_text: bool = False) -> tuple[Any, ...]:
+        items = [p.strip() for p in raw.split(",") if p.strip()] if from_text else raw
+        if not isinstance(items, (list, tuple)) or len(items) < self.min_len:
+            raise ConfigError(key, f"expected {self.expected}, got {_got(raw)}")
+        return tuple(self.item.value(f"{key}[{i}]", v) for i, v in enumerate(items))
+
+
+# --- tests for particular strings (TypeError: not the expected form) ----------
+
+
+def _multiaddr(text: str) -> list[str]:
+    """Protocol names of a multiaddr, or ValueError with the library's reason."""
+    try:
+        return [p.name for p in multiaddr.Multiaddr(text).protocols()]
+    except (multiaddr.exceptions.Error, ValueError, TypeError) as e:
+        reason = re.sub(r"^Invalid MultiAddr '.*?': | \(string: .*\)$", "", str(e))
+        raise ValueError(f"not a valid multiaddr {text!r}: {reason}") from None
+
+
+def _listen_addr(text: str) -> str:
+    if _multiaddr(text) not in (["ip4", "tcp"], ["ip6", "tcp"]):
+        raise TypeError
+    return text
+
+
+def _bootstrap_addr(text: str) -> str:
+    names = _multiaddr(text)
+    if len(names) < 2 or names[-1] != "p2p" or names.count("p2p") > 1:
+        raise TypeError
+    return text
+
+
+def _host_port(text: str) -> str:
+    m = re.fullmatch(r"(?:\[([^\]]+)\]|[^:\[\]\s]+):(\d{1,5})", text)
+    if m is None or int(m[2]) > 65535:
+        raise TypeError
+    if m[1] is not None:
+        try:
+            ipaddress.IPv6Address(m[1])
+        except ValueError:
+            raise TypeError from None
+    return text
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise TypeError
+    return text.rstrip("/")  # callers join paths onto it
+
+
+def _api_key(text: str) -> str:
+    if any(c.isspace() for c in text):
+        raise TypeError
+    return text
+
+
+def _origin(text: str) -> str:
+    if text != "*" and (urlsplit(text).scheme not in ("http", "https") or not urlsplit(text).netloc):
+        raise TypeError
+    return text.rstrip("/")
+
+
+_LISTEN = _List(_Str("a multiaddr /ip4/<address>/tcp/<port> or /ip6/<address>/tcp/<port>", _listen_addr), 1)
+_BOOTSTRAP = _List(_Str("a multiaddr ending in /p2p/<peer id>", _bootstrap_addr))
+_API_KEY = _Str("an API key without whitespace", _api_key)
+
+
+# --- the schema ---------------------------------------------------------------
+
+
+def _opt(kind: _Kind, default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"kind": kind, "doc": doc})
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    # In the home directory, so a plain `meshollama` needs no setup and keeps its identity.
+    data_dir: Path = field(default_factory=lambda: Path("~/.meshollama").expanduser(),
+                           metadata={"kind": _Path(), "doc": "node key and state"})
+    # info shows joins, leaves and failures without per-request noise.
+    log_level: str = _opt(_Choice("debug", "info", "warning", "error"), "info", "log verbosity")
+    # text is for people at a terminal; json is opt-in for log shippers.
+    log_format: str = _opt(_Choice("text", "json"), "text", "log line format")
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    # 4001 is the customary libp2p port; 0.0.0.0 so peers on the LAN can dial in.
+    listen: tuple[str, ...] = _opt(_LISTEN, ("/ip4/0.0.0.0/tcp/4001",), "libp2p listen multiaddrs")
+    # There is no public meshollama network: each mesh names its own peers.
+    bootstrap: tuple[str, ...] = _opt(_BOOTSTRAP, (), "peers to dial at start and keep redialling")
+    # On a LAN, mDNS finds peers with zero configuration.
+    mdns: bool = _opt(_Bool(), True, "discover peers on the local network")
+    # The DHT finds peers beyond the LAN through the ones we already know.
+    dht: bool = _opt(_Bool(), True, "discover peers through the Kademlia DHT")
+    # An open mesh by default; a private network is an explicit choice.
+    psk_file: Path | None = _opt(_Path(optional=True), None, "pre-shared key file: private network")
+    # 2 s keeps load figures fresh for routing at a few hundred bytes per peer per beat.
+    heartbeat_interval: float = _opt(_Num(float, 0.05, 3600), 2.0, "seconds between announcements")
+    # Three missed beats (6 s) forgive one lost message without routing long to a dead peer.
+    miss_limit: int = _opt(_int(2), 3, "missed heartbeats before a peer is dropped")
+    # Pings every second notice a dead connection well before heartbeat expiry.
+    liveness_interval: float = _opt(_positive(), 1.0, "seconds between liveness pings")
+    # Two intervals: one slow pong is not a failure.
+    liveness_timeout: float = _opt(_positive(), 2.0, "seconds to wait for a pong")
+    # Small meshes: 3 neighbours reach everyone in a few hops with little duplication.
+    gossip_degree: int = _opt(_int(1), 3, "gossipsub mesh degree D")
+    # One below D before grafting, so churn does not thrash the mesh.
+    gossip_degree_low: int = _opt(_int(1), 2, "gossipsub D_low")
+    # One above D before pruning, for the same reason.
+    gossip_degree_high: int = _opt(_int(1), 4, "gossipsub D_high")
+    # Generous for a slow link, short enough that a stuck peer is given up on.
+    stream_timeout: float = _opt(_positive(), 10.0, "max seconds for one stream open/negotiate/write")
+    # Bounds the tasks and memory a flood of streams can take; ample for one machine.
+    max_inbound_streams: int = _opt(_int(1), 64, "concurrent inbound streams, all peers")
+    # One peer may take at most a quarter of the inbound budget.
+    max_inbound_per_peer: int = _opt(_int(1), 16, "concurrent inbound streams per peer")
+    # A dead bootstrap peer costs little, a restarted one is found within half a minute.
+    bootstrap_retry_max: float = _opt(_positive(), 30.0, "cap on seconds between bootstrap redials")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    # Ollama's port, so clients work unchanged; loopback, so nothing is exposed by accident.
+    listen: str = _opt(_Str("HOST:PORT (port 0..65535, IPv6 as [::1]:PORT)", _host_port),
+                       "127.0.0.1:11434", "HTTP API address")
+    # No keys: a loopback gateway needs no auth.
+    api_keys: tuple[str, ...] = _opt(_List(_API_KEY), (), "accepted bearer tokens")
+    # Keys can live in a file, out of the config and the process list.
+    api_key_file: Path | None = _opt(_Path(optional=True), None, "file of API keys, one per line")
+    # 32 MiB fits a long context or a few images but bounds memory per request.
+    max_body_bytes: int = _opt(_int(1), 32 * 1024 * 1024, "largest request body accepted")
+    # Send work where it will wait least.
+    routing: str = _opt(_Choice("least_loaded", "round_robin", "random", "local_first"),
+                        "least_loaded", "how a peer is chosen")
+    # Two more tries hide a peer that just died without multiplying load on a failing mesh.
+    retries: int = _opt(_int(0), 2, "extra peers tried before the first response byte")
+    # Skips a failing peer for a few heartbeats, then gives it another chance.
+    sideline_seconds: float = _opt(_Num(float, 0), 10.0, "seconds a failed peer is tried last")
+    # Matches p2p.stream_timeout: a slower connect is better retried elsewhere.
+    connect_timeout: float = _opt(_positive(), 10.0, "seconds to reach an upstream")
+    # Browsers are refused unless their origins are listed.
+    cors_origins: tuple[str, ...] = _opt(_List(_Str("'*' or an origin like https://example.com", _origin)),
+                                         (), "allowed CORS origins")
+    # Past 256 in flight the mesh is saturated; a quick 503 beats an unbounded queue.
+    max_concurrent: int = _opt(_int(1), 256, "concurrent routed requests before 503")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    # Ollama if it answers, else the embedded model: a fresh install serves something.
+    kind: str = _opt(_Choice("auto", "ollama", "embedded", "none"), "auto", "what serves local models")
+
+
+@dataclass(frozen=True)
+class OllamaConfig:
+    # The gateway takes 11434, so Ollama moves next door.
+    url: str = _opt(_Str("an http:// or https:// URL", _http_url), "http://127.0.0.1:11435",
+                    "Ollama base URL")
+    # Ollama's own default OLLAMA_NUM_PARALLEL; announced as capacity per model.
+    num_parallel: int = _opt(_int(1), 1, "concurrent requests Ollama runs per model")
+    # Never start processes the user did not ask for.
+    spawn: bool = _opt(_Bool(), False, "start and supervise `ollama serve`")
+    # Found on PATH like any other command.
+    binary: str = _opt(_Str(), "ollama", "ollama executable used by spawn")
+    # Model lists change rarely; 5 s notices a pull without polling hard.
+    refresh_interval: float = _opt(_positive(), 5.0, "seconds between model/load polls")
+    # A local Ollama answers in milliseconds; a second of silence means it is not there.
+    probe_timeout: float = _opt(_positive(), 1.0, "seconds to wait when probing Ollama")
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    # None: the embedded backend uses <data_dir>/models.
+    model_dir: Path | None = _opt(_Path(optional=True), None, "directory of GGUF files")
+    # A fresh node serves something small out of the box.
+    default_model: bool = _opt(_Bool(), True, "serve SmolLM2-135M as smollm2:135m")
+    # One at a time: CPU inference gains little from parallel requests.
+    parallel: int = _opt(_int(1), 1, "requests generated at once")
+    # A short queue; past it the node answers busy and the gateway tries elsewhere.
+    max_queue: int = _opt(_int(0), 8, "requests waiting before busy")
+    # Plenty for chat with a small model, cheap in memory.
+    n_ctx: int = _opt(_int(16), 2048, "context window in tokens")
+    # 0 lets llama.cpp choose from the CPU count.
+    n_threads: int = _opt(_int(0), 0, "CPU threads, 0 = auto")
+    # The same model answers /api/embed: embeddings without another download.
+    embedding: bool = _opt(_Bool(), True, "also serve embeddings from the model")
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    ollama: OllamaConfig = field(default_factory=OllamaConfig)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+
+
+# Read off the dataclasses: section -> class, dotted key -> kind, env name -> dotted key.
+_SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+_KINDS: dict[str, _Kind] = {
+    f"{s}.{f.name}": f.metadata["kind"] for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
+}
+_ENV_KEYS: dict[str, str] = {ENV_PREFIX + k.replace(".", "_").upper(): k for k in _KINDS}
+
+
+# --- the layers ---------------------------------------------------------------
+
+
+def _unknown(key: str) -> ConfigError:
+    section = key.partition(".")[0]
+    if section not in _SECTIONS:
+        return ConfigError(section, f"unknown section {section!r} (known: {', '.join(_SECTIONS)})")
+    known = ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
+    return ConfigError(key, f"unknown key (known: {known})")
+
+
+def _checked(key: str, raw: Any, where: str, *, from_text: bool = False) -> Any:
+    """One value through its kind; the error also says which layer it came from."""
+    if key not in _KINDS:
+        raise _unknown(key)
+    try:
+        return _KINDS[key].value(key, raw.strip() if from_text else raw, from_text=from_text)
+    except ConfigError as e:
+        raise ConfigError(e.key, f"{e.message} ({where})") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys, where YAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(key, f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(key, f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.load(_read_text(path, "file"), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("file", f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        got = type(data).__name__
+        raise ConfigError("file", f"{path}: expected a mapping of sections at the top, got {got}")
+    out: dict[str, Any] = {}
+    for section, keys in data.items():
+        if str(section) not in _SECTIONS:
+            raise _unknown(str(section))
+        if keys is None:  # a section whose keys are all commented out
+            continue
+        if not isinstance(keys, dict):
+            raise ConfigError(str(section), f"expected a mapping of keys, got {_got(keys)} (in {path})")
+        for name, raw in keys.items():
+            out[f"{section}.{name}"] = _checked(f"{section}.{name}", raw, f"in {path}")
+    return out
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in OTHER_ENV:
+            continue
+        if var not in _ENV_KEYS:
+            close = difflib.get_close_matches(var, [*_ENV_KEYS, *sorted(OTHER_ENV)], n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(var, f"unknown environment variable{hint} (see docs/configuration.md)")
+        out[_ENV_KEYS[var]] = _checked(_ENV_KEYS[var], env[var], f"from {var}", from_text=True)
+    return out
+
+
+def _from_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    # A flag parsed without a type= arrives as a string: read it as env text.
+    return {key: _checked(key, raw, "from the command line", from_text=isinstance(raw, str))
+            for key, raw in overrides.items()}
+
+
+# --- assembling ---------------------------------------------------------------
+
+
+def _read_key_file(path: Path) -> tuple[str, ...]:
+    key, keys = "gateway.api_key_file", []
+    for n, line in enumerate(_read_text(path, key).splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if any(c.isspace() for c in line):
+                raise ConfigError(key, f"{path} line {n}: an API key must not contain whitespace")
+            keys.append(line)
+    if not keys:  # almost surely a mistake, and serving without auth is the wrong way to fail
+        raise ConfigError(key, f"{path}: no keys in file (one key per line, '#' starts a comment)")
+    return tuple(keys)
+
+
+def _build(values: Mapping[str, Any]) -> Config:
+    by_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        by_section[section][name] = value
+    cfg = Config(**{s: cls(**by_section[s]) for s, cls in _SECTIONS.items()})
+
+    p = cfg.p2p
+    if not p.gossip_degree_low <= p.gossip_degree <= p.gossip_degree_high:
+        raise ConfigError("p2p.gossip_degree", (
+            "expected gossip_degree_low <= gossip_degree <= gossip_degree_high, "
+            f"got {p.gossip_degree_low} <= {p.gossip_degree} <= {p.gossip_degree_high}"))
+    if p.max_inbound_per_peer > p.max_inbound_streams:
+        raise ConfigError("p2p.max_inbound_per_peer", (
+            f"expected at most p2p.max_inbound_streams ({p.max_inbound_streams}), "
+            f"got {p.max_inbound_per_peer}"))
+    g = cfg.gateway
+    if g.api_key_file is not None:
+        merged = tuple(dict.fromkeys(g.api_keys + _read_key_file(g.api_key_file)))
+        cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(g, api_keys=merged))
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults < YAML file < ``MESHOLLAMA_*`` environment < overrides, validated once.
+
+    ``env`` defaults to ``os.environ``; its ``MESHOLLAMA_CONFIG`` names the file
+    when ``path`` is None. ``overrides`` maps dotted keys (``"p2p.bootstrap"``)
+    to values of flags the user typed; typed values are checked like YAML,
+    strings like environment text. Raises :class:`ConfigError` naming the key.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get(CONFIG_ENV) or None
+    values = _from_file(Path(path).expanduser()) if path is not None else {}
+    values.update(_from_env(env))
+    values.update(_from_overrides(overrides or {}))
+    return _build(values)
+
+
+def check_file(path: str | os.PathLike[str]) -> Config:
+    """Validate one YAML file alone, without environment or flags (``meshollama config check``)."""
+    return load_config(path, env={})
+
+
+def config_to_dict(cfg: Config, *, redact: bool = True) -> dict[str, dict[str, Any]]:
+    """Nested plain dict (paths as str, tuples as lists, None kept) for printing or YAML.
+
+    API keys read ``"***"`` unless ``redact=False``: this output lands in logs and bug reports.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for section in _SECTIONS:
+        values = dataclasses.asdict(getattr(cfg, section))
+        if redact and "api_keys" in values:
+            values["api_keys"] = ["***"] * len(values["api_keys"])
+        out[section] = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                        for k, v in values.items()}
+    return out

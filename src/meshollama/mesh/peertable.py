@@ -1,0 +1,203 @@
+"""Who is in the mesh, what they serve and how busy they are (pure state).
+
+All peer state lives here and changes only through :meth:`PeerTable.apply`,
+:meth:`~PeerTable.expire`, :meth:`~PeerTable.mark_down` and friends, each
+taking ``now`` as an argument. The mesh service feeds it decoded heartbeats
+and connection events; the gateway and router only ever see an immutable
+:class:`Snapshot`, so a request is routed against one consistent view even
+while heartbeats keep arriving.
+
+Rules:
+
+* a heartbeat is accepted only if its ``seq`` is greater than the last one
+  accepted from that peer (duplicates and reordered gossip are ``STALE``);
+* a peer not heard from for more than ``interval * miss_limit`` seconds
+  (our configured interval, never the peer's) is removed by :meth:`expire`,
+  whether ALIVE or DOWN;
+* a ``leaving`` heartbeat removes the peer at once; its ``seq`` is remembered
+  for the same expiry period so a late, older heartbeat cannot resurrect it;
+* our own node is set with :meth:`set_self`, is always ALIVE and never
+  expires; our own heartbeats echoed back by gossip are ignored (``SELF``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import cached_property
+from types import MappingProxyType
+
+from .. import names
+from ..catalog import LoadInfo, ModelInfo
+from .announce import Announcement
+
+
+class PeerState(enum.Enum):
+    ALIVE = "alive"
+    DOWN = "down"  # connection closed or liveness failed; kept for status, not routed to
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """One peer as last announced, plus our view of its liveness."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+    api_url: str
+    version: str
+    models: tuple[ModelInfo, ...]
+    load: LoadInfo
+    seq: int
+    last_seen: float  # time of last accepted announcement
+    state: PeerState
+    is_self: bool
+
+    # cached_property writes the instance __dict__ directly, so it works on a
+    # frozen dataclass without becoming a field (eq, repr, replace unaffected).
+    @cached_property
+    def by_key(self) -> Mapping[str, ModelInfo]:
+        """``names.key(model.name) -> model`` (first wins), so routing never re-parses names."""
+        index: dict[str, ModelInfo] = {}
+        for m in self.models:
+            index.setdefault(names.key(m.name), m)
+        return MappingProxyType(index)
+
+    def model(self, model_key: str) -> ModelInfo | None:
+        """The announced model whose ``names.key`` is ``model_key``, if any."""
+        return self.by_key.get(model_key)
+
+    def serves(self, model_key: str) -> bool:
+        return model_key in self.by_key
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An immutable view of the table at ``taken_at``."""
+
+    peers: tuple[PeerView, ...]  # sorted by peer_id
+    taken_at: float
+
+    @cached_property
+    def _index(self) -> Mapping[str, PeerView]:
+        return MappingProxyType({p.peer_id: p for p in self.peers})
+
+    def get(self, peer_id: str) -> PeerView | None:
+        return self._index.get(peer_id)
+
+    def alive(self) -> tuple[PeerView, ...]:
+        return tuple(p for p in self.peers if p.state is PeerState.ALIVE)
+
+    def serving(self, model_key: str) -> tuple[PeerView, ...]:
+        """Alive peers announcing a model with ``names.key(name) == model_key``."""
+        return tuple(p for p in self.peers if p.state is PeerState.ALIVE and p.serves(model_key))
+
+
+class ApplyResult(enum.Enum):
+    NEW = "new"  # first heartbeat from this peer
+    UPDATED = "updated"  # newer heartbeat from a known peer
+    STALE = "stale"  # seq not newer than what we have: ignored
+    LEFT = "left"  # the peer said goodbye and was removed
+    SELF = "self"  # our own heartbeat came back: ignored
+
+
+def _view(ann: Announcement, now: float, *, is_self: bool) -> PeerView:
+    return PeerView(
+        peer_id=ann.peer_id,
+        addrs=ann.addrs,
+        api_url=ann.api_url,
+        version=ann.version,
+        models=ann.models,
+        load=ann.load,
+        seq=ann.seq,
+        last_seen=now,
+        state=PeerState.ALIVE,
+        is_self=is_self,
+    )
+
+
+class PeerTable:
+    """The mesh's membership, keyed by peer id. Not thread-safe; one trio task owns it."""
+
+    def __init__(self, self_id: str, *, interval: float, miss_limit: int = 3) -> None:
+        if miss_limit < 1:
+            raise ValueError("miss_limit must be >= 1")
+        self.self_id = self_id
+        self.miss_limit = miss_limit
+        self.interval = 0.0
+        self.set_interval(interval)
+        self._peers: dict[str, PeerView] = {}
+        self._self: PeerView | None = None
+        self._left: dict[str, tuple[int, float]] = {}  # peer_id -> (last seq, left at)
+
+    @property
+    def ttl(self) -> float:
+        """Seconds without an accepted heartbeat after which a peer is removed."""
+        return self.interval * self.miss_limit
+
+    def set_interval(self, interval: float) -> None:
+        if not interval > 0:
+            raise ValueError("interval must be > 0")
+        self.interval = float(interval)
+
+    def apply(self, ann: Announcement, now: float) -> ApplyResult:
+        """Take in one decoded heartbeat from the network."""
+        if ann.peer_id == self.self_id:
+            return ApplyResult.SELF
+        old = self._peers.get(ann.peer_id)
+        known_seq = old.seq if old is not None else None
+        if known_seq is None and ann.peer_id in self._left:
+            known_seq = self._left[ann.peer_id][0]
+        if known_seq is not None and ann.seq <= known_seq:
+            return ApplyResult.STALE
+        if ann.leaving:
+            self._peers.pop(ann.peer_id, None)
+            self._left[ann.peer_id] = (ann.seq, now)
+            return ApplyResult.LEFT
+        self._left.pop(ann.peer_id, None)
+        self._peers[ann.peer_id] = _view(ann, now, is_self=False)
+        return ApplyResult.NEW if old is None else ApplyResult.UPDATED
+
+    def set_self(self, ann: Announcement, now: float) -> None:
+        """Our own entry, from what we announce; always ALIVE, never expires."""
+        if ann.peer_id != self.self_id:
+            raise ValueError("set_self: announcement is not ours")
+        self._self = _view(ann, now, is_self=True)
+
+    def mark_down(self, peer_id: str, now: float) -> bool:
+        """Connection closed or liveness failed. True if the peer was ALIVE."""
+        p = self._peers.get(peer_id)
+        if p is None or p.state is PeerState.DOWN:
+            return False
+        self._peers[peer_id] = replace(p, state=PeerState.DOWN)
+        return True
+
+    def mark_up(self, peer_id: str, now: float) -> bool:
+        """Connection back. Keeps models and ``last_seen``: it still needs a fresh
+        heartbeat before ``expire`` removes it. True if the peer was DOWN."""
+        p = self._peers.get(peer_id)
+        if p is None or p.state is PeerState.ALIVE:
+            return False
+        self._peers[peer_id] = replace(p, state=PeerState.ALIVE)
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        """Remove peers whose last heartbeat is more than ``ttl`` old; return their ids, sorted."""
+        ttl = self.ttl
+        gone = sorted(pid for pid, p in self._peers.items() if now - p.last_seen > ttl)
+        for pid in gone:
+            del self._peers[pid]
+        for pid in [pid for pid, (_, t) in self._left.items() if now - t > ttl]:
+            del self._left[pid]
+        return gone
+
+    def snapshot(self, now: float) -> Snapshot:
+        peers = list(self._peers.values())
+        if self._self is not None:
+            peers.append(self._self)
+        peers.sort(key=lambda p: p.peer_id)
+        return Snapshot(peers=tuple(peers), taken_at=now)
+
+    def __len__(self) -> int:
+        """Remote peers in the table (ALIVE or DOWN), not counting ourselves."""
+        return len(self._peers)

