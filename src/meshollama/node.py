@@ -98,7 +98,7 @@ class Node:
         self.info: NodeInfo | None = None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from .backends.select import create_backend
+        from .backends.select import select_backend
         from .gateway.app import create_app
         from .gateway.metrics import MeshMetrics
         from .gateway.server import serve_gateway
@@ -108,7 +108,7 @@ class Node:
         data_dir.mkdir(parents=True, exist_ok=True)
         key_pair = identity.load_or_create(data_dir)
         psk = identity.read_psk(cfg.p2p.psk_file) if cfg.p2p.psk_file else None
-        selected = create_backend(cfg)
+        selected = await select_backend(cfg)
         backend = selected.backend
         mesh_metrics = MeshMetrics(self.registry)
         limiter = InboundLimiter(cfg.p2p.max_inbound_streams, cfg.p2p.max_inbound_per_peer)
@@ -126,10 +126,9 @@ class Node:
             changed=backend.changed,
             local_upstream=backend,
             http_server_factory=http_server,
-            on_counter=mesh_metrics.count,
+            on_counter=_counter_sink(mesh_metrics),
         )
         self.mesh = mesh
-        mesh_metrics.bind(mesh)
         app = create_app(cfg, mesh, backend, self.registry)
 
         async with trio.open_nursery() as nursery:
@@ -140,6 +139,7 @@ class Node:
             api_url = f"http://{bound}"
             mesh.settings = dataclasses.replace(mesh.settings, api_url=api_url)
             addrs = await nursery.start(mesh.serve)
+            nursery.start_soon(_peer_gauge_loop, mesh, mesh_metrics)
             self.info = NodeInfo(mesh.self_id, tuple(addrs), api_url, backend.kind)
             write_node_file(data_dir, self.info)
             log.info("node %s up: backend=%s api=%s p2p=%s", mesh.self_id, backend.kind, api_url, " ".join(addrs))
@@ -149,6 +149,35 @@ class Node:
         """Announce that we leave; call before cancelling ``serve``."""
         if self.mesh is not None:
             await self.mesh.leave()
+
+
+def _counter_sink(metrics):
+    """Mirror the mesh service's plain counters into Prometheus."""
+
+    def count(name: str, label: str) -> None:
+        if name == "heartbeats_sent":
+            metrics.heartbeats_sent.inc()
+        elif name == "heartbeats_received":
+            metrics.heartbeats_received.inc()
+        elif name == "heartbeats_dropped":
+            metrics.heartbeats_dropped.labels(label).inc()
+        elif name == "stream_errors":
+            metrics.p2p_stream_errors.labels(label).inc()
+        elif name == "inbound_rejected":
+            metrics.p2p_inbound_rejected.labels(label).inc()
+
+    return count
+
+
+async def _peer_gauge_loop(mesh: MeshService, metrics) -> None:
+    while True:
+        counts = {"alive": 0, "down": 0}
+        for peer in mesh.snapshot().peers:
+            if not peer.is_self:
+                counts[peer.state.value] = counts.get(peer.state.value, 0) + 1
+        for state, n in counts.items():
+            metrics.peers.labels(state).set(n)
+        await trio.sleep(1.0)
 
 
 async def run_until_signalled(config: Config, *, out=sys.stdout) -> int:

@@ -342,6 +342,13 @@ class P2PHost:
                 info.addrs.extend(other.addrs)
         if info.peer_id.to_base58() == self.peer_id:
             return self.peer_id
+        # The swarm refuses to dial a peer for 60 s after all its addresses
+        # failed once ("negative cache"), so a bootstrap node that starts a
+        # little later, or a peer that restarts, would stay unreachable for a
+        # minute. We pace dials with our own backoff, so lift that block.
+        cache = getattr(self._host.get_network(), "_negative_peer_cache", None)
+        if cache is not None:
+            cache.evict(str(info.peer_id))
         try:
             with trio.fail_after(timeout or self.settings.stream_timeout):
                 await self._host.connect(info)
