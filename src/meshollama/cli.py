@@ -256,14 +256,17 @@ def format_peers(data: Any) -> str:
     return "\n".join(lines) + "\n(* = loaded)"
 
 
-def format_status(data: dict) -> str:
+def format_status(data: dict, prefix: str = "") -> str:
     lines = []
     for k, v in data.items():
+        if isinstance(v, dict) and k in ("mesh",):
+            lines.append(format_status(v))
+            continue
         if isinstance(v, (list, tuple)):
-            v = ", ".join(map(str, v)) or "-"
+            v = "\n".join(" " * 25 + str(x) for x in v).strip() or "-"
         elif isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
-        lines.append(f"{k:24} {v}")
+        lines.append(f"{prefix}{k:24} {v}")
     return "\n".join(lines)
 
 
