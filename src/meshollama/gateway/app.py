@@ -1,0 +1,161 @@
+"""The gateway application: Quart-Trio views behind two ASGI layers.
+
+Request path, outermost first::
+
+    Gate (CORS, API keys)  ->  ProxyRoutes (routed + management endpoints, raw ASGI)
+                                    -> Quart views (listings, status, metrics, 404/405)
+
+The proxied endpoints bypass Quart's views on purpose (see ``proxy.py``);
+Quart serves everything that answers from memory. ``create_app`` still
+returns the :class:`~quart_trio.QuartTrio` instance: the layers are mounted
+on ``app.asgi_app``, Quart's supported middleware hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .. import __version__, names
+from ..httpmsg import Upstream
+from ..mesh.peertable import Snapshot
+from . import listings
+from .auth import ApiKeys
+from .cors import CorsPolicy
+from .errors import METHOD_NOT_ALLOWED_PAGE, NOT_FOUND_PAGE, Answer, error_answer, json_answer, text_answer
+from .metrics import GatewayMetrics
+from .middleware import Gate
+from .proxy import Proxy, ProxyRoutes
+
+log = logging.getLogger(__name__)
+
+# What /api/version reports. Clients gate features on it (tools, thinking,
+# /api/embed), so it claims a recent Ollama whose API we pass through.
+OLLAMA_COMPAT_VERSION = "0.12.0"
+EXTENSION = "meshollama"  # app.extensions key holding the GatewayState
+
+
+class MeshView(Protocol):
+    """What the node gives the gateway."""
+
+    self_id: str
+
+    def snapshot(self) -> Snapshot: ...
+
+    def upstream(self, peer_id: str) -> Upstream: ...
+
+    def status(self) -> dict: ...
+
+
+class GatewayState:
+    """Everything the views and ``serve_gateway`` need, kept on ``app.extensions``."""
+
+    def __init__(self, config: Any, mesh: MeshView, backend: Upstream | None, registry: CollectorRegistry) -> None:
+        self.config = config
+        self.gateway = config.gateway
+        self.mesh = mesh
+        self.backend = backend
+        self.registry = registry
+        self.metrics = GatewayMetrics(registry)
+        self.proxy = Proxy(self.gateway, mesh, backend, self.metrics)
+
+
+def _respond(answer: Answer) -> Response:
+    return Response(answer.body, status=answer.status, headers=list(answer.headers))
+
+
+def create_app(config: Any, mesh: MeshView, backend: Upstream | None, registry: CollectorRegistry) -> QuartTrio:
+    """The gateway for one node. ``config.gateway`` supplies listen, api_keys,
+    max_body_bytes, routing, retries, sideline_seconds, cors_origins, max_concurrent."""
+    state = GatewayState(config, mesh, backend, registry)
+    app = QuartTrio(__name__)
+    app.config.update(
+        RESPONSE_TIMEOUT=None,  # Quart's 60 s default would cut long answers
+        BODY_TIMEOUT=None,
+        MAX_CONTENT_LENGTH=state.gateway.max_body_bytes,
+        PROVIDE_AUTOMATIC_OPTIONS=False,  # OPTIONS is CORS's business (middleware)
+    )
+    app.extensions[EXTENSION] = state
+    _register_views(app, state)
+    _register_errors(app)
+    app.asgi_app = Gate(  # type: ignore[method-assign]
+        ProxyRoutes(state.proxy, app.asgi_app),
+        cors=CorsPolicy(state.gateway.cors_origins or ()),
+        keys=ApiKeys(state.gateway.api_keys or ()),
+    )
+    return app
+
+
+def _register_views(app: QuartTrio, state: GatewayState) -> None:
+    mesh = state.mesh
+
+    @app.route("/", methods=["GET", "HEAD"])
+    async def root() -> Response:
+        return _respond(text_answer(200, "Ollama is running"))
+
+    @app.route("/api/version", methods=["GET", "HEAD"])
+    async def version() -> Response:
+        return _respond(json_answer({"version": OLLAMA_COMPAT_VERSION}))
+
+    @app.route("/api/tags", methods=["GET", "HEAD"])
+    async def tags() -> Response:
+        return _respond(json_answer(listings.tags(mesh.snapshot())))
+
+    @app.route("/api/ps", methods=["GET"])
+    async def ps() -> Response:
+        return _respond(json_answer(listings.ps(mesh.snapshot(), time.time())))
+
+    @app.route("/v1/models", methods=["GET"])
+    async def openai_models() -> Response:
+        return _respond(_openai_json(listings.openai_models(mesh.snapshot())))
+
+    @app.route("/v1/models/<model>", methods=["GET"])
+    async def openai_model(model: str) -> Response:
+        found = listings.openai_model(mesh.snapshot(), model)
+        if found is None:
+            short = names.shortest(model)
+            return _respond(error_answer(404, f"model '{short}' not found", openai=True))
+        return _respond(_openai_json(found))
+
+    @app.route("/api/mesh/peers", methods=["GET"])
+    async def mesh_peers() -> Response:
+        return _respond(json_answer(listings.mesh_peers(mesh.snapshot())))
+
+    @app.route("/api/mesh/status", methods=["GET"])
+    async def mesh_status() -> Response:
+        extra = mesh.status()
+        return _respond(json_answer(listings.mesh_status(mesh.snapshot(), mesh.self_id, extra, __version__)))
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics() -> Response:
+        return Response(generate_latest(state.registry), status=200, content_type=CONTENT_TYPE_LATEST)
+
+
+def _openai_json(obj: object) -> Answer:
+    answer = json_answer(obj)
+    return Answer(answer.status, (("content-type", "application/json"),), answer.body)
+
+
+def _register_errors(app: QuartTrio) -> None:
+    @app.errorhandler(404)
+    async def not_found(_: Exception) -> Response:
+        return _respond(NOT_FOUND_PAGE)
+
+    @app.errorhandler(405)
+    async def method_not_allowed(_: Exception) -> Response:
+        return _respond(METHOD_NOT_ALLOWED_PAGE)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        return _respond(error_answer(exc.code or 500, exc.description or exc.name))
+
+    @app.errorhandler(Exception)
+    async def internal_error(exc: Exception) -> Response:
+        log.exception("gateway view failed")
+        return _respond(error_answer(500, f"internal error ({type(exc).__name__})"))

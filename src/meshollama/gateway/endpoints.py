@@ -1,0 +1,93 @@
+"""The proxied routes and Ollama's per-endpoint texts (pure data).
+
+Each endpoint the gateway forwards is one :class:`Endpoint`: which methods
+it takes, whether it is routed across the mesh by ``model`` or sent to this
+node's own backend, which envelope its errors use, and the exact words
+Ollama answers with when ``model`` is missing or unknown (they differ per
+endpoint, see ``shared/reference/ollama-api.md`` §1.8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import names
+
+_NATIVE_NOT_FOUND = "model '{sent}' not found"
+_EMBED_NOT_FOUND = 'model "{sent}" not found, try pulling it first'
+_SHOW_NOT_FOUND = "model '{short}' not found"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One proxied route."""
+
+    path: str  # exact path, or a prefix ending in "/" when ``prefix``
+    methods: frozenset[str]
+    routed: bool = True  # by model across the mesh; False: this node's own backend
+    openai: bool = False  # errors in the OpenAI envelope
+    prefix: bool = False  # path + one more segment (/api/blobs/<digest>)
+    model_fields: tuple[str, ...] = ("model",)  # first non-absent one names the model
+    struct: str = ""  # Go request type, for Ollama-like type-error texts
+    missing_status: int = 400  # answer when ``model`` is empty or absent
+    missing_message: str = "model is required"
+    not_found: str = _NATIVE_NOT_FOUND  # format(sent=..., short=...)
+
+    @property
+    def label(self) -> str:
+        """Metrics label: the route, without the variable part."""
+        return self.path.rstrip("/") if self.prefix else self.path
+
+    def not_found_message(self, sent: str) -> str:
+        return self.not_found.format(sent=sent, short=names.shortest(sent))
+
+
+def _routed(path: str, struct: str, missing: tuple[int, str], not_found: str, **kw) -> Endpoint:
+    status, message = missing
+    return Endpoint(
+        path=path,
+        methods=frozenset({"POST"}),
+        struct=struct,
+        missing_status=status,
+        missing_message=message,
+        not_found=not_found,
+        **kw,
+    )
+
+
+_REQUIRED = (400, "model is required")
+_EMPTY_NOT_FOUND = (404, "model '' not found")
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    _routed("/api/generate", "GenerateRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND),
+    _routed("/api/chat", "ChatRequest", _REQUIRED, _NATIVE_NOT_FOUND),
+    _routed("/api/embed", "EmbedRequest", _EMPTY_NOT_FOUND, _EMBED_NOT_FOUND),
+    _routed("/api/embeddings", "EmbeddingRequest", _REQUIRED, _EMBED_NOT_FOUND),
+    # /api/show still accepts the deprecated "name".
+    _routed("/api/show", "ShowRequest", _REQUIRED, _SHOW_NOT_FOUND, model_fields=("model", "name")),
+    _routed("/v1/chat/completions", "ChatCompletionRequest", _REQUIRED, _NATIVE_NOT_FOUND, openai=True),
+    _routed("/v1/completions", "CompletionRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, openai=True),
+    _routed("/v1/embeddings", "EmbedRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, openai=True),
+    # Model management acts on this node's own backend, streamed as it streams.
+    Endpoint("/api/pull", frozenset({"POST"}), routed=False),
+    Endpoint("/api/push", frozenset({"POST"}), routed=False),
+    Endpoint("/api/create", frozenset({"POST"}), routed=False),
+    Endpoint("/api/copy", frozenset({"POST"}), routed=False),
+    Endpoint("/api/delete", frozenset({"DELETE"}), routed=False),
+    Endpoint("/api/blobs/", frozenset({"HEAD", "POST"}), routed=False, prefix=True),
+)
+
+_EXACT = {e.path: e for e in ENDPOINTS if not e.prefix}
+_PREFIXES = tuple(e for e in ENDPOINTS if e.prefix)
+
+
+def match(path: str) -> Endpoint | None:
+    """The proxied endpoint for ``path`` (any method), or None if it is not one."""
+    found = _EXACT.get(path)
+    if found is not None:
+        return found
+    for e in _PREFIXES:
+        rest = path[len(e.path) :]
+        if path.startswith(e.path) and rest and "/" not in rest:
+            return e
+    return None

