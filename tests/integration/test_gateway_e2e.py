@@ -125,7 +125,7 @@ async def _stream_once(client, api, model):
                              content=json.dumps({"model": model, "prompt": "x"})) as r:
         assert r.status_code == 200
         lines = [json.loads(line) async for line in r.aiter_lines() if line]
-        assert lines[-1]["done"] is True, lines[-1]
+        assert lines[-1].get("done") is True, lines[-1]
         return r.headers[PEER]
 
 
@@ -147,7 +147,7 @@ async def test_load_is_split_and_slow_peer_avoided(tmp_path):
 
                 # slow B down (10x per token): with steady load from 4 clients,
                 # B's requests pile up in flight and most go to C
-                fb.set(token_delay=0.5)
+                fb.set(token_delay=1.0)
                 counts.clear()
 
                 async def worker():
