@@ -59,7 +59,7 @@ SPEC_DEFAULTS = {
         "listen": ("/ip4/0.0.0.0/tcp/4001",), "bootstrap": (), "mdns": True, "dht": True, "psk_file": None,
         "heartbeat_interval": 2.0, "miss_limit": 3, "liveness_interval": 1.0, "liveness_timeout": 2.0,
         "gossip_degree": 3, "gossip_degree_low": 2, "gossip_degree_high": 4, "stream_timeout": 10.0,
-        "max_inbound_streams": 64, "max_inbound_per_peer": 16, "bootstrap_retry_max": 30.0,
+        "max_inbound_streams": 256, "max_inbound_per_peer": 64, "bootstrap_retry_max": 30.0,
     },
     "gateway": {
         "listen": "127.0.0.1:11434", "api_keys": (), "api_key_file": None, "max_body_bytes": 32 * 1024 * 1024,
@@ -362,7 +362,7 @@ def test_gossip_degree_ordering():
 
 
 def test_inbound_per_peer_at_most_total():
-    err = error(overrides={"p2p.max_inbound_streams": 8})
+    err = error(overrides={"p2p.max_inbound_streams": 32})
     assert err.key == "p2p.max_inbound_per_peer"
 
 

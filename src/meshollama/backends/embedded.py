@@ -671,7 +671,12 @@ class EmbeddedBackend(ChangeNotifier):
         load_ns = time.perf_counter_ns() - t0
         if job.load_only:
             return shapes.load_reply(job, time.time_ns())
-        prep = await trio.to_thread.run_sync(inst.prepare, job, samp)
+        try:
+            prep = await trio.to_thread.run_sync(inst.prepare, job, samp)
+        except RequestError:
+            raise
+        except Exception as e:  # tokeniser trouble: an answer with a status, not a crash
+            raise RequestError(f"llama runner failed: {e}", 500) from e
         return job, inst, prep, load_ns
 
     # -- everything else -------------------------------------------------------------------

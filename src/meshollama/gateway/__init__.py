@@ -6,7 +6,7 @@
   trio worker, graceful shutdown.
 * ``proxy``: the routed-request engine (choose a peer, retry before the first
   byte, relay the stream, cancel the upstream when the client leaves).
-* ``endpoints``: the proxied routes and Ollama's per-endpoint error texts.
+* ``endpoints``: the proxied routes, Ollama's per-endpoint error texts, body validation.
 * ``listings``: pure builders for /api/tags, /api/ps, /v1/models, mesh status.
 * ``errors``: the one place mapping exceptions to HTTP answers.
 * ``middleware``, ``cors``, ``auth``: the CORS and API-key gate.

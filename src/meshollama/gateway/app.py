@@ -19,7 +19,9 @@ from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from quart import Response
+import trio
 from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__, names
@@ -66,6 +68,27 @@ class GatewayState:
         self.proxy = Proxy(self.gateway, mesh, backend, self.metrics)
 
 
+class _HTTPConnection(TrioASGIHTTPConnection):
+    """Quart-Trio's connection, with every ``send`` shielded from cancellation.
+
+    Quart-Trio cancels a request's tasks as soon as Hypercorn reports the
+    exchange closed, and Hypercorn reports that from *inside* the final
+    ``send``, before it has re-armed the connection's keep-alive timer. The
+    cancellation aborts that re-arming, so every keep-alive connection that
+    served a Quart view was never closed by the server: not after
+    ``keep_alive_timeout``, and not on shutdown, which then waited out the
+    whole grace period. Hypercorn shields its socket writes anyway, so
+    shielding the call costs nothing.
+    """
+
+    async def handle_request(self, nursery: trio.Nursery, request: Any, send: Any) -> None:  # type: ignore[override]
+        async def shielded(message: Any) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await super().handle_request(nursery, request, shielded)
+
+
 def _respond(answer: Answer) -> Response:
     return Response(answer.body, status=answer.status, headers=list(answer.headers))
 
@@ -75,6 +98,7 @@ def create_app(config: Any, mesh: MeshView, backend: Upstream | None, registry: 
     max_body_bytes, routing, retries, sideline_seconds, cors_origins, max_concurrent."""
     state = GatewayState(config, mesh, backend, registry)
     app = QuartTrio(__name__)
+    app.asgi_http_class = _HTTPConnection  # type: ignore[assignment]
     app.config.update(
         RESPONSE_TIMEOUT=None,  # Quart's 60 s default would cut long answers
         BODY_TIMEOUT=None,

@@ -1,4 +1,4 @@
-"""The proxied routes and Ollama's per-endpoint texts (pure data).
+"""The proxied routes, Ollama's per-endpoint texts, request validation (pure).
 
 Each endpoint the gateway forwards is one :class:`Endpoint`: which methods
 it takes, whether it is routed across the mesh by ``model`` or sent to this
@@ -9,9 +9,12 @@ endpoint, see ``shared/reference/ollama-api.md`` §1.8).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from .. import names
+from ..errors import BadRequest, RequestError
 
 _NATIVE_NOT_FOUND = "model '{sent}' not found"
 _EMBED_NOT_FOUND = 'model "{sent}" not found, try pulling it first'
@@ -91,3 +94,62 @@ def match(path: str) -> Endpoint | None:
         if path.startswith(e.path) and rest and "/" not in rest:
             return e
     return None
+
+
+# --- validating a routed request's body --------------------------------------
+
+_DECODER = json.JSONDecoder()
+
+
+def _go_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def parse_payload(body: bytes, endpoint: Endpoint) -> dict[str, Any]:
+    """The request's JSON object; raises :class:`BadRequest` with Ollama-like texts.
+
+    Like Ollama: no Content-Type needed, ``null`` is an empty request, only
+    the first JSON value counts (trailing bytes are ignored).
+    """
+    if not body:
+        raise BadRequest("missing request body")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("invalid character in request body: not UTF-8") from None
+    try:
+        value, _ = _DECODER.raw_decode(text.lstrip(" \t\r\n"))
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("invalid JSON: nested too deeply") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"json: cannot unmarshal {_go_type(value)} into Go value of type api.{endpoint.struct}")
+    return value
+
+
+def model_of(payload: dict[str, Any], endpoint: Endpoint) -> str:
+    """The model the request names; Ollama's per-endpoint error if none or invalid."""
+    for field in endpoint.model_fields:
+        value = payload.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(
+                f"json: cannot unmarshal {_go_type(value)} into Go struct field "
+                f"{endpoint.struct}.{field} of type string"
+            )
+        if value:
+            names.parse(value)  # BadRequest("invalid model name")
+            return value
+    raise RequestError(endpoint.missing_message, endpoint.missing_status)

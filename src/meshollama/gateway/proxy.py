@@ -6,7 +6,7 @@ answer is an ``async with upstream.open(...)`` context (a libp2p stream, an
 httpx response) that must stay open from the status to the last chunk; in
 Quart it would have to be entered in the view and left inside a body
 generator, i.e. a context held across ``return`` and ``yield``. That breaks
-in three ways, each checked in Quart 0.22 / Quart-Trio 0.12:
+in three ways (read in the Quart 0.22 / Quart-Trio 0.12 sources):
 
 * trio cancel scopes or nurseries inside the upstream would be exited in a
   different frame than they were entered (``yield`` inside a cancel scope);
@@ -27,7 +27,6 @@ to the socket at once: nothing is buffered or re-chunked.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -37,11 +36,11 @@ import trio
 
 from .. import names, routing
 from ..errors import (
-    BadRequest,
     ModelNotFound,
     NoCapacity,
     RequestError,
     UpstreamBusy,
+    UpstreamError,
     UpstreamUnavailable,
 )
 from ..httpmsg import Headers, ProxyRequest, ProxyResponse, Upstream, forwardable, header
@@ -57,7 +56,7 @@ from .asgi import (
     scope_headers,
     send_answer,
 )
-from .endpoints import Endpoint, match
+from .endpoints import Endpoint, match, model_of, parse_payload
 from .errors import (
     METHOD_NOT_ALLOWED_PAGE,
     Answer,
@@ -81,67 +80,12 @@ SIDELINE_STATUSES = frozenset({502, 503, 504})
 ERROR_BODY_LIMIT = 64 * 1024  # an upstream error answer kept for relaying
 ERROR_BODY_TIMEOUT = 10.0  # seconds to read it
 # Request headers that describe the client's hop, not the request.
-_DROP_REQUEST = frozenset({"origin", "referer", "expect", PEER_HEADER})
+_DROP_REQUEST = frozenset({"origin", "referer", "cookie", "expect", PEER_HEADER})
 # Response headers Hypercorn writes itself, and ours.
 _DROP_RESPONSE = frozenset({"date", "server", PEER_HEADER})
-_DECODER = json.JSONDecoder()
 
 
 # --- pure helpers -----------------------------------------------------------
-
-
-def _go_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def parse_payload(body: bytes, endpoint: Endpoint) -> dict[str, Any]:
-    """The request's JSON object; raises :class:`BadRequest` with Ollama-like texts.
-
-    Like Ollama: no Content-Type needed, ``null`` is an empty request, only
-    the first JSON value counts (trailing bytes are ignored).
-    """
-    if not body:
-        raise BadRequest("missing request body")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("invalid character in request body: not UTF-8") from None
-    try:
-        value, _ = _DECODER.raw_decode(text.lstrip(" \t\r\n"))
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"invalid JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest("invalid JSON: nested too deeply") from None
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadRequest(f"json: cannot unmarshal {_go_type(value)} into Go value of type api.{endpoint.struct}")
-    return value
-
-
-def model_of(payload: dict[str, Any], endpoint: Endpoint) -> str:
-    """The model the request names; Ollama's per-endpoint error if none or invalid."""
-    for field in endpoint.model_fields:
-        value = payload.get(field)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise BadRequest(
-                f"json: cannot unmarshal {_go_type(value)} into Go struct field "
-                f"{endpoint.struct}.{field} of type string"
-            )
-        if value:
-            names.parse(value)  # BadRequest("invalid model name")
-            return value
-    raise RequestError(endpoint.missing_message, endpoint.missing_status)
 
 
 def request_target(scope: Scope) -> str:
@@ -284,7 +228,7 @@ class Proxy:
         except ClientGone:
             out.client_gone = True
         except Exception as exc:
-            if not isinstance(exc, RequestError):
+            if not isinstance(exc, (RequestError, UpstreamError)):
                 log.exception("%s: unexpected error", endpoint.label)
             await self._fail(endpoint, responder, out, exc)
 

@@ -392,7 +392,8 @@ class MeshService:
                 snap = self.table.snapshot(trio.current_time())
                 connected = host.connected_peers()
                 for peer in snap.peers:
-                    if not peer.is_self and peer.state is PeerState.ALIVE and peer.peer_id in connected:
+                    if (not peer.is_self and peer.state is PeerState.ALIVE and peer.peer_id in connected
+                            and not self._pinger.busy(peer.peer_id)):
                         nursery.start_soon(self._check, peer.peer_id)
                 await trio.sleep(self.settings.liveness_interval)
 

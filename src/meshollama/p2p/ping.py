@@ -25,9 +25,24 @@ class Pinger:
         self._open_stream = open_stream
         self._timeout = timeout
         self._streams: dict[str, Stream] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    def busy(self, peer_id: str) -> bool:
+        """True while a ping to this peer is in progress (don't start another)."""
+        lock = self._locks.get(peer_id)
+        return lock is not None and lock.locked()
 
     async def ping(self, peer_id: str) -> float:
-        """Round-trip time in seconds; raises P2PError if the peer does not answer in time."""
+        """Round-trip time in seconds; raises P2PError if the peer does not answer in time.
+
+        Pings to one peer are serialised: two interleaved on the kept stream
+        would read each other's echo (seen as "bad ping echo" under load).
+        """
+        lock = self._locks.setdefault(peer_id, trio.Lock())
+        async with lock:
+            return await self._ping(peer_id)
+
+    async def _ping(self, peer_id: str) -> float:
         start = trio.current_time()
         try:
             with trio.fail_after(self._timeout):
@@ -53,6 +68,7 @@ class Pinger:
         return trio.current_time() - start
 
     async def forget(self, peer_id: str) -> None:
+        self._locks.pop(peer_id, None) if not self.busy(peer_id) else None
         stream = self._streams.pop(peer_id, None)
         if stream is not None:
             await stream.reset()
