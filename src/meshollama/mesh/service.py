@@ -41,6 +41,8 @@ from .peertable import ApplyResult, PeerState, PeerTable, Snapshot
 
 log = logging.getLogger("meshollama.mesh")
 
+STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
+
 
 @dataclass(frozen=True)
 class MeshSettings:
@@ -114,6 +116,7 @@ class MeshService:
         self._rng = random.Random()
         self.addrs: list[str] = []
         self._leaving = False
+        self._misses: dict[str, int] = {}
 
     # --- MeshView (for the gateway) ------------------------------------------
 
@@ -392,18 +395,27 @@ class MeshService:
                 snap = self.table.snapshot(trio.current_time())
                 connected = host.connected_peers()
                 for peer in snap.peers:
-                    if (not peer.is_self and peer.state is PeerState.ALIVE and peer.peer_id in connected
+                    watched = peer.state is PeerState.ALIVE or peer.peer_id in self._misses
+                    if (not peer.is_self and watched and peer.peer_id in connected
                             and not self._pinger.busy(peer.peer_id)):
                         nursery.start_soon(self._check, peer.peer_id)
                 await trio.sleep(self.settings.liveness_interval)
 
     async def _check(self, peer_id: str) -> None:
+        """One liveness ping. A miss stops new requests to the peer at once;
+        its in-flight streams are cancelled only after ``STREAM_ABORT_MISSES``
+        misses in a row, so a peer that is merely slow to answer (a loaded
+        2-core box) does not lose the generations it is streaming."""
         try:
             await self._pinger.ping(peer_id)
+            self._misses.pop(peer_id, None)
         except P2PError as exc:
+            misses = self._misses.get(peer_id, 0) + 1
+            self._misses[peer_id] = misses
             if self.table.mark_down(peer_id, trio.current_time()):
                 log.warning("peer %s failed its liveness check (%s): marked down", peer_id, exc)
-            self.scopes.cancel_peer(peer_id)
+            if misses >= STREAM_ABORT_MISSES:
+                self.scopes.cancel_peer(peer_id)
 
     async def _expiry_loop(self) -> None:
         while True:
