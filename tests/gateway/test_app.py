@@ -435,6 +435,19 @@ async def test_graceful_shutdown_lets_in_flight_streams_finish():
     assert up.exits == [None]
 
 
+@pytest.mark.parametrize("path", ["/", "/api/tags", "/api/nope", "/api/chat"])
+async def test_idle_keep_alive_connections_do_not_hold_shutdown(path):
+    # Regression: Quart-Trio's cancellation used to leave served keep-alive
+    # connections without their idle timer, so shutdown waited out the grace period.
+    app = create_app(make_config(), FakeMesh(), None, CollectorRegistry())
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(5):  # well below the grace period
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(partial(serve_gateway, app, "127.0.0.1:0", grace_period=10))
+                await client.post(f"http://{bound}{path}", json={"model": "x"})
+                nursery.cancel_scope.cancel()
+
+
 async def test_shutdown_deadline_cancels_stuck_streams():
     mesh = FakeMesh()
     up = mesh.add("peer-a", [model("llama3:latest")], FakeUpstream("a", Script(

@@ -14,8 +14,7 @@ import pytest
 import trio
 
 from meshollama.errors import BadRequest, UpstreamBusy, UpstreamUnavailable
-from meshollama.gateway.endpoints import ENDPOINTS, match
-from meshollama.gateway.proxy import model_of, parse_payload
+from meshollama.gateway.endpoints import ENDPOINTS, match, model_of, parse_payload
 
 from .fakes import (
     JSON,

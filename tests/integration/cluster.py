@@ -56,8 +56,7 @@ class Cluster:
         self.tmp = tmp_path
         self.nursery = nursery
         self.nodes: list[NodeProc] = []
-        # No keep-alive: an idle pooled connection would hold a SIGTERMed
-        # node in its HTTP grace period (see docs/architecture.md).
+        # No keep-alive: each poll is independent, as `meshollama peers` is.
         self.client = httpx.AsyncClient(timeout=10.0, limits=httpx.Limits(max_keepalive_connections=0))
 
     async def start(self, name: str, *extra: str, bootstrap: NodeProc | None = None,
