@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -253,5 +254,8 @@ async def test_settings_from_nested_config():
                                                    n_ctx=1024, n_threads=1, embedding=False))
     settings = EmbeddedSettings.from_config(cfg)
     assert (settings.parallel, settings.max_queue, settings.n_ctx, settings.embedding) == (2, 3, 1024, False)
+    assert settings.model_dir is None
     backend = EmbeddedBackend(settings)
     assert backend.models() == () and backend.load().capacity == 2
+    cfg.node = SimpleNamespace(data_dir="/tmp/mesh-data")
+    assert EmbeddedSettings.from_config(cfg).model_dir == Path("/tmp/mesh-data/models")
