@@ -23,7 +23,7 @@ PSK_A = "11" * 32
 PSK_B = "22" * 32
 
 
-async def wait_for(predicate, what: str, step: float = 0.02):
+async def wait_for(predicate, step: float = 0.02):
     while not predicate():
         await trio.sleep(step)
 
@@ -72,8 +72,8 @@ async def test_junk_on_pubsub_does_not_kill_our_host():
             # a still works: it answers a ping and still gets messages
             pinger = Pinger(b.open_stream, timeout=2.0)
             await pinger.ping(a.peer_id)
-            assert a.connected_peers() == {b.peer_id} or b.peer_id in a.connected_peers() or True
-            await wait_for(lambda: junk_seen, "junk reported")
+            assert b.peer_id in a.connected_peers()
+            await wait_for(lambda: junk_seen)
 
 
 async def test_stock_pubsub_handler_is_killed_by_decode_error():
@@ -177,10 +177,9 @@ async def test_disconnect_event_when_peer_closes():
                         events.append(ev)
 
                 outer.start_soon(collect)
-                await wait_for(lambda: any(e.kind == "connected" for e in events), "connected")
+                await wait_for(lambda: any(e.kind == "connected" for e in events))
             # b's host closed (explicit close in serve's finally): a must notice
-            await wait_for(lambda: any(e.kind == "disconnected" and e.peer_id == b.peer_id for e in events),
-                           "disconnected")
+            await wait_for(lambda: any(e.kind == "disconnected" and e.peer_id == b.peer_id for e in events))
             outer.cancel_scope.cancel()
 
 

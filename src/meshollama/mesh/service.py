@@ -332,6 +332,7 @@ class MeshService:
                 if self.table.mark_down(event.peer_id, now):
                     log.info("peer %s disconnected", event.peer_id)
                 self.scopes.cancel_peer(event.peer_id)
+                self._misses.pop(event.peer_id, None)
                 nursery.start_soon(self._pinger.forget, event.peer_id)
         elif event.kind == "connected":
             self.table.mark_up(event.peer_id, now)

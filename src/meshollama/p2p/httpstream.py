@@ -152,6 +152,7 @@ class PeerUpstream(Upstream):
                     reader = _FrameReader(stream)
                     head = await reader.next(timeout=self._first_byte_timeout)
             except (P2PError, FrameError) as exc:
+                # Before any response byte: safe for the gateway to retry elsewhere.
                 self._on_error(type(exc).__name__)
                 raise UpstreamUnavailable(f"peer {self.peer_id}: {exc}") from exc
             if guard.down:
@@ -169,16 +170,7 @@ class PeerUpstream(Upstream):
             async def body() -> AsyncIterator[bytes]:
                 nonlocal finished
                 while True:
-                    try:
-                        with guard.scope():
-                            frame = await reader.next(timeout=math.inf)
-                    except (P2PError, FrameError) as exc:
-                        self._on_error(type(exc).__name__)
-                        raise UpstreamBroken(f"peer {self.peer_id}: {exc}") from exc
-                    if guard.down:
-                        raise UpstreamBroken(f"peer {self.peer_id} went down mid-stream")
-                    if frame is None:
-                        raise UpstreamBroken(f"peer {self.peer_id} closed the stream mid-answer")
+                    frame = await self._next_or_broken(reader, guard)
                     if isinstance(frame, frames.Data):
                         yield frame.data
                     elif isinstance(frame, frames.End):
@@ -197,6 +189,20 @@ class PeerUpstream(Upstream):
                     await stream.close()
                 else:  # caller left early or something broke: stop the remote work now
                     await stream.reset()
+
+    async def _next_or_broken(self, reader: "_FrameReader", guard: Guard):
+        """Next body frame; any failure after the head is ``UpstreamBroken``."""
+        try:
+            with guard.scope():
+                frame = await reader.next(timeout=math.inf)
+        except (P2PError, FrameError) as exc:
+            self._on_error(type(exc).__name__)
+            raise UpstreamBroken(f"peer {self.peer_id}: {exc}") from exc
+        if guard.down:
+            raise UpstreamBroken(f"peer {self.peer_id} went down mid-stream")
+        if frame is None:
+            raise UpstreamBroken(f"peer {self.peer_id} closed the stream mid-answer")
+        return frame
 
 
 # --- server ------------------------------------------------------------------

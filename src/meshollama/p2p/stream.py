@@ -65,25 +65,21 @@ class Stream:
             raise StreamReset(f"write to {self.peer_id} failed: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
-        """Half-close our side, politely; never raises, never blocks long."""
-        if self._done:
-            return
-        self._done = True
-        with trio.move_on_after(1.0) as scope:
-            scope.shield = True
-            try:
-                await self._raw.close()
-            except Exception:
-                pass
+        """Close our side politely; never raises, never blocks long."""
+        await self._finish("close")
 
     async def reset(self) -> None:
         """Abort the stream so the other side stops at once; never raises."""
+        await self._finish("reset")
+
+    async def _finish(self, how: str) -> None:
+        # Shielded and time-boxed: this runs in finally blocks of cancelled code.
         if self._done:
             return
         self._done = True
         with trio.move_on_after(1.0) as scope:
             scope.shield = True
             try:
-                await self._raw.reset()
+                await getattr(self._raw, how)()
             except Exception:
                 pass
