@@ -9,12 +9,12 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from meshollama.errors import P2PError, UpstreamBroken, UpstreamBusy
+from meshollama.errors import P2PError, UpstreamBroken, UpstreamBusy, UpstreamUnavailable
 from meshollama.httpmsg import ProxyRequest, ProxyResponse
 from meshollama.limits import InboundLimiter
 from meshollama.p2p import patches
 from meshollama.p2p.host import TOPIC, P2PHost
-from meshollama.p2p.httpstream import PROTOCOL, HttpStreamServer, PeerScopes, PeerUpstream
+from meshollama.p2p.httpstream import PROTOCOL, HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
 from meshollama.p2p.ping import Pinger
 
 from .helpers import running_hosts, settings
@@ -233,12 +233,98 @@ class ScriptedBackend:
 
 
 @asynccontextmanager
-async def http_pair(backend, *, limiter=None, max_body=4 << 20):
-    server = HttpStreamServer(backend, limiter or InboundLimiter(8, 4), max_body_bytes=max_body)
+async def http_pair(backend, *, limiter=None, max_body=4 << 20, pool=None, idle_timeout=30.0):
+    server = HttpStreamServer(backend, limiter or InboundLimiter(8, 4), max_body_bytes=max_body,
+                              idle_timeout=idle_timeout)
     async with running_hosts(settings(), settings(), handlers={PROTOCOL: server.handle}) as (a, b):
         await b.connect(a.addrs())
         scopes = PeerScopes()
-        yield a, b, PeerUpstream(b.open_stream, a.peer_id, scopes), scopes
+        pool = pool or StreamPool(b.open_stream)
+        pool._open_stream = b.open_stream
+        yield a, b, PeerUpstream(pool, a.peer_id, scopes), scopes
+
+
+async def fetch(up, request=None) -> bytes:
+    async with up.open(request or ProxyRequest("POST", "/api/chat")) as r:
+        return b"".join([c async for c in r.body])
+
+
+async def test_sequential_requests_reuse_one_stream():
+    backend = ScriptedBackend()
+    pool = StreamPool(None)
+    with trio.fail_after(20):
+        async with http_pair(backend, pool=pool) as (a, b, up, _):
+            for _ in range(5):
+                assert await fetch(up) == b"a\nb\n"
+            assert (pool.opened, pool.reused) == (1, 4)
+            assert pool.idle_count(a.peer_id) == 1
+
+
+async def test_concurrent_requests_use_separate_streams_then_pool_them():
+    backend = ScriptedBackend()
+    pool = StreamPool(None)
+    with trio.fail_after(20):
+        async with http_pair(backend, pool=pool) as (a, b, up, _):
+            results = []
+
+            async def one():
+                results.append(await fetch(up))
+
+            async with trio.open_nursery() as n:
+                for _ in range(4):
+                    n.start_soon(one)
+            assert results == [b"a\nb\n"] * 4
+            assert pool.opened == 4 and pool.idle_count(a.peer_id) == 4
+
+
+async def test_a_stream_the_caller_left_is_not_reused():
+    backend = ScriptedBackend(then="hang")
+    pool = StreamPool(None)
+    with trio.fail_after(20):
+        async with http_pair(backend, pool=pool) as (a, b, up, _):
+            async with up.open(ProxyRequest("POST", "/api/generate")) as r:
+                async for _chunk in r.body:
+                    break
+            await backend.cancelled.wait()
+            assert pool.idle_count(a.peer_id) == 0
+
+
+async def test_stream_closed_by_server_idle_timeout_is_retried_on_a_fresh_one():
+    """The server retires idle streams; a client that still holds one (its own
+    TTL is longer here on purpose) retries once on a new stream, unseen by the caller."""
+    backend = ScriptedBackend()
+    pool = StreamPool(None, idle_ttl=60.0)
+    with trio.fail_after(20):
+        async with http_pair(backend, pool=pool, idle_timeout=0.2) as (a, b, up, _):
+            assert await fetch(up) == b"a\nb\n"
+            await trio.sleep(0.6)  # let the server's idle timer fire (the condition itself)
+            assert await fetch(up) == b"a\nb\n"
+            assert (pool.opened, pool.reused) == (2, 1)
+            assert len(backend.requests) == 2
+
+
+async def test_idle_streams_past_their_ttl_are_not_used():
+    backend = ScriptedBackend()
+    pool = StreamPool(None, idle_ttl=0.0)
+    with trio.fail_after(20):
+        async with http_pair(backend, pool=pool) as (a, b, up, _):
+            await fetch(up)
+            await fetch(up)
+            assert (pool.opened, pool.reused) == (2, 0)
+
+
+async def test_large_bodies_both_ways_on_a_reused_stream():
+    """Several windows' worth each way on one stream: Yamux credit (batched by our
+    patch) must keep flowing, and the stream must stay usable afterwards."""
+    big = os.urandom(1 << 20)
+    backend = ScriptedBackend(chunks=[big[i:i + 65536] for i in range(0, len(big), 65536)])
+    pool = StreamPool(None)
+    with trio.fail_after(30):
+        async with http_pair(backend, pool=pool) as (a, b, up, _):
+            for _ in range(3):
+                assert await fetch(up, ProxyRequest("POST", "/api/x", (), big)) == big
+            assert backend.requests[-1].body == big
+            assert (pool.opened, pool.reused) == (1, 2)
 
 
 async def test_request_and_streamed_response_roundtrip():
@@ -293,7 +379,7 @@ async def test_busy_backend_and_inbound_limit_answer_busy():
 
 
 async def test_peer_marked_down_releases_waiting_caller():
-    backend = ScriptedBackend(chunks=(), then="hang")
+    backend = ScriptedBackend(chunks=(b'{"n":0}\n',), then="hang")
     with trio.fail_after(20):
         async with http_pair(backend) as (a, b, up, scopes):
             async with up.open(ProxyRequest("POST", "/api/chat")) as r:
@@ -302,6 +388,20 @@ async def test_peer_marked_down_releases_waiting_caller():
                     with pytest.raises(UpstreamBroken, match="went down"):
                         async for _ in r.body:
                             pass
+
+
+async def test_peer_marked_down_before_the_answer_is_retryable():
+    """The server sends the head with the first body bytes; a peer that goes down
+    before then leaves nothing sent to the caller, so it is UpstreamUnavailable."""
+    backend = ScriptedBackend(chunks=(), then="hang")
+    with trio.fail_after(20):
+        async with http_pair(backend) as (a, b, up, scopes):
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda: wait_and_cancel(scopes, a.peer_id))
+                with pytest.raises(UpstreamUnavailable, match="went down"):
+                    async with up.open(ProxyRequest("POST", "/api/chat")):
+                        pass
+            await backend.cancelled.wait()  # and the remote work was aborted
 
 
 async def wait_and_cancel(scopes, peer_id):

@@ -34,7 +34,7 @@ from ..catalog import LoadInfo, ModelInfo
 from ..errors import AnnouncementError, P2PError
 from ..p2p.host import Event, HostSettings, P2PHost
 from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
-from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream
+from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
 from ..p2p.ping import Pinger
 from . import announce
 from .peertable import ApplyResult, PeerState, PeerTable, Snapshot
@@ -99,6 +99,7 @@ class MeshService:
         self.table = PeerTable(self.self_id, interval=settings.heartbeat_interval, miss_limit=settings.miss_limit)
         self.counters = MeshCounters()
         self.scopes = PeerScopes()
+        self.pool = StreamPool(self._open_stream)
         self._models = models
         self._load = load
         self._changed = changed
@@ -127,7 +128,7 @@ class MeshService:
         if peer_id == self.self_id:
             return self._local
         return PeerUpstream(
-            self._open_stream,
+            self.pool,
             peer_id,
             self.scopes,
             on_error=lambda kind: self._count("stream_errors", kind),
@@ -149,6 +150,11 @@ class MeshService:
             "heartbeats_dropped": dict(self.counters.dropped),
             "host_restarts": self.counters.host_restarts,
         }
+
+    def _abort_peer(self, peer_id: str) -> None:
+        """The peer is down or gone: release callers waiting on it, drop its idle streams."""
+        self.scopes.cancel_peer(peer_id)
+        self.pool.forget(peer_id)
 
     # --- running ---------------------------------------------------------------
 
@@ -178,10 +184,11 @@ class MeshService:
                     log.exception("libp2p host crashed: %r; restarting in %.1fs", exc, backoff)
                 self.counters.host_restarts += 1
                 self._host_ready = trio.Event()
+                self.pool.forget()
                 for peer in list(self.table.snapshot(trio.current_time()).peers):
                     if not peer.is_self:
                         self.table.mark_down(peer.peer_id, trio.current_time())
-                        self.scopes.cancel_peer(peer.peer_id)
+                        self._abort_peer(peer.peer_id)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
@@ -303,7 +310,7 @@ class MeshService:
             self._on_counter("heartbeats_received", "")
             if result is ApplyResult.LEFT:
                 log.info("peer %s left the mesh", ann.peer_id)
-                self.scopes.cancel_peer(ann.peer_id)
+                self._abort_peer(ann.peer_id)
                 continue
             if result is ApplyResult.NEW:
                 log.info("peer %s joined with %d model(s)", ann.peer_id, len(ann.models))
@@ -331,7 +338,7 @@ class MeshService:
             if event.peer_id not in host.connected_peers():
                 if self.table.mark_down(event.peer_id, now):
                     log.info("peer %s disconnected", event.peer_id)
-                self.scopes.cancel_peer(event.peer_id)
+                self._abort_peer(event.peer_id)
                 self._misses.pop(event.peer_id, None)
                 nursery.start_soon(self._pinger.forget, event.peer_id)
         elif event.kind == "connected":
@@ -416,14 +423,14 @@ class MeshService:
             if self.table.mark_down(peer_id, trio.current_time()):
                 log.warning("peer %s failed its liveness check (%s): marked down", peer_id, exc)
             if misses >= STREAM_ABORT_MISSES:
-                self.scopes.cancel_peer(peer_id)
+                self._abort_peer(peer_id)
 
     async def _expiry_loop(self) -> None:
         while True:
             await trio.sleep(self.settings.heartbeat_interval / 2)
             for peer_id in self.table.expire(trio.current_time()):
                 log.info("peer %s expired (no heartbeat for %d intervals)", peer_id, self.settings.miss_limit)
-                self.scopes.cancel_peer(peer_id)
+                self._abort_peer(peer_id)
 
     async def _open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None):
         host = self._host

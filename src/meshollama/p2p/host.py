@@ -128,6 +128,7 @@ class P2PHost:
         from libp2p.tools.anyio_service import background_trio_service
 
         patches.patch_dht_protocol()
+        patches.patch_yamux_window_updates()
         host, pubsub, gossip = self._build()
         listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
         try:

@@ -1,12 +1,22 @@
-"""One HTTP request per libp2p stream: the client (an Upstream) and the server.
+"""HTTP requests over libp2p streams, one at a time per stream, streams kept alive.
 
 Exchange (frames from ``wire.frames``): the client sends ``Request``,
 ``Data``*, ``End``; the server answers ``Response``, ``Data``*, ``End``, or an
 ``Error`` at any point (before ``Response``: "could not serve, try someone
 else"; after it: "broken mid-stream").
 
-The client never half-closes its side after ``End``: the server keeps a read
-pending on the stream for the whole answer, so a reset (the HTTP caller went
+Keep-alive: after a complete answer (``End``) both sides keep the stream and
+the client may send its next request on it, like HTTP/1.1 keep-alive. Opening
+a stream costs a Yamux SYN/ACK, four multistream-select messages and two FINs,
+each a Noise-encrypted frame: reusing idle streams (:class:`StreamPool`) halves
+the frames per request and most of the CPU of the libp2p leg (numbers in
+docs/benchmarks.md). A stream that ended any other way (error, reset, caller
+gone) is never reused. The server closes a stream idle for ``idle_timeout``;
+the client retires idle streams well before that, and a reused stream that
+fails before the answer's head is retried once on a fresh stream.
+
+The client never half-closes its side: while it answers, the server keeps a
+read pending on the stream (its frame pump), so a reset (the HTTP caller went
 away) is noticed at once and the backend request is aborted even while the
 model is still loading and no token has been written yet.
 
@@ -19,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -40,8 +50,13 @@ from .stream import Stream
 
 log = logging.getLogger("meshollama.p2p")
 
-PROTOCOL = "/meshollama/http/1.0.0"
+PROTOCOL = "/meshollama/http/1.1.0"
 READ_SIZE = 64 * 1024
+SERVER_IDLE_TIMEOUT = 30.0
+CLIENT_IDLE_TTL = 15.0  # well under the server's idle timeout, so we never race its close
+MAX_IDLE_PER_PEER = 16
+
+OpenStream = Callable[[str, str], Awaitable[Stream]]
 
 
 class Guard:
@@ -99,7 +114,12 @@ class _FrameReader:
     def __init__(self, stream: Stream, max_payload: int = frames.MAX_PAYLOAD) -> None:
         self._stream = stream
         self._decoder = frames.FrameDecoder(max_payload)
-        self._ready: list = []
+        self._ready: deque = deque()
+
+    @property
+    def idle(self) -> bool:
+        """No frame or partial frame is waiting: safe to hand the stream on."""
+        return not self._ready and not self._decoder.pending
 
     async def next(self, *, timeout: float | None = None):
         """Next frame, or ``None`` at end of stream."""
@@ -110,29 +130,125 @@ class _FrameReader:
                     raise FrameError("stream ended inside a frame")
                 return None
             self._ready.extend(self._decoder.feed(data))
-        return self._ready.pop(0)
+        return self._ready.popleft()
+
+
+class StreamPool:
+    """Idle keep-alive streams, by peer (last in, first out; each retired after ``idle_ttl``)."""
+
+    def __init__(
+        self,
+        open_stream: OpenStream,
+        *,
+        protocol: str = PROTOCOL,
+        max_idle_per_peer: int = MAX_IDLE_PER_PEER,
+        idle_ttl: float = CLIENT_IDLE_TTL,
+    ) -> None:
+        self._open_stream = open_stream
+        self._protocol = protocol
+        self._max_idle = max_idle_per_peer
+        self._ttl = idle_ttl
+        self._idle: dict[str, list[tuple[float, Stream, _FrameReader]]] = {}
+        self.opened = 0
+        self.reused = 0
+
+    async def acquire(self, peer_id: str, *, fresh: bool = False) -> tuple[Stream, _FrameReader, bool]:
+        """A stream to ``peer_id``: ``(stream, reader, reused)``."""
+        if not fresh:
+            idle = self._idle.get(peer_id)
+            now = trio.current_time()
+            while idle:
+                since, stream, reader = idle.pop()
+                if now - since < self._ttl:
+                    self.reused += 1
+                    return stream, reader, True
+                await stream.close()  # too old: the server may be closing it
+        stream = await self._open_stream(peer_id, self._protocol)
+        self.opened += 1
+        return stream, _FrameReader(stream), False
+
+    async def release(self, stream: Stream, reader: _FrameReader) -> None:
+        """Give back a stream whose exchange ended cleanly."""
+        idle = self._idle.setdefault(stream.peer_id, [])
+        if reader.idle and len(idle) < self._max_idle:
+            idle.append((trio.current_time(), stream, reader))
+        else:
+            await stream.close()
+
+    def forget(self, peer_id: str | None = None) -> None:
+        """Drop idle streams to one peer (or all): its connection is gone or going."""
+        if peer_id is None:
+            self._idle.clear()
+        else:
+            self._idle.pop(peer_id, None)
+
+    def idle_count(self, peer_id: str) -> int:
+        return len(self._idle.get(peer_id, ()))
 
 
 # --- client ------------------------------------------------------------------
 
 
 class PeerUpstream(Upstream):
-    """A remote peer as an Upstream: ``open(request)`` runs it over a new stream."""
+    """A remote peer as an Upstream: ``open(request)`` runs it over a pooled stream."""
 
     def __init__(
         self,
-        open_stream: Callable[[str, str], "trio.abc.Awaitable[Stream]"],
+        pool: StreamPool,
         peer_id: str,
         scopes: PeerScopes,
         *,
         first_byte_timeout: float = math.inf,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
-        self._open_stream = open_stream
+        self._pool = pool
         self.peer_id = peer_id
         self._scopes = scopes
         self._first_byte_timeout = first_byte_timeout
         self._on_error = on_error or (lambda kind: None)
+
+    async def _send(self, request: ProxyRequest, guard: Guard):
+        """Send ``request``; returns ``(stream, reader, head)``.
+
+        A reused stream that fails before any answer most likely went stale
+        (the server retired it): that one failure is retried on a new stream.
+        """
+        wire = (
+            frames.encode(frames.Request(request.method, request.path, forwardable(request.headers)))
+            + (frames.encode_data(request.body) if request.body else b"")
+            + frames.encode(frames.End())
+        )
+        fresh = False
+        while True:
+            stream = reader = head = None
+            reused = False
+            try:
+                with guard.scope():
+                    stream, reader, reused = await self._pool.acquire(self.peer_id, fresh=fresh)
+                    await stream.write(wire)
+                    head = await reader.next(timeout=self._first_byte_timeout)
+            except (P2PError, FrameError) as exc:
+                if stream is not None:
+                    await stream.reset()
+                if reused and not guard.down:
+                    fresh = True
+                    continue
+                # Before any response byte: safe for the gateway to retry elsewhere.
+                self._on_error(type(exc).__name__)
+                raise UpstreamUnavailable(f"peer {self.peer_id}: {exc}") from exc
+            except BaseException:
+                if stream is not None:
+                    await stream.reset()
+                raise
+            if guard.down:
+                if stream is not None:
+                    await stream.reset()
+                raise UpstreamUnavailable(f"peer {self.peer_id} went down")
+            if head is None and reused:
+                await stream.close()
+                fresh = True
+                continue
+            return stream, reader, head
 
     @asynccontextmanager
     async def open(self, request: ProxyRequest) -> AsyncIterator[ProxyResponse]:
@@ -141,22 +257,7 @@ class PeerUpstream(Upstream):
         stream: Stream | None = None
         finished = False
         try:
-            try:
-                with guard.scope():
-                    stream = await self._open_stream(self.peer_id, PROTOCOL)
-                    await stream.write(
-                        frames.encode(frames.Request(request.method, request.path, forwardable(request.headers)))
-                        + (frames.encode_data(request.body) if request.body else b"")
-                        + frames.encode(frames.End())
-                    )
-                    reader = _FrameReader(stream)
-                    head = await reader.next(timeout=self._first_byte_timeout)
-            except (P2PError, FrameError) as exc:
-                # Before any response byte: safe for the gateway to retry elsewhere.
-                self._on_error(type(exc).__name__)
-                raise UpstreamUnavailable(f"peer {self.peer_id}: {exc}") from exc
-            if guard.down:
-                raise UpstreamUnavailable(f"peer {self.peer_id} went down")
+            stream, reader, head = await self._send(request, guard)
             if head is None:
                 raise UpstreamUnavailable(f"peer {self.peer_id} closed the stream without answering")
             if isinstance(head, frames.Error):
@@ -185,8 +286,8 @@ class PeerUpstream(Upstream):
         finally:
             self._scopes.discard(self.peer_id, guard)
             if stream is not None:
-                if finished:
-                    await stream.close()
+                if finished and not guard.down:
+                    await self._pool.release(stream, reader)
                 else:  # caller left early or something broke: stop the remote work now
                     await stream.reset()
 
@@ -208,8 +309,19 @@ class PeerUpstream(Upstream):
 # --- server ------------------------------------------------------------------
 
 
+class _Gone(Exception):
+    """The caller reset or closed the stream."""
+
+
 class HttpStreamServer:
-    """Answers inbound HTTP-over-libp2p streams from this node's backend."""
+    """Answers inbound HTTP-over-libp2p streams from this node's backend.
+
+    Per stream, a pump task reads frames as they come and hands them to the
+    request loop. It keeps reading while a request is answered, so the
+    caller resetting the stream cancels the backend request at once, and no
+    read is ever cancelled with bytes in flight (py-libp2p's Yamux read is
+    not cancel-safe once it has taken bytes from its buffer).
+    """
 
     def __init__(
         self,
@@ -217,62 +329,104 @@ class HttpStreamServer:
         limiter: InboundLimiter,
         *,
         max_body_bytes: int,
+        idle_timeout: float = SERVER_IDLE_TIMEOUT,
         on_reject: Callable[[str], None] | None = None,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self._backend = backend
         self._limiter = limiter
         self._max_body = max_body_bytes
+        self._idle_timeout = idle_timeout
         self._on_reject = on_reject or (lambda reason: None)
         self._on_error = on_error or (lambda kind: None)
 
     async def handle(self, stream: Stream) -> None:
-        peer = stream.peer_id
-        if not self._limiter.try_acquire(peer):
-            self._on_reject("busy")
-            await self._send_error(stream, "busy", "peer is at its inbound stream limit", 503)
-            return
-        try:
-            await self._serve(stream)
-        finally:
-            self._limiter.release(peer)
-
-    async def _serve(self, stream: Stream) -> None:
-        reader = _FrameReader(stream)
-        try:
-            request = await self._read_request(reader)
-        except (FrameError, P2PError) as exc:
-            self._on_error(type(exc).__name__)
-            log.info("bad request stream from %s: %s", stream.peer_id, exc)
-            await self._send_error(stream, "bad_request", str(exc), 400)
-            return
-        if request is None:
-            await stream.reset()
-            return
+        send, inbox = trio.open_memory_channel(8)
+        answering: list[trio.CancelScope] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_caller, stream, nursery.cancel_scope)
-            await self._answer(stream, request)
-            nursery.cancel_scope.cancel()
+            nursery.start_soon(self._pump, stream, send, answering)
+            try:
+                await self._loop(stream, inbox, answering)
+            finally:
+                nursery.cancel_scope.cancel()
 
-    async def _watch_caller(self, stream: Stream, scope: trio.CancelScope) -> None:
-        """The caller sends nothing after End: any read result means it left."""
-        try:
-            await stream.read(1, timeout=math.inf)
-        except P2PError:
-            pass
-        scope.cancel()
+    @staticmethod
+    async def _pump(stream: Stream, send: trio.MemorySendChannel, answering: list[trio.CancelScope]) -> None:
+        """Frames into ``send`` until the stream ends; then the reason (``_Gone``,
+        ``P2PError`` or ``FrameError``). A caller that leaves cancels the answer."""
+        reader = _FrameReader(stream)
+        async with send:
+            while True:
+                try:
+                    item = await reader.next(timeout=math.inf)
+                except (P2PError, FrameError) as exc:
+                    item = exc
+                if item is None or isinstance(item, P2PError):
+                    item = item or _Gone()
+                    for scope in answering:
+                        scope.cancel()
+                await send.send(item)
+                if isinstance(item, Exception):
+                    return
 
-    async def _read_request(self, reader: _FrameReader) -> ProxyRequest | None:
-        head = await reader.next()
+    async def _loop(self, stream: Stream, inbox: trio.MemoryReceiveChannel, answering: list) -> None:
+        while True:
+            try:
+                request = await self._read_request(inbox, stream.timeout)
+            except (_Gone, trio.EndOfChannel):
+                await stream.close()
+                return
+            except P2PError as exc:
+                self._on_error(type(exc).__name__)
+                await stream.reset()
+                return
+            except FrameError as exc:
+                self._on_error(type(exc).__name__)
+                log.info("bad request stream from %s: %s", stream.peer_id, exc)
+                await self._send_error(stream, "bad_request", str(exc), 400)
+                return
+            if request is None:  # idle for too long: the client retires it before this
+                await stream.close()
+                return
+            if not self._limiter.try_acquire(stream.peer_id):
+                self._on_reject("busy")
+                await self._send_error(stream, "busy", "peer is at its inbound stream limit", 503)
+                return
+            try:
+                with trio.CancelScope() as scope:
+                    answering.append(scope)
+                    reusable = await self._answer(stream, request)
+            finally:
+                answering.clear()
+                self._limiter.release(stream.peer_id)
+            if scope.cancelled_caught:  # the caller went away mid-answer
+                await stream.reset()
+                return
+            if not reusable:
+                return
+
+    @staticmethod
+    async def _receive(inbox: trio.MemoryReceiveChannel, timeout: float):
+        """Next item, or ``None`` after ``timeout``; a stream-ending reason is raised."""
+        with trio.move_on_after(timeout):
+            item = await inbox.receive()
+            if isinstance(item, Exception):
+                raise item
+            return item
+        return None
+
+    async def _read_request(self, inbox: trio.MemoryReceiveChannel, timeout: float) -> ProxyRequest | None:
+        """The next request, or ``None`` if none started within the idle timeout."""
+        head = await self._receive(inbox, self._idle_timeout)
         if head is None:
             return None
         if not isinstance(head, frames.Request):
             raise FrameError(f"expected Request, got {type(head).__name__}")
         body = bytearray()
         while True:
-            frame = await reader.next()
+            frame = await self._receive(inbox, timeout)
             if frame is None:
-                raise FrameError("stream ended before End")
+                raise P2PError(f"request body not finished within {timeout:.1f}s")
             if isinstance(frame, frames.End):
                 break
             if not isinstance(frame, frames.Data):
@@ -282,16 +436,22 @@ class HttpStreamServer:
                 raise FrameError(f"request body over {self._max_body} bytes")
         return ProxyRequest(head.method, head.path, head.headers, bytes(body))
 
-    async def _answer(self, stream: Stream, request: ProxyRequest) -> None:
+    async def _answer(self, stream: Stream, request: ProxyRequest) -> bool:
+        """Answer one request; True when the stream is fit for the next one."""
         started = False
         try:
             async with self._backend.open(request) as resp:
-                await stream.write(frames.encode(frames.Response(resp.status, forwardable(resp.headers))))
+                head = frames.encode(frames.Response(resp.status, forwardable(resp.headers)))
                 started = True
+                # The head goes out with the first piece of body: one frame fewer per answer.
                 async for chunk in resp.body:
-                    await stream.write(frames.encode_data(chunk))
-            await stream.write(frames.encode(frames.End()))
-            await stream.close()
+                    if head:
+                        await stream.write(head + frames.encode_data(chunk))
+                        head = b""
+                    else:
+                        await stream.write(frames.encode_data(chunk))
+            await stream.write(head + frames.encode(frames.End()))
+            return True
         except UpstreamError as exc:
             code = "busy" if isinstance(exc, UpstreamBusy) else "unavailable"
             status = 503 if code == "busy" else 502
@@ -302,6 +462,7 @@ class HttpStreamServer:
         except Exception as exc:
             log.exception("backend failed answering %s %s", request.method, request.path)
             await self._send_error(stream, "internal", f"internal error: {type(exc).__name__}", 500)
+        return False
 
     @staticmethod
     async def _send_error(stream: Stream, code: str, message: str, status: int) -> None:

@@ -8,6 +8,12 @@
    protobuf's ``DecodeError`` (nor anything else), so 8 junk bytes from any
    peer raise out of the handler and take the host down. :class:`SafePubsub`
    catches everything on that stream, resets it, and reports it.
+3. Yamux sends a WINDOW_UPDATE frame after almost every read (its "partial
+   slack" branch grants credit whenever any is owed). Multistream-select
+   reads varints a byte at a time, so one request/response exchange cost
+   about 13 extra Noise-encrypted frames. :func:`patch_yamux_window_updates`
+   restores go-yamux's rule: grant credit only once half the receive window
+   is owed (``tests/p2p/test_patches.py`` counts the frames).
 """
 
 from __future__ import annotations
@@ -64,3 +70,37 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
                         pass
 
     return SafePubsub
+
+
+_STOCK_YAMUX_METHOD = None
+_PATCHED_YAMUX_METHOD = None
+
+
+def patch_yamux_window_updates() -> None:
+    """Batch Yamux window updates the way go-yamux does (idempotent).
+
+    go-yamux's ``sendWindowUpdate`` skips the update while the credit owed is
+    under half the window; py-libp2p 0.8.1 also sends one for every partial
+    read. Flow control stays correct: the sender still gets its credit back
+    before it can run out (half a window, 128 KiB by default, is always owed
+    at most), and auto-tuning still doubles the window on a busy stream.
+    """
+    global _STOCK_YAMUX_METHOD, _PATCHED_YAMUX_METHOD
+    if _PATCHED_YAMUX_METHOD is not None:
+        return
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    async def auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
+        async with self.window_lock:
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            owed = self.target_recv_window - (self.recv_window + buffered)
+            if owed <= 0 or owed < self._grow_threshold():
+                return
+            increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+        if increment > 0:
+            await self.send_window_update(increment, skip_lock=True)
+
+    _STOCK_YAMUX_METHOD = YamuxStream._auto_tune_and_send_window_update
+    _PATCHED_YAMUX_METHOD = auto_tune_and_send_window_update
+    YamuxStream._auto_tune_and_send_window_update = auto_tune_and_send_window_update
