@@ -6,32 +6,39 @@ gateway's own observations (:class:`RouteStats`), ``now`` and a seeded
 It returns the peers to try, best first; the gateway tries them in order
 and passes the ones already tried as ``exclude`` if it asks again.
 
-LEAST_LOADED, the default, is built for real load balancing:
+LEAST_LOADED, the default, estimates how long a new request would take on
+each peer and picks among the quickest, the way "peak EWMA" balancers do
+(Finagle, Linkerd): ``score = rounds x slowness``.
 
-* **Fresh load.** A peer's heartbeat is up to one interval old, so on its own
-  every gateway would send a burst to whoever looked idle. We add the
-  requests *we* sent it since its last heartbeat (``sent_since_heartbeat``)
-  and never count less than what we know is still running there
-  (``max(announced in_flight + sent_since_heartbeat, our in_flight)``: the
-  announced number already includes ours, so adding both would double count).
-  Queued requests count too, and the sum is divided by the peer's capacity.
-* **Warm models.** A peer with the model already in memory gets
-  :data:`LOADED_BONUS` off its score: a cold load costs seconds.
-* **Latency.** An EWMA of time-to-first-byte, relative to the fastest
-  candidate and capped, adds at most :data:`LATENCY_WEIGHT`; load dominates,
-  latency breaks near-ties. Peers never measured get no penalty, and the
-  penalty fades with the age of the last measurement
-  (:data:`LATENCY_HALF_LIFE`): one slow answer (a cold model load) must not
-  bench a peer forever, since a peer we avoid is never measured again.
+* **Rounds: fresh load.** ``(busy + 1) / capacity``: how many turns of the
+  peer's slots this request waits, its own included. A heartbeat is up to
+  one interval old, so on its own every gateway would send a burst to
+  whoever looked idle. We add the requests *we* sent it since its last
+  heartbeat (``sent_since_heartbeat``) and never count less than what we
+  know is still running there (``max(announced in_flight +
+  sent_since_heartbeat, our in_flight)``: the announced number already
+  includes ours, so adding both would double count). Queued requests count.
+* **Cold models.** A peer without the model in memory gets
+  :data:`COLD_PENALTY` more rounds: a cold load costs seconds.
+* **Slowness.** Counting requests alone treats every peer as equally fast,
+  so a peer 20x slower per token would get as many requests as a fast one
+  whenever both are busy. This gateway keeps, per (peer, model), an EWMA of
+  time to first byte and of the time between streamed chunks (throughput).
+  Each is compared with the fastest candidate's as ``(x + floor) / (fastest
+  + floor)`` (the floor, :data:`SPEED_FLOOR`, keeps millisecond jitter on
+  loopback from counting), the larger ratio is capped at
+  :data:`SLOWNESS_CAP`, and the excess over 1 fades with the age of the
+  measurement (:data:`LATENCY_HALF_LIFE`): a peer we avoid is never
+  measured again, so one slow answer (a cold load) must not bench it for
+  good. Peers never measured count as fast, so they get tried.
 * **Failures.** Sidelined peers (after a failure, until a time) go last.
 * **Power of two choices.** Other gateways route too and do not see our
   sends, so always taking the single best peer makes them all herd onto it.
   The pick is the better of two peers sampled at random from the best tier
-  (scores below best + :data:`TIER_WIDTH`: with capacity 1, peers with the
-  same number of busy slots; a warm peer and a cold idle one are different
-  tiers); scores within :data:`TIE_EPSILON` are a tie, broken at random,
-  so a faded latency penalty lets a once-slow peer be measured again.
-  The rest follow by score as the retry order.
+  (scores below best + :data:`TIER_WIDTH`: with capacity 1 and equal speed,
+  peers with the same number of busy slots); scores within
+  :data:`TIE_EPSILON` are a tie, broken at random. The rest follow by
+  score as the retry order.
 
 Peers announcing capacity 0 (pure gateways) never serve.
 """
@@ -44,13 +51,13 @@ from dataclasses import dataclass, field
 
 from .mesh.peertable import PeerView, Snapshot
 
-LOADED_BONUS = 0.5  # score taken off when the model is already loaded there
-LATENCY_WEIGHT = 0.5  # most a slow peer's latency adds to its score
-LATENCY_CAP = 4.0  # ttfb ratio to the fastest candidate at which the penalty is full
+COLD_PENALTY = 0.5  # rounds added when the model is not loaded on the peer
+SLOWNESS_CAP = 8.0  # the most a slow peer's estimate is multiplied by
+SPEED_FLOOR = 0.02  # seconds added to both sides of a speed ratio: ignore ms jitter
 LATENCY_HALF_LIFE = 120.0  # seconds; an old measurement weighs less, so a slow peer gets retried
 TIER_WIDTH = 0.5  # peers scoring less than best + this are sampled for the pick
 TIE_EPSILON = 0.05  # two sampled peers closer than this are a tie, broken at random
-DEFAULT_ALPHA = 0.3  # EWMA weight of the newest ttfb sample
+DEFAULT_ALPHA = 0.3  # EWMA weight of the newest sample
 
 
 class Strategy(enum.Enum):
@@ -62,23 +69,34 @@ class Strategy(enum.Enum):
 
 @dataclass(frozen=True)
 class PeerStats:
-    """What this gateway has seen of one peer, at one moment."""
+    """What this gateway has seen of one peer (and one model), at one moment."""
 
     in_flight: int = 0  # our requests to it not finished yet
     sent_since_heartbeat: int = 0  # our requests to it since its last heartbeat
     latency_ewma: float | None = None  # seconds to first byte, EWMA; None if never measured
     sidelined: bool = False  # recently failed: try it last
-    latency_at: float | None = None  # when latency_ewma last took a sample
+    latency_at: float | None = None  # when a speed EWMA last took a sample
+    gap_ewma: float | None = None  # seconds between streamed chunks, EWMA; None if never measured
+
+
+@dataclass
+class _Speed:
+    ttfb: float | None = None
+    gap: float | None = None
+    at: float | None = None
 
 
 @dataclass
 class _Entry:
     in_flight: int = 0
     sent_since_heartbeat: int = 0
-    latency_ewma: float | None = None
-    latency_at: float | None = None
     sidelined_until: float = float("-inf")
     heartbeat_seq: int = -1
+    speed: dict[str, _Speed] = field(default_factory=dict)  # by model key ("" = any model)
+
+
+def _ewma(old: float | None, sample: float, alpha: float) -> float:
+    return float(sample) if old is None else old + alpha * (sample - old)
 
 
 @dataclass
@@ -87,7 +105,9 @@ class RouteStats:
 
     Call :meth:`observe` with each fresh snapshot (or :meth:`heartbeat_seen`
     per peer) so ``sent_since_heartbeat`` resets when a peer's new heartbeat
-    has taken our requests into account.
+    has taken our requests into account. Load is per peer (slots are shared
+    by its models); speed is per (peer, model), since one peer's models can
+    differ in speed by orders of magnitude.
     """
 
     alpha: float = DEFAULT_ALPHA
@@ -105,20 +125,43 @@ class RouteStats:
         e.in_flight += 1
         e.sent_since_heartbeat += 1
 
+    def first_byte(self, peer_id: str, now: float, ttfb: float, *, model: str = "") -> None:
+        """The answer from ``peer_id`` started after ``ttfb`` seconds: feed the
+        time-to-first-byte EWMA now, not when a long stream ends, so a peer that
+        turned slow is seen as slow after its first slow answer starts."""
+        if ttfb >= 0:
+            sp = self._get(peer_id).speed.setdefault(model, _Speed())
+            sp.ttfb = _ewma(sp.ttfb, ttfb, self.alpha)
+            sp.at = now
+
     def finished(
-        self, peer_id: str, now: float, *, ok: bool, latency: float | None, ttfb: float | None
+        self,
+        peer_id: str,
+        now: float,
+        *,
+        ok: bool,
+        latency: float | None,
+        ttfb: float | None,
+        model: str = "",
+        chunks: int = 0,
+        count_ttfb: bool = True,
     ) -> None:
-        """A request to ``peer_id`` ended. Successful ones feed the latency EWMA
-        with ``ttfb`` (or ``latency`` when no ttfb was measured)."""
+        """A request to ``peer_id`` ended after ``latency`` seconds. A successful
+        one feeds the speed EWMAs of (peer, ``model``): time to first byte
+        (``ttfb``, or ``latency`` when none was measured; skipped with
+        ``count_ttfb=False`` when :meth:`first_byte` already took it) and, for
+        answers streamed in ``chunks`` >= 2 pieces, the time between pieces."""
         e = self._get(peer_id)
         e.in_flight = max(0, e.in_flight - 1)
         sample = ttfb if ttfb is not None else latency
-        if ok and sample is not None and sample >= 0:
-            if e.latency_ewma is None:
-                e.latency_ewma = float(sample)
-            else:
-                e.latency_ewma += self.alpha * (sample - e.latency_ewma)
-            e.latency_at = now
+        if not ok or sample is None or sample < 0:
+            return
+        if count_ttfb:
+            self.first_byte(peer_id, now, sample, model=model)
+        sp = e.speed.setdefault(model, _Speed())
+        if chunks >= 2 and ttfb is not None and latency is not None and latency >= ttfb:
+            sp.gap = _ewma(sp.gap, (latency - ttfb) / (chunks - 1), self.alpha)
+            sp.at = now
 
     def sideline(self, peer_id: str, now: float, seconds: float) -> None:
         """Try ``peer_id`` last until ``now + seconds`` (extends, never shortens)."""
@@ -145,16 +188,18 @@ class RouteStats:
         ]:
             del self._peers[pid]
 
-    def view(self, peer_id: str, now: float) -> PeerStats:
+    def view(self, peer_id: str, now: float, model: str = "") -> PeerStats:
         e = self._peers.get(peer_id)
         if e is None:
             return PeerStats()
+        sp = e.speed.get(model) or _Speed()
         return PeerStats(
             in_flight=e.in_flight,
             sent_since_heartbeat=e.sent_since_heartbeat,
-            latency_ewma=e.latency_ewma,
+            latency_ewma=sp.ttfb,
             sidelined=now < e.sidelined_until,
-            latency_at=e.latency_at,
+            latency_at=sp.at,
+            gap_ewma=sp.gap,
         )
 
 
@@ -169,35 +214,38 @@ def load_score(peer: PeerView, stats: PeerStats) -> float:
     return busy / max(peer.load.capacity, 1)
 
 
+def rounds(peer: PeerView, stats: PeerStats, model_key: str) -> float:
+    """Turns of the peer's slots a new request would wait, its own included."""
+    m = peer.model(model_key)
+    cold = 0.0 if m is not None and m.loaded else COLD_PENALTY
+    return load_score(peer, stats) + 1.0 / max(peer.load.capacity, 1) + cold
+
+
+def slowness(stats: PeerStats, fastest_ttfb: float | None, fastest_gap: float | None, now: float) -> float:
+    """1 for the fastest candidate (or an unmeasured one), up to :data:`SLOWNESS_CAP`."""
+    ratio = 1.0
+    if stats.latency_ewma is not None and fastest_ttfb is not None:
+        ratio = max(ratio, (stats.latency_ewma + SPEED_FLOOR) / (fastest_ttfb + SPEED_FLOOR))
+    if stats.gap_ewma is not None and fastest_gap is not None:
+        ratio = max(ratio, (stats.gap_ewma + SPEED_FLOOR) / (fastest_gap + SPEED_FLOOR))
+    excess = min(ratio, SLOWNESS_CAP) - 1.0
+    age = max(0.0, now - stats.latency_at) if stats.latency_at is not None else 0.0
+    return 1.0 + excess * 0.5 ** (age / LATENCY_HALF_LIFE)
+
+
 def scores(
     peers: tuple[PeerView, ...] | list[PeerView], model_key: str, stats: RouteStats, now: float
 ) -> dict[str, float]:
     """LEAST_LOADED score of each peer (lower is better), sidelining not included."""
-    views = {p.peer_id: stats.view(p.peer_id, now) for p in peers}
-    measured = [v.latency_ewma for v in views.values() if v.latency_ewma is not None]
-    fastest = min(measured) if measured else None
-    out: dict[str, float] = {}
-    for p in peers:
-        v = views[p.peer_id]
-        s = load_score(p, v)
-        m = p.model(model_key)
-        if m is not None and m.loaded:
-            s -= LOADED_BONUS
-        if v.latency_ewma is not None and fastest is not None:
-            s += _latency_penalty(v, fastest, now)
-        out[p.peer_id] = s
-    return out
-
-
-def _latency_penalty(v: PeerStats, fastest: float, now: float) -> float:
-    assert v.latency_ewma is not None
-    if fastest > 0:
-        ratio = v.latency_ewma / fastest
-    else:
-        ratio = 1.0 if v.latency_ewma <= 0 else LATENCY_CAP
-    penalty = LATENCY_WEIGHT * min(max(ratio - 1.0, 0.0), LATENCY_CAP - 1.0) / (LATENCY_CAP - 1.0)
-    age = max(0.0, now - v.latency_at) if v.latency_at is not None else 0.0
-    return penalty * 0.5 ** (age / LATENCY_HALF_LIFE)
+    views = {p.peer_id: stats.view(p.peer_id, now, model_key) for p in peers}
+    ttfbs = [v.latency_ewma for v in views.values() if v.latency_ewma is not None]
+    gaps = [v.gap_ewma for v in views.values() if v.gap_ewma is not None]
+    fastest_ttfb = min(ttfbs) if ttfbs else None
+    fastest_gap = min(gaps) if gaps else None
+    return {
+        p.peer_id: rounds(p, views[p.peer_id], model_key) * slowness(views[p.peer_id], fastest_ttfb, fastest_gap, now)
+        for p in peers
+    }
 
 
 def _least_loaded(

@@ -129,7 +129,7 @@ async def _stream_once(client, api, model):
         return r.headers[PEER]
 
 
-async def test_load_is_split_between_equal_peers(tmp_path):
+async def test_load_is_split_and_a_slowed_peer_avoided(tmp_path):
     with trio.fail_after(180):
         async with three_nodes(tmp_path, token_delay=0.05) as (c, (a, b, cc), (fa, fb, fc)):
             counts = collections.Counter()
@@ -145,6 +145,20 @@ async def test_load_is_split_between_equal_peers(tmp_path):
                 share = counts[b.peer_id] / 40
                 assert 0.35 <= share <= 0.65, counts
 
+                # Slow B down 20x per token. With steady load from 4 clients both
+                # peers stay busy, so counting requests alone would split ~50/50;
+                # the router's per-token speed estimate sends most to C.
+                fb.set(token_delay=1.0)
+                counts.clear()
+
+                async def worker():
+                    for _ in range(5):
+                        await one()
+
+                async with trio.open_nursery() as n:
+                    for _ in range(4):
+                        n.start_soon(worker)
+                assert counts[cc.peer_id] >= 2 * counts[b.peer_id], counts
 
 
 async def test_faults_retry_error_and_route_around(tmp_path):

@@ -10,9 +10,10 @@ from meshollama import names
 from meshollama.catalog import LoadInfo, ModelInfo
 from meshollama.mesh.peertable import PeerState, PeerView, Snapshot
 from meshollama.routing import (
+    COLD_PENALTY,
     LATENCY_HALF_LIFE,
-    LATENCY_WEIGHT,
-    LOADED_BONUS,
+    SLOWNESS_CAP,
+    SPEED_FLOOR,
     PeerStats,
     RouteStats,
     Strategy,
@@ -71,7 +72,7 @@ def make_stats(obs: Obs) -> RouteStats:
             s.started(pid, NOW)
     for pid, t in obs.ttfb.items():
         s.started(pid, NOW)
-        s.finished(pid, NOW, ok=True, latency=t * 2, ttfb=t)
+        s.finished(pid, NOW, ok=True, latency=t * 2, ttfb=t, model=MODEL)
         s.heartbeat_seen(pid, 0)  # leave sent_since_heartbeat at 0
     for pid in obs.sidelined:
         s.sideline(pid, NOW, 30.0)
@@ -132,7 +133,9 @@ LL_CASES = [
     ("loaded but busy loses to idle", [peer("a", 1, loaded=True), peer("b")], Obs(), ["b", "a"]),
     ("slow peer loses a tie", [peer("a"), peer("b")], Obs(ttfb={"a": 2.0, "b": 0.2}), ["b", "a"]),
     ("2x slower peer loses a tie", [peer("a"), peer("b")], Obs(ttfb={"a": 1.0, "b": 0.5}), ["b", "a"]),
-    ("load beats latency", [peer("a", 1), peer("b")], Obs(ttfb={"a": 0.1, "b": 50.0}), ["b", "a"]),
+    ("load beats a small speed difference", [peer("a", 1), peer("b")], Obs(ttfb={"a": 0.5, "b": 0.6}), ["b", "a"]),
+    ("a much faster busy peer beats a slow idle one", [peer("a", 1), peer("b")], Obs(ttfb={"a": 0.1, "b": 50.0}),
+     ["a", "b"]),
     ("sidelined goes last", [peer("a"), peer("b", 5), peer("c", 2)], Obs(sidelined=("a",)), ["c", "b", "a"]),
     ("all sidelined: best of them", [peer("a", 3), peer("b", 1)], Obs(sidelined=("a", "b")), ["b", "a"]),
     (
@@ -155,13 +158,13 @@ def test_unmeasured_peer_gets_no_latency_penalty() -> None:
     sn = snap(peer("a"), peer("b"))
     st = make_stats(Obs(ttfb={"a": 5.0}))
     sc = scores(list(sn.peers), MODEL, st, NOW)
-    assert sc == {"a": 0.0, "b": 0.0}
+    assert sc == {"a": 1.0 + COLD_PENALTY, "b": 1.0 + COLD_PENALTY}
     assert {pick(sn, st, seed=s)[0] for s in range(30)} == {"a", "b"}
 
 
 def test_small_latency_differences_are_a_tie() -> None:
     sn = snap(peer("a"), peer("b"))
-    st = make_stats(Obs(ttfb={"a": 0.55, "b": 0.5}))
+    st = make_stats(Obs(ttfb={"a": 0.51, "b": 0.5}))
     assert {pick(sn, st, seed=s)[0] for s in range(30)} == {"a", "b"}
 
 
@@ -169,16 +172,49 @@ def test_scores_values() -> None:
     sn = snap(peer("a", 2, capacity=4, queued=1, loaded=True), peer("b", 0), peer("c", 0))
     st = make_stats(Obs(started={"b": 1}, ttfb={"a": 0.5, "c": 5.0}))
     sc = scores(list(sn.peers), MODEL, st, NOW)
-    assert sc["a"] == pytest.approx(3 / 4 - LOADED_BONUS)
-    assert sc["b"] == pytest.approx(1.0)
-    assert sc["c"] == pytest.approx(LATENCY_WEIGHT)  # 10x slower than the fastest: full (capped) penalty
+    assert sc["a"] == pytest.approx(3 / 4 + 1 / 4)  # warm: no cold penalty; fastest: slowness 1
+    assert sc["b"] == pytest.approx(1 + 1 + COLD_PENALTY)  # our one request since its heartbeat
+    assert sc["c"] == pytest.approx((1 + COLD_PENALTY) * SLOWNESS_CAP)  # 10x slower: capped
+
+
+def test_slowness_ratio_uses_the_floor() -> None:
+    sn = snap(peer("a"), peer("b"))
+    st = make_stats(Obs(ttfb={"a": 0.003, "b": 0.001}))  # loopback jitter: 3x, but 2 ms
+    sc = scores(list(sn.peers), MODEL, st, NOW)
+    assert sc["a"] / sc["b"] == pytest.approx((0.003 + SPEED_FLOOR) / (0.001 + SPEED_FLOOR))
+    assert sc["a"] - sc["b"] < 0.15
+
+
+def test_streaming_throughput_counts_as_slowness() -> None:
+    """Same time to first byte, but b streams 20x slower per chunk: b is slow."""
+    st = RouteStats()
+    for pid, gap in (("a", 0.05), ("b", 1.0)):
+        st.started(pid, NOW)
+        st.finished(pid, NOW, ok=True, ttfb=0.2, latency=0.2 + 9 * gap, model=MODEL, chunks=10)
+        st.heartbeat_seen(pid, 0)
+    assert st.view("b", NOW, MODEL).gap_ewma == pytest.approx(1.0)
+    sn = snap(peer("a", 3), peer("b"))
+    sc = scores(list(sn.peers), MODEL, st, NOW)
+    assert sc["b"] == pytest.approx((1 + COLD_PENALTY) * SLOWNESS_CAP)
+    assert pick(sn, st)[0] == "a"  # 3 requests queued on the fast peer still beat the slow one
+
+
+def test_speed_is_per_model() -> None:
+    st = RouteStats()
+    st.started("a", NOW)
+    st.finished("a", NOW, ok=True, ttfb=9.0, latency=9.0, model=names.key("big:70b"))
+    st.heartbeat_seen("a", 0)
+    assert st.view("a", NOW, MODEL).latency_ewma is None
+    assert st.view("a", NOW, names.key("big:70b")).latency_ewma == 9.0
 
 
 def test_latency_penalty_fades_with_age() -> None:
     sn = snap(peer("a"), peer("b"))
     st = make_stats(Obs(ttfb={"a": 10.0, "b": 0.5}))  # measured at NOW
-    assert scores(list(sn.peers), MODEL, st, NOW)["a"] == pytest.approx(LATENCY_WEIGHT)
-    assert scores(list(sn.peers), MODEL, st, NOW + LATENCY_HALF_LIFE)["a"] == pytest.approx(LATENCY_WEIGHT / 2)
+    idle = 1 + COLD_PENALTY
+    assert scores(list(sn.peers), MODEL, st, NOW)["a"] == pytest.approx(idle * SLOWNESS_CAP)
+    half = scores(list(sn.peers), MODEL, st, NOW + LATENCY_HALF_LIFE)["a"]
+    assert half == pytest.approx(idle * (1 + (SLOWNESS_CAP - 1) / 2))
     assert {choose(sn, MODEL, st, NOW, random.Random(s))[0] for s in range(20)} == {"b"}
     # much later the slow peer is back in the running (and gets measured again)
     later = NOW + 10 * LATENCY_HALF_LIFE
@@ -195,12 +231,12 @@ def test_no_double_counting_after_heartbeat() -> None:
     st.started("a", NOW)
     st.started("a", NOW)
     assert st.view("a", NOW) == PeerStats(in_flight=4, sent_since_heartbeat=2)
-    assert scores(list(sn.peers), MODEL, st, NOW)["a"] == pytest.approx(4 / 4)  # max(0+2, 4)
+    assert scores(list(sn.peers), MODEL, st, NOW)["a"] == pytest.approx(4 / 4 + 1 / 4 + COLD_PENALTY)  # max(0+2, 4)
     # the new heartbeat includes our 4 requests: counted once, not 4 + 4
     sn = snap(peer("a", 4, capacity=4, seq=2))
     st.observe(sn)
     assert st.view("a", NOW).sent_since_heartbeat == 0
-    assert scores(list(sn.peers), MODEL, st, NOW)["a"] == pytest.approx(1.0)
+    assert scores(list(sn.peers), MODEL, st, NOW)["a"] == pytest.approx(4 / 4 + 1 / 4 + COLD_PENALTY)
 
 
 def test_sideline_expires() -> None:
@@ -431,3 +467,73 @@ def test_observe_forgets_idle_peers_that_are_gone() -> None:
     assert st.view("idle", NOW) == PeerStats()
     assert st.view("busy", NOW).in_flight == 1
     assert st.view("benched", NOW).sidelined
+
+
+def closed_loop(service: dict[str, float], workers: int, per_worker: int, seed: int = 1) -> Counter[str]:
+    """Discrete-event run: ``workers`` clients each send ``per_worker`` requests
+    back to back; peer p answers in ``service[p]`` seconds (10 streamed chunks);
+    peers announce their in-flight count in a heartbeat every 2 s."""
+    st = RouteStats()
+    rng = random.Random(seed)
+    running: dict[str, int] = Counter()
+    seq = 1
+    now = 0.0
+    next_heartbeat = 2.0
+    done: list[tuple[float, int, str, float]] = []  # (finish time, worker, peer, started)
+    got: Counter[str] = Counter()
+    left = dict.fromkeys(range(workers), per_worker)
+
+    def table() -> Snapshot:
+        return Snapshot(peers=tuple(peer(p, running[p], seq=seq) for p in sorted(service)), taken_at=now)
+
+    def send(w: int) -> None:
+        sn = table()
+        st.observe(sn)
+        p = choose(sn, MODEL, st, now, rng)[0]
+        st.started(p, now)
+        running[p] += 1
+        got[p] += 1
+        left[w] -= 1
+        done.append((now + service[p], w, p, now))
+
+    for w in range(workers):
+        send(w)
+    while done:
+        done.sort()
+        t, w, p, began = done[0]
+        if next_heartbeat < t:
+            now, next_heartbeat, seq = next_heartbeat, next_heartbeat + 2.0, seq + 1
+            continue
+        done.pop(0)
+        now = t
+        running[p] -= 1
+        ttfb = service[p] / 10
+        st.finished(p, now, ok=True, latency=now - began, ttfb=ttfb, model=MODEL, chunks=10)
+        if left[w]:
+            send(w)
+    return got
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_slowed_peer_gets_few_requests_under_steady_load(seed: int) -> None:
+    # The load check of the gateway issue, as a simulation: 4 clients x 5 requests,
+    # one of two peers 20x slower. Counting requests alone splits these ~50/50.
+    got = closed_loop({"fast": 0.5, "slow": 10.0}, workers=4, per_worker=5, seed=seed)
+    assert got["fast"] >= 3 * got["slow"], got
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_equal_peers_split_steady_load(seed: int) -> None:
+    got = closed_loop({"a": 0.5, "b": 0.5}, workers=4, per_worker=10, seed=seed)
+    assert 12 <= got["a"] <= 28, got
+
+
+def test_first_byte_feeds_speed_before_the_stream_ends() -> None:
+    st = RouteStats()
+    st.started("a", NOW)
+    st.first_byte("a", NOW, 2.0, model=MODEL)
+    assert st.view("a", NOW, MODEL).latency_ewma == 2.0
+    assert st.view("a", NOW, MODEL).in_flight == 1  # still running
+    st.finished("a", NOW + 9, ok=True, latency=11.0, ttfb=2.0, model=MODEL, chunks=10, count_ttfb=False)
+    v = st.view("a", NOW + 9, MODEL)
+    assert (v.latency_ewma, v.gap_ewma, v.in_flight) == (2.0, pytest.approx(1.0), 0)

@@ -125,8 +125,14 @@ class _Try:
     """One attempt on one peer, for the router's stats."""
 
     started: float
+    routed: bool = False  # feeds the router's stats
+    model_key: str = ""
     ttfb: float | None = None
     ok: bool = False
+    pieces: int = 0  # body lines relayed (streamed tokens, for NDJSON and SSE)
+
+    def relayed(self, chunk: bytes) -> None:
+        self.pieces += max(1, chunk.count(b"\n"))
 
 
 @dataclass(frozen=True)
@@ -272,7 +278,7 @@ class Proxy:
         tries = order[: 1 + self.retries]
         last: tuple[str, Answer] | None = None
         for n, peer in enumerate(tries, 1):
-            failure = await self._attempt(endpoint, peer, None, request, responder, out, retry_5xx=True)
+            failure = await self._attempt(endpoint, peer, None, request, responder, out, retry_5xx=True, model_key=key)
             if failure is None:
                 return
             log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, failure.kind, failure.message)
@@ -307,12 +313,13 @@ class Proxy:
         out: _Outcome,
         *,
         retry_5xx: bool,
+        model_key: str = "",
     ) -> _Failure | None:
         """One try on one peer. None: the client got a complete answer (or an
         explicit mid-stream error). A :class:`_Failure`: nothing was sent, the
         caller may try elsewhere. Raises :class:`ClientGone`."""
         track = upstream is None  # routed tries feed the router's stats; local management does not
-        attempt = _Try(started=trio.current_time())
+        attempt = _Try(started=trio.current_time(), routed=track, model_key=model_key)
         if track:
             self.stats.started(peer, attempt.started)
         failure: _Failure | None = None
@@ -353,7 +360,16 @@ class Proxy:
         finally:
             now = trio.current_time()
             if track:
-                self.stats.finished(peer, now, ok=attempt.ok, latency=now - attempt.started, ttfb=attempt.ttfb)
+                self.stats.finished(
+                    peer,
+                    now,
+                    ok=attempt.ok,
+                    latency=now - attempt.started,
+                    ttfb=attempt.ttfb,
+                    model=attempt.model_key,
+                    chunks=attempt.pieces,
+                    count_ttfb=False,  # taken at the first byte
+                )
                 if failure is not None and failure.sideline:
                     self.stats.sideline(peer, now, self.sideline_seconds)
             if failure is not None:
@@ -378,14 +394,18 @@ class Proxy:
             return _Failure("broken", f"failed before the first byte: {exc}")
         # Commit: from here on the answer is this peer's.
         attempt.ttfb = trio.current_time() - attempt.started
+        if attempt.routed:  # the router learns the peer's speed at once
+            self.stats.first_byte(peer, trio.current_time(), attempt.ttfb, model=attempt.model_key)
         out.peer = peer
         out.content_type = header(resp.headers, "content-type", "") or ""
         self.metrics.ttfb.labels(endpoint.label).observe(trio.current_time() - out.started)
         await responder.start(resp.status, response_headers(resp.headers) + ((PEER_HEADER, peer),))
         if first is not None:
+            attempt.relayed(first)
             await responder.body(first)
             try:
                 async for chunk in chunks:
+                    attempt.relayed(chunk)
                     await responder.body(chunk)
             except ClientGone:
                 raise

@@ -1,6 +1,7 @@
 """HTTP over a libp2p stream: the frame codec (sans-IO).
 
-A proxied request travels on its own libp2p stream as a few frames::
+A proxied request travels on a libp2p stream as a few frames (after a clean
+``End`` the stream may carry the next request: see ``p2p.httpstream``)::
 
     client: Request, Data*, End
     server: Response, Data*, End      or Error at any point
