@@ -166,7 +166,7 @@ async def test_auto_falls_back_to_embedded(monkeypatch):
     with trio.fail_after(10):
         selected = await select_backend(cfg)
     assert isinstance(selected.backend, EmbeddedBackend)
-    assert made == [cfg.embedded]
+    assert made == [cfg]  # the whole config, so model_dir defaults to <data_dir>/models
     # Asking for it by name works the same, without probing Ollama.
     assert isinstance(create_backend(config("embedded")).backend, EmbeddedBackend)
 

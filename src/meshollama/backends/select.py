@@ -183,7 +183,8 @@ def _build(config: Any, kind: str, spawn: bool, ollama_up: bool | None, embedded
         return Selected(NoBackend(), (), decision.reason)
     if decision.kind == "embedded":
         module = importlib.import_module(".embedded", __package__)
-        return Selected(module.EmbeddedBackend.from_config(config.embedded), (), decision.reason)
+        # The whole config, not config.embedded: model_dir defaults to <data_dir>/models.
+        return Selected(module.EmbeddedBackend.from_config(config), (), decision.reason)
     ollama = config.ollama
     url = str(getattr(ollama, "url", DEFAULT_URL))
     num_parallel = int(getattr(ollama, "num_parallel", 1))
