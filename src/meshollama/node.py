@@ -70,6 +70,7 @@ def mesh_settings(config: Config, api_url: str) -> MeshSettings:
         bootstrap=tuple(p.bootstrap),
         bootstrap_retry_max=p.bootstrap_retry_max,
         api_url=api_url,
+        connect_timeout=config.gateway.connect_timeout,
     )
 
 

@@ -48,6 +48,7 @@ def config(kind: str = "auto", *, url: str | None = None, spawn: bool = False, b
             probe_timeout=0.5,
         ),
         embedded=SimpleNamespace(marker="embedded-config"),
+        gateway=SimpleNamespace(connect_timeout=3.5),
     )
 
 
@@ -114,6 +115,7 @@ async def test_ollama_settings_are_passed_on():
         assert isinstance(backend, OllamaBackend) and backend.kind == "ollama"
         assert backend.url == "http://127.0.0.1:11999" and backend.num_parallel == 2
         assert backend.refresh_interval == 7.0 and backend.probe_timeout == 0.5
+        assert backend._client.timeout.connect == 3.5  # gateway.connect_timeout
         assert backend.load().capacity == 2
         assert selected.services == ()
     finally:

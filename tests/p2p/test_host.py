@@ -303,6 +303,19 @@ async def test_stream_closed_by_server_idle_timeout_is_retried_on_a_fresh_one():
             assert len(backend.requests) == 2
 
 
+async def test_pool_opens_streams_within_the_connect_timeout():
+    seen = []
+
+    async def open_stream(peer_id, protocol, *, timeout=None):
+        seen.append((peer_id, protocol, timeout))
+        raise P2PError("unreachable")
+
+    pool = StreamPool(open_stream, connect_timeout=1.5)
+    with pytest.raises(P2PError):
+        await pool.acquire("peer")
+    assert seen == [("peer", PROTOCOL, 1.5)]
+
+
 async def test_idle_streams_past_their_ttl_are_not_used():
     backend = ScriptedBackend()
     pool = StreamPool(None, idle_ttl=0.0)

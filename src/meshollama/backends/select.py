@@ -193,6 +193,7 @@ def _build(config: Any, kind: str, spawn: bool, ollama_up: bool | None, embedded
         num_parallel=num_parallel,
         refresh_interval=float(getattr(ollama, "refresh_interval", 5.0)),
         probe_timeout=float(getattr(ollama, "probe_timeout", 1.0)),
+        connect_timeout=float(getattr(getattr(config, "gateway", None), "connect_timeout", 5.0)),
     )
     services: tuple[Service, ...] = ()
     if decision.spawn:

@@ -56,6 +56,7 @@ class MeshSettings:
     dht_refresh_first: float = 10.0
     dht_refresh_every: float = 60.0
     api_url: str = ""
+    connect_timeout: float = 10.0  # opening a request stream to a peer (gateway.connect_timeout)
 
 
 @dataclass
@@ -99,7 +100,7 @@ class MeshService:
         self.table = PeerTable(self.self_id, interval=settings.heartbeat_interval, miss_limit=settings.miss_limit)
         self.counters = MeshCounters()
         self.scopes = PeerScopes()
-        self.pool = StreamPool(self._open_stream)
+        self.pool = StreamPool(self._open_stream, connect_timeout=settings.connect_timeout)
         self._models = models
         self._load = load
         self._changed = changed

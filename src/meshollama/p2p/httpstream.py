@@ -56,7 +56,7 @@ SERVER_IDLE_TIMEOUT = 30.0
 CLIENT_IDLE_TTL = 15.0  # well under the server's idle timeout, so we never race its close
 MAX_IDLE_PER_PEER = 16
 
-OpenStream = Callable[[str, str], Awaitable[Stream]]
+OpenStream = Callable[..., Awaitable[Stream]]  # (peer_id, protocol, *, timeout=None)
 
 
 class Guard:
@@ -150,8 +150,10 @@ class StreamPool:
         protocol: str = PROTOCOL,
         max_idle_per_peer: int = MAX_IDLE_PER_PEER,
         idle_ttl: float = CLIENT_IDLE_TTL,
+        connect_timeout: float | None = None,
     ) -> None:
         self._open_stream = open_stream
+        self._connect_timeout = connect_timeout
         self._protocol = protocol
         self._max_idle = max_idle_per_peer
         self._ttl = idle_ttl
@@ -170,7 +172,7 @@ class StreamPool:
                     self.reused += 1
                     return stream, reader, True
                 await stream.close()  # too old: the server may be closing it
-        stream = await self._open_stream(peer_id, self._protocol)
+        stream = await self._open_stream(peer_id, self._protocol, timeout=self._connect_timeout)
         self.opened += 1
         return stream, _FrameReader(stream), False
 
