@@ -166,6 +166,8 @@ def _counter_sink(metrics):
             metrics.p2p_stream_errors.labels(label).inc()
         elif name == "inbound_rejected":
             metrics.p2p_inbound_rejected.labels(label).inc()
+        elif name == "request_streams":
+            metrics.p2p_request_streams.labels(label).inc()
 
     return count
 

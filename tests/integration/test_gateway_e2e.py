@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import signal
 from contextlib import asynccontextmanager
 from functools import partial
@@ -114,6 +115,11 @@ async def test_clients_through_node_a(tmp_path):
             assert "from C" in text
             assert {"gamma:latest", "alpha:latest"} <= {m.id for m in models.data}
             assert missing.status_code == 404
+
+            # Requests to C went over kept-alive streams, and /metrics says so.
+            metrics = (await c.client.get(a.api + "/metrics")).text
+            reused = re.search(r'^meshollama_p2p_request_streams_total\{how="reused"\} (\d+)', metrics, re.M)
+            assert reused and int(reused.group(1)) > 0, metrics
 
 
 def _got(fake) -> bool:

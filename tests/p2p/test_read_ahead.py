@@ -31,18 +31,29 @@ async def test_pieces_that_arrive_during_a_slow_write_are_joined():
     got = []
     with trio.fail_after(5):
         async with _read_ahead(body(chunks)) as pieces:
-            async for piece in pieces:
+            async for piece, _last in pieces:
                 got.append(piece)
                 await trio.sleep(0.01)  # a slow link
     assert b"".join(got) == b"".join(chunks)
     assert len(got) < 10  # many tokens per write, not one each
 
 
+async def test_the_last_piece_says_so_when_the_body_has_already_ended():
+    async def one_shot():
+        yield b"whole answer"
+
+    with trio.fail_after(5):
+        async with _read_ahead(one_shot()) as pieces:
+            await trio.sleep(0.01)  # the backend is done before the writer looks
+            got = [p async for p in pieces]
+    assert got == [(b"whole answer", True)]
+
+
 async def test_a_fast_writer_sends_each_piece_at_once():
     chunks = [b"a", b"b", b"c"]
     with trio.fail_after(5):
         async with _read_ahead(body(chunks)) as pieces:
-            got = [p async for p in pieces]
+            got = [p async for p, _last in pieces]
     assert b"".join(got) == b"abc"
 
 
@@ -51,7 +62,7 @@ async def test_an_error_comes_after_the_bytes_before_it():
     with trio.fail_after(5):
         with pytest.raises(UpstreamBroken, match="died"):
             async with _read_ahead(body([b"x", b"y"], fail=UpstreamBroken("died"))) as pieces:
-                async for piece in pieces:
+                async for piece, _last in pieces:
                     got.append(piece)
                     await trio.sleep(0.01)
     assert b"".join(got) == b"xy"

@@ -96,6 +96,12 @@ class MeshMetrics:
             ["kind"],
             registry=registry,
         )
+        self.p2p_request_streams = Counter(
+            "meshollama_p2p_request_streams_total",
+            "Streams carrying requests to peers: newly opened, or an idle kept-alive one reused.",
+            ["how"],
+            registry=registry,
+        )
         self.p2p_inbound_rejected = Counter(
             "meshollama_p2p_inbound_rejected_total",
             "Inbound libp2p streams refused, by reason.",

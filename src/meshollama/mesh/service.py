@@ -68,6 +68,7 @@ class MeshCounters:
     dropped: dict[str, int] = field(default_factory=dict)
     stream_errors: dict[str, int] = field(default_factory=dict)
     inbound_rejected: dict[str, int] = field(default_factory=dict)
+    request_streams: dict[str, int] = field(default_factory=dict)  # "opened" / "reused"
     host_restarts: int = 0
 
     @staticmethod
@@ -91,7 +92,7 @@ class MeshService:
         http_server_factory: Callable[[Callable[[str], None], Callable[[str], None]], HttpStreamServer],
         on_counter: Callable[[str, str], None] | None = None,
     ) -> None:
-        from ..identity import peer_id_of
+        from ..p2p.keys import peer_id_of
 
         self.key_pair = key_pair
         self.host_settings = host_settings
@@ -100,7 +101,11 @@ class MeshService:
         self.table = PeerTable(self.self_id, interval=settings.heartbeat_interval, miss_limit=settings.miss_limit)
         self.counters = MeshCounters()
         self.scopes = PeerScopes()
-        self.pool = StreamPool(self._open_stream, connect_timeout=settings.connect_timeout)
+        self.pool = StreamPool(
+            self._open_stream,
+            connect_timeout=settings.connect_timeout,
+            on_acquire=lambda reused: self._count("request_streams", "reused" if reused else "opened"),
+        )
         self._models = models
         self._load = load
         self._changed = changed
@@ -149,6 +154,7 @@ class MeshService:
             "heartbeats_sent": self.counters.heartbeats_sent,
             "heartbeats_received": self.counters.heartbeats_received,
             "heartbeats_dropped": dict(self.counters.dropped),
+            "request_streams": dict(self.counters.request_streams),
             "host_restarts": self.counters.host_restarts,
         }
 

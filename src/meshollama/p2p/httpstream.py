@@ -151,9 +151,11 @@ class StreamPool:
         max_idle_per_peer: int = MAX_IDLE_PER_PEER,
         idle_ttl: float = CLIENT_IDLE_TTL,
         connect_timeout: float | None = None,
+        on_acquire: Callable[[bool], None] | None = None,
     ) -> None:
         self._open_stream = open_stream
         self._connect_timeout = connect_timeout
+        self._on_acquire = on_acquire or (lambda reused: None)
         self._protocol = protocol
         self._max_idle = max_idle_per_peer
         self._ttl = idle_ttl
@@ -170,10 +172,12 @@ class StreamPool:
                 since, stream, reader = idle.pop()
                 if now - since < self._ttl:
                     self.reused += 1
+                    self._on_acquire(True)
                     return stream, reader, True
                 await stream.close()  # too old: the server may be closing it
         stream = await self._open_stream(peer_id, self._protocol, timeout=self._connect_timeout)
         self.opened += 1
+        self._on_acquire(False)
         return stream, _FrameReader(stream), False
 
     async def release(self, stream: Stream, reader: _FrameReader) -> None:
@@ -330,11 +334,13 @@ class _Failed:
 async def _read_ahead(body: AsyncIterator[bytes], depth: int = 64) -> AsyncIterator[AsyncIterator[bytes]]:
     """Iterate ``body`` in its own task while the consumer writes.
 
-    Yields an iterator of pieces: whatever arrived while the consumer was
-    busy writing comes joined into one piece, so a backend that produces
-    tokens faster than the link takes them costs one frame per write instead
-    of one per token. It adds no delay: a piece goes as soon as the writer is
-    free. Exceptions from ``body`` come out of the iterator, in order.
+    Yields an iterator of ``(piece, last)``: whatever arrived while the
+    consumer was busy writing comes joined into one piece, so a backend that
+    produces tokens faster than the link takes them costs one frame per write
+    instead of one per token; ``last`` says the body has already ended (a
+    short answer then goes out as one write). It adds no delay: a piece goes
+    as soon as the writer is free. Exceptions from ``body`` come out of the
+    iterator, in order.
     """
     send, recv = trio.open_memory_channel(depth)
 
@@ -347,24 +353,30 @@ async def _read_ahead(body: AsyncIterator[bytes], depth: int = 64) -> AsyncItera
             except Exception as exc:
                 await send.send(_Failed(exc))
 
-    async def pieces() -> AsyncIterator[bytes]:
+    async def pieces() -> AsyncIterator[tuple[bytes, bool]]:
         failed: _Failed | None = None
         async for item in recv:
             if isinstance(item, _Failed):
                 raise item.exc
             parts = [item]
+            last = False
             while True:
                 try:
                     more = recv.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    last = True  # the body already ended: the caller can finish in the same write
                     break
                 if isinstance(more, _Failed):
                     failed = more
                     break
                 parts.append(more)
-            yield parts[0] if len(parts) == 1 else b"".join(parts)
+            yield (parts[0] if len(parts) == 1 else b"".join(parts)), last
             if failed is not None:
                 raise failed.exc
+            if last:
+                return
 
     pending: Exception | None = None
     async with trio.open_nursery() as nursery:
@@ -515,11 +527,14 @@ class HttpStreamServer:
                 # The head goes out with the first piece of body: one frame fewer per
                 # answer, and a backend failing before its first byte is still an
                 # "unavailable" the caller may retry elsewhere.
-                async for piece in pieces:
-                    await stream.write(head + frames.encode_data(piece))
+                ended = False
+                async for piece, last in pieces:
+                    end = frames.encode(frames.End()) if last else b""
+                    await stream.write(head + frames.encode_data(piece) + end)
                     head = b""
-                    started = True
-            await stream.write(head + frames.encode(frames.End()))
+                    started, ended = True, last
+                if not ended:
+                    await stream.write(head + frames.encode(frames.End()))
             return True
         except UpstreamError as exc:
             code = "busy" if isinstance(exc, UpstreamBusy) else "unavailable"
