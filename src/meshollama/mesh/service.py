@@ -423,7 +423,10 @@ class MeshService:
         2-core box) does not lose the generations it is streaming."""
         try:
             await self._pinger.ping(peer_id)
-            self._misses.pop(peer_id, None)
+            if self._misses.pop(peer_id, None) and self.table.mark_up(peer_id, trio.current_time()):
+                # Slow, not gone (a CPU-starved box): route to it again now rather
+                # than after its next heartbeat; expiry still needs fresh ones.
+                log.info("peer %s answers its liveness check again: alive", peer_id)
         except P2PError as exc:
             misses = self._misses.get(peer_id, 0) + 1
             self._misses[peer_id] = misses
