@@ -5,6 +5,10 @@ enough for routing, fault and conformance tests: the same paths, methods,
 status codes, content types, error texts and stream framing as Ollama, with
 canned text instead of a model. Generated text names the server
 (``"hello from NODE ..."``) so a test can tell which node answered.
+``/api/generate`` and ``/api/chat`` also make Ollama's request checks
+(``keep_alive``, ``think``, base64 ``images``, ``raw``, ``top_logprobs``,
+``tools`` on a model without that capability, ``format``) and answer
+``format`` with JSON text that fits it.
 
 It is a small HTTP/1.1 server on trio sockets with ``h11`` rather than an
 ASGI app, because the faults it must inject live below ASGI: a stream that
@@ -69,6 +73,7 @@ SSE = "text/event-stream"
 TEXT = "text/plain; charset=utf-8"
 
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+THINK_LEVELS = ("low", "medium", "high", "max")
 
 # Requests that run a model: the ones faults apply to unless told otherwise.
 INFERENCE_PATHS = (
@@ -118,6 +123,34 @@ def canonical(name: object) -> str | None:
 def _key(name: object) -> str | None:
     c = canonical(name)
     return c.lower() if c else None
+
+
+def full_name(short: str) -> str:
+    """``llama3:latest`` -> ``registry.ollama.ai/library/llama3:latest``, as Ollama's capability errors name it."""
+    slashes = short.count("/")
+    if slashes == 0:
+        return f"registry.ollama.ai/library/{short}"
+    if slashes == 1:
+        return f"registry.ollama.ai/{short}"
+    return short
+
+
+def schema_instance(schema: Any, text: str) -> Any:
+    """A value satisfying a simple JSON schema: what structured output would produce."""
+    if not isinstance(schema, dict):
+        return text
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        return {k: schema_instance(v, text) for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [schema_instance(schema.get("items") or {}, text)]
+    return {"integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, text)
 
 
 # --- state -------------------------------------------------------------------
@@ -717,11 +750,88 @@ class FakeOllama:
 
     def _mark_loaded(self, model: FakeModel, keep_alive: object = None) -> None:
         key = model.name.lower()
-        if keep_alive in (0, "0", "0s"):
+        seconds = self._keep_alive_seconds(keep_alive)
+        if seconds == 0:
             self.loaded.pop(key, None)
         else:
-            self.loaded[key] = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)
+            now = dt.datetime.now(dt.timezone.utc)
+            if seconds is None:
+                self.loaded[key] = now + dt.timedelta(minutes=5)
+            elif seconds < 0:  # Ollama: forever, i.e. MaxInt64 nanoseconds (around the year 2318)
+                self.loaded[key] = now + dt.timedelta(microseconds=(2**63 - 1) // 1000)
+            else:
+                self.loaded[key] = now + dt.timedelta(seconds=seconds)
         self._notify()
+
+    # -- request checks Ollama makes (bind time first, then per model) --
+
+    _DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+\Z")
+    _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+    _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+    @classmethod
+    def _keep_alive_seconds(cls, value: object) -> float | None:
+        """``keep_alive`` in seconds (None when absent; negative: forever), or a 400 as Ollama's bind gives.
+
+        A number is seconds, a string a Go duration (``"10m"``, ``"0"``, ``"-1s"``).
+        """
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            kind = {bool: "bool", list: "[]interface {}", dict: "map[string]interface {}"}.get(type(value), "?")
+            raise _HTTPError(400, f"Unsupported type: '{kind}'")
+        if not isinstance(value, str):
+            return float(value)
+        text = value.strip()
+        if text in ("0", "+0", "-0"):
+            return 0.0
+        if not cls._DURATION.match(text):
+            raise _HTTPError(400, f'time: invalid duration "{value}"')
+        total = sum(float(n) * cls._UNIT_SECONDS[u] for n, u in cls._DURATION_PART.findall(text))
+        return -total if text.startswith("-") else total
+
+    def _bind_checks(self, body: dict[str, Any], images: object) -> None:
+        """What Go's ``ShouldBindJSON`` rejects with 400 before the model is looked up."""
+        self._keep_alive_seconds(body.get("keep_alive"))
+        think = body.get("think")
+        if not (think is None or isinstance(think, bool) or think in THINK_LEVELS):
+            allowed = '"high", "medium", "low", "max", true, or false'
+            raise _HTTPError(400, f"invalid think value: {_dumps(think).decode()} (must be {allowed})")
+        if images is None:
+            return
+        if not isinstance(images, list):
+            raise _HTTPError(400, f"json: cannot unmarshal {_go_type(images)} into Go value of type []api.ImageData")
+        for image in images:
+            if not isinstance(image, str):
+                raise _HTTPError(400, f"json: cannot unmarshal {_go_type(image)} into Go value of type []uint8")
+            try:
+                base64.b64decode(image, validate=True)
+            except ValueError:
+                raise _HTTPError(400, "illegal base64 data at input byte 0") from None
+
+    @staticmethod
+    def _check_top_logprobs(body: dict[str, Any]) -> None:
+        n = body.get("top_logprobs")
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 20):
+            raise _HTTPError(400, "top_logprobs must be between 0 and 20")
+
+    def _output(self, body: dict[str, Any], limit: object) -> tuple[list[str], str]:
+        """The tokens to send: canned words, or JSON text when ``format`` asks for structured output."""
+        fmt = body.get("format")
+        if fmt is None or fmt == "":
+            return self._tokens(limit)
+        if fmt == "json":
+            value: Any = {"response": f"hello from {self.name}"}
+        elif isinstance(fmt, dict):
+            value = schema_instance(fmt, f"hello from {self.name}")
+        else:  # Ollama finds this only once the model is loaded: a 500
+            expected = 'expected "json" or a valid JSON Schema object'
+            raise _HTTPError(500, f"invalid format: {_dumps(fmt).decode()}; {expected}")
+        text = _dumps(value).decode()
+        words = [text[i : i + 4] for i in range(0, len(text), 4)]
+        if isinstance(limit, int) and 0 <= limit < len(words):
+            return words[:limit], "length"
+        return words, "stop"
 
     def _next_id(self) -> int:
         return next(self._ids) % 999
@@ -795,6 +905,7 @@ class FakeOllama:
     async def _generate(self, req: _Req, w: _Writer) -> None:
         body = self._json(req)
         stream = self._flag(body, "stream", True)
+        self._bind_checks(body, body.get("images"))
         name = body.get("model") or ""
         if not name:
             raise _HTTPError(404, "model '' not found")
@@ -806,16 +917,19 @@ class FakeOllama:
         prompt = body.get("prompt") or ""
         if not prompt:
             self._mark_loaded(m, body.get("keep_alive"))
-            reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
+            reason = "unload" if self._keep_alive_seconds(body.get("keep_alive")) == 0 else "load"
             obj = {"model": name, "created_at": _now(), "response": "", "done": True, "done_reason": reason}
             await w.json(200, obj)
             return
+        if body.get("raw") and (body.get("template") or body.get("system") or body.get("context")):
+            raise _HTTPError(400, "raw mode does not support template, system, or context")
+        self._check_top_logprobs(body)
         if m.embedding:
             raise _HTTPError(400, f'"{name}" does not support generate')
         if body.get("think") not in (None, False):
             raise _HTTPError(400, f'"{name}" does not support thinking')
         self._mark_loaded(m, body.get("keep_alive"))
-        tokens, reason = self._tokens((body.get("options") or {}).get("num_predict"))
+        tokens, reason = self._output(body, (body.get("options") or {}).get("num_predict"))
         final = {
             "model": name,
             "created_at": "",
@@ -846,6 +960,10 @@ class FakeOllama:
     async def _chat(self, req: _Req, w: _Writer) -> None:
         body = self._json(req)
         stream = self._flag(body, "stream", True)
+        messages = body.get("messages")
+        images = [i for msg in messages if isinstance(msg, dict)
+                  for i in (msg.get("images") or [])] if isinstance(messages, list) else []
+        self._bind_checks(body, images)
         name = body.get("model") or ""
         if not name:
             raise _HTTPError(400, "model is required")
@@ -859,7 +977,7 @@ class FakeOllama:
             raise _HTTPError(400, "json: cannot unmarshal into Go struct field ChatRequest.messages")
         if not messages:
             self._mark_loaded(m, body.get("keep_alive"))
-            reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
+            reason = "unload" if self._keep_alive_seconds(body.get("keep_alive")) == 0 else "load"
             await w.json(
                 200,
                 {
@@ -871,12 +989,15 @@ class FakeOllama:
                 },
             )
             return
+        self._check_top_logprobs(body)
         if m.embedding:
             raise _HTTPError(400, f'"{name}" does not support chat')
+        if body.get("tools") and "tools" not in m.capabilities():
+            raise _HTTPError(400, f"{full_name(m.name)} does not support tools")
         if body.get("think") not in (None, False):
             raise _HTTPError(400, f'"{name}" does not support thinking')
         self._mark_loaded(m, body.get("keep_alive"))
-        tokens, reason = self._tokens((body.get("options") or {}).get("num_predict"))
+        tokens, reason = self._output(body, (body.get("options") or {}).get("num_predict"))
         final = {
             "model": name,
             "message": {"role": "assistant", "content": ""},

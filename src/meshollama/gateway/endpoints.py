@@ -35,6 +35,9 @@ class Endpoint:
     missing_status: int = 400  # answer when ``model`` is empty or absent
     missing_message: str = "model is required"
     not_found: str = _NATIVE_NOT_FOUND  # format(sent=..., short=...)
+    # Boolean fields of the Go request type: a wrong type fails Ollama's bind,
+    # before the model is looked up, so it must be a 400 here too, not a 404.
+    bool_fields: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -60,16 +63,19 @@ def _routed(path: str, struct: str, missing: tuple[int, str], not_found: str, **
 
 _REQUIRED = (400, "model is required")
 _EMPTY_NOT_FOUND = (404, "model '' not found")
+_STREAM = ("stream",)
 
 ENDPOINTS: tuple[Endpoint, ...] = (
-    _routed("/api/generate", "GenerateRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND),
-    _routed("/api/chat", "ChatRequest", _REQUIRED, _NATIVE_NOT_FOUND),
+    _routed("/api/generate", "GenerateRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, bool_fields=("stream", "raw")),
+    _routed("/api/chat", "ChatRequest", _REQUIRED, _NATIVE_NOT_FOUND, bool_fields=_STREAM),
     _routed("/api/embed", "EmbedRequest", _EMPTY_NOT_FOUND, _EMBED_NOT_FOUND),
     _routed("/api/embeddings", "EmbeddingRequest", _REQUIRED, _EMBED_NOT_FOUND),
     # /api/show still accepts the deprecated "name".
     _routed("/api/show", "ShowRequest", _REQUIRED, _SHOW_NOT_FOUND, model_fields=("model", "name")),
-    _routed("/v1/chat/completions", "ChatCompletionRequest", _REQUIRED, _NATIVE_NOT_FOUND, openai=True),
-    _routed("/v1/completions", "CompletionRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, openai=True),
+    _routed("/v1/chat/completions", "ChatCompletionRequest", _REQUIRED, _NATIVE_NOT_FOUND, openai=True,
+            bool_fields=_STREAM),
+    _routed("/v1/completions", "CompletionRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, openai=True,
+            bool_fields=_STREAM),
     _routed("/v1/embeddings", "EmbedRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, openai=True),
     # Model management acts on this node's own backend, streamed as it streams.
     Endpoint("/api/pull", frozenset({"POST"}), routed=False),
@@ -117,7 +123,8 @@ def parse_payload(body: bytes, endpoint: Endpoint) -> dict[str, Any]:
     """The request's JSON object; raises :class:`BadRequest` with Ollama-like texts.
 
     Like Ollama: no Content-Type needed, ``null`` is an empty request, only
-    the first JSON value counts (trailing bytes are ignored).
+    the first JSON value counts (trailing bytes are ignored), and a boolean
+    field of another type is a 400 whether or not the model exists.
     """
     if not body:
         raise BadRequest("missing request body")
@@ -135,6 +142,12 @@ def parse_payload(body: bytes, endpoint: Endpoint) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise BadRequest(f"json: cannot unmarshal {_go_type(value)} into Go value of type api.{endpoint.struct}")
+    for field in endpoint.bool_fields:
+        flag = value.get(field)
+        if flag is not None and not isinstance(flag, bool):
+            raise BadRequest(
+                f"json: cannot unmarshal {_go_type(flag)} into Go struct field {endpoint.struct}.{field} of type bool"
+            )
     return value
 
 
