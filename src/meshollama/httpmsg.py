@@ -21,7 +21,7 @@ Contract of ``Upstream.open(request)``:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -64,12 +64,18 @@ def header(headers: Headers, name: str, default: str | None = None) -> str | Non
 
 @dataclass(frozen=True)
 class ProxyRequest:
-    """One HTTP request to forward. ``path`` includes the query string."""
+    """One HTTP request to forward. ``path`` includes the query string.
+
+    A large upload can come as ``stream`` (read once, by the upstream) instead
+    of ``body``, with its declared length if the client sent one.
+    """
 
     method: str
     path: str
     headers: Headers = ()
     body: bytes = b""
+    stream: AsyncIterable[bytes] | None = field(default=None, compare=False, repr=False)
+    stream_length: int | None = None
 
 
 @dataclass

@@ -10,6 +10,8 @@ wait for any of that without sleeping (:meth:`FakeUpstream.wait_until`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -95,6 +97,9 @@ class FakeUpstream:
 
     @asynccontextmanager
     async def open(self, request: ProxyRequest) -> AsyncIterator[ProxyResponse]:
+        if request.stream is not None:  # a streamed upload: read it as a backend would
+            body = b"".join([chunk async for chunk in request.stream])
+            request = dataclasses.replace(request, body=body, stream=None)
         self.requests.append(request)
         self._notify()
         script = self._next_script(request)

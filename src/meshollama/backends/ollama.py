@@ -309,6 +309,10 @@ class OllamaBackend(ChangeNotifier):
         headers += [("host", self.host_header), ("accept-encoding", "identity")]
         # httpx.Request, not client.build_request: the client's default
         # headers (its User-Agent, Accept) must not replace the caller's.
+        if request.stream is not None:  # an upload passed through as it arrives (blobs)
+            if request.stream_length is not None:
+                headers.append(("content-length", str(request.stream_length)))
+            return httpx.Request(request.method, self.url + request.path, headers=headers, content=request.stream)
         send_body = bool(request.body) or request.method.upper() not in ("GET", "HEAD")
         return httpx.Request(
             request.method, self.url + request.path, headers=headers, content=request.body if send_body else None

@@ -93,6 +93,37 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
+class BodyStream:
+    """The request body as an async iterator, read from ``receive`` as the
+    upstream consumes it (nothing is held in memory). ``on_done()`` runs once
+    the whole body has been read. A client that leaves mid-upload raises
+    :class:`ClientGone`."""
+
+    def __init__(self, receive: Receive, on_done: Callable[[], None]) -> None:
+        self._receive = receive
+        self._on_done = on_done
+        self.done = False
+        self.size = 0
+
+    async def __aiter__(self):  # type: ignore[override]
+        if self.done:
+            return
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone("client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            self.size += len(chunk)
+            if not message.get("more_body", False):
+                self.done = True
+                self._on_done()
+                if chunk:
+                    yield chunk
+                return
+            if chunk:
+                yield chunk
+
+
 class Responder:
     """One response on ``send``: start, body chunks, end. Tracks what went out.
 

@@ -30,6 +30,9 @@ class Endpoint:
     routed: bool = True  # by model across the mesh; False: this node's own backend
     openai: bool = False  # errors in the OpenAI envelope
     prefix: bool = False  # path + one more segment (/api/blobs/<digest>)
+    # The request body is streamed to the backend, not read first: model blobs
+    # are gigabytes (``ollama create`` uploads the GGUF here).
+    stream_body: bool = False
     model_fields: tuple[str, ...] = ("model",)  # first non-absent one names the model
     struct: str = ""  # Go request type, for Ollama-like type-error texts
     missing_status: int = 400  # answer when ``model`` is empty or absent
@@ -83,7 +86,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/api/create", frozenset({"POST"}), routed=False),
     Endpoint("/api/copy", frozenset({"POST"}), routed=False),
     Endpoint("/api/delete", frozenset({"DELETE"}), routed=False),
-    Endpoint("/api/blobs/", frozenset({"HEAD", "POST"}), routed=False, prefix=True),
+    Endpoint("/api/blobs/", frozenset({"HEAD", "POST"}), routed=False, prefix=True, stream_body=True),
 )
 
 _EXACT = {e.path: e for e in ENDPOINTS if not e.prefix}

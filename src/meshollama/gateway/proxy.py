@@ -46,6 +46,7 @@ from ..errors import (
 from ..httpmsg import Headers, ProxyRequest, ProxyResponse, Upstream, forwardable, header
 from .asgi import (
     ASGIApp,
+    BodyStream,
     ClientGone,
     Receive,
     Responder,
@@ -53,6 +54,7 @@ from .asgi import (
     Send,
     body_expected,
     read_body,
+    scope_header,
     scope_headers,
     send_answer,
 )
@@ -223,10 +225,13 @@ class Proxy:
     ) -> None:
         out.body_unread = body_expected(scope)
         try:
-            body = await read_body(scope, receive, self.max_body)
-            out.body_unread = False
-            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, responder, out)
-            request = ProxyRequest(scope["method"], request_target(scope), request_headers(scope), body)
+            if endpoint.stream_body and out.body_unread:
+                request = self._streamed_request(scope, receive, responder, out, nursery)
+            else:
+                body = await read_body(scope, receive, self.max_body)
+                out.body_unread = False
+                nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, responder, out)
+                request = ProxyRequest(scope["method"], request_target(scope), request_headers(scope), body)
             if endpoint.routed:
                 await self._routed(endpoint, request, responder, out)
             else:
@@ -237,6 +242,27 @@ class Proxy:
             if not isinstance(exc, (RequestError, UpstreamError)):
                 log.exception("%s: unexpected error", endpoint.label)
             await self._fail(endpoint, responder, out, exc)
+
+    def _streamed_request(
+        self, scope: Scope, receive: Receive, responder: Responder, out: _Outcome, nursery: trio.Nursery
+    ) -> ProxyRequest:
+        """A request whose body goes to the backend as it arrives (blob uploads):
+        no size limit and no copy in memory; the backend (Ollama) checks the
+        digest. The disconnect watcher starts once the body is read."""
+
+        def body_read() -> None:
+            out.body_unread = False
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, responder, out)
+
+        declared = scope_header(scope, "content-length")
+        length = int(declared) if declared is not None and declared.strip().isdigit() else None
+        return ProxyRequest(
+            scope["method"],
+            request_target(scope),
+            request_headers(scope),
+            stream=BodyStream(receive, body_read),
+            stream_length=length,
+        )
 
     async def _fail(self, endpoint: Endpoint, responder: Responder, out: _Outcome, exc: Exception) -> None:
         """Make sure the client gets an explicit error, however far we got."""
@@ -399,7 +425,8 @@ class Proxy:
         out.peer = peer
         out.content_type = header(resp.headers, "content-type", "") or ""
         self.metrics.ttfb.labels(endpoint.label).observe(trio.current_time() - out.started)
-        await responder.start(resp.status, response_headers(resp.headers) + ((PEER_HEADER, peer),))
+        closing = (("connection", "close"),) if out.body_unread else ()  # an upload the backend did not read
+        await responder.start(resp.status, response_headers(resp.headers) + ((PEER_HEADER, peer),) + closing)
         if first is not None:
             attempt.relayed(first)
             await responder.body(first)
