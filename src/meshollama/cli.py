@@ -181,8 +181,9 @@ def _first_leaf(exc: BaseException) -> BaseException:
 
 
 def _id(args: argparse.Namespace) -> int:
-    from .identity import load_or_create, peer_id_of
+    from .identity import load_or_create
     from .node import read_node_file
+    from .p2p.keys import peer_id_of
 
     config = _load(args)
     peer_id = peer_id_of(load_or_create(Path(config.node.data_dir)))

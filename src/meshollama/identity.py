@@ -2,7 +2,9 @@
 
 The key is stored in libp2p's protobuf private-key encoding (the same bytes
 go-libp2p and js-libp2p use), in ``<data_dir>/identity.key`` with mode 0600.
-It is created on first start and reused on every later start.
+It is created on first start and reused on every later start. This module
+does the file handling; the libp2p key handling (generation, encoding, peer
+ID) is in :mod:`meshollama.p2p.keys`, the only place that imports py-libp2p.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import IdentityError
+from .p2p import keys
 
 KEY_FILE = "identity.key"
 
@@ -21,21 +24,16 @@ def key_path(data_dir: Path) -> Path:
 
 def load_or_create(data_dir: Path):
     """Return the node's libp2p ``KeyPair``, creating and saving one on first use."""
-    from libp2p.crypto.ed25519 import create_new_key_pair
-    from libp2p.crypto.keys import KeyPair
-    from libp2p.crypto.serialization import deserialize_private_key
-
     path = key_path(data_dir)
     if path.exists():
         try:
-            private = deserialize_private_key(path.read_bytes())
+            return keys.key_pair_from_bytes(path.read_bytes())
         except Exception as exc:  # foreign error at the edge -> ours
             raise IdentityError(f"cannot read identity key {path}: {exc}") from exc
-        return KeyPair(private, private.get_public_key())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        kp = create_new_key_pair()
-        data = kp.private_key.serialize()
+        kp = keys.new_key_pair()
+        data = keys.private_key_bytes(kp)
         # Write to a temp file created 0600 and rename, so a crash never leaves
         # a half-written key and the key is never briefly world-readable.
         tmp = path.with_suffix(".tmp")
@@ -47,12 +45,6 @@ def load_or_create(data_dir: Path):
     except OSError as exc:
         raise IdentityError(f"cannot write identity key {path}: {exc}") from exc
     return kp
-
-
-def peer_id_of(key_pair) -> str:
-    from libp2p.peer.id import ID
-
-    return ID.from_pubkey(key_pair.public_key).to_base58()
 
 
 # --- private-network pre-shared key (libp2p "swarm.key" format) -------------

@@ -19,7 +19,7 @@ from meshollama.backends.embedded import (
     available,
     default_model_path,
 )
-from meshollama.backends.ollama_shapes import BUSY_MESSAGE
+from meshollama.backends.ollama_api import BUSY_MESSAGE
 from meshollama.catalog import LoadInfo
 from meshollama.errors import UpstreamBusy
 from meshollama.httpmsg import ProxyRequest

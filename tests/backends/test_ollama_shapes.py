@@ -11,8 +11,12 @@ import struct
 import pytest
 
 from meshollama.backends import gguf
-from meshollama.backends import ollama_shapes as s
-from meshollama.backends.ollama_shapes import Endpoint, GenStats, Reply, Route
+from meshollama.backends import ollama_api as api
+from meshollama.backends import ollama_options as opts
+from meshollama.backends import ollama_requests as req
+from meshollama.backends import ollama_responses as resp
+from meshollama.backends.ollama_api import Endpoint, Reply, Route
+from meshollama.backends.ollama_responses import GenStats
 from meshollama.catalog import ModelInfo
 from meshollama.errors import BadRequest, ModelNotFound, RequestError
 
@@ -41,15 +45,15 @@ def events(data: bytes) -> list[str]:
 
 
 def test_rfc3339_is_go_rfc3339nano_utc():
-    assert s.rfc3339(NOW) == "2024-05-01T12:00:00.123456789Z"
-    assert s.rfc3339(1_714_564_800_100_000_000) == "2024-05-01T12:00:00.1Z"
-    assert s.rfc3339(1_714_564_800_000_000_000) == "2024-05-01T12:00:00Z"
+    assert api.rfc3339(NOW) == "2024-05-01T12:00:00.123456789Z"
+    assert api.rfc3339(1_714_564_800_100_000_000) == "2024-05-01T12:00:00.1Z"
+    assert api.rfc3339(1_714_564_800_000_000_000) == "2024-05-01T12:00:00Z"
 
 
 def test_dumps_is_compact_utf8():
-    assert s.dumps({"a": "é", "b": [1, 2]}) == '{"a":"é","b":[1,2]}'.encode()
-    assert s.ndjson({}) == b"{}\n"
-    assert s.sse({"x": 1}) == b'data: {"x":1}\n\n'
+    assert api.dumps({"a": "é", "b": [1, 2]}) == '{"a":"é","b":[1,2]}'.encode()
+    assert api.ndjson({}) == b"{}\n"
+    assert api.sse({"x": 1}) == b'data: {"x":1}\n\n'
 
 
 # --- routing -------------------------------------------------------------------------
@@ -63,27 +67,27 @@ def test_dumps_is_compact_utf8():
         ("HEAD", "/api/tags", Route(Endpoint.TAGS)),
         ("GET", "/v1/models/smollm2:135m", Route(Endpoint.V1_MODEL, "smollm2:135m")),
         ("DELETE", "/api/delete", Route(Endpoint.UNSUPPORTED)),
-        ("GET", "/api/chat", Reply(405, s.TEXT, b"405 method not allowed")),
-        ("POST", "/api/tags", Reply(405, s.TEXT, b"405 method not allowed")),
-        ("GET", "/api/nope", Reply(404, s.TEXT, b"404 page not found")),
-        ("GET", "/v1/models/user/m:tag", Reply(404, s.TEXT, b"404 page not found")),
+        ("GET", "/api/chat", Reply(405, api.TEXT, b"405 method not allowed")),
+        ("POST", "/api/tags", Reply(405, api.TEXT, b"405 method not allowed")),
+        ("GET", "/api/nope", Reply(404, api.TEXT, b"404 page not found")),
+        ("GET", "/v1/models/user/m:tag", Reply(404, api.TEXT, b"404 page not found")),
     ],
 )
 def test_route(method, path, expected):
-    assert s.route(method, path) == expected
+    assert api.route(method, path) == expected
 
 
 # --- errors --------------------------------------------------------------------------
 
 
 def test_error_envelopes():
-    native = s.error_reply(ModelNotFound("model 'x' not found"), Endpoint.CHAT)
-    assert native == Reply(404, s.JSON_UTF8, b'{"error":"model \'x\' not found"}')
-    oai = s.error_reply(BadRequest("bad"), Endpoint.V1_CHAT)
-    assert oai.status == 400 and oai.content_type == s.JSON
+    native = api.error_reply(ModelNotFound("model 'x' not found"), Endpoint.CHAT)
+    assert native == Reply(404, api.JSON_UTF8, b'{"error":"model \'x\' not found"}')
+    oai = api.error_reply(BadRequest("bad"), Endpoint.V1_CHAT)
+    assert oai.status == 400 and oai.content_type == api.JSON
     assert json.loads(oai.body) == {"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}}
-    assert json.loads(s.error_reply(ModelNotFound("m"), Endpoint.V1_CHAT).body)["error"]["type"] == "not_found_error"
-    assert json.loads(s.error_reply(RequestError("x", 500), Endpoint.V1_CHAT).body)["error"]["type"] == "api_error"
+    assert json.loads(api.error_reply(ModelNotFound("m"), Endpoint.V1_CHAT).body)["error"]["type"] == "not_found_error"
+    assert json.loads(api.error_reply(RequestError("x", 500), Endpoint.V1_CHAT).body)["error"]["type"] == "api_error"
 
 
 @pytest.mark.parametrize(
@@ -97,7 +101,7 @@ def test_error_envelopes():
     ],
 )
 def test_missing_model_texts(endpoint, status, text):
-    err = s.missing_model_error(endpoint)
+    err = api.missing_model_error(endpoint)
     assert (err.status, err.message) == (status, text)
 
 
@@ -113,7 +117,7 @@ def test_missing_model_texts(endpoint, status, text):
     ],
 )
 def test_not_found_texts(endpoint, text):
-    err = s.not_found_error(endpoint, "Nope")
+    err = api.not_found_error(endpoint, "Nope")
     assert err.status == 404 and err.message == text
 
 
@@ -132,100 +136,100 @@ def test_not_found_texts(endpoint, text):
 )
 def test_decode_body_errors(body, message):
     with pytest.raises(BadRequest) as info:
-        s.parse_chat(body)
+        req.parse_chat(body)
     assert info.value.message == message
 
 
 def test_decode_body_null_and_trailing_bytes():
-    assert s.decode_body(b"null", "x") == {}
-    assert s.decode_body(b'{"a":1} trailing', "x") == {"a": 1}
+    assert req.decode_body(b"null", "x") == {}
+    assert req.decode_body(b'{"a":1} trailing', "x") == {"a": 1}
     with pytest.raises(BadRequest, match="EOF"):
-        s.decode_body(b"", "x", openai=True)
+        req.decode_body(b"", "x", openai=True)
 
 
 def test_wrong_field_type_names_the_field():
     with pytest.raises(BadRequest) as info:
-        s.parse_chat(b'{"model":"x","stream":"false"}')
+        req.parse_chat(b'{"model":"x","stream":"false"}')
     assert "stream" in info.value.message and info.value.status == 400
     with pytest.raises(BadRequest, match="content"):
-        s.parse_chat(b'{"model":"x","messages":[{"role":"user","content":5}]}')
+        req.parse_chat(b'{"model":"x","messages":[{"role":"user","content":5}]}')
 
 
 def test_parse_generate():
-    job = s.parse_generate(b'{"model":"m","prompt":"hi","system":"be brief"}')
+    job = req.parse_generate(b'{"model":"m","prompt":"hi","system":"be brief"}')
     assert job.stream and job.want_context and not job.load_only
     assert job.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"})
-    assert s.parse_generate(b'{"model":"m"}').load_only
-    raw = s.parse_generate(b'{"model":"m","prompt":"x","raw":true,"stream":false}')
+    assert req.parse_generate(b'{"model":"m"}').load_only
+    raw = req.parse_generate(b'{"model":"m","prompt":"x","raw":true,"stream":false}')
     assert raw.raw_prompt == "x" and not raw.want_context and not raw.stream
-    assert s.parse_generate(b'{"model":"m","prompt":"x","raw":true,"system":"s"}').raw_conflict
-    assert s.parse_generate(b'{"model":"m","prompt":"x","context":[1,2]}').context == (1, 2)
-    assert s.parse_generate(b'{"name":"legacy","prompt":"x"}').model == "legacy"
+    assert req.parse_generate(b'{"model":"m","prompt":"x","raw":true,"system":"s"}').raw_conflict
+    assert req.parse_generate(b'{"model":"m","prompt":"x","context":[1,2]}').context == (1, 2)
+    assert req.parse_generate(b'{"name":"legacy","prompt":"x"}').model == "legacy"
 
 
 def test_parse_chat_lowercases_roles_and_load_only():
-    job = s.parse_chat(b'{"model":"m","messages":[{"role":"USER","content":"hi"}],"tools":[]}')
+    job = req.parse_chat(b'{"model":"m","messages":[{"role":"USER","content":"hi"}],"tools":[]}')
     assert job.messages == ({"role": "user", "content": "hi"},) and not job.tools
-    assert s.parse_chat(b'{"model":"m","messages":[]}').load_only
+    assert req.parse_chat(b'{"model":"m","messages":[]}').load_only
 
 
 def test_think_values():
-    assert s.parse_chat(b'{"model":"m","think":"high"}').think
-    assert not s.parse_chat(b'{"model":"m","think":false}').think
+    assert req.parse_chat(b'{"model":"m","think":"high"}').think
+    assert not req.parse_chat(b'{"model":"m","think":false}').think
     with pytest.raises(BadRequest, match="invalid think value"):
-        s.parse_chat(b'{"model":"m","think":"bogus"}')
+        req.parse_chat(b'{"model":"m","think":"bogus"}')
 
 
 def test_keep_alive():
-    assert s.parse_keep_alive(None) is None
-    assert s.parse_keep_alive(0) == 0
-    assert s.parse_keep_alive("10m") == 600
-    assert s.parse_keep_alive("1h30m") == 5400
-    assert s.parse_keep_alive("-1m") < 0 and s.parse_keep_alive(-1) < 0
-    assert s.parse_keep_alive("0") == 0
+    assert opts.parse_keep_alive(None) is None
+    assert opts.parse_keep_alive(0) == 0
+    assert opts.parse_keep_alive("10m") == 600
+    assert opts.parse_keep_alive("1h30m") == 5400
+    assert opts.parse_keep_alive("-1m") < 0 and opts.parse_keep_alive(-1) < 0
+    assert opts.parse_keep_alive("0") == 0
     with pytest.raises(BadRequest, match='time: invalid duration "5 minutes"'):
-        s.parse_keep_alive("5 minutes")
+        opts.parse_keep_alive("5 minutes")
     with pytest.raises(BadRequest, match="bool"):
-        s.parse_keep_alive(True)
+        opts.parse_keep_alive(True)
 
 
 def test_validate_for_model_order_and_texts():
     full = "registry.ollama.ai/library/m:latest"
     cases = [
-        (b'{"model":"m","prompt":"x","raw":true,"system":"s"}', s.parse_generate, 400, "raw mode does not support"),
-        (b'{"model":"m","prompt":"x","think":true}', s.parse_generate, 400, '"m" does not support thinking'),
-        (b'{"model":"m","prompt":"x","suffix":"y"}', s.parse_generate, 400, f"{full} does not support insert"),
-        (b'{"model":"m","prompt":"x","top_logprobs":21}', s.parse_generate, 400, "top_logprobs must be between 0 and 20"),
-        (b'{"model":"m","messages":[],"tools":[{"type":"function"}]}', s.parse_chat, 400, f"{full} does not support tools"),
-        (b'{"model":"m","prompt":"x","format":"xml"}', s.parse_generate, 500, 'invalid format: "xml"'),
+        (b'{"model":"m","prompt":"x","raw":true,"system":"s"}', req.parse_generate, 400, "raw mode does not support"),
+        (b'{"model":"m","prompt":"x","think":true}', req.parse_generate, 400, '"m" does not support thinking'),
+        (b'{"model":"m","prompt":"x","suffix":"y"}', req.parse_generate, 400, f"{full} does not support insert"),
+        (b'{"model":"m","prompt":"x","top_logprobs":21}', req.parse_generate, 400, "top_logprobs must be between 0 and 20"),
+        (b'{"model":"m","messages":[],"tools":[{"type":"function"}]}', req.parse_chat, 400, f"{full} does not support tools"),
+        (b'{"model":"m","prompt":"x","format":"xml"}', req.parse_generate, 500, 'invalid format: "xml"'),
     ]
     for body, parse, status, text in cases:
         with pytest.raises(RequestError) as info:
-            s.validate_for_model(parse(body), full)
+            req.validate_for_model(parse(body), full)
         assert info.value.status == status and text in info.value.message
-    s.validate_for_model(s.parse_generate(b'{"model":"m","prompt":"x","format":"json"}'), full)
-    s.validate_for_model(s.parse_generate(b'{"model":"m","prompt":"x","format":{"type":"object"}}'), full)
+    req.validate_for_model(req.parse_generate(b'{"model":"m","prompt":"x","format":"json"}'), full)
+    req.validate_for_model(req.parse_generate(b'{"model":"m","prompt":"x","format":{"type":"object"}}'), full)
 
 
 def test_full_name():
-    assert s.full_name("smollm2:135m") == "registry.ollama.ai/library/smollm2:135m"
+    assert api.full_name("smollm2:135m") == "registry.ollama.ai/library/smollm2:135m"
 
 
 # --- options -------------------------------------------------------------------------------
 
 
 def test_sampling_defaults_are_ollamas():
-    d = s.sampling(None)
+    d = opts.sampling(None)
     assert (d.temperature, d.top_k, d.top_p, d.min_p, d.repeat_penalty) == (0.8, 40, 0.9, 0.0, 1.0)
     assert d.seed is None and d.max_tokens is None and d.stop == ()
 
 
 def test_sampling_mapping():
-    got = s.sampling({"temperature": 0, "top_p": 0.5, "top_k": 5, "seed": 42, "num_predict": 16,
+    got = opts.sampling({"temperature": 0, "top_p": 0.5, "top_k": 5, "seed": 42, "num_predict": 16,
                       "stop": ["\n", ""], "num_ctx": 4096, "numa": True})
     assert (got.temperature, got.top_p, got.top_k, got.seed, got.max_tokens) == (0.0, 0.5, 5, 42, 16)
     assert got.stop == ("\n",) and got.num_ctx == 4096
-    assert s.sampling({"num_predict": -1, "seed": -1}).max_tokens is None
+    assert opts.sampling({"num_predict": -1, "seed": -1}).max_tokens is None
 
 
 @pytest.mark.parametrize(
@@ -239,7 +243,7 @@ def test_sampling_mapping():
 )
 def test_sampling_type_errors_are_500(options, text):
     with pytest.raises(RequestError) as info:
-        s.sampling(options)
+        opts.sampling(options)
     assert info.value.status == 500 and info.value.message == text
 
 
@@ -247,51 +251,51 @@ def test_sampling_type_errors_are_500(options, text):
 
 
 def test_openai_chat_request():
-    job = s.parse_openai_chat(json.dumps({
+    job = req.parse_openai_chat(json.dumps({
         "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
         "max_tokens": 5, "stop": "x", "seed": 1, "stream": True, "stream_options": {"include_usage": True},
         "response_format": {"type": "json_object"},
     }).encode())
     assert job.stream and job.include_usage and job.format == "json"
     assert job.messages == ({"role": "user", "content": "hi"},)
-    samp = s.sampling(job.options)
+    samp = opts.sampling(job.options)
     assert (samp.temperature, samp.top_p, samp.max_tokens, samp.stop, samp.seed) == (1.0, 1.0, 5, ("x",), 1)
-    plain = s.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"hi"}]}')
+    plain = req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"hi"}]}')
     assert not plain.stream and not plain.include_usage
 
 
 def test_openai_chat_request_errors():
     with pytest.raises(BadRequest, match=r"\[\] is too short - 'messages'"):
-        s.parse_openai_chat(b'{"model":"m","messages":[]}')
+        req.parse_openai_chat(b'{"model":"m","messages":[]}')
     with pytest.raises(BadRequest, match="invalid message content type: float64"):
-        s.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":1.5}]}')
+        req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":1.5}]}')
     with pytest.raises(BadRequest, match="image URLs are not currently supported"):
-        s.parse_openai_chat(json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        req.parse_openai_chat(json.dumps({"model": "m", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}).encode())
 
 
 def test_openai_completion_request():
-    job = s.parse_openai_completion(b'{"model":"m","prompt":"hi","max_tokens":5}')
+    job = req.parse_openai_completion(b'{"model":"m","prompt":"hi","max_tokens":5}')
     assert job.messages == ({"role": "user", "content": "hi"},) and not job.stream
     with pytest.raises(BadRequest, match="prompt"):
-        s.parse_openai_completion(b'{"model":"m","prompt":["a"]}')
+        req.parse_openai_completion(b'{"model":"m","prompt":["a"]}')
 
 
 def test_embed_requests():
-    assert s.parse_embed(b'{"model":"m","input":["a","b"]}').inputs == ("a", "b")
-    assert s.parse_embed(b'{"model":"m","input":""}').inputs == ()
-    assert s.parse_embed(b'{"model":"m"}').inputs == ()
+    assert req.parse_embed(b'{"model":"m","input":["a","b"]}').inputs == ("a", "b")
+    assert req.parse_embed(b'{"model":"m","input":""}').inputs == ()
+    assert req.parse_embed(b'{"model":"m"}').inputs == ()
     with pytest.raises(BadRequest, match="invalid input type"):
-        s.parse_embed(b'{"model":"m","input":[1,2]}')
-    assert s.parse_embeddings(b'{"model":"m","prompt":""}').inputs == ()
-    oai = s.parse_openai_embeddings(b'{"model":"m","input":"","encoding_format":"base64"}')
+        req.parse_embed(b'{"model":"m","input":[1,2]}')
+    assert req.parse_embeddings(b'{"model":"m","prompt":""}').inputs == ()
+    oai = req.parse_openai_embeddings(b'{"model":"m","input":"","encoding_format":"base64"}')
     assert oai.inputs == ("",) and oai.encoding_format == "base64"
     for body, text in [(b'{"model":"m","input":[]}', "invalid input"),
                        (b'{"model":"m"}', "invalid input"),
                        (b'{"model":"m","input":[[1,2]]}', "invalid input type"),
                        (b'{"model":"m","input":"a","encoding_format":"bogus"}', "Invalid value for 'encoding_format' = bogus")]:
         with pytest.raises(BadRequest) as info:
-            s.parse_openai_embeddings(body)
+            req.parse_openai_embeddings(body)
         assert info.value.message.startswith(text)
 
 
@@ -299,8 +303,8 @@ def test_embed_requests():
 
 
 def test_native_generate_stream():
-    sh = s.make_shaper(s.parse_generate(b'{"model":"SmolLM2:135m","prompt":"x"}'), seq=0, created=0)
-    assert sh.content_type == s.NDJSON
+    sh = resp.make_shaper(req.parse_generate(b'{"model":"SmolLM2:135m","prompt":"x"}'), seq=0, created=0)
+    assert sh.content_type == api.NDJSON
     out = sh.delta("Hel", NOW) + sh.delta("", NOW) + sh.delta("lo", NOW) + sh.finish(STATS, NOW)
     got = lines(out)
     assert got[0] == {"model": "SmolLM2:135m", "created_at": "2024-05-01T12:00:00.123456789Z",
@@ -315,53 +319,53 @@ def test_native_generate_stream():
 
 
 def test_native_generate_not_streamed_and_raw_has_no_context():
-    sh = s.make_shaper(s.parse_generate(b'{"model":"m","prompt":"x","stream":false,"raw":true}'), seq=0, created=0)
-    assert sh.content_type == s.JSON_UTF8
+    sh = resp.make_shaper(req.parse_generate(b'{"model":"m","prompt":"x","stream":false,"raw":true}'), seq=0, created=0)
+    assert sh.content_type == api.JSON_UTF8
     assert sh.delta("a", NOW) == b"" and sh.delta("b", NOW) == b""
     obj = json.loads(sh.finish(STATS, NOW))
     assert obj["response"] == "ab" and obj["done"] and "context" not in obj
 
 
 def test_native_chat_every_line_has_assistant_role():
-    sh = s.make_shaper(s.parse_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=0, created=0)
+    sh = resp.make_shaper(req.parse_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=0, created=0)
     got = lines(sh.delta("a", NOW) + sh.finish(STATS, NOW))
     assert all(line["message"]["role"] == "assistant" for line in got)
     assert got[-1]["message"]["content"] == "" and "context" not in got[-1]
-    whole = s.make_shaper(s.parse_chat(b'{"model":"m","stream":false,"messages":[{"role":"user","content":"x"}]}'),
+    whole = resp.make_shaper(req.parse_chat(b'{"model":"m","stream":false,"messages":[{"role":"user","content":"x"}]}'),
                           seq=0, created=0)
     whole.delta("a", NOW), whole.delta("b", NOW)
     assert json.loads(whole.finish(STATS, NOW))["message"] == {"role": "assistant", "content": "ab"}
 
 
 def test_mid_stream_error_line():
-    sh = s.NativeChat("m", True)
+    sh = resp.NativeChat("m", True)
     assert sh.fail("boom", NOW) == b'{"error":"boom"}\n'
 
 
 def test_load_replies():
-    chat = s.load_reply(s.parse_chat(b'{"model":"m"}'), NOW)
+    chat = resp.load_reply(req.parse_chat(b'{"model":"m"}'), NOW)
     assert json.loads(chat.body) == {"model": "m", "created_at": "2024-05-01T12:00:00.123456789Z",
                                      "message": {"role": "assistant", "content": ""}, "done": True,
                                      "done_reason": "load"}
-    gen = json.loads(s.load_reply(s.parse_generate(b'{"model":"m","keep_alive":0}'), NOW, "unload").body)
+    gen = json.loads(resp.load_reply(req.parse_generate(b'{"model":"m","keep_alive":0}'), NOW, "unload").body)
     assert gen["response"] == "" and gen["done_reason"] == "unload"
 
 
 def test_ollama_python_accepts_native_shapes():
     types = pytest.importorskip("ollama._types")
-    sh = s.make_shaper(s.parse_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=0, created=0)
+    sh = resp.make_shaper(req.parse_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=0, created=0)
     for line in lines(sh.delta("a", NOW) + sh.finish(STATS, NOW)):
         types.ChatResponse(**line)
-    gsh = s.make_shaper(s.parse_generate(b'{"model":"m","prompt":"x"}'), seq=0, created=0)
+    gsh = resp.make_shaper(req.parse_generate(b'{"model":"m","prompt":"x"}'), seq=0, created=0)
     for line in lines(gsh.delta("a", NOW) + gsh.finish(STATS, NOW)):
         types.GenerateResponse(**line)
     info = ModelInfo(name="m:latest", digest="a" * 64, size=3, modified_at="2024-05-01T12:00:00Z",
                      details={"family": "llama"}, capabilities=("completion",))
-    types.ListResponse(**json.loads(s.tags_reply([info]).body))
-    types.ProcessResponse(**json.loads(s.ps_reply([s.Running(info, NOW, 2048)]).body))
-    types.ShowResponse(**json.loads(s.show_reply(info, template="t", model_info={"a": 1}).body))
-    job = s.parse_embed(b'{"model":"m","input":"a"}')
-    types.EmbedResponse(**json.loads(s.embed_reply(job, [[1.0, 0.0]], prompt_n=1, total_ns=1, load_ns=1).body))
+    types.ListResponse(**json.loads(resp.tags_reply([info]).body))
+    types.ProcessResponse(**json.loads(resp.ps_reply([resp.Running(info, NOW, 2048)]).body))
+    types.ShowResponse(**json.loads(resp.show_reply(info, template="t", model_info={"a": 1}).body))
+    job = req.parse_embed(b'{"model":"m","input":"a"}')
+    types.EmbedResponse(**json.loads(resp.embed_reply(job, [[1.0, 0.0]], prompt_n=1, total_ns=1, load_ns=1).body))
 
 
 # --- OpenAI output ---------------------------------------------------------------------------
@@ -371,8 +375,8 @@ def _openai_chat_stream(include_usage: bool) -> list[str]:
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
-    sh = s.make_shaper(s.parse_openai_chat(json.dumps(body).encode()), seq=7, created=1700000000)
-    assert sh.content_type == s.SSE
+    sh = resp.make_shaper(req.parse_openai_chat(json.dumps(body).encode()), seq=7, created=1700000000)
+    assert sh.content_type == api.SSE
     return events(sh.delta("He", NOW) + sh.delta("y", NOW) + sh.finish(STATS, NOW))
 
 
@@ -391,9 +395,9 @@ def test_openai_chat_stream_shape():
 
 
 def test_openai_chat_not_streamed():
-    sh = s.make_shaper(s.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'),
+    sh = resp.make_shaper(req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'),
                        seq=3, created=1700000000)
-    assert sh.content_type == s.JSON and sh.delta("ok", NOW) == b""
+    assert sh.content_type == api.JSON and sh.delta("ok", NOW) == b""
     obj = json.loads(sh.finish(STATS, NOW))
     assert obj["id"] == "chatcmpl-3" and obj["object"] == "chat.completion" and obj["system_fingerprint"] == "fp_ollama"
     assert obj["choices"][0]["message"] == {"role": "assistant", "content": "ok"}
@@ -407,21 +411,21 @@ def test_openai_python_accepts_openai_shapes():
 
     for e in _openai_chat_stream(True)[:-1]:
         ChatCompletionChunk.model_validate(json.loads(e))
-    sh = s.make_shaper(s.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=1, created=1)
+    sh = resp.make_shaper(req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=1, created=1)
     sh.delta("ok", NOW)
     ChatCompletion.model_validate(json.loads(sh.finish(STATS, NOW)))
-    csh = s.make_shaper(s.parse_openai_completion(b'{"model":"m","prompt":"x"}'), seq=1, created=1)
+    csh = resp.make_shaper(req.parse_openai_completion(b'{"model":"m","prompt":"x"}'), seq=1, created=1)
     csh.delta("ok", NOW)
     obj = json.loads(csh.finish(STATS, NOW))
     assert obj["id"] == "cmpl-1" and obj["choices"][0]["text"] == "ok"
     Completion.model_validate(obj)
-    job = s.parse_openai_embeddings(b'{"model":"m","input":["a"]}')
-    CreateEmbeddingResponse.model_validate(json.loads(s.embed_reply(job, [[3.0, 4.0]], prompt_n=2, total_ns=1, load_ns=1).body))
+    job = req.parse_openai_embeddings(b'{"model":"m","input":["a"]}')
+    CreateEmbeddingResponse.model_validate(json.loads(resp.embed_reply(job, [[3.0, 4.0]], prompt_n=2, total_ns=1, load_ns=1).body))
 
 
 def test_openai_completion_stream_with_usage():
     body = b'{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true}}'
-    sh = s.make_shaper(s.parse_openai_completion(body), seq=2, created=1)
+    sh = resp.make_shaper(req.parse_openai_completion(body), seq=2, created=1)
     evs = events(sh.delta("a", NOW) + sh.finish(STATS, NOW))
     assert evs[-1] == "[DONE]"
     chunks = [json.loads(e) for e in evs[:-1]]
@@ -432,7 +436,7 @@ def test_openai_completion_stream_with_usage():
 
 
 def test_openai_mid_stream_error_is_an_sse_error_object():
-    sh = s.OpenAIChat("m", True, False, 1, 1)
+    sh = resp.OpenAIChat("m", True, False, 1, 1)
     assert json.loads(events(sh.fail("boom", NOW))[0]) == {
         "error": {"message": "boom", "type": "api_error", "param": None, "code": None}}
 
@@ -441,7 +445,7 @@ def test_openai_mid_stream_error_is_an_sse_error_object():
 
 
 def test_stop_scanner_across_deltas():
-    sc = s.StopScanner(["<|end|>"])
+    sc = resp.StopScanner(["<|end|>"])
     assert sc.feed("Hello <|") == ("Hello ", False)
     assert sc.feed("en") == ("", False)
     assert sc.feed("d|> more") == ("", True)
@@ -449,48 +453,48 @@ def test_stop_scanner_across_deltas():
 
 
 def test_stop_scanner_releases_false_prefix():
-    sc = s.StopScanner(["\n\n", "STOP"])
+    sc = resp.StopScanner(["\n\n", "STOP"])
     assert sc.feed("a\n") == ("a", False)
     assert sc.feed("b") == ("\nb", False)
     assert sc.feed("ST") == ("", False)
     assert sc.flush() == "ST"
-    assert s.StopScanner([]).feed("anything") == ("anything", False)
+    assert resp.StopScanner([]).feed("anything") == ("anything", False)
 
 
 # --- embeddings -----------------------------------------------------------------------------------
 
 
 def test_embed_reply_normalises_and_truncates():
-    job = s.parse_embed(b'{"model":"M","input":["a","b"],"dimensions":2}')
-    obj = json.loads(s.embed_reply(job, [[3.0, 4.0, 12.0], [0.0, 0.0, 1.0]], prompt_n=4, total_ns=9, load_ns=1).body)
+    job = req.parse_embed(b'{"model":"M","input":["a","b"],"dimensions":2}')
+    obj = json.loads(resp.embed_reply(job, [[3.0, 4.0, 12.0], [0.0, 0.0, 1.0]], prompt_n=4, total_ns=9, load_ns=1).body)
     assert obj["model"] == "M" and obj["embeddings"][0] == [0.6, 0.8] and obj["embeddings"][1] == [0.0, 0.0]
     assert obj["prompt_eval_count"] == 4 and obj["total_duration"] == 9
-    empty = json.loads(s.embed_reply(s.parse_embed(b'{"model":"M","input":""}'), [], prompt_n=0, total_ns=1, load_ns=1).body)
+    empty = json.loads(resp.embed_reply(req.parse_embed(b'{"model":"M","input":""}'), [], prompt_n=0, total_ns=1, load_ns=1).body)
     assert empty == {"model": "M", "embeddings": []}
 
 
 def test_embeddings_reply_is_raw_and_alone():
-    job = s.parse_embeddings(b'{"model":"m","prompt":"a"}')
-    assert json.loads(s.embed_reply(job, [[3.0, 4.0]], prompt_n=1, total_ns=1, load_ns=1).body) == {"embedding": [3.0, 4.0]}
-    empty = s.parse_embeddings(b'{"model":"m","prompt":""}')
-    assert json.loads(s.embed_reply(empty, [], prompt_n=0, total_ns=1, load_ns=1).body) == {"embedding": []}
+    job = req.parse_embeddings(b'{"model":"m","prompt":"a"}')
+    assert json.loads(resp.embed_reply(job, [[3.0, 4.0]], prompt_n=1, total_ns=1, load_ns=1).body) == {"embedding": [3.0, 4.0]}
+    empty = req.parse_embeddings(b'{"model":"m","prompt":""}')
+    assert json.loads(resp.embed_reply(empty, [], prompt_n=0, total_ns=1, load_ns=1).body) == {"embedding": []}
 
 
 def test_openai_embeddings_float_and_base64():
-    job = s.parse_openai_embeddings(b'{"model":"m","input":["a","b"]}')
-    obj = json.loads(s.embed_reply(job, [[3.0, 4.0], [1.0, 0.0]], prompt_n=5, total_ns=1, load_ns=1).body)
+    job = req.parse_openai_embeddings(b'{"model":"m","input":["a","b"]}')
+    obj = json.loads(resp.embed_reply(job, [[3.0, 4.0], [1.0, 0.0]], prompt_n=5, total_ns=1, load_ns=1).body)
     assert obj["object"] == "list" and [d["index"] for d in obj["data"]] == [0, 1]
     assert obj["data"][0] == {"object": "embedding", "embedding": [0.6, 0.8], "index": 0}
     assert obj["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
-    b64 = s.parse_openai_embeddings(b'{"model":"m","input":"a","encoding_format":"base64"}')
-    data = json.loads(s.embed_reply(b64, [[3.0, 4.0]], prompt_n=1, total_ns=1, load_ns=1).body)["data"][0]["embedding"]
+    b64 = req.parse_openai_embeddings(b'{"model":"m","input":"a","encoding_format":"base64"}')
+    data = json.loads(resp.embed_reply(b64, [[3.0, 4.0]], prompt_n=1, total_ns=1, load_ns=1).body)["data"][0]["embedding"]
     raw = base64.b64decode(data)
     assert len(raw) == 4 * 2 and struct.unpack("<2f", raw) == pytest.approx((0.6, 0.8))
 
 
 def test_normalise():
-    assert math.isclose(math.hypot(*s.normalise([1.0, 2.0, 3.0])), 1.0)
-    assert s.normalise([0.0, 0.0]) == [0.0, 0.0]
+    assert math.isclose(math.hypot(*resp.normalise([1.0, 2.0, 3.0])), 1.0)
+    assert resp.normalise([0.0, 0.0]) == [0.0, 0.0]
 
 
 # --- listings ----------------------------------------------------------------------------------------
@@ -502,8 +506,8 @@ def _info(name: str, modified: str) -> ModelInfo:
 
 
 def test_tags_newest_first_never_null():
-    assert json.loads(s.tags_reply([]).body) == {"models": []}
-    got = json.loads(s.tags_reply([_info("old:latest", "2024-01-01T00:00:00Z"),
+    assert json.loads(resp.tags_reply([]).body) == {"models": []}
+    got = json.loads(resp.tags_reply([_info("old:latest", "2024-01-01T00:00:00Z"),
                                    _info("new:latest", "2025-01-01T00:00:00Z")]).body)["models"]
     assert [m["name"] for m in got] == ["new:latest", "old:latest"]
     assert got[0]["model"] == "new:latest" and got[0]["details"]["parent_model"] == ""
@@ -511,24 +515,24 @@ def test_tags_newest_first_never_null():
 
 def test_ps_and_show_and_v1_models():
     info = _info("m:latest", "2024-05-01T12:00:00Z")
-    ps = json.loads(s.ps_reply([s.Running(info, NOW, 2048)]).body)["models"][0]
+    ps = json.loads(resp.ps_reply([resp.Running(info, NOW, 2048)]).body)["models"][0]
     assert ps["expires_at"] == "2024-05-01T12:00:00.123456789Z" and ps["size_vram"] == 0 and ps["context_length"] == 2048
-    show = json.loads(s.show_reply(info, template="{{x}}", model_info={"general.architecture": "llama"},
+    show = json.loads(resp.show_reply(info, template="{{x}}", model_info={"general.architecture": "llama"},
                                    stop=["<|im_end|>"]).body)
     assert {"model_info", "capabilities", "details", "template", "parameters", "modified_at"} <= set(show)
     assert show["capabilities"] == ["completion", "embedding"] and '"<|im_end|>"' in show["parameters"]
-    models = json.loads(s.v1_models_reply([info]).body)
+    models = json.loads(resp.v1_models_reply([info]).body)
     assert models == {"object": "list", "data": [{"id": "m:latest", "object": "model", "created": 1714564800,
                                                   "owned_by": "library"}]}
-    assert json.loads(s.v1_model_reply("M", info).body)["id"] == "M"
+    assert json.loads(resp.v1_model_reply("M", info).body)["id"] == "M"
 
 
 def test_pull_replies():
-    assert lines(s.pull_reply(True).body)[-1] == {"status": "success"}
-    assert json.loads(s.pull_reply(False).body) == {"status": "success"}
-    missing = lines(s.pull_missing_reply("x", True).body)
+    assert lines(resp.pull_reply(True).body)[-1] == {"status": "success"}
+    assert json.loads(resp.pull_reply(False).body) == {"status": "success"}
+    missing = lines(resp.pull_missing_reply("x", True).body)
     assert missing[0] == {"status": "pulling manifest"} and "error" in missing[1]
-    assert s.pull_missing_reply("x", False).status == 500
+    assert resp.pull_missing_reply("x", False).status == 500
 
 
 # --- GGUF helpers -------------------------------------------------------------------------------------

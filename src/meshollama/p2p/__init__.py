@@ -9,4 +9,7 @@ exceptions are mapped to :mod:`meshollama.errors` before they leave.
 * ``patches``: process-wide fixes (DHT protocol ID, pubsub junk handling).
 * ``stream``: a libp2p stream with timeouts and error mapping.
 * ``httpstream``: HTTP requests over libp2p streams (client and server).
+* ``ping``: our own liveness check (py-libp2p never notices a frozen peer).
+* ``keys``: the node's key pair: create, (de)serialise, peer ID
+  (:mod:`meshollama.identity` keeps the key file).
 """

@@ -1,0 +1,446 @@
+"""Incoming Ollama and OpenAI request bodies, parsed into frozen jobs (sans-IO).
+
+Bodies are decoded like gin's ``ShouldBindJSON`` and type-checked like Go's
+``encoding/json``, so a bad request gets the status and text real Ollama
+answers (a :class:`~meshollama.errors.RequestError`). A good one becomes a
+:class:`GenerateJob` or :class:`EmbedJob`, whatever API it came through; option
+values are checked in :mod:`.ollama_options`. Section numbers in comments point
+into ``shared/reference/ollama-api.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BadRequest, RequestError
+from .ollama_api import Endpoint, json_type
+from .ollama_options import parse_keep_alive, parse_think
+
+
+# --- request bodies (§1.3) --------------------------------------------------------
+
+
+def decode_body(body: bytes, struct_name: str, *, openai: bool = False) -> dict[str, Any]:
+    """Decode a JSON object body like gin's ShouldBindJSON (first value only).
+
+    Empty -> 400 ``missing request body`` (``EOF`` on /v1); ``null`` -> ``{}``;
+    bad JSON -> 400 with a Go-like message; another JSON type -> 400.
+    """
+    text = body.decode("utf-8", errors="replace").lstrip(" \t\r\n")
+    if not text:
+        raise BadRequest("EOF" if openai else "missing request body")
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError as e:
+        if e.pos >= len(text.rstrip()):
+            raise BadRequest("unexpected EOF") from None
+        raise BadRequest(f"invalid character {text[e.pos]!r} looking for beginning of value") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"json: cannot unmarshal {json_type(value)} into Go value of type {struct_name}")
+    return value
+
+
+# Field kinds for the Go-like type check: JSON types each accepts, Go type shown in errors.
+_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "string": (("string",), "string"),
+    "bool": (("bool",), "bool"),
+    "int": (("number",), "int"),
+    "float": (("number",), "float64"),
+    "object": (("object",), "map[string]interface {}"),
+    "strings": (("array",), "[]string"),
+    "ints": (("array",), "[]int"),
+    "messages": (("array",), "[]api.Message"),
+    "array": (("array",), "[]interface {}"),
+    "any": ((), ""),
+}
+
+
+def check_types(body: Mapping[str, Any], struct_name: str, spec: Mapping[str, str]) -> None:
+    """Raise Go's 400 ``json: cannot unmarshal X into Go struct field S.f of type T``."""
+    for key, kind in spec.items():
+        value = body.get(key)
+        if value is None or kind == "any":
+            continue
+        accepted, gotype = _KINDS[kind]
+        jt = json_type(value)
+        if jt not in accepted or (kind == "int" and isinstance(value, float) and not value.is_integer()):
+            raise BadRequest(
+                f"json: cannot unmarshal {jt} into Go struct field {struct_name}.{key} of type {gotype}"
+            )
+        if kind in ("strings", "ints"):
+            want = "string" if kind == "strings" else "number"
+            for item in value:
+                if json_type(item) != want:
+                    raise BadRequest(
+                        f"json: cannot unmarshal {json_type(item)} into Go struct field "
+                        f"{struct_name}.{key} of type {gotype[2:]}"
+                    )
+
+
+def _model_field(body: Mapping[str, Any], *keys: str) -> str:
+    for key in keys:
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+# --- jobs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """One text-generation request, whatever API it came through.
+
+    ``messages`` are rendered with the model's chat template; ``raw_prompt``
+    (``/api/generate`` with ``raw:true``) is tokenised as is. Neither set means
+    "just load the model" (empty prompt / no messages).
+    """
+
+    endpoint: Endpoint
+    model: str
+    stream: bool
+    messages: tuple[Mapping[str, Any], ...] = ()
+    raw_prompt: str | None = None
+    context: tuple[int, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    format: Any = None
+    keep_alive: float | None = None
+    think: bool = False
+    tools: bool = False
+    suffix: bool = False
+    raw_conflict: bool = False
+    top_logprobs: int = 0
+    include_usage: bool = False
+
+    @property
+    def load_only(self) -> bool:
+        return not self.messages and self.raw_prompt is None
+
+    @property
+    def want_context(self) -> bool:
+        return self.endpoint is Endpoint.GENERATE and self.raw_prompt is None
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """One embedding request (``/api/embed``, ``/api/embeddings`` or ``/v1/embeddings``)."""
+
+    endpoint: Endpoint
+    model: str
+    inputs: tuple[str, ...]
+    truncate: bool = True
+    dimensions: int = 0
+    encoding_format: str = "float"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    keep_alive: float | None = None
+
+
+def _common(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {"keep_alive": parse_keep_alive(body.get("keep_alive")), "options": body.get("options") or {}}
+
+
+def _check_format(fmt: Any) -> Any:
+    """``"json"``, a schema object, or None; anything else is Ollama's 500."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json" or isinstance(fmt, dict):
+        return fmt
+    raise RequestError(
+        f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON Schema object', 500
+    )
+
+
+def _check_images(images: Any, struct_name: str) -> None:
+    if images is None:
+        return
+    if not isinstance(images, list):
+        raise BadRequest(f"json: cannot unmarshal {json_type(images)} into Go struct field {struct_name}.images of type []api.ImageData")
+    for img in images:
+        try:
+            base64.b64decode(img if isinstance(img, str) else "!", validate=True)
+        except (ValueError, TypeError):
+            raise BadRequest("illegal base64 data at input byte 0") from None
+
+
+def parse_generate(body: bytes) -> GenerateJob:
+    """``POST /api/generate`` (§2.3)."""
+    d = decode_body(body, "api.GenerateRequest")
+    check_types(d, "GenerateRequest", {
+        "model": "string", "prompt": "string", "suffix": "string", "system": "string",
+        "template": "string", "stream": "bool", "raw": "bool", "context": "ints",
+        "options": "object", "top_logprobs": "int", "logprobs": "bool", "images": "any",
+    })
+    _check_images(d.get("images"), "GenerateRequest")
+    prompt = d.get("prompt") or ""
+    system = d.get("system") or ""
+    raw = bool(d.get("raw"))
+    messages: tuple[Mapping[str, Any], ...] = ()
+    raw_prompt = None
+    if prompt:
+        if raw:
+            raw_prompt = prompt
+        else:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = tuple(msgs)
+    return GenerateJob(
+        endpoint=Endpoint.GENERATE,
+        model=_model_field(d, "model", "name"),
+        stream=d.get("stream") is not False,
+        messages=messages,
+        raw_prompt=raw_prompt,
+        context=tuple(int(t) for t in d.get("context") or ()),
+        format=d.get("format"),
+        think=parse_think(d.get("think")),
+        suffix=bool(d.get("suffix")),
+        raw_conflict=raw and bool(d.get("template") or system or d.get("context")),
+        top_logprobs=int(d.get("top_logprobs") or 0),
+        **_common(d),
+    )
+
+
+def _chat_messages(raw: Any, struct_name: str) -> tuple[dict[str, Any], ...]:
+    out = []
+    for m in raw or ():
+        if not isinstance(m, dict):
+            raise BadRequest(f"json: cannot unmarshal {json_type(m)} into Go struct field {struct_name}.messages of type api.Message")
+        check_types(m, "Message", {"role": "string", "content": "string"})
+        _check_images(m.get("images"), "Message")
+        out.append({"role": (m.get("role") or "").lower(), "content": m.get("content") or ""})
+    return tuple(out)
+
+
+def parse_chat(body: bytes) -> GenerateJob:
+    """``POST /api/chat`` (§2.4)."""
+    d = decode_body(body, "api.ChatRequest")
+    check_types(d, "ChatRequest", {
+        "model": "string", "messages": "messages", "stream": "bool", "options": "object",
+        "tools": "array", "top_logprobs": "int", "logprobs": "bool",
+    })
+    return GenerateJob(
+        endpoint=Endpoint.CHAT,
+        model=_model_field(d, "model", "name"),
+        stream=d.get("stream") is not False,
+        messages=_chat_messages(d.get("messages"), "ChatRequest"),
+        format=d.get("format"),
+        think=parse_think(d.get("think")),
+        tools=bool(d.get("tools")),
+        top_logprobs=int(d.get("top_logprobs") or 0),
+        **_common(d),
+    )
+
+
+def _openai_options(d: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI fields -> Ollama options; temperature and top_p default to 1.0 (§3.1)."""
+    opts: dict[str, Any] = {
+        "temperature": 1.0 if d.get("temperature") is None else d["temperature"],
+        "top_p": 1.0 if d.get("top_p") is None else d["top_p"],
+    }
+    if d.get("max_tokens") is not None:
+        opts["num_predict"] = d["max_tokens"]
+    for key in ("seed", "frequency_penalty", "presence_penalty"):
+        if d.get(key) is not None:
+            opts[key] = d[key]
+    stop = d.get("stop")
+    if isinstance(stop, str):
+        opts["stop"] = [stop]
+    elif isinstance(stop, list):
+        if not all(isinstance(s, str) for s in stop):
+            raise BadRequest("invalid type for 'stop' field")
+        opts["stop"] = stop
+    elif stop is not None:
+        raise BadRequest("invalid type for 'stop' field")
+    return opts
+
+
+def _openai_stream(d: Mapping[str, Any]) -> tuple[bool, bool]:
+    opts = d.get("stream_options")
+    usage = isinstance(opts, dict) and opts.get("include_usage") is True
+    return d.get("stream") is True, usage
+
+
+_REASONING = {"none": False, "minimal": True, "low": True, "medium": True, "high": True,
+              "max": True, "xhigh": True, "ultra": True}
+
+
+def parse_openai_chat(body: bytes) -> GenerateJob:
+    """``POST /v1/chat/completions`` (§3.2), converted to a chat job."""
+    d = decode_body(body, "openai.ChatCompletionRequest", openai=True)
+    check_types(d, "ChatCompletionRequest", {
+        "model": "string", "messages": "array", "stream": "bool", "max_tokens": "int",
+        "seed": "int", "temperature": "float", "top_p": "float", "frequency_penalty": "float",
+        "presence_penalty": "float", "tools": "array",
+    })
+    raw_messages = d.get("messages")
+    if not raw_messages:
+        raise BadRequest("[] is too short - 'messages'")
+    messages = []
+    for m in raw_messages:
+        if not isinstance(m, dict):
+            raise BadRequest(f"invalid message format: {json_type(m)}")
+        messages.append({"role": str(m.get("role") or "").lower(), "content": _openai_content(m)})
+    fmt = None
+    rf = d.get("response_format")
+    if isinstance(rf, dict):
+        if rf.get("type") == "json_object":
+            fmt = "json"
+        elif rf.get("type") == "json_schema":
+            js = rf.get("json_schema")
+            fmt = js.get("schema") if isinstance(js, dict) else None
+    effort = d.get("reasoning_effort")
+    if effort is None and isinstance(d.get("reasoning"), dict):
+        effort = d["reasoning"].get("effort")
+    if effort is not None and effort not in _REASONING:
+        raise BadRequest(f"invalid reasoning value: '{effort}' (must be \"none\", \"minimal\", \"low\", \"medium\", \"high\", or \"max\")")
+    stream, usage = _openai_stream(d)
+    return GenerateJob(
+        endpoint=Endpoint.V1_CHAT,
+        model=_model_field(d, "model"),
+        stream=stream,
+        include_usage=usage,
+        messages=tuple(messages),
+        options=_openai_options(d),
+        format=fmt,
+        think=_REASONING.get(effort, False) if effort is not None else False,
+        tools=bool(d.get("tools")),
+    )
+
+
+def _openai_content(m: Mapping[str, Any]) -> str:
+    content = m.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise BadRequest("invalid message format")
+            if part.get("type") == "text":
+                texts.append(str(part.get("text") or ""))
+            elif part.get("type") == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if isinstance(url, str) and url.startswith(("http://", "https://")):
+                    raise BadRequest("image URLs are not currently supported, please use base64 encoded data instead")
+        return "".join(texts)
+    gotype = {"number": "float64", "bool": "bool", "object": "map[string]interface {}"}.get(json_type(content), json_type(content))
+    raise BadRequest(f"invalid message content type: {gotype}")
+
+
+def parse_openai_completion(body: bytes) -> GenerateJob:
+    """``POST /v1/completions`` (§3.3): the prompt is templated like ``/api/generate``."""
+    d = decode_body(body, "openai.CompletionRequest", openai=True)
+    check_types(d, "CompletionRequest", {
+        "model": "string", "prompt": "string", "suffix": "string", "stream": "bool",
+        "max_tokens": "int", "seed": "int", "temperature": "float", "top_p": "float",
+        "frequency_penalty": "float", "presence_penalty": "float",
+    })
+    stream, usage = _openai_stream(d)
+    return GenerateJob(
+        endpoint=Endpoint.V1_COMPLETIONS,
+        model=_model_field(d, "model"),
+        stream=stream,
+        include_usage=usage,
+        messages=({"role": "user", "content": d.get("prompt") or ""},),
+        options=_openai_options(d),
+        suffix=bool(d.get("suffix")),
+    )
+
+
+def _embed_inputs(value: Any) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise BadRequest("invalid input type")
+
+
+def parse_embed(body: bytes) -> EmbedJob:
+    """``POST /api/embed`` (§2.5)."""
+    d = decode_body(body, "api.EmbedRequest")
+    check_types(d, "EmbedRequest", {"model": "string", "truncate": "bool", "dimensions": "int", "options": "object"})
+    dims = int(d.get("dimensions") or 0)
+    if dims < 0:
+        raise BadRequest("dimensions must be a positive number")
+    return EmbedJob(
+        endpoint=Endpoint.EMBED,
+        model=_model_field(d, "model"),
+        inputs=_embed_inputs(d.get("input")),
+        truncate=d.get("truncate") is not False,
+        dimensions=dims,
+        **_common(d),
+    )
+
+
+def parse_embeddings(body: bytes) -> EmbedJob:
+    """``POST /api/embeddings`` (§2.6, deprecated)."""
+    d = decode_body(body, "api.EmbeddingRequest")
+    check_types(d, "EmbeddingRequest", {"model": "string", "prompt": "string", "options": "object"})
+    prompt = d.get("prompt") or ""
+    return EmbedJob(
+        endpoint=Endpoint.EMBEDDINGS,
+        model=_model_field(d, "model"),
+        inputs=(prompt,) if prompt else (),
+        **_common(d),
+    )
+
+
+def parse_openai_embeddings(body: bytes) -> EmbedJob:
+    """``POST /v1/embeddings`` (§3.4)."""
+    d = decode_body(body, "openai.EmbedRequest", openai=True)
+    check_types(d, "EmbedRequest", {"model": "string", "dimensions": "int", "encoding_format": "string"})
+    value = d.get("input")
+    if value is None or value == []:
+        raise BadRequest("invalid input")
+    if value == "":
+        value = [""]
+    inputs = _embed_inputs(value)
+    fmt = d.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise BadRequest(f"Invalid value for 'encoding_format' = {fmt}. Supported values: ['float', 'base64'].")
+    return EmbedJob(
+        endpoint=Endpoint.V1_EMBEDDINGS,
+        model=_model_field(d, "model"),
+        inputs=inputs,
+        dimensions=max(0, int(d.get("dimensions") or 0)),
+        encoding_format=fmt,
+    )
+
+
+def parse_show(body: bytes) -> tuple[str, bool]:
+    """``POST /api/show`` -> (model, verbose)."""
+    d = decode_body(body, "api.ShowRequest")
+    check_types(d, "ShowRequest", {"model": "string", "name": "string", "verbose": "bool"})
+    return _model_field(d, "model", "name"), bool(d.get("verbose"))
+
+
+def parse_pull(body: bytes) -> tuple[str, bool]:
+    """``POST /api/pull`` -> (model, stream)."""
+    d = decode_body(body, "api.PullRequest")
+    check_types(d, "PullRequest", {"model": "string", "name": "string", "stream": "bool", "insecure": "bool"})
+    return _model_field(d, "model", "name"), d.get("stream") is not False
+
+
+def validate_for_model(job: GenerateJob, full: str) -> None:
+    """Checks Ollama makes after finding the model (§2.3 step 3): 400s, in Ollama's order."""
+    if job.raw_conflict:
+        raise BadRequest("raw mode does not support template, system, or context")
+    if not 0 <= job.top_logprobs <= 20:
+        raise BadRequest("top_logprobs must be between 0 and 20")
+    if job.think:
+        raise BadRequest(f'"{job.model}" does not support thinking')
+    if job.tools:
+        raise BadRequest(f"{full} does not support tools")
+    if job.suffix:
+        raise BadRequest(f"{full} does not support insert")
+    _check_format(job.format)
