@@ -1,4 +1,4 @@
-"""Pure tests of the embedded backend's wire shapes and GGUF helpers (no model, no threads)."""
+"""Ollama wire shapes: ollama_api, ollama_options, ollama_requests, ollama_responses (pure)."""
 
 from __future__ import annotations
 
