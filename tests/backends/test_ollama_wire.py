@@ -1,4 +1,4 @@
-"""Ollama wire shapes: ollama_api, ollama_options, ollama_requests, ollama_responses (pure)."""
+"""Pure tests of the embedded backend's wire shapes (ollama_api, _options, _requests, _responses) and GGUF helpers."""
 
 from __future__ import annotations
 
