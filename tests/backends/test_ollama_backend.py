@@ -12,11 +12,13 @@ import httpx
 import pytest
 import trio
 
+from meshollama import names
 from meshollama.backends.base import Backend
 from meshollama.catalog import LoadInfo
 from meshollama.backends.ollama import (
     OllamaBackend,
     loaded_keys,
+    loaded_state,
     parse_models,
     request_model,
     split_url,
@@ -383,3 +385,19 @@ async def test_slow_ps_keeps_last_loaded_state():
             assert await backend.refresh() is True  # /api/ps timed out; /api/tags answered
             assert {m.name for m in backend.models() if m.loaded} == {"nomic-embed-text:latest"}
             fake.clear_faults()
+
+
+def test_running_facts_from_ps_reach_the_announced_details():
+    tags = {"models": [{"name": "llama3:latest", "digest": "sha256:" + "a" * 64, "size": 10,
+                        "details": {"family": "llama"}},
+                       {"name": "qwen:7b", "digest": "b" * 64, "size": 20}]}
+    ps = {"models": [{"model": "llama3:latest", "expires_at": "2318-08-01T00:00:00Z", "size_vram": 9,
+                      "context_length": 4096, "size": "junk"}]}
+    state = loaded_state(ps)
+    assert state == {names.key("llama3"): {"expires_at": "2318-08-01T00:00:00Z", "size_vram": 9,
+                                          "context_length": 4096}}
+    llama, qwen = parse_models(tags, state)
+    assert llama.loaded and dict(llama.details) == {"family": "llama", "expires_at": "2318-08-01T00:00:00Z",
+                                                    "size_vram": 9, "context_length": 4096}
+    assert not qwen.loaded and dict(qwen.details) == {}
+    assert loaded_keys(ps) == frozenset(state)

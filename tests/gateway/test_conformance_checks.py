@@ -304,10 +304,6 @@ async def test_check_23_invalid_keep_alive_is_400():
             assert r.status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "/api/ps is built from the mesh announcement, which carries only `loaded`, so expires_at is always "
-    "now+5m; OllamaBackend must carry /api/ps's expires_at (and size_vram, context_length) into "
-    "ModelInfo.details, which listings.ps already prefers"))
 async def test_check_23_negative_keep_alive_shows_in_ps():
     """§7 check 23 (second half): `keep_alive:-1` -> 200, and `/api/ps` `expires_at` is more than
     100 years ahead."""

@@ -80,22 +80,40 @@ def split_url(url: str) -> tuple[str, str]:
     return f"{parts.scheme}://{hostport}{parts.path.rstrip('/')}", hostport
 
 
-def loaded_keys(ps: Any) -> frozenset[str]:
-    """Model keys (:func:`meshollama.names.key`) listed by an ``/api/ps`` answer."""
-    keys = set()
+RUNNING_FACTS = ("expires_at", "size_vram", "context_length")  # what /api/ps adds to a loaded model
+
+
+def loaded_state(ps: Any) -> dict[str, dict[str, Any]]:
+    """Loaded models from an ``/api/ps`` answer: model key -> the facts of
+    :data:`RUNNING_FACTS` it reported (so the mesh-wide ``/api/ps`` shows
+    Ollama's own ``expires_at``, e.g. far in the future for ``keep_alive: -1``)."""
+    out: dict[str, dict[str, Any]] = {}
     for entry in _entries(ps):
         name = entry.get("model") or entry.get("name")
         if isinstance(name, str) and name:
-            keys.add(names.key(name))
-    return frozenset(keys)
+            facts = {}
+            for k in RUNNING_FACTS:
+                v = entry.get(k)
+                if (isinstance(v, str) and k == "expires_at") or (isinstance(v, int) and not isinstance(v, bool)):
+                    facts[k] = v
+            out[names.key(name)] = facts
+    return out
 
 
-def parse_models(tags: Any, loaded: frozenset[str] = frozenset()) -> tuple[ModelInfo, ...]:
+def loaded_keys(ps: Any) -> frozenset[str]:
+    """Model keys (:func:`meshollama.names.key`) listed by an ``/api/ps`` answer."""
+    return frozenset(loaded_state(ps))
+
+
+def parse_models(
+    tags: Any, loaded: Mapping[str, Mapping[str, Any]] | frozenset[str] = frozenset()
+) -> tuple[ModelInfo, ...]:
     """``/api/tags`` JSON to ModelInfo tuples, in Ollama's order (newest first).
 
     Names are normalised to Ollama's short form; ``loaded`` holds the keys
-    from :func:`loaded_keys`. Malformed entries are skipped, not fatal: one
-    odd model must not hide the others. A name listed twice is kept once.
+    from :func:`loaded_keys`, or :func:`loaded_state`, whose running facts go
+    into the model's ``details``. Malformed entries are skipped, not fatal:
+    one odd model must not hide the others. A name listed twice is kept once.
     """
     out: list[ModelInfo] = []
     seen: set[str] = set()
@@ -110,7 +128,9 @@ def parse_models(tags: Any, loaded: frozenset[str] = frozenset()) -> tuple[Model
         digest = entry.get("digest")
         digest = digest.removeprefix("sha256:") if isinstance(digest, str) else ""
         size = entry.get("size")
-        details = entry.get("details")
+        details = dict(entry.get("details")) if isinstance(entry.get("details"), Mapping) else {}
+        if isinstance(loaded, Mapping) and key in loaded:
+            details.update(loaded[key])
         caps = entry.get("capabilities")  # newer Ollama lists them; older ones do not
         out.append(
             ModelInfo(
@@ -119,7 +139,7 @@ def parse_models(tags: Any, loaded: frozenset[str] = frozenset()) -> tuple[Model
                 size=size if isinstance(size, int) and size >= 0 else 0,
                 loaded=key in loaded,
                 modified_at=str(entry.get("modified_at") or ""),
-                details=details if isinstance(details, Mapping) else {},
+                details=details,
                 capabilities=tuple(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else (),
             )
         )
@@ -183,7 +203,7 @@ class OllamaBackend(ChangeNotifier):
             follow_redirects=False,
         )
         self._models: tuple[ModelInfo, ...] = ()
-        self._loaded: frozenset[str] = frozenset()
+        self._loaded: dict[str, dict[str, Any]] = {}
         self._up: bool | None = None  # None: not polled yet
         self._in_flight = 0
         self._by_model: Counter[str] = Counter()
@@ -240,7 +260,7 @@ class OllamaBackend(ChangeNotifier):
         try:
             # /api/ps can block while a model loads (Ollama >= 0.32.4): on a
             # timeout keep the last answer rather than calling Ollama down.
-            self._loaded = loaded_keys(await self._get_json("/api/ps", httpx.Timeout(self.probe_timeout)))
+            self._loaded = loaded_state(await self._get_json("/api/ps", httpx.Timeout(self.probe_timeout)))
         except (httpx.HTTPError, ValueError) as e:
             log.debug("GET /api/ps failed (%s); keeping the last loaded set", _describe(e))
         self._came_up(parse_models(tags, self._loaded))
@@ -299,7 +319,9 @@ class OllamaBackend(ChangeNotifier):
             self._end(model)
             # After a pull/create/copy/delete the model list changed; after a
             # request that loaded a cold model, /api/ps did: announce either now.
-            if path in MODEL_CHANGING_PATHS or (status == 200 and model and not self._is_loaded(model)):
+            # keep_alive (0 unloads, -1 pins) changes what /api/ps says, too.
+            if (path in MODEL_CHANGING_PATHS or (status == 200 and model and not self._is_loaded(model))
+                    or b'"keep_alive"' in request.body):
                 self.refresh_soon()
 
     def _build(self, request: ProxyRequest) -> httpx.Request:

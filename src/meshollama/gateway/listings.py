@@ -117,10 +117,10 @@ def _int_detail(m: ModelInfo, key: str, default: int) -> int:
 def ps(snapshot: Snapshot, wall_now: float) -> dict[str, Any]:
     """``GET /api/ps``: models announced as loaded, best effort.
 
-    Heartbeats carry ``loaded`` but not Ollama's ``expires_at``/``size_vram``;
-    a peer may put ``size_vram``, ``context_length`` or ``expires_at`` in the
-    model's details, else ``expires_at`` is ``wall_now`` plus Ollama's default
-    keep-alive and ``size_vram`` is the model size (assumed resident).
+    An Ollama-backed peer puts Ollama's own ``expires_at``, ``size_vram`` and
+    ``context_length`` in the model's details; for a peer that does not
+    (the embedded backend), ``expires_at`` is ``wall_now`` plus Ollama's
+    default keep-alive and ``size_vram`` is the model size (assumed resident).
     """
     entries = []
     for m in _unique(snapshot, loaded_only=True):
