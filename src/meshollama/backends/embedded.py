@@ -136,6 +136,8 @@ CHANNEL_SIZE = 32  # token deltas in flight between the worker thread and the HT
 
 @dataclass(frozen=True)
 class EmbeddedSettings:
+    """What the embedded backend needs from ``Config.embedded`` (see :meth:`from_config`)."""
+
     model_dir: Path | None = None
     default_model: bool = True
     parallel: int = 1
