@@ -25,8 +25,8 @@ test: install
 test-fast:
 	$(PY) -m pytest -q -m "not slow and not embedded" $(ARGS)
 
-# Three nodes on loopback (embedded model on node 1, stand-in Ollamas on 2
-# and 3) so you can watch routing; Ctrl-C stops them all.
+# Three embedded nodes on loopback (APIs on 11434, 11444, 11454) with a live
+# load table, so you can watch routing; Ctrl-C stops them all.
 demo: install
 	$(PY) scripts/demo.py $(ARGS)
 
