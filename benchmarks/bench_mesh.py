@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How a mesh of N meshollama nodes forms, what it costs idle, how fast news travels.
 
-For each N (default 5, 10, 25) this starts N real ``python -m meshollama start``
+For each N (default 5, 10, 20) this starts N real ``python -m meshollama start``
 processes on loopback (``--backend none``, no mDNS, OS-chosen ports, every node
 bootstrapping to node 0, starts staggered so a small machine is not swamped)
 and measures:
@@ -21,7 +21,7 @@ and measures:
 Then, if ``--hb-sweep`` is given (default "1,2,5" at N=10), the idle CPU at N=10
 for several heartbeat intervals (the default interval is 2 s).
 
-    .venv/bin/python benchmarks/bench_mesh.py --sizes 5,10,25 --out bench_mesh.json
+    .venv/bin/python benchmarks/bench_mesh.py --sizes 5,10,20 --out bench_mesh.json
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def print_tables(r: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="write the results as JSON here")
-    p.add_argument("--sizes", default="5,10,25", help="comma-separated mesh sizes")
+    p.add_argument("--sizes", default="5,10,20", help="comma-separated mesh sizes")
     p.add_argument("--heartbeat", type=float, default=2.0, help="--heartbeat-interval of every node")
     p.add_argument("--stagger", type=float, default=0.4, help="seconds between node spawns")
     p.add_argument("--settle", type=float, default=3.0, help="seconds after convergence before the idle window")

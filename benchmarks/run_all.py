@@ -2,8 +2,9 @@
 """Run every meshollama benchmark and keep the results in benchmarks/results/.
 
   bench_gateway.py    direct vs local vs remote (libp2p) path, stand-in Ollama
+  bench_p2p.py        the libp2p leg alone, in one process: fresh stream vs keep-alive
   bench_mesh.py       convergence, idle CPU/RSS, heartbeat staleness, join latency
-  bench_embedded.py   embedded backend vs llama-cpp-python (only if llama_cpp imports)
+  bench_embedded.py   llama-cpp-python direct vs through node L / through G -> L (only if llama_cpp imports)
 
 Each benchmark runs as its own process (so one crashing does not lose the
 others) and writes ``results/<name>-<UTC timestamp>.json``; a combined
@@ -49,19 +50,21 @@ def run(name: str, argv: list[str], out: Path, timeout: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["gateway", "mesh", "embedded"], action="append",
+    p.add_argument("--only", choices=["gateway", "p2p", "mesh", "embedded"], action="append",
                    help="run only these (repeatable)")
-    p.add_argument("--mesh-sizes", default="5,10,25")
+    p.add_argument("--mesh-sizes", default="5,10,20")
     p.add_argument("--no-hb-sweep", action="store_true", help="skip the heartbeat 1/2/5 s sweep at N=10")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    wanted = set(args.only or ["gateway", "mesh", "embedded"])
+    wanted = set(args.only or ["gateway", "p2p", "mesh", "embedded"])
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
     runs = []
     if "gateway" in wanted:
         runs.append(run("gateway", ["bench_gateway.py"], args.results / f"gateway-{stamp}.json", 600))
+    if "p2p" in wanted:
+        runs.append(run("p2p", ["bench_p2p.py"], args.results / f"p2p-{stamp}.json", 600))
     if "mesh" in wanted:
         mesh_argv = ["bench_mesh.py", "--sizes", args.mesh_sizes]
         if args.no_hb_sweep:
