@@ -111,24 +111,37 @@ def make_backend(args: argparse.Namespace, model: Path) -> Callable[[], Awaitabl
     body = chat_body(args)
 
     async def run() -> Run:
-        t0 = time.perf_counter()
-        first = 0.0
-        parts: list[str] = []
-        final: dict = {}
+        seen = ChatLines("backend")
         async with backend.open(ProxyRequest("POST", "/api/chat", (), body)) as response:
             if response.status != 200:
                 raise RuntimeError(f"backend answered {response.status}")
             async for chunk in response.body:
-                obj = json.loads(chunk)
-                if obj["done"]:
-                    final = obj
-                elif obj["message"]["content"]:
-                    first = first or time.perf_counter() - t0
-                    parts.append(obj["message"]["content"])
-        wall = time.perf_counter() - t0
-        return Run("backend", int(final["eval_count"]), wall, first, "".join(parts))
+                seen.feed(json.loads(chunk))
+        return seen.run()
 
     return run
+
+
+class ChatLines:
+    """Times a streamed ``/api/chat`` answer from its NDJSON objects."""
+
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+        self.t0 = time.perf_counter()
+        self.first = 0.0
+        self.parts: list[str] = []
+        self.final: dict = {}
+
+    def feed(self, obj: dict) -> None:
+        if obj.get("done"):
+            self.final = obj
+        elif obj["message"]["content"]:
+            self.first = self.first or time.perf_counter() - self.t0
+            self.parts.append(obj["message"]["content"])
+
+    def run(self) -> Run:
+        wall = time.perf_counter() - self.t0
+        return Run(self.variant, int(self.final["eval_count"]), wall, self.first, "".join(self.parts))
 
 
 def chat_body(args: argparse.Namespace) -> bytes:
@@ -149,24 +162,14 @@ def make_http(variant: str) -> Callable[[argparse.Namespace, Path], Callable[[],
         body = chat_body(args)
 
         async def run() -> Run:
-            t0 = time.perf_counter()
-            first = 0.0
-            parts: list[str] = []
-            final: dict = {}
+            seen = ChatLines(variant)
             async with client.stream("POST", args.urls[variant] + "/api/chat", content=body) as response:
                 if response.status_code != 200:
                     raise RuntimeError(f"{variant} answered {response.status_code}")
                 async for line in response.aiter_lines():
-                    if not line:
-                        continue
-                    obj = json.loads(line)
-                    if obj.get("done"):
-                        final = obj
-                    elif obj["message"]["content"]:
-                        first = first or time.perf_counter() - t0
-                        parts.append(obj["message"]["content"])
-            wall = time.perf_counter() - t0
-            return Run(variant, int(final["eval_count"]), wall, first, "".join(parts))
+                    if line:
+                        seen.feed(json.loads(line))
+            return seen.run()
 
         return run
 
