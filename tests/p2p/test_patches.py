@@ -6,6 +6,7 @@ import struct
 from collections import Counter
 
 import trio
+import trio.testing
 from libp2p.stream_muxer.yamux import yamux
 
 from meshollama.httpmsg import ProxyRequest
@@ -49,3 +50,55 @@ async def test_stock_yamux_sends_a_window_update_per_small_read_and_the_patch_ba
         after = await _frames_per_exchange()
     assert before[(WINDOW_UPDATE, 0)] >= 10  # at least one per exchange: the problem
     assert after[(WINDOW_UPDATE, 0)] == 0  # small exchanges never owe half a window
+
+
+async def test_buffered_tcp_reads_return_the_same_bytes_in_the_same_order():
+    from libp2p.io.trio import TrioTCPStream
+
+    patches.patch_buffered_tcp_reads()
+    left, right = trio.testing.memory_stream_pair()
+    reader = TrioTCPStream(right)
+    payload = bytes(range(256)) * 40
+    with trio.fail_after(5):
+        await left.send_all(payload)
+        got = [await reader.read(2), await reader.read(0), await reader.read(3), await reader.read(1000)]
+        while sum(map(len, got)) < len(payload):
+            got.append(await reader.read(None))
+        assert b"".join(got) == payload
+        assert [len(g) for g in got[:4]] == [2, 0, 3, 1000]  # never more than asked
+        await left.aclose()
+        assert await reader.read(10) == b""  # end of stream still reads as b""
+
+
+async def test_buffered_tcp_reads_cut_recv_calls_per_exchange():
+    """Counted where the system calls are: trio's SocketStream.receive_some."""
+    from libp2p.io import trio as libp2p_trio
+
+    patches.patch_buffered_tcp_reads()
+    patched, stock = libp2p_trio.TrioTCPStream.read, patches._STOCK_TCP_READ
+    receive_some = trio.SocketStream.receive_some
+    calls = [0]
+
+    async def counting(self, max_bytes=None):
+        calls[0] += 1
+        return await receive_some(self, max_bytes)
+
+    async def receives_for_ten_exchanges() -> int:
+        async with http_pair(ScriptedBackend()) as (_a, _b, up, _):
+            await fetch(up)  # connection set up and a stream pooled
+            calls[0] = 0
+            for _ in range(10):
+                await fetch(up)
+            return calls[0]
+
+    trio.SocketStream.receive_some = counting
+    try:
+        with trio.fail_after(30):
+            libp2p_trio.TrioTCPStream.read = stock
+            before = await receives_for_ten_exchanges()
+            libp2p_trio.TrioTCPStream.read = patched
+            after = await receives_for_ten_exchanges()
+    finally:
+        trio.SocketStream.receive_some = receive_some
+        libp2p_trio.TrioTCPStream.read = patched
+    assert after < before * 0.7, (before, after)

@@ -129,6 +129,7 @@ class P2PHost:
 
         patches.patch_dht_protocol()
         patches.patch_yamux_window_updates()
+        patches.patch_buffered_tcp_reads()
         host, pubsub, gossip = self._build()
         listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
         try:

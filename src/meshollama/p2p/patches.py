@@ -14,6 +14,9 @@
    about 13 extra Noise-encrypted frames. :func:`patch_yamux_window_updates`
    restores go-yamux's rule: grant credit only once half the receive window
    is owed (``tests/p2p/test_patches.py`` counts the frames).
+4. Noise reads every message as two exact-size socket reads (length, then
+   payload): :func:`patch_buffered_tcp_reads` serves them from a 64 KiB
+   buffer, halving the ``recv`` calls per request.
 """
 
 from __future__ import annotations
@@ -104,3 +107,45 @@ def patch_yamux_window_updates() -> None:
     _STOCK_YAMUX_METHOD = YamuxStream._auto_tune_and_send_window_update
     _PATCHED_YAMUX_METHOD = auto_tune_and_send_window_update
     YamuxStream._auto_tune_and_send_window_update = auto_tune_and_send_window_update
+
+
+READ_CHUNK = 64 * 1024
+_STOCK_TCP_READ = None
+
+
+def patch_buffered_tcp_reads() -> None:
+    """Read the TCP socket in large chunks and serve small reads from a buffer (idempotent).
+
+    Noise reads each message as a 2-byte length, then the payload, each a
+    ``receive_some(n)`` of exactly that size: two or three ``recv`` system
+    calls per message, and several messages that arrived together still
+    cost one call each. ``TrioTCPStream.read(n)`` now fills a per-connection
+    buffer with up to 64 KiB at a time and hands out at most ``n`` bytes from
+    it. Same bytes, same order, same end-of-stream and error behaviour; only
+    the number of system calls changes (``tests/p2p/test_patches.py``).
+    """
+    global _STOCK_TCP_READ
+    if _STOCK_TCP_READ is not None:
+        return
+    from libp2p.io.trio import TrioTCPStream
+
+    stock = TrioTCPStream.read
+
+    async def read(self, n: int | None = None) -> bytes:
+        buffered = getattr(self, "_meshollama_buffer", None)
+        if buffered:
+            if n is None or n >= len(buffered):
+                self._meshollama_buffer = b""
+                return buffered
+            if n == 0:
+                return b""
+            self._meshollama_buffer = buffered[n:]
+            return buffered[:n]
+        data = await stock(self, max(n or 0, READ_CHUNK) if n != 0 else 0)
+        if n is not None and len(data) > n:
+            self._meshollama_buffer = data[n:]
+            return data[:n]
+        return data
+
+    _STOCK_TCP_READ = stock
+    TrioTCPStream.read = read
