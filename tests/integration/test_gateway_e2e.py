@@ -205,3 +205,36 @@ async def test_faults_retry_error_and_route_around(tmp_path):
                 survivor_fake.clear_faults()
                 c.signal(victim, signal.SIGKILL)
             assert result["peer"] == survivor.peer_id
+
+
+async def test_a_pulled_model_is_announced_at_once_and_routed(tmp_path):
+    """Heartbeats every 10 s and Ollama polled every 60 s: a model pulled on B shows
+    in A's /api/tags well before either timer could have carried it, because the
+    pull itself triggers B's refresh and an immediate heartbeat."""
+    env = {"MESHOLLAMA_OLLAMA_REFRESH_INTERVAL": "60"}
+    with trio.fail_after(120):
+        async with trio.open_nursery() as fn, cluster(tmp_path) as c:
+            fa = await fn.start(partial(serve_fake, ["alpha:latest"], name="A"))
+            fb = await fn.start(partial(serve_fake, ["beta:latest"], name="B"))
+            a = await c.start("a", "--backend", "ollama", "--ollama-url", fa.url, heartbeat=10.0, env=env)
+            b = await c.start("b", "--backend", "ollama", "--ollama-url", fb.url, heartbeat=10.0, env=env,
+                              bootstrap=a)
+
+            async def tags(node) -> set[str]:
+                r = await c.client.get(node.api + "/api/tags")
+                return {m["name"] for m in r.json()["models"]}
+
+            with trio.fail_after(60):
+                await c.wait_until(lambda: _has(tags(a), "beta:latest"))
+            r = await c.client.post(b.api + "/api/pull", content=b'{"model":"fresh-model","stream":false}')
+            assert r.status_code == 200 and r.json() == {"status": "success"}
+            with trio.fail_after(8):  # < one 10 s heartbeat interval, far below the 60 s poll
+                await c.wait_until(lambda: _has(tags(a), "fresh-model:latest"))
+            r = await c.client.post(a.api + "/api/generate",
+                                    content=b'{"model":"fresh-model","prompt":"x","stream":false}')
+            assert r.status_code == 200 and r.headers[PEER] == b.peer_id
+            fn.cancel_scope.cancel()
+
+
+async def _has(names, name: str) -> bool:
+    return name in await names
