@@ -402,6 +402,26 @@ async def test_busy_backend_and_inbound_limit_answer_busy():
                         pass
 
 
+async def test_open_streams_per_peer_are_bounded_idle_ones_included():
+    """Limits 8 total / 1 per peer: at most 2 open streams from one peer."""
+    with trio.fail_after(20):
+        async with http_pair(ScriptedBackend(), limiter=InboundLimiter(8, 1)) as (a, b, up, _):
+            parked = [await b.open_stream(a.peer_id, PROTOCOL) for _ in range(2)]
+            extra = await b.open_stream(a.peer_id, PROTOCOL)
+            answer = await extra.read(4096)
+            assert answer[:1] == b"\x05" and b"too many open streams" in answer  # an Error frame
+            for s in parked:
+                await s.close()
+            await extra.close()
+            # once they are gone, requests are served again
+            while True:
+                try:
+                    assert await fetch(up) == b"a\nb\n"
+                    break
+                except UpstreamBusy:
+                    await trio.sleep(0.05)
+
+
 async def test_peer_marked_down_releases_waiting_caller():
     backend = ScriptedBackend(chunks=(b'{"n":0}\n',), then="hang")
     with trio.fail_after(20):

@@ -417,12 +417,25 @@ class HttpStreamServer:
     ) -> None:
         self._backend = backend
         self._limiter = limiter
+        self._streams = InboundLimiter(2 * limiter.total, 2 * limiter.per_peer)
         self._max_body = max_body_bytes
         self._idle_timeout = idle_timeout
         self._on_reject = on_reject or (lambda reason: None)
         self._on_error = on_error or (lambda kind: None)
 
     async def handle(self, stream: Stream) -> None:
+        # Open streams (idle keep-alive ones included) are bounded too, at twice
+        # the request limits: a peer cannot park unbounded idle streams here.
+        if not self._streams.try_acquire(stream.peer_id):
+            self._on_reject("streams")
+            await self._send_error(stream, "busy", "peer has too many open streams", 503)
+            return
+        try:
+            await self._handle(stream)
+        finally:
+            self._streams.release(stream.peer_id)
+
+    async def _handle(self, stream: Stream) -> None:
         send, inbox = trio.open_memory_channel(8)
         answering: list[trio.CancelScope] = []
         async with trio.open_nursery() as nursery:
