@@ -282,9 +282,9 @@ class P2PConfig:
     # Generous for a slow link, short enough that a stuck peer is given up on.
     stream_timeout: float = _opt(_positive(), 10.0, "max seconds for one stream open/negotiate/write")
     # Bounds the tasks and memory a flood of streams can take; ample for one machine.
-    max_inbound_streams: int = _opt(_int(1), 256, "concurrent inbound streams, all peers")
+    max_inbound_streams: int = _opt(_int(1), 256, "requests from peers served at once, all peers")
     # One peer may take at most a quarter of the inbound budget.
-    max_inbound_per_peer: int = _opt(_int(1), 64, "concurrent inbound streams per peer")
+    max_inbound_per_peer: int = _opt(_int(1), 64, "requests from one peer served at once")
     # A dead bootstrap peer costs little, a restarted one is found within half a minute.
     bootstrap_retry_max: float = _opt(_positive(), 30.0, "cap on seconds between bootstrap redials")
 
