@@ -467,3 +467,28 @@ async def test_management_upstream_errors_are_relayed_or_explicit():
         async with running_gateway(mesh, backend=None) as gw, httpx.AsyncClient(base_url=gw.url) as client:
             r = await client.post("/api/copy", content=b'{"source":"a","destination":"b"}')
             assert r.status_code == 502 and "no local backend" in r.json()["error"]
+
+
+async def test_a_non_streamed_answer_keeps_its_content_length():
+    """Framed as the backend framed it (Ollama sends Content-Length for stream:false)."""
+    body = b'{"model":"llama3","response":"hi","done":true}'
+    mesh = FakeMesh()
+    mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(
+        headers=JSON + (("content-length", str(len(body))),), body=[body])))
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/generate", content=b'{"model":"llama3","prompt":"x","stream":false}')
+            assert r.status_code == 200 and r.content == body
+            assert r.headers["content-length"] == str(len(body))
+            assert "transfer-encoding" not in r.headers
+
+
+async def test_a_body_shorter_than_its_content_length_is_an_error_not_a_truncation():
+    mesh = FakeMesh()
+    mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(
+        headers=JSON + (("content-length", "500"),), body=[b'{"model":"llama3",', Break("backend died")])))
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post("/api/generate", content=b'{"model":"llama3","prompt":"x","stream":false}')
+            assert (await client.get("/api/version")).status_code == 200  # and the gateway goes on

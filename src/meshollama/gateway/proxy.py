@@ -107,6 +107,22 @@ def response_headers(headers: Headers) -> Headers:
     return tuple((k, v) for k, v in forwardable(headers) if k not in _DROP_RESPONSE)
 
 
+def declared_length(status: int, headers: Headers) -> Headers:
+    """The upstream's Content-Length, relayed with a non-streamed body passed on
+    unchanged: the answer is then framed as Ollama framed it and goes out in
+    one write, where chunked framing costs the client more parsing and an
+    extra write. A body cut short still fails loudly (the connection closes
+    before the declared length). Streamed bodies (NDJSON, SSE) stay chunked,
+    so a wrong length from a peer can never cut a stream and an error line
+    can still end it."""
+    value = header(headers, "content-length")
+    ctype = (header(headers, "content-type") or "").lower()
+    if (value is None or not value.strip().isdigit() or status < 200 or status in (204, 304)
+            or "ndjson" in ctype or "event-stream" in ctype):
+        return ()
+    return (("content-length", value.strip()),)
+
+
 # --- bookkeeping ------------------------------------------------------------
 
 
@@ -426,7 +442,8 @@ class Proxy:
         out.content_type = header(resp.headers, "content-type", "") or ""
         self.metrics.ttfb.labels(endpoint.label).observe(trio.current_time() - out.started)
         closing = (("connection", "close"),) if out.body_unread else ()  # an upload the backend did not read
-        await responder.start(resp.status, response_headers(resp.headers) + ((PEER_HEADER, peer),) + closing)
+        headers = response_headers(resp.headers) + declared_length(resp.status, resp.headers)
+        await responder.start(resp.status, headers + ((PEER_HEADER, peer),) + closing)
         if first is not None:
             attempt.relayed(first)
             await responder.body(first)

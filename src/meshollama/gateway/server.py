@@ -26,6 +26,49 @@ DEFAULT_GRACE_PERIOD = 10.0  # seconds in-flight answers get on shutdown
 _SLACK = 2.0  # on top of the grace period, for Hypercorn's own lifespan shutdown
 
 
+_h11_patched = False
+
+
+def patch_h11_head_with_body() -> None:
+    """Send a response's head in the same socket write as its first body bytes (idempotent).
+
+    Hypercorn writes the status line and headers on ``http.response.start``,
+    then each body chunk, each with its own ``send()``, so a one-chunk answer
+    cost two or three system calls and as many wake-ups of the client. The
+    gateway starts a response only once it has its first body bytes (a
+    failing upstream must stay retryable), so holding the head until the
+    next event adds no delay. Empty writes (the end of a Content-Length
+    body) are skipped. Measured with ``bench_gateway.py``: together with
+    relaying Content-Length, about 1 ms off the remote path's p50.
+    """
+    global _h11_patched
+    if _h11_patched:
+        return
+    import h11
+    from hypercorn.events import RawData
+    from hypercorn.protocol.h11 import H11Protocol
+
+    async def send_h11_event(self, event) -> None:
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        if isinstance(event, h11.Response):
+            self._meshollama_head = data
+            return
+        head = getattr(self, "_meshollama_head", b"")
+        if head:
+            self._meshollama_head = b""
+            data = head + data
+        if data:
+            await self.send(RawData(data=data))
+
+    H11Protocol._send_h11_event = send_h11_event
+    _h11_patched = True
+
+
 def hypercorn_config(listen: str, grace_period: float = DEFAULT_GRACE_PERIOD) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [listen]
@@ -104,6 +147,7 @@ async def serve_gateway(
 
 async def _serve(app: Any, listen: str, task_status: trio.TaskStatus[str], grace_period: float) -> None:
     config = hypercorn_config(listen, grace_period)
+    patch_h11_head_with_body()
     shutdown = trio.Event()
     # Shielded, so that cancelling us triggers a graceful shutdown instead
     # of killing in-flight answers at once; its deadline is the backstop.

@@ -323,6 +323,14 @@ class PeerUpstream(Upstream):
 # --- server ------------------------------------------------------------------
 
 
+def _length(headers) -> tuple[tuple[str, str], ...]:
+    """Content-Length travels with a body relayed unchanged (``forwardable`` drops it)."""
+    for k, v in headers:
+        if k.lower() == "content-length" and v.strip().isdigit():
+            return (("content-length", v.strip()),)
+    return ()
+
+
 class _Failed:
     """The body iterator raised: hand the exception to the consumer."""
 
@@ -536,7 +544,7 @@ class HttpStreamServer:
         started = False
         try:
             async with self._backend.open(request) as resp, _read_ahead(resp.body) as pieces:
-                head = frames.encode(frames.Response(resp.status, forwardable(resp.headers)))
+                head = frames.encode(frames.Response(resp.status, forwardable(resp.headers) + _length(resp.headers)))
                 # The head goes out with the first piece of body: one frame fewer per
                 # answer, and a backend failing before its first byte is still an
                 # "unavailable" the caller may retry elsewhere.
