@@ -16,6 +16,12 @@ def _frozen(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(d or {}))
 
 
+# Facts of a *loaded* model that a backend may put in ``ModelInfo.details``
+# (Ollama's /api/ps reports them); they are not part of Ollama's ModelDetails,
+# so /api/tags leaves them out and only /api/ps shows them.
+RUNNING_FACTS = ("expires_at", "size_vram", "context_length")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """One model a node serves.

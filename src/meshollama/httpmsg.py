@@ -53,6 +53,15 @@ def forwardable(headers: Headers) -> Headers:
     return tuple((k.lower(), v) for k, v in headers if k.lower() not in HOP_BY_HOP)
 
 
+def content_length(headers: Headers) -> Headers:
+    """The Content-Length header, if valid: it may travel with a body relayed
+    unchanged (``forwardable`` drops it, since a re-framed body needs its own)."""
+    for k, v in headers:
+        if k.lower() == "content-length" and v.strip().isdigit():
+            return (("content-length", v.strip()),)
+    return ()
+
+
 def header(headers: Headers, name: str, default: str | None = None) -> str | None:
     """First value of header ``name`` (case-insensitive)."""
     name = name.lower()

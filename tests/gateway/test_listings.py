@@ -174,3 +174,14 @@ def test_parse_time_garbage(text):
 
 def test_format_time_is_rfc3339_utc():
     assert re.fullmatch(r"2024-05-01T10:00:00Z", listings.format_time(1714557600.0))
+
+
+def test_running_facts_show_in_ps_not_in_tags_details():
+    facts = {"family": "llama", "expires_at": "2318-08-01T00:00:00Z", "size_vram": 7, "context_length": 4096}
+    loaded = ModelInfo(name="llama3:latest", digest=A64, size=10, loaded=True, details=facts)
+    s = snap(peer("p1", loaded))
+    (tag,) = listings.tags(s)["models"]
+    assert tag["details"]["family"] == "llama"
+    assert not {"expires_at", "size_vram", "context_length"} & set(tag["details"])
+    (ps,) = listings.ps(s, wall_now=0.0)["models"]
+    assert (ps["expires_at"], ps["size_vram"], ps["context_length"]) == ("2318-08-01T00:00:00Z", 7, 4096)

@@ -492,3 +492,33 @@ async def test_a_body_shorter_than_its_content_length_is_an_error_not_a_truncati
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.post("/api/generate", content=b'{"model":"llama3","prompt":"x","stream":false}')
             assert (await client.get("/api/version")).status_code == 200  # and the gateway goes on
+
+
+async def test_router_learns_speed_only_from_streamed_answers_of_warm_models():
+    """A non-streamed first byte is the whole generation and a cold one is a model
+    load: neither may be taken for the peer's speed (it would bench the peer)."""
+    from meshollama import names
+
+    key = names.key("llama3")
+    lines = [b'{"response":"a","done":false}\n', b'{"response":"b","done":false}\n', b'{"done":true}\n']
+    mesh = FakeMesh()
+    mesh.add("warm", [model("llama3:latest", loaded=True)], FakeUpstream("warm", Script(body=lines),
+             Script(headers=JSON, body=[b'{"done":true}'])))
+    mesh.add("cold", [LLAMA], FakeUpstream("cold", Script(body=lines)))
+    with trio.fail_after(10):
+        async with running_gateway(mesh, routing="round_robin") as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            stats = gw.proxy.stats
+            for _ in range(2):  # round robin: one streamed answer from each peer
+                assert (await client.post("/api/generate", content=gen())).status_code == 200
+            now = trio.current_time()
+            assert stats.view("warm", now, key).latency_ewma is not None  # streamed, warm: a speed sample
+            assert stats.view("cold", now, key).latency_ewma is None  # cold: a load, not a speed
+            assert stats.view("cold", now, key).gap_ewma is not None  # the pace of its tokens still counts
+            before = stats.view("warm", now, key).latency_ewma
+            peers = []
+            for _ in range(2):  # the next turn is cold's, then warm's
+                r = await client.post("/api/generate", content=gen(stream=False))
+                assert r.status_code == 200
+                peers.append(r.headers["x-meshollama-peer"])
+            assert peers == ["cold", "warm"]
+            assert stats.view("warm", trio.current_time(), key).latency_ewma == before  # non-streamed: nothing

@@ -59,3 +59,16 @@ async def test_served_answers_are_unchanged_on_the_wire():
                 assert r.status_code == 200 and "version" in r.json()
             r = await client.head("/")
             assert r.status_code == 200 and r.content == b""
+
+
+async def test_ollamas_content_length_reaches_the_client_for_a_non_streamed_answer():
+    """Through the real OllamaBackend: framed as Ollama framed it; streams stay chunked."""
+    from .test_conformance_checks import CHAT, stand_in
+
+    with trio.fail_after(10):
+        async with stand_in() as env:
+            r = await env.client.post("/api/generate", json={"model": CHAT, "prompt": "hi", "stream": False})
+            assert r.status_code == 200
+            assert r.headers["content-length"] == str(len(r.content)) and "transfer-encoding" not in r.headers
+            async with env.client.stream("POST", "/api/generate", json={"model": CHAT, "prompt": "hi"}) as s:
+                assert s.headers.get("transfer-encoding") == "chunked" and "content-length" not in s.headers

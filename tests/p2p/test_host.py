@@ -233,10 +233,11 @@ class ScriptedBackend:
 
 
 @asynccontextmanager
-async def http_pair(backend, *, limiter=None, max_body=4 << 20, pool=None, idle_timeout=30.0):
+async def http_pair(backend, *, limiter=None, max_body=4 << 20, pool=None, idle_timeout=30.0, stream_timeout=5.0):
     server = HttpStreamServer(backend, limiter or InboundLimiter(8, 4), max_body_bytes=max_body,
                               idle_timeout=idle_timeout)
-    async with running_hosts(settings(), settings(), handlers={PROTOCOL: server.handle}) as (a, b):
+    hosts = (settings(stream_timeout=stream_timeout), settings(stream_timeout=stream_timeout))
+    async with running_hosts(*hosts, handlers={PROTOCOL: server.handle}) as (a, b):
         await b.connect(a.addrs())
         scopes = PeerScopes()
         pool = pool or StreamPool(b.open_stream)
@@ -301,6 +302,69 @@ async def test_stream_closed_by_server_idle_timeout_is_retried_on_a_fresh_one():
             assert await fetch(up) == b"a\nb\n"
             assert (pool.opened, pool.reused) == (2, 1)
             assert len(backend.requests) == 2
+
+
+async def test_forgotten_idle_streams_are_returned_for_reset():
+    """A peer marked down on a blip keeps its connection: idle streams dropped
+    from the pool must be reset, or they keep Yamux slots and the peer's
+    open-stream allowance (here 8: a third round would be refused) until its idle timeout."""
+    pool = StreamPool(None)
+    with trio.fail_after(20):
+        async with http_pair(ScriptedBackend(), pool=pool, limiter=InboundLimiter(16, 4)) as (a, b, up, _):
+            for _round in range(3):
+                async with trio.open_nursery() as n:
+                    for _ in range(4):
+                        n.start_soon(fetch, up)
+                assert pool.idle_count(a.peer_id) == 4
+                dropped = pool.forget(a.peer_id)
+                assert len(dropped) == 4 and pool.idle_count(a.peer_id) == 0
+                for stream in dropped:
+                    await stream.reset()
+                while b._host.get_network().get_connections()[0].muxed_conn.stream_backlog_semaphore.value < 255:
+                    await trio.sleep(0.01)  # slots come back as the resets land
+
+
+async def test_big_answers_are_written_in_slices_each_with_its_own_deadline():
+    """Stream.write's deadline covers one call: a 4 MiB piece written at once must
+    drain within stream_timeout (10 s by default), so a reader slower than
+    ~400 KB/s would lose the answer. Slices keep each write to 64 KiB."""
+    from meshollama.p2p import httpstream
+
+    sizes = []
+
+    class Recording:
+        async def write(self, data: bytes, *, timeout=None) -> None:
+            sizes.append(len(data))
+
+    await httpstream._write(Recording(), b"x" * (4 << 20) + b"tail")
+    assert sum(sizes) == (4 << 20) + 4 and max(sizes) <= httpstream.WRITE_SLICE
+
+
+class _CleanupFails:
+    """The answer completes, then leaving the backend's context raises."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    @asynccontextmanager
+    async def open(self, request):
+        self.n += 1
+        n = self.n
+
+        async def body():
+            yield b"answer %d\n" % n
+
+        yield ProxyResponse(200, (("content-type", "application/json"),), body())
+        if n == 1:
+            raise RuntimeError("close failed")
+
+
+async def test_a_failure_after_end_never_reaches_the_next_request_on_the_stream():
+    pool = StreamPool(None)
+    with trio.fail_after(20):
+        async with http_pair(_CleanupFails(), pool=pool) as (a, b, up, _):
+            assert await fetch(up) == b"answer 1\n"
+            assert await fetch(up) == b"answer 2\n"  # not the first answer's late Error frame
 
 
 async def test_pool_opens_streams_within_the_connect_timeout():

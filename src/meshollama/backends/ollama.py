@@ -42,9 +42,9 @@ import httpx
 import trio
 
 from .. import names
-from ..catalog import LoadInfo, ModelInfo
+from ..catalog import RUNNING_FACTS, LoadInfo, ModelInfo
 from ..errors import ConfigError, UpstreamBroken, UpstreamUnavailable
-from ..httpmsg import ProxyRequest, ProxyResponse, forwardable
+from ..httpmsg import ProxyRequest, ProxyResponse, content_length, forwardable
 from .base import ChangeNotifier
 
 log = logging.getLogger("meshollama.backend.ollama")
@@ -78,9 +78,6 @@ def split_url(url: str) -> tuple[str, str]:
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     hostport = f"{host}:{port}"
     return f"{parts.scheme}://{hostport}{parts.path.rstrip('/')}", hostport
-
-
-RUNNING_FACTS = ("expires_at", "size_vram", "context_length")  # what /api/ps adds to a loaded model
 
 
 def loaded_state(ps: Any) -> dict[str, dict[str, Any]]:
@@ -311,7 +308,8 @@ class OllamaBackend(ChangeNotifier):
             try:
                 status = response.status_code
                 headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw)
-                yield ProxyResponse(status, forwardable(headers), self._body(response))
+                # Content-Length stays: the body is relayed unchanged (we ask for identity encoding).
+                yield ProxyResponse(status, forwardable(headers) + content_length(headers), self._body(response))
             finally:
                 with trio.CancelScope(shield=True):
                     await response.aclose()  # mid-body this drops the connection: Ollama stops

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import names
-from ..catalog import ModelInfo
+from ..catalog import RUNNING_FACTS, ModelInfo
 from ..mesh.peertable import PeerView, Snapshot
 
 # Go's zero time: what Ollama itself would print for an unknown timestamp.
@@ -63,7 +63,8 @@ def format_time(unix: float) -> str:
 def _details(m: ModelInfo) -> dict[str, Any]:
     out = dict(_BASE_DETAILS)
     for k, v in m.details.items():
-        out[k] = list(v) if isinstance(v, tuple) else v
+        if k not in RUNNING_FACTS:  # /api/ps's, not part of Ollama's ModelDetails
+            out[k] = list(v) if isinstance(v, tuple) else v
     return out
 
 

@@ -43,7 +43,7 @@ from ..errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from ..httpmsg import Headers, ProxyRequest, ProxyResponse, Upstream, forwardable, header
+from ..httpmsg import Headers, ProxyRequest, ProxyResponse, Upstream, content_length, forwardable, header
 from .asgi import (
     ASGIApp,
     BodyStream,
@@ -107,6 +107,17 @@ def response_headers(headers: Headers) -> Headers:
     return tuple((k, v) for k, v in forwardable(headers) if k not in _DROP_RESPONSE)
 
 
+def _streamed(content_type: str) -> bool:
+    ctype = content_type.lower()
+    return "ndjson" in ctype or "event-stream" in ctype
+
+
+def _warm(snapshot: Any, peer_id: str, model_key: str) -> bool:
+    view = snapshot.get(peer_id)
+    model = view.model(model_key) if view is not None else None
+    return bool(model is not None and model.loaded)
+
+
 def declared_length(status: int, headers: Headers) -> Headers:
     """The upstream's Content-Length, relayed with a non-streamed body passed on
     unchanged: the answer is then framed as Ollama framed it and goes out in
@@ -115,12 +126,9 @@ def declared_length(status: int, headers: Headers) -> Headers:
     before the declared length). Streamed bodies (NDJSON, SSE) stay chunked,
     so a wrong length from a peer can never cut a stream and an error line
     can still end it."""
-    value = header(headers, "content-length")
-    ctype = (header(headers, "content-type") or "").lower()
-    if (value is None or not value.strip().isdigit() or status < 200 or status in (204, 304)
-            or "ndjson" in ctype or "event-stream" in ctype):
+    if status < 200 or status in (204, 304) or _streamed(header(headers, "content-type") or ""):
         return ()
-    return (("content-length", value.strip()),)
+    return content_length(headers)
 
 
 # --- bookkeeping ------------------------------------------------------------
@@ -145,6 +153,7 @@ class _Try:
     started: float
     routed: bool = False  # feeds the router's stats
     model_key: str = ""
+    warm: bool = False  # the snapshot said the model was loaded there: a first byte measures speed, not a load
     ttfb: float | None = None
     ok: bool = False
     pieces: int = 0  # body lines relayed (streamed tokens, for NDJSON and SSE)
@@ -320,7 +329,8 @@ class Proxy:
         tries = order[: 1 + self.retries]
         last: tuple[str, Answer] | None = None
         for n, peer in enumerate(tries, 1):
-            failure = await self._attempt(endpoint, peer, None, request, responder, out, retry_5xx=True, model_key=key)
+            failure = await self._attempt(endpoint, peer, None, request, responder, out, retry_5xx=True,
+                                          model_key=key, warm=_warm(snapshot, peer, key))
             if failure is None:
                 return
             log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, failure.kind, failure.message)
@@ -356,12 +366,13 @@ class Proxy:
         *,
         retry_5xx: bool,
         model_key: str = "",
+        warm: bool = False,
     ) -> _Failure | None:
         """One try on one peer. None: the client got a complete answer (or an
         explicit mid-stream error). A :class:`_Failure`: nothing was sent, the
         caller may try elsewhere. Raises :class:`ClientGone`."""
         track = upstream is None  # routed tries feed the router's stats; local management does not
-        attempt = _Try(started=trio.current_time(), routed=track, model_key=model_key)
+        attempt = _Try(started=trio.current_time(), routed=track, model_key=model_key, warm=warm)
         if track:
             self.stats.started(peer, attempt.started)
         failure: _Failure | None = None
@@ -436,10 +447,13 @@ class Proxy:
             return _Failure("broken", f"failed before the first byte: {exc}")
         # Commit: from here on the answer is this peer's.
         attempt.ttfb = trio.current_time() - attempt.started
-        if attempt.routed:  # the router learns the peer's speed at once
-            self.stats.first_byte(peer, trio.current_time(), attempt.ttfb, model=attempt.model_key)
         out.peer = peer
         out.content_type = header(resp.headers, "content-type", "") or ""
+        # The router learns the peer's speed at once, from streamed answers on a
+        # warm model only: a non-streamed first byte is the whole generation,
+        # and a cold one is a model load (COLD_PENALTY already counts those).
+        if attempt.routed and attempt.warm and _streamed(out.content_type):
+            self.stats.first_byte(peer, trio.current_time(), attempt.ttfb, model=attempt.model_key)
         self.metrics.ttfb.labels(endpoint.label).observe(trio.current_time() - out.started)
         closing = (("connection", "close"),) if out.body_unread else ()  # an upload the backend did not read
         headers = response_headers(resp.headers) + declared_length(resp.status, resp.headers)

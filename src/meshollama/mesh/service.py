@@ -161,7 +161,12 @@ class MeshService:
     def _abort_peer(self, peer_id: str) -> None:
         """The peer is down or gone: release callers waiting on it, drop its idle streams."""
         self.scopes.cancel_peer(peer_id)
-        self.pool.forget(peer_id)
+        nursery = getattr(self, "_nursery", None)
+        for stream in self.pool.forget(peer_id):
+            try:  # the connection may still be up (a liveness blip): give its slots back
+                nursery.start_soon(stream.reset)
+            except (AttributeError, RuntimeError):  # no host running: its connections are gone
+                pass
 
     # --- running ---------------------------------------------------------------
 

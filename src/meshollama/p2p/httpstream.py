@@ -43,7 +43,7 @@ from ..errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from ..httpmsg import ProxyRequest, ProxyResponse, Upstream, forwardable
+from ..httpmsg import ProxyRequest, ProxyResponse, Upstream, content_length, forwardable
 from ..limits import InboundLimiter
 from ..wire import frames
 from .stream import Stream
@@ -52,6 +52,8 @@ log = logging.getLogger("meshollama.p2p")
 
 PROTOCOL = "/meshollama/http/1.1.0"
 READ_SIZE = 64 * 1024
+WRITE_SLICE = 64 * 1024  # one stream.write, each within stream_timeout even on a slow link
+MAX_PIECE = 256 * 1024  # the most body the read-ahead joins into one piece
 SERVER_IDLE_TIMEOUT = 30.0
 CLIENT_IDLE_TTL = 15.0  # well under the server's idle timeout, so we never race its close
 MAX_IDLE_PER_PEER = 16
@@ -188,12 +190,18 @@ class StreamPool:
         else:
             await stream.close()
 
-    def forget(self, peer_id: str | None = None) -> None:
-        """Drop idle streams to one peer (or all): its connection is gone or going."""
+    def forget(self, peer_id: str | None = None) -> list[Stream]:
+        """Drop idle streams to one peer (or all): its connection is gone or going.
+
+        Returns them: the caller must reset them if the connection may still be
+        up (a liveness blip), or each keeps one of Yamux's 256 stream slots on
+        the connection and a handler on the peer until its idle timeout."""
         if peer_id is None:
+            dropped = [s for idle in self._idle.values() for _, s, _ in idle]
             self._idle.clear()
         else:
-            self._idle.pop(peer_id, None)
+            dropped = [s for _, s, _ in self._idle.pop(peer_id, [])]
+        return dropped
 
     def idle_count(self, peer_id: str) -> int:
         return len(self._idle.get(peer_id, ()))
@@ -323,12 +331,10 @@ class PeerUpstream(Upstream):
 # --- server ------------------------------------------------------------------
 
 
-def _length(headers) -> tuple[tuple[str, str], ...]:
-    """Content-Length travels with a body relayed unchanged (``forwardable`` drops it)."""
-    for k, v in headers:
-        if k.lower() == "content-length" and v.strip().isdigit():
-            return (("content-length", v.strip()),)
-    return ()
+async def _write(stream: Stream, data: bytes) -> None:
+    """Write in slices, so each write's deadline holds even for a big answer on a slow link."""
+    for i in range(0, len(data), WRITE_SLICE):
+        await stream.write(data[i : i + WRITE_SLICE])
 
 
 class _Failed:
@@ -367,8 +373,9 @@ async def _read_ahead(body: AsyncIterator[bytes], depth: int = 64) -> AsyncItera
             if isinstance(item, _Failed):
                 raise item.exc
             parts = [item]
+            size = len(item)
             last = False
-            while True:
+            while size < MAX_PIECE:
                 try:
                     more = recv.receive_nowait()
                 except trio.WouldBlock:
@@ -380,6 +387,7 @@ async def _read_ahead(body: AsyncIterator[bytes], depth: int = 64) -> AsyncItera
                     failed = more
                     break
                 parts.append(more)
+                size += len(more)
             yield (parts[0] if len(parts) == 1 else b"".join(parts)), last
             if failed is not None:
                 raise failed.exc
@@ -541,23 +549,25 @@ class HttpStreamServer:
 
     async def _answer(self, stream: Stream, request: ProxyRequest) -> bool:
         """Answer one request; True when the stream is fit for the next one."""
-        started = False
+        started = ended = False
         try:
             async with self._backend.open(request) as resp, _read_ahead(resp.body) as pieces:
-                head = frames.encode(frames.Response(resp.status, forwardable(resp.headers) + _length(resp.headers)))
+                head = frames.encode(frames.Response(resp.status, forwardable(resp.headers) + content_length(resp.headers)))
                 # The head goes out with the first piece of body: one frame fewer per
                 # answer, and a backend failing before its first byte is still an
                 # "unavailable" the caller may retry elsewhere.
-                ended = False
                 async for piece, last in pieces:
                     end = frames.encode(frames.End()) if last else b""
-                    await stream.write(head + frames.encode_data(piece) + end)
+                    await _write(stream, head + frames.encode_data(piece) + end)
                     head = b""
                     started, ended = True, last
                 if not ended:
                     await stream.write(head + frames.encode(frames.End()))
+                    ended = True
             return True
         except UpstreamError as exc:
+            if ended:
+                return await self._failed_after_end(stream, request, exc)
             code = "busy" if isinstance(exc, UpstreamBusy) else "unavailable"
             status = 503 if code == "busy" else 502
             await self._send_error(stream, code if not started else "internal", str(exc), status)
@@ -565,8 +575,20 @@ class HttpStreamServer:
             self._on_error(type(exc).__name__)
             await stream.reset()
         except Exception as exc:
+            if ended:
+                return await self._failed_after_end(stream, request, exc)
             log.exception("backend failed answering %s %s", request.method, request.path)
             await self._send_error(stream, "internal", f"internal error: {type(exc).__name__}", 500)
+        return False
+
+    @staticmethod
+    async def _failed_after_end(stream: Stream, request: ProxyRequest, exc: BaseException) -> bool:
+        """The answer was complete (End sent, the caller may have pooled the
+        stream) when the backend's cleanup failed: an Error frame now would be
+        read as the answer to the caller's next request. Reset instead; the
+        caller retries a reset pooled stream on a fresh one."""
+        log.warning("backend failed after answering %s %s: %r", request.method, request.path, exc)
+        await stream.reset()
         return False
 
     @staticmethod

@@ -97,7 +97,13 @@ def patch_yamux_window_updates() -> None:
         async with self.window_lock:
             buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
             owed = self.target_recv_window - (self.recv_window + buffered)
-            if owed <= 0 or owed < self._grow_threshold():
+            if owed <= 0:
+                return
+            # Batch while the sender still has half a window of credit; once it
+            # has less, grant what is owed on every read, as the stock code does:
+            # py-libp2p's writer gives up after 5 s at zero window, so a slow
+            # reader must not hold back credit it has already freed.
+            if owed < self._grow_threshold() and self.recv_window >= self._grow_threshold():
                 return
             increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
             self._pending_recv_release = 0
@@ -132,6 +138,8 @@ def patch_buffered_tcp_reads() -> None:
     stock = TrioTCPStream.read
 
     async def read(self, n: int | None = None) -> bytes:
+        # One reader per connection (Yamux's incoming-data task), as in
+        # py-libp2p 0.8.1; buffered bytes are served without the read lock.
         buffered = getattr(self, "_meshollama_buffer", None)
         if buffered:
             if n is None or n >= len(buffered):
