@@ -37,6 +37,7 @@ from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
 from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
 from ..p2p.ping import Pinger
 from . import announce
+from . import liveness
 from .peertable import ApplyResult, PeerState, PeerTable, Snapshot
 
 log = logging.getLogger("meshollama.mesh")
@@ -410,15 +411,21 @@ class MeshService:
             delay = self.settings.dht_refresh_every
 
     async def _liveness_loop(self, host: P2PHost) -> None:
+        """Ping, each interval, the peers :func:`liveness.peers_to_ping` picks:
+        those our callers wait on every round, idle ones every few rounds."""
+        round_no = 0
         async with trio.open_nursery() as nursery:
             while True:
                 snap = self.table.snapshot(trio.current_time())
-                connected = host.connected_peers()
-                for peer in snap.peers:
-                    watched = peer.state is PeerState.ALIVE or peer.peer_id in self._misses
-                    if (not peer.is_self and watched and peer.peer_id in connected
-                            and not self._pinger.busy(peer.peer_id)):
-                        nursery.start_soon(self._check, peer.peer_id)
+                for pid in liveness.peers_to_ping(
+                    snap,
+                    host.connected_peers(),
+                    round_no,
+                    urgent=lambda p: p in self._misses or self.scopes.count(p) > 0,
+                    busy=self._pinger.busy,
+                ):
+                    nursery.start_soon(self._check, pid)
+                round_no += 1
                 await trio.sleep(self.settings.liveness_interval)
 
     async def _check(self, peer_id: str) -> None:

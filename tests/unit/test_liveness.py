@@ -1,0 +1,49 @@
+"""Which peers get a liveness ping each round (pure)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from meshollama.catalog import LoadInfo
+from meshollama.mesh.liveness import IDLE_PING_EVERY, peers_to_ping
+from meshollama.mesh.peertable import PeerState, PeerView, Snapshot
+
+
+def view(pid: str, state: PeerState = PeerState.ALIVE, is_self: bool = False) -> PeerView:
+    return PeerView(peer_id=pid, addrs=(), api_url="", version="0.1.0", models=(), load=LoadInfo(),
+                    seq=1, last_seen=0.0, state=state, is_self=is_self)
+
+
+PEERS = [f"12D3KooWpeer{i:02d}" for i in range(20)]
+SNAP = Snapshot(peers=tuple([view("me", is_self=True)] + [view(p) for p in PEERS]), taken_at=0.0)
+
+
+def rounds(n: int, *, urgent=frozenset(), busy=frozenset(), connected=frozenset(PEERS), snap=SNAP) -> Counter:
+    got: Counter = Counter()
+    for r in range(n):
+        got.update(peers_to_ping(snap, set(connected), r, urgent=urgent.__contains__, busy=busy.__contains__))
+    return got
+
+
+def test_idle_peers_are_pinged_once_every_few_rounds_spread_out():
+    got = rounds(IDLE_PING_EVERY * 4)
+    assert set(got) == set(PEERS) and set(got.values()) == {4}  # each exactly once per IDLE_PING_EVERY rounds
+    per_round = [len(peers_to_ping(SNAP, set(PEERS), r, urgent=lambda p: False, busy=lambda p: False))
+                 for r in range(IDLE_PING_EVERY)]
+    assert sum(per_round) == len(PEERS) and max(per_round) < len(PEERS)  # spread, not all in one round
+
+
+def test_peers_callers_wait_on_are_pinged_every_round():
+    got = rounds(10, urgent=frozenset({PEERS[3]}))
+    assert got[PEERS[3]] == 10 and got[PEERS[4]] == 2
+
+
+def test_never_self_unconnected_or_already_pinging():
+    got = rounds(10, busy=frozenset({PEERS[0]}), connected=frozenset(PEERS[1:]) - {PEERS[1]})
+    assert "me" not in got and PEERS[0] not in got and PEERS[1] not in got
+
+
+def test_down_peers_are_pinged_only_while_urgent():
+    snap = Snapshot(peers=(view(PEERS[0], PeerState.DOWN),), taken_at=0.0)
+    assert rounds(10, snap=snap) == Counter()
+    assert rounds(10, snap=snap, urgent=frozenset({PEERS[0]}))[PEERS[0]] == 10
