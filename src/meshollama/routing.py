@@ -13,11 +13,13 @@ each peer and picks among the quickest, the way "peak EWMA" balancers do
 * **Rounds: fresh load.** ``(busy + 1) / capacity``: how many turns of the
   peer's slots this request waits, its own included. A heartbeat is up to
   one interval old, so on its own every gateway would send a burst to
-  whoever looked idle. We add the requests *we* sent it since its last
-  heartbeat (``sent_since_heartbeat``) and never count less than what we
-  know is still running there (``max(announced in_flight +
-  sent_since_heartbeat, our in_flight)``: the announced number already
-  includes ours, so adding both would double count). Queued requests count.
+  whoever looked idle (or shun one that just finished a burst). We correct
+  the announced count by our own net change since that heartbeat, the
+  requests we sent minus those that finished, and never count less than
+  what we know is still running there: ``max(announced in_flight +
+  sent_since_heartbeat - finished_since_heartbeat, our in_flight)`` (the
+  announced number already includes ours, so adding both would double
+  count). Queued requests count.
 * **Cold models.** A peer without the model in memory gets
   :data:`COLD_PENALTY` more rounds: a cold load costs seconds.
 * **Slowness.** Counting requests alone treats every peer as equally fast,
@@ -58,6 +60,7 @@ LATENCY_HALF_LIFE = 120.0  # seconds; an old measurement weighs less, so a slow 
 TIER_WIDTH = 0.5  # peers scoring less than best + this are sampled for the pick
 TIE_EPSILON = 0.05  # two sampled peers closer than this are a tie, broken at random
 DEFAULT_ALPHA = 0.3  # EWMA weight of the newest sample
+WARM_FOR = 60.0  # seconds after an answer during which the model counts as loaded there
 
 
 class Strategy(enum.Enum):
@@ -73,6 +76,7 @@ class PeerStats:
 
     in_flight: int = 0  # our requests to it not finished yet
     sent_since_heartbeat: int = 0  # our requests to it since its last heartbeat
+    finished_since_heartbeat: int = 0  # ... and those that ended since then
     latency_ewma: float | None = None  # seconds to first byte, EWMA; None if never measured
     sidelined: bool = False  # recently failed: try it last
     latency_at: float | None = None  # when a speed EWMA last took a sample
@@ -84,12 +88,14 @@ class _Speed:
     ttfb: float | None = None
     gap: float | None = None
     at: float | None = None
+    answered_at: float | None = None  # last successful answer from this (peer, model)
 
 
 @dataclass
 class _Entry:
     in_flight: int = 0
     sent_since_heartbeat: int = 0
+    finished_since_heartbeat: int = 0
     sidelined_until: float = float("-inf")
     heartbeat_seq: int = -1
     speed: dict[str, _Speed] = field(default_factory=dict)  # by model key ("" = any model)
@@ -153,15 +159,25 @@ class RouteStats:
         answers streamed in ``chunks`` >= 2 pieces, the time between pieces."""
         e = self._get(peer_id)
         e.in_flight = max(0, e.in_flight - 1)
+        e.finished_since_heartbeat += 1
         sample = ttfb if ttfb is not None else latency
         if not ok or sample is None or sample < 0:
             return
+        e.speed.setdefault(model, _Speed()).answered_at = now
         if count_ttfb:
             self.first_byte(peer_id, now, sample, model=model)
         sp = e.speed.setdefault(model, _Speed())
         if chunks >= 2 and ttfb is not None and latency is not None and latency >= ttfb:
             sp.gap = _ewma(sp.gap, (latency - ttfb) / (chunks - 1), self.alpha)
             sp.at = now
+
+    def recently_answered(self, peer_id: str, model: str, now: float, within: float = WARM_FOR) -> bool:
+        """A successful answer for ``model`` came from ``peer_id`` in the last
+        ``within`` seconds: the model is loaded there (Ollama keeps it 5 min),
+        even if no heartbeat has said so yet."""
+        e = self._peers.get(peer_id)
+        sp = e.speed.get(model) if e is not None else None
+        return sp is not None and sp.answered_at is not None and now - sp.answered_at <= within
 
     def sideline(self, peer_id: str, now: float, seconds: float) -> None:
         """Try ``peer_id`` last until ``now + seconds`` (extends, never shortens)."""
@@ -170,11 +186,12 @@ class RouteStats:
 
     def heartbeat_seen(self, peer_id: str, seq: int) -> None:
         """A heartbeat with ``seq`` from ``peer_id`` is in our table; a newer one
-        than last time resets ``sent_since_heartbeat``."""
+        than last time resets ``sent_since_heartbeat`` and ``finished_since_heartbeat``."""
         e = self._get(peer_id)
         if seq > e.heartbeat_seq:
             e.heartbeat_seq = seq
             e.sent_since_heartbeat = 0
+            e.finished_since_heartbeat = 0
 
     def observe(self, snapshot: Snapshot) -> None:
         """:meth:`heartbeat_seen` for every peer in ``snapshot``; forgets idle
@@ -196,6 +213,7 @@ class RouteStats:
         return PeerStats(
             in_flight=e.in_flight,
             sent_since_heartbeat=e.sent_since_heartbeat,
+            finished_since_heartbeat=e.finished_since_heartbeat,
             latency_ewma=sp.ttfb,
             sidelined=now < e.sidelined_until,
             latency_at=sp.at,
@@ -209,8 +227,9 @@ def candidates(snapshot: Snapshot, model_key: str) -> tuple[PeerView, ...]:
 
 
 def load_score(peer: PeerView, stats: PeerStats) -> float:
-    """Busy slots per capacity, counting what we sent since the heartbeat."""
-    busy = max(peer.load.in_flight + stats.sent_since_heartbeat, stats.in_flight) + peer.load.queued
+    """Busy slots per capacity, corrected by what we sent and saw finish since the heartbeat."""
+    announced = peer.load.in_flight + stats.sent_since_heartbeat - stats.finished_since_heartbeat
+    busy = max(announced, stats.in_flight, 0) + peer.load.queued
     return busy / max(peer.load.capacity, 1)
 
 

@@ -522,3 +522,5 @@ async def test_router_learns_speed_only_from_streamed_answers_of_warm_models():
                 peers.append(r.headers["x-meshollama-peer"])
             assert peers == ["cold", "warm"]
             assert stats.view("warm", trio.current_time(), key).latency_ewma == before  # non-streamed: nothing
+            # cold answered a moment ago, so it is warm now even before a heartbeat says so
+            assert stats.view("cold", trio.current_time(), key).latency_ewma is not None

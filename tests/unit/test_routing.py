@@ -537,3 +537,34 @@ def test_first_byte_feeds_speed_before_the_stream_ends() -> None:
     st.finished("a", NOW + 9, ok=True, latency=11.0, ttfb=2.0, model=MODEL, chunks=10, count_ttfb=False)
     v = st.view("a", NOW + 9, MODEL)
     assert (v.latency_ewma, v.gap_ewma, v.in_flight) == (2.0, pytest.approx(1.0), 0)
+
+
+def test_recently_answered_means_warm_for_a_while() -> None:
+    st = RouteStats()
+    assert not st.recently_answered("a", MODEL, NOW)
+    st.started("a", NOW)
+    st.finished("a", NOW, ok=True, latency=1.0, ttfb=0.5, model=MODEL)
+    assert st.recently_answered("a", MODEL, NOW + 59)
+    assert not st.recently_answered("a", MODEL, NOW + 61)
+    assert not st.recently_answered("a", names.key("other"), NOW)
+    st.started("b", NOW)
+    st.finished("b", NOW, ok=False, latency=1.0, ttfb=None, model=MODEL)  # a failure proves nothing
+    assert not st.recently_answered("b", MODEL, NOW)
+
+
+def test_requests_that_finished_since_the_heartbeat_free_their_slots_at_once() -> None:
+    """The heartbeat said 4 busy (all ours); 3 ended since: 1 is busy, not 4."""
+    st = RouteStats()
+    for _ in range(4):
+        st.started("a", NOW)
+    sn = snap(peer("a", 4, capacity=4, seq=2), peer("b", 2, capacity=4, seq=2))
+    st.observe(sn)  # a's heartbeat counted our 4
+    for _ in range(3):
+        st.finished("a", NOW, ok=True, latency=1.0, ttfb=0.1, model=MODEL)
+    sc = scores(list(sn.peers), MODEL, st, NOW)
+    assert sc["a"] == pytest.approx(1 / 4 + 1 / 4 + COLD_PENALTY)  # max(4 + 0 - 3, 1) busy
+    assert choose(sn, MODEL, st, NOW, random.Random(0))[0] == "a"  # not b, which really has 2
+    # and never below what we know is still running there
+    st.finished("a", NOW, ok=True, latency=1.0, ttfb=0.1, model=MODEL)
+    st.finished("a", NOW, ok=True, latency=1.0, ttfb=0.1, model=MODEL)  # a stray extra finish
+    assert scores(list(sn.peers), MODEL, st, NOW)["a"] == pytest.approx(0 / 4 + 1 / 4 + COLD_PENALTY)

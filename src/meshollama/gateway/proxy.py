@@ -112,12 +112,6 @@ def _streamed(content_type: str) -> bool:
     return "ndjson" in ctype or "event-stream" in ctype
 
 
-def _warm(snapshot: Any, peer_id: str, model_key: str) -> bool:
-    view = snapshot.get(peer_id)
-    model = view.model(model_key) if view is not None else None
-    return bool(model is not None and model.loaded)
-
-
 def declared_length(status: int, headers: Headers) -> Headers:
     """The upstream's Content-Length, relayed with a non-streamed body passed on
     unchanged: the answer is then framed as Ollama framed it and goes out in
@@ -330,7 +324,7 @@ class Proxy:
         last: tuple[str, Answer] | None = None
         for n, peer in enumerate(tries, 1):
             failure = await self._attempt(endpoint, peer, None, request, responder, out, retry_5xx=True,
-                                          model_key=key, warm=_warm(snapshot, peer, key))
+                                          model_key=key, warm=self._warm(snapshot, peer, key, now))
             if failure is None:
                 return
             log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, failure.kind, failure.message)
@@ -346,6 +340,13 @@ class Proxy:
             await responder.answer(answer.with_headers((PEER_HEADER, peer)))
             return
         raise NoCapacity(f"all peers serving '{model}' are busy or failing (tried {len(tries)})")
+
+    def _warm(self, snapshot: Any, peer_id: str, model_key: str, now: float) -> bool:
+        """The model is loaded on the peer: its heartbeat says so, or it answered
+        for this model a moment ago (the heartbeat may not have caught up)."""
+        view = snapshot.get(peer_id)
+        model = view.model(model_key) if view is not None else None
+        return bool(model is not None and model.loaded) or self.stats.recently_answered(peer_id, model_key, now)
 
     async def _local(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: _Outcome) -> None:
         if self.backend is None:
