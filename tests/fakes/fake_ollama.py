@@ -902,22 +902,33 @@ class FakeOllama:
             },
         )
 
-    async def _generate(self, req: _Req, w: _Writer) -> None:
-        body = self._json(req)
-        stream = self._flag(body, "stream", True)
-        self._bind_checks(body, body.get("images"))
+    def _requested_model(
+        self, body: dict[str, Any], *, missing: tuple[int, str], not_found: str = "model '{name}' not found"
+    ) -> tuple[str, FakeModel]:
+        """The request's model as Ollama checks it: absent (``missing``), malformed (400), unknown (404)."""
         name = body.get("model") or ""
         if not name:
-            raise _HTTPError(404, "model '' not found")
+            raise _HTTPError(*missing)
         if canonical(name) is None:
             raise _HTTPError(400, "invalid model name")
         m = self._find(name)
         if m is None:
-            raise _HTTPError(404, f"model '{name}' not found")
+            raise _HTTPError(404, not_found.format(name=name))
+        return name, m
+
+    def _load_only(self, m: FakeModel, body: dict[str, Any]) -> str:
+        """An empty prompt or message list only loads (or, with keep_alive 0, unloads) the model."""
+        self._mark_loaded(m, body.get("keep_alive"))
+        return "unload" if self._keep_alive_seconds(body.get("keep_alive")) == 0 else "load"
+
+    async def _generate(self, req: _Req, w: _Writer) -> None:
+        body = self._json(req)
+        stream = self._flag(body, "stream", True)
+        self._bind_checks(body, body.get("images"))
+        name, m = self._requested_model(body, missing=(404, "model '' not found"))
         prompt = body.get("prompt") or ""
         if not prompt:
-            self._mark_loaded(m, body.get("keep_alive"))
-            reason = "unload" if self._keep_alive_seconds(body.get("keep_alive")) == 0 else "load"
+            reason = self._load_only(m, body)
             obj = {"model": name, "created_at": _now(), "response": "", "done": True, "done_reason": reason}
             await w.json(200, obj)
             return
@@ -964,20 +975,12 @@ class FakeOllama:
         images = [i for msg in messages if isinstance(msg, dict)
                   for i in (msg.get("images") or [])] if isinstance(messages, list) else []
         self._bind_checks(body, images)
-        name = body.get("model") or ""
-        if not name:
-            raise _HTTPError(400, "model is required")
-        if canonical(name) is None:
-            raise _HTTPError(400, "invalid model name")
-        m = self._find(name)
-        if m is None:
-            raise _HTTPError(404, f"model '{name}' not found")
+        name, m = self._requested_model(body, missing=(400, "model is required"))
         messages = body.get("messages") or []
         if not isinstance(messages, list):
             raise _HTTPError(400, "json: cannot unmarshal into Go struct field ChatRequest.messages")
         if not messages:
-            self._mark_loaded(m, body.get("keep_alive"))
-            reason = "unload" if self._keep_alive_seconds(body.get("keep_alive")) == 0 else "load"
+            reason = self._load_only(m, body)
             await w.json(
                 200,
                 {
@@ -1022,14 +1025,8 @@ class FakeOllama:
 
     async def _embed(self, req: _Req, w: _Writer) -> None:
         body = self._json(req)
-        name = body.get("model") or ""
-        if not name:
-            raise _HTTPError(404, "model '' not found")
-        if canonical(name) is None:
-            raise _HTTPError(400, "invalid model name")
-        m = self._find(name)
-        if m is None:
-            raise _HTTPError(404, f'model "{name}" not found, try pulling it first')
+        name, m = self._requested_model(body, missing=(404, "model '' not found"),
+                                        not_found='model "{name}" not found, try pulling it first')
         inputs = body.get("input")
         if inputs is None or inputs == "":
             inputs = []
