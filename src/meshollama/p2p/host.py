@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
@@ -351,15 +352,8 @@ class P2PHost:
         cache = getattr(self._host.get_network(), "_negative_peer_cache", None)
         if cache is not None:
             cache.evict(str(info.peer_id))
-        try:
-            with trio.fail_after(timeout or self.settings.stream_timeout):
-                await self._host.connect(info)
-        except trio.TooSlowError:
-            raise P2PError(f"dial {info.peer_id} timed out") from None
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            raise P2PError(f"dial {info.peer_id} failed: {type(exc).__name__}: {exc}") from exc
+        with _p2p_errors(f"dial {info.peer_id}", timeout or self.settings.stream_timeout):
+            await self._host.connect(info)
         if self._dht is not None:
             await self._dht_add(info.peer_id)
         return info.peer_id.to_base58()
@@ -369,26 +363,13 @@ class P2PHost:
         from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
-        limit = timeout or self.settings.stream_timeout
-        try:
-            with trio.fail_after(limit):
-                raw = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
-        except trio.TooSlowError:
-            raise P2PError(f"opening {protocol} to {peer_id} timed out after {limit:.1f}s") from None
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            raise P2PError(f"opening {protocol} to {peer_id} failed: {type(exc).__name__}: {exc}") from exc
+        with _p2p_errors(f"opening {protocol} to {peer_id}", timeout or self.settings.stream_timeout):
+            raw = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         return Stream(raw, peer_id, timeout=self.settings.stream_timeout)
 
     async def publish(self, data: bytes) -> None:
-        try:
-            with trio.fail_after(self.settings.stream_timeout):
-                await self._pubsub.publish(TOPIC, data)
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            raise P2PError(f"publish failed: {type(exc).__name__}: {exc}") from exc
+        with _p2p_errors("publish", self.settings.stream_timeout):
+            await self._pubsub.publish(TOPIC, data)
 
     async def next_message(self) -> Message:
         """Next heartbeat-topic message (signature already verified by pubsub)."""
@@ -482,6 +463,23 @@ class _Notifee:
 
     async def listen_close(self, network, multiaddr) -> None:
         pass
+
+
+@contextmanager
+def _p2p_errors(what: str, limit: float) -> Iterator[None]:
+    """Bound an operation by ``limit`` seconds; whatever py-libp2p raises becomes
+    a :class:`P2PError` naming ``what`` (cancellation passes through)."""
+    try:
+        with trio.fail_after(limit):
+            yield
+    except trio.TooSlowError:
+        raise P2PError(f"{what} timed out after {limit:.1f}s") from None
+    except trio.Cancelled:
+        raise
+    except P2PError:
+        raise
+    except Exception as exc:
+        raise P2PError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _local_ipv4s() -> list[str]:
