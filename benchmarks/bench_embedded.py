@@ -44,6 +44,7 @@ from pathlib import Path
 
 import trio
 
+from common import report
 from meshollama.backends.embedded import (
     DEFAULT_MODEL_NAME,
     EmbeddedBackend,
@@ -293,12 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     if {"direct", "backend"} <= set(args.variants.split(",")) and args.n_threads != 1:
         print("bench: warning: direct and backend in one process interfere above 1 thread; "
               "use --n-threads 1 or run them separately", file=sys.stderr)
-    result = trio.run(main_async, args)
-    print_table(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    report(trio.run(main_async, args), args.out, print_table)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.integration.cluster import Cluster  # noqa: E402
 
+from common import report  # noqa: E402
+
 MODEL = "m:latest"
 VARIANTS = ("direct", "local", "remote")
 TARGET_REMOTE_P50_OVERHEAD_MS = 5.0
@@ -410,11 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heartbeat", type=float, default=2.0, help="nodes' --heartbeat-interval")
     args = p.parse_args(argv)
     result = trio.run(main_async, args)
-    print_table(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    report(result, args.out, print_table)
     return result
 
 

@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.integration.cluster import Cluster, NodeProc  # noqa: E402
 
+from common import report  # noqa: E402
+
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -269,11 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sweep-nodes", type=int, default=10)
     args = p.parse_args(argv)
     result = trio.run(main_async, args)
-    print_tables(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    report(result, args.out, print_tables)
     return result
 
 

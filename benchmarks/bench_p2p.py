@@ -21,7 +21,6 @@ stream per request, as before keep-alive; a pool that never keeps anything).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import struct
 import sys
@@ -41,6 +40,8 @@ from meshollama.httpmsg import ProxyRequest, ProxyResponse  # noqa: E402
 from meshollama.limits import InboundLimiter  # noqa: E402
 from meshollama.p2p.httpstream import PROTOCOL, HttpStreamServer, PeerScopes, PeerUpstream, StreamPool  # noqa: E402
 from tests.p2p.helpers import running_hosts, settings  # noqa: E402
+
+from common import report  # noqa: E402
 
 ANSWER = b'{"model":"m","created_at":"2026-11-22T12:00:00Z","response":"hello","done":true}\n'
 LINE = b'{"model":"m","created_at":"2026-11-22T12:00:00Z","response":"tok","done":false}\n'
@@ -140,7 +141,17 @@ async def run_variant(variant: str, n: int, m: int) -> dict:
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    return {v: await run_variant(v, args.n, args.m) for v in args.variants.split(",")}
+    results = {v: await run_variant(v, args.n, args.m) for v in args.variants.split(",")}
+    return {"benchmark": "p2p", "params": {"n": args.n, "m": args.m}, "results": results}
+
+
+def print_table(result: dict) -> None:
+    for variant, r in result["results"].items():
+        q, s = r["request"], r["stream"]
+        print(f"{variant:<10} p50 {q['p50_ms']:.2f} ms  p99 {q['p99_ms']:.2f} ms  "
+              f"cpu {q['cpu_ms_per_request']:.2f} ms/request  frames/request {q['frames_per_request']}")
+        print(f"{'':<10} streaming {s['lines_per_s']} lines/s  {s['cpu_us_per_line']} us CPU/line  "
+              f"{s['pieces_seen_per_answer']} pieces per 200-line answer")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,18 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default="fresh,keepalive")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    result = trio.run(main_async, args)
-    for variant, r in result.items():
-        q, s = r["request"], r["stream"]
-        print(f"{variant:<10} p50 {q['p50_ms']:.2f} ms  p99 {q['p99_ms']:.2f} ms  "
-              f"cpu {q['cpu_ms_per_request']:.2f} ms/request  frames/request {q['frames_per_request']}")
-        print(f"{'':<10} streaming {s['lines_per_s']} lines/s  {s['cpu_us_per_line']} us CPU/line  "
-              f"{s['pieces_seen_per_answer']} pieces per 200-line answer")
-    if args.out:
-        args.out.write_text(json.dumps({"benchmark": "p2p", "params": {"n": args.n, "m": args.m},
-                                        "results": result}, indent=2) + "\n")
-        print(f"wrote {args.out}")
-
+    report(trio.run(main_async, args), args.out, print_table)
 
 if __name__ == "__main__":
     main()
