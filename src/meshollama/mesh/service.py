@@ -125,6 +125,7 @@ class MeshService:
         self.addrs: list[str] = []
         self._leaving = False
         self._misses: dict[str, int] = {}
+        self._nursery: trio.Nursery | None = None  # the running host's, for background work
 
     # --- MeshView (for the gateway) ------------------------------------------
 
@@ -162,12 +163,11 @@ class MeshService:
     def _abort_peer(self, peer_id: str) -> None:
         """The peer is down or gone: release callers waiting on it, drop its idle streams."""
         self.scopes.cancel_peer(peer_id)
-        nursery = getattr(self, "_nursery", None)
         for stream in self.pool.forget(peer_id):
-            try:  # the connection may still be up (a liveness blip): give its slots back
-                nursery.start_soon(stream.reset)
-            except (AttributeError, RuntimeError):  # no host running: its connections are gone
-                pass
+            # The connection may still be up (a liveness blip): give its slots back.
+            # With no host running, its connections are gone already.
+            if self._nursery is not None:
+                self._spawn(stream.reset)
 
     # --- running ---------------------------------------------------------------
 
@@ -214,21 +214,24 @@ class MeshService:
         host.set_handler(HTTP_PROTOCOL, server.handle)
         self._host = host
         self._pinger = Pinger(host.open_stream, timeout=self.settings.liveness_timeout)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self.addrs = await nursery.start(host.serve)
-            self._host_ready.set()
-            self.table.set_self(self._announcement(), trio.current_time())
-            nursery.start_soon(self._publish_loop, host)
-            nursery.start_soon(self._receive_loop, host)
-            nursery.start_soon(self._event_loop, host)
-            nursery.start_soon(self._liveness_loop, host)
-            for addr in self.settings.bootstrap:
-                nursery.start_soon(self._bootstrap_loop, host, addr)
-            if self.host_settings.dht:
-                nursery.start_soon(self._dht_loop, host)
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.addrs = await nursery.start(host.serve)
+                self._host_ready.set()
+                self.table.set_self(self._announcement(), trio.current_time())
+                nursery.start_soon(self._publish_loop, host)
+                nursery.start_soon(self._receive_loop, host)
+                nursery.start_soon(self._event_loop, host)
+                nursery.start_soon(self._liveness_loop, host)
+                for addr in self.settings.bootstrap:
+                    nursery.start_soon(self._bootstrap_loop, host, addr)
+                if self.host_settings.dht:
+                    nursery.start_soon(self._dht_loop, host)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None  # closed: nothing more may be spawned into it
 
     async def leave(self, timeout: float = 1.0) -> None:
         """Tell the mesh we are leaving (before shutdown), so peers drop us at once."""
