@@ -411,6 +411,13 @@ class _Gone(Exception):
     """The caller reset or closed the stream."""
 
 
+class _Answering:
+    """The cancel scope of the answer in progress on one stream, if any: the
+    frame pump cancels it when the caller leaves."""
+
+    scope: trio.CancelScope | None = None
+
+
 class HttpStreamServer:
     """Answers inbound HTTP-over-libp2p streams from this node's backend.
 
@@ -453,16 +460,16 @@ class HttpStreamServer:
 
     async def _handle(self, stream: Stream) -> None:
         send, inbox = trio.open_memory_channel(8)
-        answering: list[trio.CancelScope] = []
+        answer = _Answering()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, stream, send, answering)
+            nursery.start_soon(self._pump, stream, send, answer)
             try:
-                await self._loop(stream, inbox, answering)
+                await self._loop(stream, inbox, answer)
             finally:
                 nursery.cancel_scope.cancel()
 
     @staticmethod
-    async def _pump(stream: Stream, send: trio.MemorySendChannel, answering: list[trio.CancelScope]) -> None:
+    async def _pump(stream: Stream, send: trio.MemorySendChannel, answer: _Answering) -> None:
         """Frames into ``send`` until the stream ends; then the reason (``_Gone``,
         ``P2PError`` or ``FrameError``). A caller that leaves cancels the answer."""
         reader = _FrameReader(stream)
@@ -474,13 +481,13 @@ class HttpStreamServer:
                     item = exc
                 if item is None or isinstance(item, P2PError):
                     item = item or _Gone()
-                    for scope in answering:
-                        scope.cancel()
+                    if answer.scope is not None:
+                        answer.scope.cancel()
                 await send.send(item)
                 if isinstance(item, Exception):
                     return
 
-    async def _loop(self, stream: Stream, inbox: trio.MemoryReceiveChannel, answering: list) -> None:
+    async def _loop(self, stream: Stream, inbox: trio.MemoryReceiveChannel, answer: _Answering) -> None:
         while True:
             try:
                 request = await self._read_request(inbox, stream.timeout)
@@ -505,10 +512,10 @@ class HttpStreamServer:
                 return
             try:
                 with trio.CancelScope() as scope:
-                    answering.append(scope)
+                    answer.scope = scope
                     reusable = await self._answer(stream, request)
             finally:
-                answering.clear()
+                answer.scope = None
                 self._limiter.release(stream.peer_id)
             if scope.cancelled_caught:  # the caller went away mid-answer
                 await stream.reset()
