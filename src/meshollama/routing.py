@@ -163,10 +163,10 @@ class RouteStats:
         sample = ttfb if ttfb is not None else latency
         if not ok or sample is None or sample < 0:
             return
-        e.speed.setdefault(model, _Speed()).answered_at = now
+        sp = e.speed.setdefault(model, _Speed())
+        sp.answered_at = now
         if count_ttfb:
             self.first_byte(peer_id, now, sample, model=model)
-        sp = e.speed.setdefault(model, _Speed())
         if chunks >= 2 and ttfb is not None and latency is not None and latency >= ttfb:
             sp.gap = _ewma(sp.gap, (latency - ttfb) / (chunks - 1), self.alpha)
             sp.at = now
