@@ -68,3 +68,28 @@ async def test_no_local_backend_answers_an_upload_with_an_error():
                 httpx.AsyncClient(base_url=gw.url) as client:
             r = await client.post("/api/blobs/sha256:" + "0" * 64, content=b"z" * (2 * LIMIT))
             assert r.status_code >= 400 and "error" in r.json()
+
+
+async def test_an_upload_the_backend_does_not_read_is_answered_and_the_connection_closed():
+    """A backend that refuses a blob without reading it (the embedded one does):
+    its answer reaches the client with Connection: close, since the rest of the
+    body was never read, and the gateway goes on serving."""
+    from contextlib import asynccontextmanager
+
+    from meshollama.httpmsg import ProxyResponse
+
+    class Refuses:
+        @asynccontextmanager
+        async def open(self, request):
+            async def body():
+                yield b'{"error":"blobs are not supported here"}'
+
+            yield ProxyResponse(501, (("content-type", "application/json"),), body())
+
+    with trio.fail_after(10):
+        async with running_gateway(FakeMesh(), Refuses(), max_body_bytes=LIMIT) as gw, \
+                httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/blobs/sha256:" + "0" * 64, content=b"z" * (4 * LIMIT))
+            assert r.status_code == 501 and r.json() == {"error": "blobs are not supported here"}
+            assert r.headers["connection"] == "close"
+            assert (await client.get("/api/version")).status_code == 200
