@@ -23,6 +23,7 @@ FLAG_KEYS = {
     "log_level": "node.log_level",
     "log_format": "node.log_format",
     "p2p_listen": "p2p.listen",
+    "announce": "p2p.announce",
     "bootstrap": "p2p.bootstrap",
     "psk_file": "p2p.psk_file",
     "heartbeat_interval": "p2p.heartbeat_interval",
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     common(start)
     start.add_argument("--p2p-listen", action="append", default=S, metavar="MULTIADDR",
                        help="libp2p listen address, repeatable (default /ip4/0.0.0.0/tcp/4001)")
+    start.add_argument("--announce", action="append", default=S, metavar="MULTIADDR",
+                       help="address to advertise instead of this machine's interfaces, repeatable "
+                            "(a port forward or public IP: /ip4/203.0.113.7/tcp/4001)")
     start.add_argument("--bootstrap", action="append", default=S, metavar="MULTIADDR",
                        help="peer to join through, repeatable (/ip4/.../tcp/4001/p2p/12D3...)")
     start.add_argument("--api-listen", default=S, metavar="HOST:PORT", help="gateway address (default 127.0.0.1:11434)")
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ConfigError as exc:
-        print(f"meshollama: config error: {exc}", file=sys.stderr)
+        print(f"meshollama: config error: {_name_the_flag(exc)}", file=sys.stderr)
         return 2
     except (PortInUseError, IdentityError) as exc:
         print(f"meshollama: {exc}", file=sys.stderr)
@@ -122,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _name_the_flag(exc: ConfigError) -> str:
+    """A bad value typed on the command line is reported by its flag, not its key."""
+    text = str(exc)
+    flags = {key: "--" + dest.replace("_", "-") for dest, key in FLAG_KEYS.items()}
+    flag = flags.get(exc.key.split("[", 1)[0])
+    if flag is not None and text.endswith("(from the command line)"):
+        text = f"{flag}: {exc.message[: -len('(from the command line)')].rstrip()}"
+    return text
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -190,8 +204,10 @@ def _id(args: argparse.Namespace) -> int:
     running = read_node_file(Path(config.node.data_dir)) or {}
     if running.get("peer_id") == peer_id and running.get("p2p_addrs"):
         addrs = list(running["p2p_addrs"])
-    else:
-        addrs = [f"{a}/p2p/{peer_id}" for a in config.p2p.listen]
+    else:  # not running: what it would advertise, LAN addresses first
+        from .p2p.addrs import advertise, interface_ips
+
+        addrs = advertise(config.p2p.listen, interface_ips(), peer_id, announce=config.p2p.announce)
     if args.json:
         print(json.dumps({"peer_id": peer_id, "p2p_addrs": addrs}, indent=2))
     else:

@@ -230,7 +230,19 @@ def _origin(text: str) -> str:
     return text.rstrip("/")
 
 
+def _announce_addr(text: str) -> str:
+    names = _multiaddr(text)
+    if len(names) < 2 or names[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or names[1] != "tcp":
+        raise TypeError
+    if names[2:] not in ([], ["p2p"]):  # relay addresses come from reservations, not by hand
+        raise TypeError
+    if names[0] in ("ip4", "ip6") and ipaddress.ip_address(multiaddr.Multiaddr(text).value_for_protocol(names[0])).is_unspecified:
+        raise ValueError(f"{text!r} is a wildcard: announce an address others can dial")
+    return text
+
+
 _LISTEN = _List(_Str("a multiaddr /ip4/<address>/tcp/<port> or /ip6/<address>/tcp/<port>", _listen_addr), 1)
+_ANNOUNCE = _List(_Str("a multiaddr /ip4|ip6|dns4|dns6/<host>/tcp/<port>", _announce_addr))
 _BOOTSTRAP = _List(_Str("a multiaddr ending in /p2p/<peer id>", _bootstrap_addr))
 _API_KEY = _Str("an API key without whitespace", _api_key)
 
@@ -257,6 +269,8 @@ class NodeConfig:
 class P2PConfig:
     # 4001 is the customary libp2p port; 0.0.0.0 so peers on the LAN can dial in.
     listen: tuple[str, ...] = _opt(_LISTEN, ("/ip4/0.0.0.0/tcp/4001",), "libp2p listen multiaddrs")
+    # Empty: advertise every up interface (LAN first) plus addresses peers confirm seeing us at.
+    announce: tuple[str, ...] = _opt(_ANNOUNCE, (), "addresses to advertise instead (port forward, public IP)")
     # There is no public meshollama network: each mesh names its own peers.
     bootstrap: tuple[str, ...] = _opt(_BOOTSTRAP, (), "peers to dial at start and keep redialling")
     # On a LAN, mDNS finds peers with zero configuration.

@@ -57,6 +57,7 @@ def host_settings(config: Config, psk: str | None) -> HostSettings:
         gossip_degree_low=p.gossip_degree_low,
         gossip_degree_high=p.gossip_degree_high,
         stream_timeout=p.stream_timeout,
+        announce=tuple(p.announce),
     )
 
 
@@ -174,7 +175,7 @@ def _counter_sink(metrics):
 
 async def _peer_gauge_loop(mesh: MeshService, metrics) -> None:
     while True:
-        counts = {"alive": 0, "down": 0}
+        counts = {"alive": 0, "down": 0, "unreachable": 0}
         for peer in mesh.snapshot().peers:
             if not peer.is_self:
                 counts[peer.state.value] = counts.get(peer.state.value, 0) + 1

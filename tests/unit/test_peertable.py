@@ -300,3 +300,15 @@ def test_peer_view_model_lookup() -> None:
 def test_empty_snapshot() -> None:
     snap = Snapshot(peers=(), taken_at=0.0)
     assert snap.get("x") is None and snap.alive() == () and snap.serving("x") == ()
+
+
+def test_unreachable_peer_is_not_routed_to_and_stays_so_through_gossip_until_connected():
+    t = PeerTable("me", interval=1.0)
+    t.apply(ann("p1", 1, models=("a",)), 0.0)
+    assert t.mark_unreachable("p1", 0.1) is True
+    assert t.mark_unreachable("p1", 0.2) is False
+    assert t.snapshot(0.2).serving(names.key("a")) == ()
+    t.apply(ann("p1", 2, models=("a",)), 0.5)  # gossip through others proves no path
+    assert t.snapshot(0.5).get("p1").state is PeerState.UNREACHABLE
+    assert t.mark_up("p1", 0.6) is True  # a connection does
+    assert [p.peer_id for p in t.snapshot(0.6).serving(names.key("a"))] == ["p1"]

@@ -36,6 +36,7 @@ from .announce import Announcement
 class PeerState(enum.Enum):
     ALIVE = "alive"
     DOWN = "down"  # connection closed or liveness failed; kept for status, not routed to
+    UNREACHABLE = "unreachable"  # heard of (gossip) but no path to it worked: not routed to
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,11 @@ class PeerTable:
             self._left[ann.peer_id] = (ann.seq, now)
             return ApplyResult.LEFT
         self._left.pop(ann.peer_id, None)
-        self._peers[ann.peer_id] = _view(ann, now, is_self=False)
+        view = _view(ann, now, is_self=False)
+        if old is not None and old.state is PeerState.UNREACHABLE:
+            # Gossip reaches us through others; only a connection proves a path.
+            view = replace(view, state=PeerState.UNREACHABLE)
+        self._peers[ann.peer_id] = view
         return ApplyResult.NEW if old is None else ApplyResult.UPDATED
 
     def set_self(self, ann: Announcement, now: float) -> None:
@@ -172,9 +177,17 @@ class PeerTable:
         self._peers[peer_id] = replace(p, state=PeerState.DOWN)
         return True
 
+    def mark_unreachable(self, peer_id: str, now: float) -> bool:
+        """Every path to the peer failed. True if it was routable (ALIVE) before."""
+        p = self._peers.get(peer_id)
+        if p is None or p.state is PeerState.UNREACHABLE:
+            return False
+        self._peers[peer_id] = replace(p, state=PeerState.UNREACHABLE)
+        return p.state is PeerState.ALIVE
+
     def mark_up(self, peer_id: str, now: float) -> bool:
         """Connection back. Keeps models and ``last_seen``: it still needs a fresh
-        heartbeat before ``expire`` removes it. True if the peer was DOWN."""
+        heartbeat before ``expire`` removes it. True if the peer was DOWN or UNREACHABLE."""
         p = self._peers.get(peer_id)
         if p is None or p.state is PeerState.ALIVE:
             return False

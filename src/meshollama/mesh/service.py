@@ -12,7 +12,11 @@ events delivered by :class:`~meshollama.p2p.host.P2PHost`:
 * peers that miss ``miss_limit`` intervals expire;
 * bootstrap addresses are dialled with backoff until they answer, and again
   whenever the connection is lost; peers learned from heartbeats, the DHT
-  and mDNS are dialled too, up to ``max_connections``;
+  and mDNS are dialled too, up to ``max_connections``: their announced
+  addresses first (only those that end in the announcer's own ``/p2p/`` id
+  are kept, the rest dropped and counted), then what the DHT and identify
+  know, then relays; a peer no path reaches is ``unreachable`` (not routed
+  to) and retried with backoff until one does;
 * on shutdown we publish a ``leaving`` announcement so others drop us at once.
 
 The libp2p host is supervised: if it fails, the error is logged and it is
@@ -21,6 +25,7 @@ rebuilt with backoff, while the peer table and the HTTP side keep running.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -32,6 +37,7 @@ import trio
 from .. import __version__
 from ..catalog import LoadInfo, ModelInfo
 from ..errors import AnnouncementError, P2PError
+from ..p2p import addrs as addrs_mod
 from ..p2p.host import Event, HostSettings, P2PHost
 from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
 from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
@@ -58,6 +64,7 @@ class MeshSettings:
     dht_refresh_every: float = 60.0
     api_url: str = ""
     connect_timeout: float = 10.0  # opening a request stream to a peer (gateway.connect_timeout)
+    unreachable_retry: float = 5.0  # first retry of a peer no path reached; doubles up to 60 s
 
 
 @dataclass
@@ -70,6 +77,7 @@ class MeshCounters:
     stream_errors: dict[str, int] = field(default_factory=dict)
     inbound_rejected: dict[str, int] = field(default_factory=dict)
     request_streams: dict[str, int] = field(default_factory=dict)  # "opened" / "reused"
+    addrs_dropped: dict[str, int] = field(default_factory=dict)  # announced addresses not used, by reason
     host_restarts: int = 0
 
     @staticmethod
@@ -121,8 +129,9 @@ class MeshService:
         self._started_at = trio.current_time()
         self._publish_now = trio.Event()
         self._dialing: set[str] = set()
+        self._retry: dict[str, tuple[float, float]] = {}  # unreachable peer -> (next try, backoff)
         self._rng = random.Random()
-        self.addrs: list[str] = []
+        self._addrs: list[str] = []
         self._leaving = False
         self._misses: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None  # the running host's, for background work
@@ -142,6 +151,17 @@ class MeshService:
             on_error=lambda kind: self._count("stream_errors", kind),
         )
 
+    @property
+    def addrs(self) -> list[str]:
+        """What we advertise now (interfaces come and go), LAN addresses first."""
+        host = self._host
+        if host is not None and self._host_ready.is_set():
+            try:
+                self._addrs = host.addrs()
+            except Exception as exc:  # never let a status call fail on it
+                log.debug("cannot read our addresses: %r", exc)
+        return list(self._addrs)
+
     def status(self) -> dict:
         host = self._host
         return {
@@ -157,6 +177,7 @@ class MeshService:
             "heartbeats_received": self.counters.heartbeats_received,
             "heartbeats_dropped": dict(self.counters.dropped),
             "request_streams": dict(self.counters.request_streams),
+            "addrs_dropped": dict(self.counters.addrs_dropped),
             "host_restarts": self.counters.host_restarts,
         }
 
@@ -217,7 +238,7 @@ class MeshService:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.addrs = await nursery.start(host.serve)
+                self._addrs = await nursery.start(host.serve)
                 self._host_ready.set()
                 self.table.set_self(self._announcement(), trio.current_time())
                 nursery.start_soon(self._publish_loop, host)
@@ -315,6 +336,13 @@ class MeshService:
                 # Signed by one peer, describing another: forged. Drop.
                 self._drop("signer_mismatch")
                 continue
+            checked = addrs_mod.check_announced(ann.addrs, ann.peer_id)
+            if checked.dropped:
+                self._count_n("addrs_dropped", "foreign_or_invalid", checked.dropped)
+            if checked.trimmed:
+                self._count_n("addrs_dropped", "over_limit", checked.trimmed)
+            if checked.kept != ann.addrs:
+                ann = dataclasses.replace(ann, addrs=checked.kept)
             now = trio.current_time()
             result = self.table.apply(ann, now)
             if result is ApplyResult.STALE:
@@ -330,7 +358,7 @@ class MeshService:
                 continue
             if result is ApplyResult.NEW:
                 log.info("peer %s joined with %d model(s)", ann.peer_id, len(ann.models))
-            if ann.peer_id not in host.connected_peers() and ann.addrs:
+            if ann.peer_id not in host.connected_peers():
                 self._maybe_dial(host, ann.peer_id, ann.addrs)
 
     def _drop(self, reason: str) -> None:
@@ -340,6 +368,10 @@ class MeshService:
     def _count(self, what: str, label: str) -> None:
         MeshCounters.bump(getattr(self.counters, what), label)
         self._on_counter(what, label)
+
+    def _count_n(self, what: str, label: str, n: int) -> None:
+        for _ in range(n):
+            self._count(what, label)
 
     # --- connections -------------------------------------------------------------
 
@@ -358,7 +390,9 @@ class MeshService:
                 self._misses.pop(event.peer_id, None)
                 nursery.start_soon(self._pinger.forget, event.peer_id)
         elif event.kind == "connected":
-            self.table.mark_up(event.peer_id, now)
+            self._retry.pop(event.peer_id, None)
+            if self.table.mark_up(event.peer_id, now):
+                log.info("peer %s reachable", event.peer_id)
             self.request_heartbeat()  # let the new peer learn about us now
         elif event.kind == "discovered":
             self._maybe_dial(host, event.peer_id, event.addrs)
@@ -368,17 +402,47 @@ class MeshService:
             return
         if len(host.connected_peers()) >= self.settings.max_connections:
             return
+        retry = self._retry.get(peer_id)
+        if retry is not None and trio.current_time() < retry[0]:
+            return  # unreachable a moment ago: wait for the backoff
         self._dialing.add(peer_id)
 
         async def dial() -> None:
             try:
-                await host.connect(addrs)
+                await self._reach(host, peer_id, addrs)
             except P2PError as exc:
                 log.debug("dial %s failed: %s", peer_id, exc)
             finally:
                 self._dialing.discard(peer_id)
 
         self._spawn(dial)
+
+    async def _reach(
+        self, host: P2PHost, peer_id: str, addrs: tuple[str, ...] = (), *, timeout: float | None = None
+    ) -> None:
+        """Connect to a peer by every path we know: the addresses given (its
+        announcement, mDNS), then those the DHT and identify stored, relays
+        last (``addrs.dial_plan`` orders them). If none works the peer is
+        marked unreachable, so routing skips it, and retried with backoff."""
+        view = self.table.snapshot(trio.current_time()).get(peer_id)
+        announced = tuple(addrs) + (view.addrs if view is not None else ())
+        candidates = list(dict.fromkeys([*announced, *host.known_addrs(peer_id)]))
+        candidates = list(addrs_mod.check_announced(candidates, peer_id, limit=64).kept)
+        try:
+            if not candidates:
+                raise P2PError(f"no address known for {peer_id}")
+            await host.connect(candidates, timeout=timeout)
+        except P2PError:
+            now = trio.current_time()
+            backoff = self._retry.get(peer_id, (0.0, self.settings.unreachable_retry / 2))[1] * 2
+            backoff = min(backoff, 60.0)
+            self._retry[peer_id] = (now + backoff * (0.75 + self._rng.random() / 2), backoff)
+            if self.table.mark_unreachable(peer_id, now):
+                log.info("peer %s unreachable by any path (%d address(es)); retrying in %.0fs",
+                         peer_id, len(candidates), backoff)
+            raise
+        self._retry.pop(peer_id, None)
+        self.table.mark_up(peer_id, trio.current_time())
 
     def _spawn(self, fn) -> None:
         # Dials run in the host's nursery so a slow dial never blocks the
@@ -461,6 +525,8 @@ class MeshService:
         host = self._host
         if host is None or not self._host_ready.is_set():
             raise P2PError("libp2p host is not running")
+        if peer_id not in host.connected_peers():
+            await self._reach(host, peer_id, timeout=timeout or self.settings.connect_timeout)
         return await host.open_stream(peer_id, protocol, timeout=timeout)
 
 

@@ -11,13 +11,22 @@ Sharp edges handled here (see docs/architecture.md for the list):
 * ``max_connections_per_peer=1`` avoids a 250 ms happy-eyeballs sleep per dial;
 * the DHT ignores ``protocol_prefix`` and never adds connected peers to its
   routing table: ``patches.patch_dht_protocol`` and ``_on_connected`` fix both;
-* a junk pubsub message kills a stock host: ``patches.make_safe_pubsub_class``.
+* a junk pubsub message kills a stock host: ``patches.make_safe_pubsub_class``;
+* ``host.get_addrs()`` advertises a wildcard bind as ``0.0.0.0`` (identify
+  and the DHT then hand out an address every peer dials itself on), and
+  mDNS puts the same wildcard in its TXT records: we pass an
+  ``addrs_factory`` that expands it to interface addresses (``addrs``);
+* the swarm dials only the first TCP address it holds for a peer (swarm.py
+  ``MAX_ADDRS_PER_PEER``, one per transport class), so a peer whose first
+  address is a docker bridge is never reached: :meth:`P2PHost.connect`
+  dials each address of :func:`addrs.dial_plan` in turn itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +34,7 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import P2PError, PortInUseError
+from . import addrs as addrs_mod
 from . import patches
 from .stream import Stream
 
@@ -45,7 +55,9 @@ class HostSettings:
     gossip_degree_low: int = 2
     gossip_degree_high: int = 4
     stream_timeout: float = 10.0
+    dial_timeout: float = 5.0  # one address; a dead LAN IP would otherwise take a TCP SYN timeout
     max_pubsub_message: int = 256 * 1024
+    announce: tuple[str, ...] = ()  # replaces the addresses we advertise (--announce)
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,8 @@ class P2PHost:
         self._dht = None
         self._subscription = None
         self._closed = False
+        self._ips: list = []
+        self._ips_at = -1e9
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -184,6 +198,7 @@ class P2PHost:
                     outbound_upgrade_timeout=s.stream_timeout,
                 ),
                 listen_addrs=[multiaddr.Multiaddr(a) for a in s.listen],
+                addrs_factory=self._advertised,
                 psk=s.psk,
                 enable_mDNS=False,  # we run our own on a private service name
             )
@@ -251,9 +266,17 @@ class P2PHost:
             from libp2p.discovery.mdns.mdns import create_mdns_discovery
 
             port = self._tcp_port()
-            fingerprint = "meshollama" if not self.settings.psk else "mo" + self.settings.psk[:8]
+            # A private mesh gets its own service name, derived from the key by
+            # a hash: mDNS is broadcast, and the key's own bits must not be.
+            fingerprint = "meshollama"
+            if self.settings.psk:
+                fingerprint = "mo" + hashlib.sha256(b"meshollama-mdns:" + self.settings.psk.encode()).hexdigest()[:12]
+            # host=None and our own addresses: given the host, the broadcaster
+            # puts its raw listen address (0.0.0.0) in the TXT records, and
+            # every node that finds us dials itself.
             mdns = create_mdns_discovery(
-                self._host.get_network(), port=port, private_network_fingerprint=fingerprint, host=self._host
+                self._host.get_network(), port=port, private_network_fingerprint=fingerprint,
+                listen_addrs=[a for a in self.addrs() if "/p2p-circuit" not in a],
             )
             token = trio.lowlevel.current_trio_token()
 
@@ -309,54 +332,123 @@ class P2PHost:
 
     # --- operations ----------------------------------------------------------
 
+    def interface_ips(self) -> list:
+        """This host's interface IPs, re-read at most every 10 s (cheap, but
+        identify asks for our addresses on every connection)."""
+        now = time.monotonic()
+        if now - self._ips_at > 10.0:
+            try:
+                self._ips = addrs_mod.interface_ips()
+            except Exception as exc:  # psutil on an odd platform: advertise what we bound
+                log.warning("cannot list network interfaces: %r", exc)
+                self._ips = []
+            self._ips_at = now
+        return self._ips
+
+    def _advertised(self, candidates) -> list:
+        """libp2p's ``addrs_factory``: transport and confirmed observed addresses in,
+        the addresses peers can dial out (identify, DHT, mDNS, heartbeats)."""
+        import multiaddr
+
+        transport = {str(a) for a in self._host.get_transport_addrs()} if self._host is not None else set()
+        texts = [str(a) for a in candidates]
+        listen = [t for t in texts if t in transport] or texts
+        observed = [t for t in texts if t not in transport]
+        out = addrs_mod.advertise(listen, self.interface_ips(), self.peer_id,
+                                  observed=observed, announce=self.settings.announce)
+        return [multiaddr.Multiaddr(a.rsplit("/p2p/", 1)[0]) for a in out]
+
     def addrs(self) -> list[str]:
-        """Our dialable multiaddrs with ``/p2p/<id>``; wildcard binds expanded to interfaces."""
-        out: list[str] = []
-        for a in self._host.get_addrs():
-            text = str(a)
-            if "/p2p/" not in text:
-                text = f"{text}/p2p/{self.peer_id}"
-            if text.startswith("/ip4/0.0.0.0/"):
-                rest = text[len("/ip4/0.0.0.0/") :]
-                out.extend(f"/ip4/{ip}/{rest}" for ip in _local_ipv4s())
-            else:
-                out.append(text)
-        return list(dict.fromkeys(out))
+        """Our advertised multiaddrs with ``/p2p/<id>``, LAN addresses first."""
+        return list(dict.fromkeys(str(a) for a in self._host.get_addrs()))
+
+    def own_addrs(self) -> list[str]:
+        """Every address that reaches this very node, for never dialling ourselves."""
+        return [*self.addrs(), *(str(a) for a in self._host.get_transport_addrs())]
 
     def connected_peers(self) -> set[str]:
         return {p.to_base58() for p in self._host.get_connected_peers()}
 
     async def connect(self, addrs: Sequence[str], *, timeout: float | None = None) -> str:
-        """Dial a peer given multiaddrs ending in ``/p2p/<id>``; returns its peer id."""
-        import multiaddr
-        from libp2p.peer.peerinfo import info_from_p2p_addr
+        """Connect to one peer given multiaddrs ending in its ``/p2p/<id>``.
 
-        infos = []
+        The addresses are dialled one at a time in :func:`addrs.dial_plan`
+        order (best direct address first, relays last; never our own, and
+        loopback only for a peer on this host), each bounded by
+        ``dial_timeout``; the first that works wins. Returns the peer id.
+        """
+        import multiaddr
+        from libp2p.peer.id import ID
+
+        peer_ids = set()
         for a in addrs:
             try:
-                infos.append(info_from_p2p_addr(multiaddr.Multiaddr(a)))
-            except Exception as exc:
-                raise P2PError(f"bad peer address {a!r}: {exc}") from exc
-        if not infos:
+                parsed = addrs_mod.parse(a)
+            except ValueError as exc:
+                raise P2PError(f"bad peer address {a!r}: {exc}") from None
+            if parsed.peer_id is None:
+                raise P2PError(f"bad peer address {a!r}: no /p2p/<peer id> at the end")
+            peer_ids.add(parsed.peer_id)
+        if not peer_ids:
             raise P2PError("no address to dial")
-        info = infos[0]
-        for other in infos[1:]:
-            if other.peer_id == info.peer_id:
-                info.addrs.extend(other.addrs)
-        if info.peer_id.to_base58() == self.peer_id:
+        if len(peer_ids) > 1:
+            raise P2PError(f"addresses of several peers given to one dial: {sorted(peer_ids)}")
+        target = peer_ids.pop()
+        if target == self.peer_id:
             return self.peer_id
-        # The swarm refuses to dial a peer for 60 s after all its addresses
-        # failed once ("negative cache"), so a bootstrap node that starts a
-        # little later, or a peer that restarts, would stay unreachable for a
-        # minute. We pace dials with our own backoff, so lift that block.
-        cache = getattr(self._host.get_network(), "_negative_peer_cache", None)
-        if cache is not None:
-            cache.evict(str(info.peer_id))
-        with _p2p_errors(f"dial {info.peer_id}", timeout or self.settings.stream_timeout):
-            await self._host.connect(info)
+        try:
+            pid = ID.from_base58(target)
+        except Exception as exc:
+            raise P2PError(f"bad peer id {target!r}: {exc}") from None
+        if target in self.connected_peers():
+            return target
+        plan = addrs_mod.dial_plan(addrs, self.own_addrs(), self.interface_ips())
+        if not plan:
+            raise P2PError(f"no dialable address for {target} (given: {', '.join(addrs)})")
+        network = self._host.get_network()
+        deadline = trio.current_time() + (timeout or self.settings.stream_timeout * max(1, len(plan)))
+        failures: list[str] = []
+        for a in plan:
+            if target in self.connected_peers():  # they dialled us meanwhile
+                break
+            bare = multiaddr.Multiaddr(a).decapsulate(multiaddr.Multiaddr(f"/p2p/{target}")) \
+                if not addrs_mod.parse(a).relayed else multiaddr.Multiaddr(a)
+            limit = min(self.settings.dial_timeout, deadline - trio.current_time())
+            if limit <= 0:
+                failures.append(f"{a}: out of time")
+                break
+            try:
+                with _p2p_errors(f"dial {a}", limit):
+                    conn = await network.dial_addr(bare, pid)
+                    started = getattr(conn, "event_started", None)
+                    if started is not None:
+                        await started.wait()
+            except P2PError as exc:
+                failures.append(str(exc))
+                log.debug("%s", exc)
+                continue
+            self._host.get_peerstore().add_addrs(pid, [bare], 600)
+            schedule = getattr(self._host, "_schedule_identify", None)
+            if schedule is not None:
+                schedule(pid, reason="connect")
+            break
+        else:
+            raise P2PError(f"cannot reach {target}: " + "; ".join(failures))
+        if target not in self.connected_peers():
+            raise P2PError(f"cannot reach {target}: " + ("; ".join(failures) or "connection closed at once"))
         if self._dht is not None:
-            await self._dht_add(info.peer_id)
-        return info.peer_id.to_base58()
+            await self._dht_add(pid)
+        return target
+
+    def known_addrs(self, peer_id: str) -> list[str]:
+        """Addresses the peerstore holds for a peer (identify, DHT, mDNS), with ``/p2p/``."""
+        from libp2p.peer.id import ID
+
+        try:
+            found = self._host.get_peerstore().addrs(ID.from_base58(peer_id))
+        except Exception:
+            return []
+        return [str(a) if str(a).endswith(f"/p2p/{peer_id}") else f"{a}/p2p/{peer_id}" for a in found]
 
     async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None) -> Stream:
         """Open a stream; fails fast (P2PError) on a dead or frozen peer."""
@@ -480,14 +572,3 @@ def _p2p_errors(what: str, limit: float) -> Iterator[None]:
         raise
     except Exception as exc:
         raise P2PError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _local_ipv4s() -> list[str]:
-    """Addresses to advertise for a 0.0.0.0 bind: loopback plus this host's addresses."""
-    ips = ["127.0.0.1"]
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            ips.append(info[4][0])
-    except OSError:
-        pass
-    return list(dict.fromkeys(ip for ip in ips if not ip.startswith("127.") or ip == "127.0.0.1"))

@@ -1,0 +1,237 @@
+"""Which addresses we advertise, which of a peer's addresses we trust and dial (pure).
+
+A node that listens on ``0.0.0.0`` must tell others an address they can reach.
+The old code advertised ``127.0.0.1`` plus whatever ``gethostname()`` resolved
+to (usually ``127.0.1.1`` on Debian), so on a real LAN every peer dialled
+itself. The rules here, all pure functions over strings and IP objects so they
+are tested with tables of cases:
+
+* :func:`advertise`: a wildcard listen address expands to every up interface
+  address (from :func:`interface_ips`, psutil), LAN addresses first, then
+  public ones, IPv4 before IPv6; loopback and link-local addresses are left out
+  unless the node has nothing else (a laptop with no network still works
+  alone). Addresses other peers observed for us (identify, once confirmed) are
+  added; ``--announce`` replaces the lot.
+* :func:`check_announced`: an announcement's addresses are kept only if they
+  parse, are not wildcards, and end in the announcer's own ``/p2p/<id>``; the
+  rest are dropped and counted (:class:`Checked`), never dialled.
+* :func:`dial_plan`: the order we dial a peer in: direct addresses (never our
+  own, loopback and link-local only for a peer on this host), then relay
+  (``/p2p-circuit``) addresses.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import multiaddr
+
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+MAX_ADVERTISED = 16  # what we put in our own announcements and identify
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")  # carrier NAT / Tailscale: a LAN to us
+
+
+class Scope(enum.IntEnum):
+    """How far an IP reaches. The value is the advertising order (lower first)."""
+
+    LAN = 0  # RFC 1918, ULA, CGNAT, 198.18/15: other machines nearby
+    PUBLIC = 1
+    LOOPBACK = 2  # this host only
+    LINK_LOCAL = 3  # this link only, and needs a zone: not advertised
+    UNSPECIFIED = 4  # 0.0.0.0 / :: - a bind, never an address
+
+
+def scope(ip: IP) -> Scope:
+    if ip.is_unspecified:
+        return Scope.UNSPECIFIED
+    if ip.is_loopback:
+        return Scope.LOOPBACK
+    if ip.is_link_local:
+        return Scope.LINK_LOCAL
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return scope(ip.ipv4_mapped)
+    if ip.is_private or ip in _CGNAT:
+        return Scope.LAN
+    return Scope.PUBLIC
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A multiaddr split into what we need: the IP/TCP part and the peer ids in it."""
+
+    text: str
+    ip: IP | None  # None for a /dns address
+    port: int | None
+    peer_id: str | None  # the final /p2p/ component
+    relayed: bool  # contains /p2p-circuit
+
+
+def parse(text: str) -> Parsed:
+    """Parse a multiaddr string; ValueError if it is not one we can use."""
+    try:
+        ma = multiaddr.Multiaddr(text)
+        protos = [p.name for p in ma.protocols()]
+    except Exception as exc:  # the library raises several unrelated types
+        raise ValueError(f"not a multiaddr: {exc}") from None
+    if not protos or protos[0] not in ("ip4", "ip6", "dns", "dns4", "dns6"):
+        raise ValueError("must start with /ip4, /ip6 or /dns")
+    if len(protos) < 2 or protos[1] != "tcp":
+        raise ValueError("only TCP addresses are dialled")
+    ip = ipaddress.ip_address(ma.value_for_protocol(protos[0])) if protos[0] in ("ip4", "ip6") else None
+    parts = str(ma).split("/")
+    peer_id = parts[-1] if len(parts) >= 3 and parts[-2] == "p2p" else None
+    return Parsed(str(ma), ip, int(ma.value_for_protocol("tcp")), peer_id, "p2p-circuit" in protos)
+
+
+# --- what we advertise --------------------------------------------------------
+
+
+def interface_ips() -> list[IP]:
+    """IPs of every interface that is up (psutil), any scope. I/O: not for pure code."""
+    import socket
+
+    import psutil
+
+    stats = psutil.net_if_stats()
+    out: list[IP] = []
+    for name, entries in psutil.net_if_addrs().items():
+        if name in stats and not stats[name].isup:
+            continue
+        for e in entries:
+            if e.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                out.append(ipaddress.ip_address(e.address.split("%", 1)[0]))
+            except ValueError:
+                continue
+    return out
+
+
+def _order(ip: IP) -> tuple[int, int]:
+    return (int(scope(ip)), ip.version)
+
+
+def advertise(
+    listen: Sequence[str],
+    ips: Iterable[IP],
+    peer_id: str,
+    *,
+    observed: Sequence[str] = (),
+    announce: Sequence[str] = (),
+) -> list[str]:
+    """The addresses we tell others, each ending in ``/p2p/<peer_id>``, best first.
+
+    ``listen`` are the bound transport addresses (port resolved); ``ips``
+    the host's interface addresses; ``observed`` addresses peers confirmed
+    seeing us at (identify); ``announce`` the user's ``--announce`` list,
+    which replaces everything else.
+    """
+    suffix = f"/p2p/{peer_id}"
+    if announce:
+        return list(dict.fromkeys(a if a.endswith(suffix) else a + suffix for a in announce))[:MAX_ADVERTISED]
+    ips = sorted(set(ips), key=lambda ip: (*_order(ip), int(ip)))  # deterministic
+    found: list[tuple[IP, int]] = []
+    for text in [*listen, *observed]:
+        try:
+            p = parse(text.split("/p2p/", 1)[0])
+        except ValueError:
+            continue
+        if p.ip is None or p.port is None:
+            continue
+        if p.ip.is_unspecified:  # a wildcard bind: every interface of that family
+            found.extend((ip, p.port) for ip in ips if ip.version == p.ip.version)
+        else:
+            found.append((p.ip, p.port))
+    found = [(ip, port) for ip, port in dict.fromkeys(found) if scope(ip) not in (Scope.UNSPECIFIED, Scope.LINK_LOCAL)]
+    reach = [f for f in found if scope(f[0]) <= Scope.PUBLIC]
+    chosen = reach or found  # loopback only when there is nothing else
+    chosen.sort(key=lambda f: _order(f[0]))
+    return [f"/ip{ip.version}/{ip}/tcp/{port}{suffix}" for ip, port in chosen][:MAX_ADVERTISED]
+
+
+# --- what we accept from others -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checked:
+    kept: tuple[str, ...]
+    dropped: int  # unparseable, wildcard, or not ending in the announcer's id
+    trimmed: int  # valid but over the limit
+
+
+def check_announced(addrs: Sequence[str], peer_id: str, *, limit: int = MAX_ADVERTISED) -> Checked:
+    """Keep an announcement's addresses that are the announcer's own."""
+    kept: list[str] = []
+    dropped = 0
+    for text in addrs:
+        try:
+            p = parse(text)
+        except ValueError:
+            dropped += 1
+            continue
+        if p.peer_id != peer_id or (p.ip is not None and p.ip.is_unspecified):
+            dropped += 1
+            continue
+        if p.text not in kept:
+            kept.append(p.text)
+    return Checked(tuple(kept[:limit]), dropped, max(0, len(kept) - limit))
+
+
+def same_host(addrs: Sequence[str], ips: Iterable[IP]) -> bool:
+    """Whether a peer announcing ``addrs`` runs on this host: one of its
+    reachable IPs is ours, or it has only loopback addresses."""
+    own = set(ips)
+    direct = []
+    for text in addrs:
+        try:
+            p = parse(text)
+        except ValueError:
+            continue
+        if p.relayed or p.ip is None:
+            continue
+        direct.append(p.ip)
+    if any(ip in own for ip in direct if scope(ip) <= Scope.PUBLIC):
+        return True
+    return bool(direct) and all(scope(ip) == Scope.LOOPBACK for ip in direct)
+
+
+def dial_plan(addrs: Sequence[str], own: Sequence[str], ips: Iterable[IP]) -> list[str]:
+    """The order to dial a peer's checked addresses in: direct ones best first,
+    relayed ones last. Never one of ``own`` (our advertised or listen
+    addresses), loopback and link-local only for a peer on this host."""
+    ips = list(ips)
+    mine: set[tuple[IP | None, int | None]] = set()
+    for text in own:
+        try:
+            p = parse(text)
+        except ValueError:
+            continue
+        if p.ip is not None and p.ip.is_unspecified:
+            mine.update((ip, p.port) for ip in ips if ip.version == p.ip.version)
+        mine.add((p.ip, p.port))
+    local = same_host(addrs, ips)
+    direct: list[tuple[tuple[int, int], str]] = []
+    relayed: list[str] = []
+    for text in addrs:
+        try:
+            p = parse(text)
+        except ValueError:
+            continue
+        if p.relayed:
+            relayed.append(p.text)
+            continue
+        if p.ip is None:
+            direct.append(((int(Scope.PUBLIC), 4), p.text))
+            continue
+        s = scope(p.ip)
+        if s == Scope.UNSPECIFIED or (p.ip, p.port) in mine:
+            continue
+        if s in (Scope.LOOPBACK, Scope.LINK_LOCAL) and not local:
+            continue
+        direct.append((_order(p.ip), p.text))
+    direct.sort(key=lambda d: d[0])
+    return list(dict.fromkeys([t for _, t in direct] + relayed))

@@ -1,0 +1,88 @@
+"""Three machines on one LAN (namespaces on a bridge, 198.18.7.1-3, MTU 1500),
+each running ``meshollama start`` as a user would: default ports, a stand-in
+Ollama on 127.0.0.1:11435 with a model only that machine has."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from tests.multihost.nodes import BAD_LOG, http, peers, start_fake, start_node, wait_for
+
+MODELS = {"h1": "alpha:latest", "h2": "beta:latest", "h3": "gamma:latest"}
+
+
+async def _lan(net, tmp_path):
+    _, hosts = net.lan("198.18.7", ["h1", "h2", "h3"])
+    for host, (name, model) in zip(hosts, MODELS.items()):
+        await start_fake(net, host, tmp_path, [model], name)
+    return hosts
+
+
+async def _all_see_all(net, hosts, ids, *, state="alive"):
+    async def ok():
+        for h in hosts:
+            view = await peers(net, h)
+            if any(view.get(pid, {}).get("state") != state for pid in ids):
+                return False
+        return True
+
+    await wait_for(ok)
+
+
+async def test_three_lan_hosts_join_with_the_printed_line_and_route_across(net, tmp_path):
+    with trio.fail_after(150):
+        hosts = await _lan(net, tmp_path)
+        h1 = await start_node(net, hosts[0], tmp_path, "h1", "--no-mdns", "--backend", "ollama")
+        line = h1.join_line()
+        # The printed address is h1's LAN address, not loopback.
+        assert "/ip4/198.18.7.1/tcp/4001/p2p/" + h1.peer_id in line, line
+        assert h1.info["p2p_addrs"][0].startswith("/ip4/198.18.7.1/"), h1.info
+        assert not any("/127." in a or "/0.0.0.0/" in a for a in h1.info["p2p_addrs"]), h1.info
+        args = line.split()[2:]  # exactly what was printed, after "meshollama start"
+        h2 = await start_node(net, hosts[1], tmp_path, "h2", *args, "--no-mdns", "--backend", "ollama")
+        h3 = await start_node(net, hosts[2], tmp_path, "h3", *args, "--no-mdns", "--backend", "ollama")
+        nodes = [h1, h2, h3]
+        await _all_see_all(net, hosts, [n.peer_id for n in nodes])
+
+        # gamma lives on h3 only; h2 asks its own gateway.
+        async def gamma_routable():
+            view = await peers(net, hosts[1])
+            return any(m["name"].startswith("gamma") for m in view[h3.peer_id]["models"])
+
+        await wait_for(gamma_routable)
+        r = await http(net, hosts[1], "POST", "/api/chat",
+                       {"model": "gamma", "messages": [{"role": "user", "content": "hi"}], "stream": False})
+        assert r["status"] == 200, r
+        assert r["headers"]["x-meshollama-peer"] == h3.peer_id
+        assert "hello from h3" in json.loads(r["lines"][0])["message"]["content"]
+
+        r = await http(net, hosts[1], "POST", "/api/generate", {"model": "gamma", "prompt": "hi"})
+        assert r["status"] == 200, r
+        assert r["headers"]["x-meshollama-peer"] == h3.peer_id
+        chunks = [json.loads(line) for line in r["lines"]]
+        assert len(chunks) > 2 and chunks[-1]["done"] is True and not any(c.get("done") for c in chunks[:-1])
+
+        # What h2 knows of h3: its LAN address only, nothing loopback.
+        view = await peers(net, hosts[1])
+        assert view[h3.peer_id]["addrs"] and all("/198.18.7.3/" in a for a in view[h3.peer_id]["addrs"])
+
+        # A healthy run: nobody dialled a wrong address (itself, another host's loopback).
+        for n in nodes:
+            bad = [line for line in n.text().splitlines() if BAD_LOG.search(line)]
+            assert not bad, f"{n.name}: " + "\n".join(bad[:5])
+
+
+async def test_three_lan_hosts_find_each_other_by_mdns_alone(net, tmp_path):
+    with trio.fail_after(120):
+        hosts = await _lan(net, tmp_path)
+        nodes = [await start_node(net, h, tmp_path, name, "--backend", "ollama")
+                 for h, name in zip(hosts, MODELS)]
+        await _all_see_all(net, hosts, [n.peer_id for n in nodes])
+        for h in hosts:
+            view = await peers(net, h)
+            for n, other in zip(nodes, hosts):
+                assert all(f"/{other.ip}/" in a for a in view[n.peer_id]["addrs"]), view[n.peer_id]
+        r = await http(net, hosts[0], "POST", "/api/generate", {"model": "gamma", "prompt": "hi", "stream": False})
+        assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == nodes[2].peer_id, r
