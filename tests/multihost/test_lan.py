@@ -14,7 +14,8 @@ MODELS = {"h1": "alpha:latest", "h2": "beta:latest", "h3": "gamma:latest"}
 
 
 async def _lan(net, tmp_path):
-    _, hosts = net.lan("198.18.7", ["h1", "h2", "h3"])
+    # fd00:7::/64 is a ULA prefix: like 198.18/15, it never leaves this machine.
+    _, hosts = net.lan("198.18.7", ["h1", "h2", "h3"], ip6="fd00:7")
     for host, (name, model) in zip(hosts, MODELS.items()):
         await start_fake(net, host, tmp_path, [model], name)
     return hosts
@@ -39,7 +40,8 @@ async def test_three_lan_hosts_join_with_the_printed_line_and_route_across(net, 
         # The printed address is h1's LAN address, not loopback.
         assert "/ip4/198.18.7.1/tcp/4001/p2p/" + h1.peer_id in line, line
         assert h1.info["p2p_addrs"][0].startswith("/ip4/198.18.7.1/"), h1.info
-        assert not any("/127." in a or "/0.0.0.0/" in a for a in h1.info["p2p_addrs"]), h1.info
+        assert f"/ip6/fd00:7::1/tcp/4001/p2p/{h1.peer_id}" in h1.info["p2p_addrs"], h1.info  # IPv6 too
+        assert not any("/127." in a or "/0.0.0.0/" in a or "/::1/" in a or "fe80" in a for a in h1.info["p2p_addrs"])
         args = line.split()[2:]  # exactly what was printed, after "meshollama start"
         h2 = await start_node(net, hosts[1], tmp_path, "h2", *args, "--no-mdns", "--backend", "ollama")
         h3 = await start_node(net, hosts[2], tmp_path, "h3", *args, "--no-mdns", "--backend", "ollama")
@@ -66,7 +68,8 @@ async def test_three_lan_hosts_join_with_the_printed_line_and_route_across(net, 
 
         # What h2 knows of h3: its LAN address only, nothing loopback.
         view = await peers(net, hosts[1])
-        assert view[h3.peer_id]["addrs"] and all("/198.18.7.3/" in a for a in view[h3.peer_id]["addrs"])
+        assert sorted(view[h3.peer_id]["addrs"]) == sorted(
+            [f"/ip4/198.18.7.3/tcp/4001/p2p/{h3.peer_id}", f"/ip6/fd00:7::3/tcp/4001/p2p/{h3.peer_id}"])
 
         # A healthy run: nobody dialled a wrong address (itself, another host's loopback).
         for n in nodes:
@@ -83,6 +86,21 @@ async def test_three_lan_hosts_find_each_other_by_mdns_alone(net, tmp_path):
         for h in hosts:
             view = await peers(net, h)
             for n, other in zip(nodes, hosts):
-                assert all(f"/{other.ip}/" in a for a in view[n.peer_id]["addrs"]), view[n.peer_id]
+                assert view[n.peer_id]["addrs"][0].startswith(f"/ip4/{other.ip}/tcp/4001/"), view[n.peer_id]
         r = await http(net, hosts[0], "POST", "/api/generate", {"model": "gamma", "prompt": "hi", "stream": False})
         assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == nodes[2].peer_id, r
+
+
+async def test_a_host_joins_and_routes_over_ipv6(net, tmp_path):
+    with trio.fail_after(90):
+        hosts = await _lan(net, tmp_path)
+        h1 = await start_node(net, hosts[0], tmp_path, "h1", "--no-mdns", "--backend", "ollama")
+        v6 = next(a for a in h1.info["p2p_addrs"] if a.startswith("/ip6/fd00:7::1/"))
+        await start_node(net, hosts[1], tmp_path, "h2", "--no-mdns", "--backend", "ollama", "--bootstrap", v6)
+
+        async def alpha_seen():
+            return h1.peer_id in await peers(net, hosts[1])
+
+        await wait_for(alpha_seen)
+        r = await http(net, hosts[1], "POST", "/api/generate", {"model": "alpha", "prompt": "hi", "stream": False})
+        assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == h1.peer_id, r

@@ -146,7 +146,7 @@ class P2PHost:
         patches.patch_yamux_window_updates()
         patches.patch_buffered_tcp_reads()
         host, pubsub, gossip = self._build()
-        listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
+        listen = [multiaddr.Multiaddr(a) for a in _bindable(self.settings.listen)]
         try:
             async with host.run(listen):
                 if not host.get_addrs():
@@ -197,7 +197,7 @@ class P2PHost:
                     inbound_upgrade_timeout=s.stream_timeout,
                     outbound_upgrade_timeout=s.stream_timeout,
                 ),
-                listen_addrs=[multiaddr.Multiaddr(a) for a in s.listen],
+                listen_addrs=[multiaddr.Multiaddr(a) for a in _bindable(s.listen)],
                 addrs_factory=self._advertised,
                 psk=s.psk,
                 enable_mDNS=False,  # we run our own on a private service name
@@ -572,3 +572,24 @@ def _p2p_errors(what: str, limit: float) -> Iterator[None]:
         raise
     except Exception as exc:
         raise P2PError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _bindable(listen: Sequence[str]) -> list[str]:
+    """``listen`` less its IPv6 addresses on a host that cannot bind IPv6 (a
+    kernel booted with ipv6.disable=1, some containers), so the IPv4/IPv6
+    default works everywhere; an explicit IPv6-only list is left to fail loudly."""
+    if all(a.startswith("/ip6/") for a in listen) or _has_ipv6():
+        return list(listen)
+    log.info("IPv6 is not available here: listening on IPv4 only")
+    return [a for a in listen if not a.startswith("/ip6/")]
+
+
+def _has_ipv6() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
