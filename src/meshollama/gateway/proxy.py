@@ -318,6 +318,10 @@ class Proxy:
             snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(), next(self._rr)
         )
         if not order:
+            unreachable = [p.peer_id for p in snapshot.peers if p.state.value == "unreachable" and p.serves(key)]
+            if unreachable:  # it exists, we just have no path: not a 404 ("pull it") but a 503
+                raise NoCapacity(f"model '{model}' is only on peers this node cannot reach: {', '.join(unreachable)} "
+                                 "(behind NAT with no relay? see `meshollama peers`)")
             raise ModelNotFound(endpoint.not_found_message(model))
         out.model = names.shortest(model)
         tries = order[: 1 + self.retries]
