@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """The gateway's remote path across hosts (network namespaces, real TCP, MTU 1500).
 
-The same phases as ``benchmarks/bench_gateway.py``, which is the loopback run of
-this comparison (everything on 127.0.0.1 in one namespace). Here two "machines"
-sit on one bridge (``tests/netns.py``), as on a real LAN:
+The phases of ``benchmarks/bench_gateway.py`` (the loopback run of this same
+comparison), here between two "machines" on one bridge (``tests/netns.py``):
 
   host B 198.18.8.2  stand-in Ollama on 0.0.0.0:11435, node L
                      (``--backend ollama --api-listen 198.18.8.2:11434``)
@@ -14,15 +13,13 @@ sit on one bridge (``tests/netns.py``), as on a real LAN:
   local   client in A -> L's gateway on B, over the LAN (L calls its Ollama)
   remote  client in A -> its own gateway G on A, libp2p over the LAN to L on B
 
-The main process (root namespace) builds the hosts and starts the processes, then
-re-runs this script inside A (``--client``) to measure. Namespaces and processes
-are torn down in every case.
+The main process builds the hosts and starts the processes, then re-runs this
+script inside A (``--client``) to measure; everything is torn down in any case.
 
-``--relay`` (needs ``meshollama start --relay-service``): a public relay R on
-198.18.100.1 and two homes behind NAT (``Net.nat``); G in home A reaches L in
-home B only through R's circuit. There is no direct path between the homes, so
-the relay numbers are compared with the same-LAN remote path, measured first in
-the same invocation.
+``--relay`` (needs ``meshollama start --relay-service``): relay R 198.18.100.1,
+two homes behind NAT (``Net.nat``); G in home A reaches L in home B only through
+R's circuit. No direct path exists between homes, so the baseline is the same-LAN
+remote path, measured first in the same invocation.
 
     .venv/bin/python benchmarks/bench_netns.py --out benchmarks/results/netns-<UTC>.json
     .venv/bin/python benchmarks/bench_netns.py --relay --out benchmarks/results/netns-relay-<UTC>.json
@@ -94,8 +91,10 @@ async def client_main(a: argparse.Namespace) -> dict:
     async def knobs(**kw) -> None:  # over the LAN; in relay mode from inside B (no path from A)
         if not a.fake_ns:
             return await fake.control(ctl, **kw)
-        await trio.run_process(["ip", "netns", "exec", a.fake_ns, sys.executable, "-m", "tests.multihost.client",
-                                "POST", a.fake_url + "/_fake/control", json.dumps(kw)], capture_stdout=True)
+        p = await trio.run_process(["ip", "netns", "exec", a.fake_ns, sys.executable, "-m", "tests.multihost.client",
+                                    "POST", a.fake_url + "/_fake/control", json.dumps(kw)], capture_stdout=True)
+        if json.loads(p.stdout).get("status") != 200:
+            raise RuntimeError(f"setting the stand-in's knobs failed: {p.stdout[:300]!r}")
 
     try:
         res["setup_anomalies"] = await check_peer(clients, urls, a.peer)
@@ -137,6 +136,7 @@ async def client_main(a: argparse.Namespace) -> dict:
 
 async def spawn_fake(net: Net, host: Host, tmp: Path) -> trio.Process:
     port_file = tmp / "fake.port"
+    port_file.unlink(missing_ok=True)
     args = [sys.executable, "-m", "tests.fakes.fake_ollama", "--host", "0.0.0.0", "--port", "11435",
             "--models", MODEL, "--no-host-check", "--token-delay", "0", "--tokens", "8",
             "--port-file", str(port_file), "--name", "bench"]
@@ -153,15 +153,16 @@ def p2p_addr(node) -> str:
     return addr if "/p2p/" in addr else f"{addr}/p2p/{node.peer_id}"
 
 
-async def wait_model(net: Net, host: Host, node, seconds: float) -> None:
+async def wait_routed(net: Net, host: Host, node, peer: str, seconds: float) -> None:
+    """Until a request to ``node``'s gateway (in ``host``) is answered by ``peer``."""
     async def ok():
-        r = await http(net, host, "GET", "/api/tags", timeout=20)
-        return r.get("status") == 200 and MODEL in "".join(r.get("lines", []))
+        r = await http(net, host, "POST", "/api/generate", {"model": MODEL, "prompt": "hi", "stream": False})
+        return r.get("status") == 200 and r["headers"].get("x-meshollama-peer") == peer
     try:
         with trio.fail_after(seconds):
             await wait_for(ok, step=0.5)
     except trio.TooSlowError:
-        raise RuntimeError(f"{node.name}'s gateway never listed {MODEL} within {seconds}s; log tail:\n"
+        raise RuntimeError(f"{node.name}'s gateway got no answer from {peer} within {seconds}s; log tail:\n"
                            f"{node.text()[-3000:]}") from None
 
 
@@ -178,58 +179,43 @@ async def run_client(net: Net, host: Host, tmp: Path, args, urls: dict, pids: di
     return json.loads(out.read_text())
 
 
-def log_anomalies(nodes) -> dict:
-    return {n.name: [ln for ln in n.text().splitlines() if BAD_LOG.search(ln)][:5] for n in nodes}
-
-
-async def lan_mode(args, tmp: Path) -> dict:
-    net, t0 = Net(), time.perf_counter()
-    common_flags = ("--no-mdns", "--heartbeat-interval", str(args.heartbeat))
-    try:
-        with trio.fail_after(120):
-            _, (a, b) = net.lan("198.18.8", ["a", "b"])
-            fake = await spawn_fake(net, b, tmp)
-            node_l = await start_node(net, b, tmp, "L", "--backend", "ollama",
-                                      "--api-listen", f"{b.ip}:11434", *common_flags)
-            node_g = await start_node(net, a, tmp, "G", "--backend", "none", "--bootstrap", p2p_addr(node_l),
-                                      *common_flags)
-            await wait_model(net, a, node_g, 90)
-        mtu = net_mtu(a)
-        setup_s = round(time.perf_counter() - t0, 2)
-        urls = {"direct": f"http://{b.ip}:11435", "local": f"http://{b.ip}:11434", "remote": "http://127.0.0.1:11434"}
-        pids = {"fake": fake.pid, "L": node_l.proc.pid, "G": node_g.proc.pid}
-        res = await run_client(net, a, tmp, args, urls, pids, node_l.peer_id, urls["direct"])
-        res.update(setup_s=setup_s, variants=LEGEND, log_anomalies=log_anomalies([node_l, node_g]),
-                   topology={"A": a.ip, "B": b.ip, "mtu": mtu, "L_peer": node_l.peer_id,
-                             "G_peer": node_g.peer_id, "G_bootstrap": p2p_addr(node_l)})
-        return res
-    finally:
-        net.close()
-
-
-async def relay_mode(args, tmp: Path) -> dict:
-    net, t0 = Net(), time.perf_counter()
-    common_flags = ("--no-mdns", "--heartbeat-interval", str(args.heartbeat))
+async def measure(args, tmp: Path, relay: bool) -> dict:
+    """Build the hosts, start the stand-in and nodes, run the client in A; always tear down."""
+    net, t0, nodes = Net(), time.perf_counter(), []
+    flags = ("--no-mdns", "--heartbeat-interval", str(args.heartbeat))
     try:
         with trio.fail_after(180):
-            wan, (r_host,) = net.lan("198.18.100", ["relay"], name="inet")
-            a = net.nat(wan, "198.18.100.11", "198.18.1", "homea", index=1)
-            b = net.nat(wan, "198.18.100.12", "198.18.2", "homeb", index=2)
-            node_r = await start_node(net, r_host, tmp, "R", "--backend", "none", "--relay-service", *common_flags)
+            if relay:
+                wan, (r_host,) = net.lan("198.18.100", ["relay"], name="inet")
+                a = net.nat(wan, "198.18.100.11", "198.18.1", "homea", index=1)
+                b = net.nat(wan, "198.18.100.12", "198.18.2", "homeb", index=2)
+                nodes.append(await start_node(net, r_host, tmp, "R", "--backend", "none", "--relay-service", *flags))
+                boot, l_api = p2p_addr(nodes[0]), ()
+            else:
+                _, (a, b) = net.lan("198.18.8", ["a", "b"])
+                boot, l_api = None, ("--api-listen", f"{b.ip}:11434")
             fake = await spawn_fake(net, b, tmp)
-            node_l = await start_node(net, b, tmp, "L", "--backend", "ollama", "--bootstrap", p2p_addr(node_r),
-                                      *common_flags)
-            node_g = await start_node(net, a, tmp, "G", "--backend", "none", "--bootstrap", p2p_addr(node_r),
-                                      *common_flags)
-            await wait_model(net, a, node_g, 150)
+            node_l = await start_node(net, b, tmp, "L", "--backend", "ollama", *l_api, *flags,
+                                      *(("--bootstrap", boot) if boot else ()))
+            node_g = await start_node(net, a, tmp, "G", "--backend", "none", "--bootstrap", boot or p2p_addr(node_l),
+                                      *flags)
+            nodes += [node_l, node_g]
+            await wait_routed(net, a, node_g, node_l.peer_id, 150 if relay else 90)
             l_addrs = (await peers(net, a)).get(node_l.peer_id, {}).get("addrs", [])
         setup_s = round(time.perf_counter() - t0, 2)
-        pids = {"fake": fake.pid, "L": node_l.proc.pid, "G": node_g.proc.pid, "R": node_r.proc.pid}
-        # the stand-in's knobs: from A only its gateway is reachable, so they are set from inside B
-        res = await run_client(net, a, tmp, args, {"remote": "http://127.0.0.1:11434"}, pids, node_l.peer_id,
-                               "http://127.0.0.1:11435", fake_ns=b.name)
-        res.update(setup_s=setup_s, log_anomalies=log_anomalies([node_r, node_l, node_g]),
-                   topology={"R": r_host.ip, "A": a.ip, "B": b.ip, "L_addrs_seen_by_G": l_addrs,
+        pids = {"fake": fake.pid, **{n.name: n.proc.pid for n in nodes}}
+        if relay:  # from A only its own gateway is reachable; the stand-in's knobs are set from inside B
+            res = await run_client(net, a, tmp, args, {"remote": "http://127.0.0.1:11434"}, pids, node_l.peer_id,
+                                   "http://127.0.0.1:11435", fake_ns=b.name)
+        else:
+            urls = {"direct": f"http://{b.ip}:11435", "local": f"http://{b.ip}:11434",
+                    "remote": "http://127.0.0.1:11434"}
+            res = await run_client(net, a, tmp, args, urls, pids, node_l.peer_id, urls["direct"])
+        res.update(setup_s=setup_s, variants=LEGEND if not relay else {"remote": "home A -> G -> R -> L in home B"},
+                   log_anomalies={n.name: [ln for ln in n.text().splitlines() if BAD_LOG.search(ln)][:5]
+                                  for n in nodes},
+                   topology={"A": a.ip, "B": b.ip, "mtu": net_mtu(a), "L_peer": node_l.peer_id,
+                             "G_peer": node_g.peer_id, "L_addrs_seen_by_G": l_addrs,
                              "via_circuit": any("p2p-circuit" in x for x in l_addrs)})
         return res
     finally:
@@ -244,14 +230,10 @@ def net_mtu(host: Host) -> int | None:
 
 def targets(r: dict) -> dict:
     lat, tt = r["latency"], r["ttfb"]
-    out = {}
-    for name, target, measured in (
-        ("remote_p50_overhead_ms", bg.TARGET_REMOTE_P50_OVERHEAD_MS, lat["remote"]["p50_added_ms"]),
-        ("remote_ttfb_added_ms", bg.TARGET_TTFB_ADDED_MS, tt["remote"]["ttfb_p50_added_ms"]),
-        ("local_ttfb_added_ms", bg.TARGET_TTFB_ADDED_MS, tt["local"]["ttfb_p50_added_ms"]),
-    ):
-        out[name] = {"target": target, "measured": measured, "met": measured < target}
-    return out
+    rows = (("remote_p50_overhead_ms", bg.TARGET_REMOTE_P50_OVERHEAD_MS, lat["remote"]["p50_added_ms"]),
+            ("remote_ttfb_added_ms", bg.TARGET_TTFB_ADDED_MS, tt["remote"]["ttfb_p50_added_ms"]),
+            ("local_ttfb_added_ms", bg.TARGET_TTFB_ADDED_MS, tt["local"]["ttfb_p50_added_ms"]))
+    return {name: {"target": t, "measured": m, "met": m < t} for name, t, m in rows}
 
 
 def print_lan(r: dict) -> None:
@@ -274,8 +256,8 @@ def print_result(r: dict) -> None:
     if r["mode"] == "lan":
         print_lan(r)
         return
-    print_lan(r["lan"])
     lan, rel = r["lan"], r["relay"]
+    print_lan({**lan, "machine": r["machine"], "total_s": r["total_s"]})
     print("\nrelay: client in home A -> G -> R (public relay) -> L in home B, both homes behind NAT.")
     print("No direct path exists between the homes: the baseline is the same-LAN remote path above.")
     print(f"via circuit: {rel['topology']['via_circuit']}  (L's addrs seen by G: {rel['topology']['L_addrs_seen_by_G']})")
@@ -289,54 +271,47 @@ def print_result(r: dict) -> None:
 
 
 async def main_async(args) -> dict:
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_netns_"))
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-               "loadavg_before": os.getloadavg()}
-    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    ok = False
+    t0, tmp = time.perf_counter(), Path(tempfile.mkdtemp(prefix="bench_netns_"))
+    r = {"benchmark": "netns", "mode": "relay" if args.relay else "lan", "loopback_counterpart": "bench_gateway.py",
+         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                     "loadavg_before": os.getloadavg()},
+         "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     try:
-        lan = await lan_mode(args, tmp)
-        lan.update(benchmark="netns", mode="lan", machine=machine, params=params)
+        lan = await measure(args, tmp, relay=False)
         lan["targets"] = targets(lan)
         if args.relay:
-            rel = await relay_mode(args, tmp)
-            lan["machine"] = {**machine, "loadavg_after": os.getloadavg()}
-            lan["total_s"] = round(time.perf_counter() - t0, 2)
+            rel = await measure(args, tmp, relay=True)
             lr, rr = lan["latency"]["remote"], rel["latency"]["remote"]
-            result = {"benchmark": "netns", "mode": "relay", "machine": lan["machine"], "params": params,
-                      "lan": lan, "relay": rel, "baseline": "same-LAN remote path, measured first in this run",
-                      "relay_added_vs_lan_remote": {
-                          "p50_ms": round(rr["p50_ms"] - lr["p50_ms"], 3),
-                          "p99_ms": round(rr["p99_ms"] - lr["p99_ms"], 3),
-                          "ttfb_p50_ms": round(rel["ttfb"]["remote"]["ttfb"]["p50_ms"]
-                                               - lan["ttfb"]["remote"]["ttfb"]["p50_ms"], 3)}}
+            lf, rf = lan["ttfb"]["remote"]["ttfb"], rel["ttfb"]["remote"]["ttfb"]
+            r.update(lan=lan, relay=rel, baseline="same-LAN remote path, measured first in this run",
+                     relay_added_vs_lan_remote={"p50_ms": round(rr["p50_ms"] - lr["p50_ms"], 3),
+                                                "p99_ms": round(rr["p99_ms"] - lr["p99_ms"], 3),
+                                                "ttfb_p50_ms": round(rf["p50_ms"] - lf["p50_ms"], 3)})
         else:
-            result = lan
-        result["machine"]["loadavg_after"] = os.getloadavg()
-        result["total_s"] = round(time.perf_counter() - t0, 2)
-        ok = True
-        return result
-    finally:
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"[netns] failed; logs kept in {tmp}", file=sys.stderr)
+            r.update(lan)
+    except BaseException:
+        print(f"[netns] failed; logs kept in {tmp}", file=sys.stderr)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    r["machine"]["loadavg_after"] = os.getloadavg()
+    r["total_s"] = round(time.perf_counter() - t0, 2)
+    return r
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--relay", action="store_true", help="also measure A -> relay -> B between two NAT'd homes")
-    p.add_argument("--n", type=int, default=200, help="sequential stream:false requests per variant")
-    p.add_argument("--cpu-n", type=int, default=200, help="requests per variant in the CPU-cost phase")
-    p.add_argument("--ttfb-n", type=int, default=60, help="sequential streaming requests per variant")
-    p.add_argument("--ttfb-delay", type=float, default=0.02, help="stand-in token_delay for the TTFB phase")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
-    p.add_argument("--stream-tokens", type=int, default=200)
-    p.add_argument("--token-runs", type=int, default=5)
-    p.add_argument("--heartbeat", type=float, default=2.0, help="nodes' --heartbeat-interval")
+    for flag, default, hlp in (("--n", 200, "sequential stream:false requests per variant"),
+                               ("--cpu-n", 200, "requests per variant in the CPU-cost phase"),
+                               ("--ttfb-n", 60, "sequential streaming requests per variant"),
+                               ("--ttfb-delay", 0.02, "stand-in token_delay for the TTFB phase"),
+                               ("--concurrency", 8, "clients in the throughput phase"),
+                               ("--seconds", 5.0, "duration of each throughput run"),
+                               ("--stream-tokens", 200, "tokens per stream in the tokens phase"),
+                               ("--token-runs", 5, "streams per variant in the tokens phase"),
+                               ("--heartbeat", 2.0, "nodes' --heartbeat-interval")):
+        p.add_argument(flag, type=type(default), default=default, help=hlp)
     p.add_argument("--client-timeout", type=float, default=900.0, help="bound on the measuring client's run")
     # internal: the measuring client, run inside host A by the main process
     for name in ("--urls", "--pids", "--peer", "--fake-url", "--client-out"):

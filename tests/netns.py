@@ -105,9 +105,13 @@ class Net:
             sh("ip", "-n", ns, "route", "add", "default", "dev", ifname)  # also routes mDNS multicast
         return Host(ns, ip)
 
-    def nat(self, wan_bridge: str, wan_ip: str, lan_subnet: str, host_name: str, *, index: int) -> Host:
+    def nat(self, wan_bridge: str, wan_ip: str, lan_subnet: str, host_name: str, *, index: int,
+            firewall: bool = False) -> Host:
         """A home: router ``natK`` (WAN ``wan_ip`` on ``wan_bridge``, LAN ``lan_subnet.1``,
-        masquerade) and a host ``lan_subnet.10`` behind it."""
+        masquerade) and a host ``lan_subnet.10`` behind it. ``firewall``: the
+        router silently drops unsolicited inbound SYNs, as home routers do,
+        instead of its kernel answering them with a reset (which defeats TCP
+        hole punching: the first punch SYN resets the other side's mapping)."""
         router = self._ns(f"nat{index}")
         sh("ip", "-n", wan_bridge, "link", "add", f"w{index}", "type", "veth", "peer", "name", "wan", "netns", router)
         sh("ip", "-n", wan_bridge, "link", "set", f"w{index}", "master", "br0")
@@ -128,6 +132,14 @@ class Net:
             ["add", "rule", "ip", "nat", "post", "oifname", "wan", "masquerade"],
         ):
             sh("ip", "netns", "exec", router, "nft", *rule)
+        if firewall:
+            for rule in (
+                ["add", "table", "ip", "fw"],
+                ["add", "chain", "ip", "fw", "input", "{ type filter hook input priority 10 ; }"],
+                ["add", "rule", "ip", "fw", "input", "iifname", "wan", "ct", "state", "new",
+                 "tcp", "flags", "&", "(syn|ack)", "==", "syn", "drop"],
+            ):
+                sh("ip", "netns", "exec", router, "nft", *rule)
         return Host(home, f"{lan_subnet}.10")
 
     async def spawn(self, host: Host, args: list[str], *, log: Path, env: dict | None = None) -> trio.Process:

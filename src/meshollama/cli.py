@@ -24,6 +24,7 @@ FLAG_KEYS = {
     "log_format": "node.log_format",
     "p2p_listen": "p2p.listen",
     "announce": "p2p.announce",
+    "relay_client": "p2p.relay_client",
     "bootstrap": "p2p.bootstrap",
     "psk_file": "p2p.psk_file",
     "heartbeat_interval": "p2p.heartbeat_interval",
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--bootstrap", action="append", default=S, metavar="MULTIADDR",
                        help="peer to join through, repeatable (/ip4/.../tcp/4001/p2p/12D3...)")
     start.add_argument("--api-listen", default=S, metavar="HOST:PORT", help="gateway address (default 127.0.0.1:11434)")
+    start.add_argument("--relay-service", dest="relay_service", action="store_true", default=S,
+                       help="forward connections for nodes behind NAT (run it on a reachable node)")
+    start.add_argument("--relay-client", default=S, choices=["auto", "on", "off"],
+                       help="reserve a slot on relays: auto (when behind NAT, default), on, off")
+    start.add_argument("--no-hole-punching", dest="hole_punching", action="store_false", default=S,
+                       help="keep relayed connections relayed (no DCUtR)")
     start.add_argument("--no-mdns", dest="mdns", action="store_false", default=S, help="no LAN discovery")
     start.add_argument("--no-dht", dest="dht", action="store_false", default=S, help="no Kademlia DHT")
     start.add_argument("--psk-file", default=S, help="private-network key (see meshollama keygen --psk)")
@@ -100,6 +107,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["p2p.mdns"] = args.mdns
     if hasattr(args, "dht"):
         out["p2p.dht"] = args.dht
+    if hasattr(args, "relay_service"):
+        out["p2p.relay_service"] = True
+    if hasattr(args, "hole_punching"):
+        out["p2p.hole_punching"] = args.hole_punching
     if hasattr(args, "spawn_ollama"):
         out["ollama.spawn"] = True
     return out

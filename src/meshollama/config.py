@@ -272,6 +272,18 @@ class P2PConfig:
     listen: tuple[str, ...] = _opt(_LISTEN, ("/ip4/0.0.0.0/tcp/4001", "/ip6/::/tcp/4001"), "libp2p listen multiaddrs")
     # Empty: advertise every up interface (LAN first) plus addresses peers confirm seeing us at.
     announce: tuple[str, ...] = _opt(_ANNOUNCE, (), "addresses to advertise instead (port forward, public IP)")
+    # Off: relaying costs the relay bandwidth; only a reachable node should offer it.
+    relay_service: bool = _opt(_Bool(), False, "forward connections for nodes behind NAT (Circuit Relay v2)")
+    # auto: a node that a peer sees at a foreign IP (NAT) reserves on relays it knows.
+    relay_client: str = _opt(_Choice("auto", "on", "off"), "auto", "reserve a slot on relays: auto (behind NAT), on, off")
+    # A direct connection is faster and outlives the relay; the relay stays the fallback.
+    hole_punching: bool = _opt(_Bool(), True, "upgrade relayed connections to direct ones (DCUtR)")
+    # A relay's limits: enough for a home mesh, bounded against a flood.
+    relay_max_reservations: int = _opt(_int(1), 128, "nodes a relay holds slots for")
+    relay_max_circuits: int = _opt(_int(1), 16, "relayed connections to one node at once")
+    relay_circuit_seconds: int = _opt(_int(1), 3600, "longest life of one relayed connection")
+    # py-libp2p counts this per reservation, renewals included: generous, or the node goes dark.
+    relay_circuit_bytes: int = _opt(_int(1024), 1 << 30, "bytes relayed for one node per reservation")
     # There is no public meshollama network: each mesh names its own peers.
     bootstrap: tuple[str, ...] = _opt(_BOOTSTRAP, (), "peers to dial at start and keep redialling")
     # On a LAN, mDNS finds peers with zero configuration.

@@ -56,6 +56,10 @@ def setup(level: str = "info", fmt: str = "text", stream=None) -> None:
             lg.removeHandler(h)
     # Noisy at WARNING for normal operation (DHT requests, pubsub peers leaving).
     for name in ("libp2p.kad_dht", "libp2p.pubsub", "libp2p.network", "libp2p.host", "libp2p.stream_muxer",
-                 "libp2p.transport", "libp2p.security", "libp2p.discovery", "libp2p.rcmgr", "libp2p.tools"):
+                 "libp2p.transport", "libp2p.security", "libp2p.discovery", "libp2p.rcmgr", "libp2p.tools",
+                 "libp2p.relay", "libp2p.host.autonat"):
         logging.getLogger(name).setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.ERROR)
+    # A failed TCP dial is routine where peers sit behind NAT (we try every
+    # address, then the relay); our own dial logs say which path worked.
+    logging.getLogger("libp2p.transport.tcp").setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL)
     logging.getLogger("hypercorn.access").disabled = True

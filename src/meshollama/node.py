@@ -27,6 +27,7 @@ from .config import Config
 from .limits import InboundLimiter
 from .mesh.service import MeshService, MeshSettings
 from .p2p.host import HostSettings
+from .p2p.relay import RelaySettings
 from .p2p.httpstream import HttpStreamServer
 
 log = logging.getLogger("meshollama.node")
@@ -58,6 +59,15 @@ def host_settings(config: Config, psk: str | None) -> HostSettings:
         gossip_degree_high=p.gossip_degree_high,
         stream_timeout=p.stream_timeout,
         announce=tuple(p.announce),
+        relay=RelaySettings(
+            service=p.relay_service,
+            client=p.relay_client,
+            hole_punching=p.hole_punching,
+            max_reservations=p.relay_max_reservations,
+            max_circuits=p.relay_max_circuits,
+            circuit_seconds=p.relay_circuit_seconds,
+            circuit_bytes=p.relay_circuit_bytes,
+        ),
     )
 
 

@@ -137,7 +137,7 @@ def test_mesh_peers():
     assert [p["peer_id"] for p in got] == ["me", "p2"]
     me, p2 = got
     assert set(me) == {"peer_id", "addrs", "api_url", "version", "models", "load",
-                       "seconds_since_heartbeat", "state", "is_self"}
+                       "seconds_since_heartbeat", "state", "is_self", "relay"}
     assert me["is_self"] and me["state"] == "alive"
     assert me["models"] == [{"name": "a:latest", "digest": A64, "size": 100, "loaded": True}]
     assert me["load"] == {"in_flight": 1, "capacity": 4, "queued": 2}
@@ -149,7 +149,7 @@ def test_mesh_status():
              peer("p3", m("c:latest"), state=PeerState.DOWN))
     got = listings.mesh_status(s, "me", {"uptime": 5}, "0.1.0")
     assert got["self_id"] == "me"
-    assert got["peers"] == {"total": 3, "alive": 2, "down": 1}
+    assert got["peers"] == {"total": 3, "alive": 2, "down": 1, "unreachable": 0}
     assert got["models"] == 2  # a:latest (twice) and b:1; the DOWN peer's c does not count
     assert got["mesh"] == {"uptime": 5}
 

@@ -45,3 +45,70 @@ async def test_without_a_relay_a_peer_behind_nat_is_unreachable_and_requests_fai
                        timeout=40)
         assert r["status"] in (502, 503) and "error" in json.loads(r["lines"][0]), r
         assert n1.peer_id  # and nothing hung: both answered within the deadline
+
+
+async def _relayed_mesh(net, tmp_path, *, firewall: bool):
+    bridge, (public,) = net.lan("198.18.100", ["relay"], name="inet")
+    home1 = net.nat(bridge, "198.18.100.11", "198.18.1", "home1", index=1, firewall=firewall)
+    home2 = net.nat(bridge, "198.18.100.12", "198.18.2", "home2", index=2, firewall=firewall)
+    await start_fake(net, home1, tmp_path, ["alpha:latest", "common:latest"], "home1")
+    await start_fake(net, home2, tmp_path, ["gamma:latest", "common:latest"], "home2")
+    relay = await start_node(net, public, tmp_path, "relay", "--no-mdns", "--backend", "none", "--relay-service")
+    join = relay.join_line().split()[2:]
+    n1 = await start_node(net, home1, tmp_path, "home1", *join, "--no-mdns", "--backend", "ollama")
+    n2 = await start_node(net, home2, tmp_path, "home2", *join, "--no-mdns", "--backend", "ollama")
+
+    async def both_alive_with_circuits():
+        v1, v2 = await peers(net, home1), await peers(net, home2)
+        return (v1.get(n2.peer_id, {}).get("state") == "alive" and v2.get(n1.peer_id, {}).get("state") == "alive"
+                and any("/p2p-circuit/" in a for a in v1[n2.peer_id]["addrs"]))
+
+    await wait_for(both_alive_with_circuits)
+    return relay, (home1, n1), (home2, n2)
+
+
+async def _ask(net, host, model, *, stream):
+    return await http(net, host, "POST", "/api/generate", {"model": model, "prompt": "hi", "stream": stream},
+                      timeout=40)
+
+
+async def test_homes_behind_two_nats_answer_each_others_models_through_a_relay(nat_net, tmp_path):
+    net = nat_net
+    with trio.fail_after(150):
+        relay, (home1, n1), (home2, n2) = await _relayed_mesh(net, tmp_path, firewall=False)
+        # Each home learned that it is behind NAT and advertises a circuit address through the relay.
+        view = await peers(net, home1)
+        assert any(a.startswith(f"/ip4/198.18.100.1/tcp/4001/p2p/{relay.peer_id}/p2p-circuit/p2p/{n2.peer_id}")
+                   for a in view[n2.peer_id]["addrs"]), view[n2.peer_id]
+        for stream in (False, True):
+            r = await _ask(net, home1, "gamma", stream=stream)
+            assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == n2.peer_id, r
+            chunks = [json.loads(line) for line in r["lines"]]
+            assert chunks[-1]["done"] is True and "hello from home2" in "".join(c["response"] for c in chunks)
+            r = await _ask(net, home2, "alpha", stream=stream)
+            assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == n1.peer_id, r
+
+        # Plain masquerade answers punch SYNs with resets: no direct path, so
+        # with the relay gone a request for gamma (home2 only) ends with an
+        # explicit error, and one for common stays at home.
+        await net.stop(relay.proc)
+        r = await _ask(net, home1, "gamma", stream=False)
+        assert r["status"] in (502, 503) and "error" in json.loads(r["lines"][0]), r
+        r = await _ask(net, home1, "common", stream=False)
+        assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == n1.peer_id, r
+
+
+async def test_a_hole_punched_connection_outlives_the_relay(nat_net, tmp_path):
+    net = nat_net
+    with trio.fail_after(180):
+        relay, (home1, n1), (home2, n2) = await _relayed_mesh(net, tmp_path, firewall=True)
+
+        async def direct():  # DCUtR moved home1<->home2 off the relay
+            r = await net.run(home1, ["ss", "-tnH", "state", "established", "dst", "198.18.100.12"])
+            return r.stdout.strip()
+
+        await wait_for(direct, step=0.5)
+        await net.stop(relay.proc)
+        for stream in (False, True):
+            r = await _ask(net, home1, "gamma", stream=stream)
+            assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == n2.peer_id, r

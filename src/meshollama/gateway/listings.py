@@ -200,11 +200,12 @@ def peer_entry(peer: PeerView, now: float) -> dict[str, Any]:
         "seconds_since_heartbeat": round(max(0.0, now - peer.last_seen), 3),
         "state": peer.state.value,
         "is_self": peer.is_self,
+        "relay": peer.relay,
     }
 
 
 def mesh_peers(snapshot: Snapshot) -> list[dict[str, Any]]:
-    """``GET /api/mesh/peers``: every peer in the table, ALIVE or DOWN, ourselves included."""
+    """``GET /api/mesh/peers``: every peer in the table (alive, down, unreachable), ourselves included."""
     return [peer_entry(p, snapshot.taken_at) for p in snapshot.peers]
 
 
@@ -216,7 +217,7 @@ def mesh_status(snapshot: Snapshot, self_id: str, extra: Mapping[str, Any], vers
     return {
         "self_id": self_id,
         "version": version,
-        "peers": {"total": len(snapshot.peers), **{s: by_state.get(s, 0) for s in ("alive", "down")}, **by_state},
+        "peers": {"total": len(snapshot.peers), **{s: by_state.get(s, 0) for s in ("alive", "down", "unreachable")}, **by_state},
         "models": models_count(snapshot),
         "mesh": dict(extra),
     }

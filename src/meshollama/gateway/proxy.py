@@ -318,10 +318,13 @@ class Proxy:
             snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(), next(self._rr)
         )
         if not order:
-            unreachable = [p.peer_id for p in snapshot.peers if p.state.value == "unreachable" and p.serves(key)]
-            if unreachable:  # it exists, we just have no path: not a 404 ("pull it") but a 503
-                raise NoCapacity(f"model '{model}' is only on peers this node cannot reach: {', '.join(unreachable)} "
-                                 "(behind NAT with no relay? see `meshollama peers`)")
+            # It exists, on peers we have no path to now: a 503, not a 404
+            # (which tells clients to pull it).
+            held = [f"{p.peer_id} ({p.state.value})" for p in snapshot.peers if p.serves(key)
+                    and p.state.value in ("down", "unreachable")]
+            if held:
+                raise NoCapacity(f"model '{model}' is only on peers this node cannot reach now: {', '.join(held)}; "
+                                 "see `meshollama peers`")
             raise ModelNotFound(endpoint.not_found_message(model))
         out.model = names.shortest(model)
         tries = order[: 1 + self.retries]

@@ -16,7 +16,7 @@ newer minor version can add fields; a higher ``v`` (schema) is rejected::
      "m":[{"n":"llama3:latest","d":"<64 hex>","s":4661224676,"l":true,
            "t":"2024-05-01T10:00:00Z","x":{"family":"llama"},"c":["completion"]}],
      "ld":{"f":1,"c":4,"q":0},
-     "a":["/ip4/10.0.0.2/tcp/4001/p2p/12D3..."],"u":"http://10.0.0.2:11434","bye":true}
+     "a":["/ip4/10.0.0.2/tcp/4001/p2p/12D3..."],"u":"http://10.0.0.2:11434","bye":true,"r":true}
 
 Model names are normalised to :func:`meshollama.names.shortest` on decode
 (and on encode); an invalid model name rejects the whole announcement. Two
@@ -58,6 +58,7 @@ class Announcement:
     addrs: tuple[str, ...] = ()  # dialable multiaddrs (with /p2p/)
     api_url: str = ""
     leaving: bool = False  # True in the final "I am shutting down" message
+    relay: bool = False  # serves Circuit Relay v2 (HOP) for nodes behind NAT
     schema: int = SCHEMA_VERSION
 
 
@@ -110,6 +111,8 @@ def _to_obj(a: Announcement) -> dict[str, Any]:
         o["u"] = a.api_url
     if a.leaving:
         o["bye"] = True
+    if a.relay:
+        o["r"] = True
     return o
 
 
@@ -323,6 +326,7 @@ def _from_obj(o: Any) -> Announcement:
         addrs=tuple(_str(x, "a[]", empty=False) for x in _list(o.get("a", []), "a", MAX_ADDRS)),
         api_url=_str(o.get("u", ""), "u"),
         leaving=_bool(o.get("bye", False), "bye"),
+        relay=_bool(o.get("r", False), "r"),
         schema=schema,
     )
 

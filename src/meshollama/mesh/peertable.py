@@ -53,6 +53,7 @@ class PeerView:
     last_seen: float  # time of last accepted announcement
     state: PeerState
     is_self: bool
+    relay: bool = False  # offers Circuit Relay v2 service
 
     # cached_property writes the instance __dict__ directly, so it works on a
     # frozen dataclass without becoming a field (eq, repr, replace unaffected).
@@ -114,6 +115,7 @@ def _view(ann: Announcement, now: float, *, is_self: bool) -> PeerView:
         last_seen=now,
         state=PeerState.ALIVE,
         is_self=is_self,
+        relay=ann.relay,
     )
 
 

@@ -36,7 +36,7 @@ import trio
 
 from .. import __version__
 from ..catalog import LoadInfo, ModelInfo
-from ..errors import AnnouncementError, P2PError
+from ..errors import AnnouncementError, P2PError, StreamReset
 from ..p2p import addrs as addrs_mod
 from ..p2p.host import Event, HostSettings, P2PHost
 from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
@@ -227,7 +227,8 @@ class MeshService:
                 backoff = min(backoff * 2, 30.0)
 
     async def _run_host(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        host = P2PHost(self.key_pair, self.host_settings, on_junk=lambda peer, why: self._drop("junk_rpc"))
+        host = P2PHost(self.key_pair, self.host_settings, on_junk=lambda peer, why: self._drop("junk_rpc"),
+                       on_addrs_changed=self.request_heartbeat)
         server = self._http_server_factory(
             lambda reason: self._count("inbound_rejected", reason),
             lambda kind: self._count("stream_errors", kind),
@@ -249,6 +250,7 @@ class MeshService:
                     nursery.start_soon(self._bootstrap_loop, host, addr)
                 if self.host_settings.dht:
                     nursery.start_soon(self._dht_loop, host)
+                nursery.start_soon(self._relay_loop, host)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -282,6 +284,7 @@ class MeshService:
                 addrs=tuple(self.addrs),
                 api_url=self.settings.api_url,
                 leaving=leaving,
+                relay=self.host_settings.relay.service,
             )
         )
 
@@ -477,6 +480,25 @@ class MeshService:
             await trio.sleep(delay)
             delay = self.settings.dht_refresh_every
 
+    async def _relay_loop(self, host: P2PHost) -> None:
+        """Behind NAT (or with ``relay_client: on``), hold reservations on
+        connected peers that offer relay service, so that others can reach us
+        through them (our announcements then carry ``/p2p-circuit`` addresses)."""
+        while True:
+            await trio.sleep(min(1.0, self.settings.heartbeat_interval))
+            relay = host.relay
+            if relay is None or not relay.wants_reservation():
+                continue
+            connected = host.connected_peers()
+            for peer in self.table.snapshot(trio.current_time()).peers:
+                if not peer.relay or peer.is_self or peer.peer_id not in connected:
+                    continue
+                if peer.peer_id in relay.reserving or not relay.wants_reservation():
+                    continue
+                pid = peer.peer_id
+                log.info("behind NAT: reserving a slot on relay %s", pid)
+                self._spawn(lambda pid=pid: relay.keep_reservation(pid, lambda: pid in host.connected_peers()))
+
     async def _liveness_loop(self, host: P2PHost) -> None:
         """Ping, each interval, the peers :func:`liveness.peers_to_ping` picks:
         those our callers wait on every round, idle ones every few rounds."""
@@ -501,7 +523,16 @@ class MeshService:
         misses in a row, so a peer that is merely slow to answer (a loaded
         2-core box) does not lose the generations it is streaming."""
         try:
-            await self._pinger.ping(peer_id)
+            try:
+                await self._pinger.ping(peer_id)
+            except StreamReset:
+                # The kept stream's connection closed under it while the peer is
+                # still connected by another (a relayed connection gone after hole
+                # punching moved us to a direct one): one more try on a fresh stream.
+                host = self._host
+                if host is None or peer_id not in host.connected_peers():
+                    raise
+                await self._pinger.ping(peer_id)
             if self._misses.pop(peer_id, None) and self.table.mark_up(peer_id, trio.current_time()):
                 # Slow, not gone (a CPU-starved box): route to it again now rather
                 # than after its next heartbeat; expiry still needs fresh ones.

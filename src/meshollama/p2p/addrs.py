@@ -210,6 +210,8 @@ def dial_plan(addrs: Sequence[str], own: Sequence[str], ips: Iterable[IP]) -> li
             p = parse(text)
         except ValueError:
             continue
+        if p.relayed:  # our circuit address names the relay's IP and port, not ours
+            continue
         if p.ip is not None and p.ip.is_unspecified:
             mine.update((ip, p.port) for ip in ips if ip.version == p.ip.version)
         mine.add((p.ip, p.port))

@@ -36,6 +36,7 @@ import trio
 from ..errors import P2PError, PortInUseError
 from . import addrs as addrs_mod
 from . import patches
+from .relay import Relay, RelaySettings
 from .stream import Stream
 
 log = logging.getLogger("meshollama.p2p")
@@ -58,6 +59,7 @@ class HostSettings:
     dial_timeout: float = 5.0  # one address; a dead LAN IP would otherwise take a TCP SYN timeout
     max_pubsub_message: int = 256 * 1024
     announce: tuple[str, ...] = ()  # replaces the addresses we advertise (--announce)
+    relay: RelaySettings = RelaySettings()
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ Handler = Callable[[Stream], Awaitable[None]]
 class P2PHost:
     """One libp2p host and its services. Create, then ``await nursery.start(host.serve)``."""
 
-    def __init__(self, key_pair, settings: HostSettings, *, on_junk: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, key_pair, settings: HostSettings, *, on_junk: Callable[[str, str], None] | None = None,
+                 on_addrs_changed: Callable[[], None] | None = None) -> None:
         from libp2p.peer.id import ID
 
         self.key_pair = key_pair
@@ -99,6 +102,8 @@ class P2PHost:
         self._closed = False
         self._ips: list = []
         self._ips_at = -1e9
+        self._on_addrs_changed = on_addrs_changed or (lambda: None)
+        self.relay: Relay | None = None
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -159,6 +164,7 @@ class P2PHost:
                             await self._start_dht(nursery)
                         if self.settings.mdns:
                             self._start_mdns(nursery)
+                        await self._start_relay(nursery)
                         task_status.started(self.addrs())
                         await stop.wait()
                         nursery.cancel_scope.cancel()
@@ -260,6 +266,19 @@ class P2PHost:
 
         await nursery.start(run_dht)
 
+    async def _start_relay(self, nursery: trio.Nursery) -> None:
+        relay = Relay(self._host, self.settings.relay, self.interface_ips, self._on_addrs_changed)
+
+        async def run_relay(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                await relay.run(task_status=task_status)
+            except Exception as exc:  # NAT traversal is best-effort: never fatal
+                log.warning("relay/hole punching stopped: %r", exc)
+                self.relay = None
+
+        self.relay = relay
+        await nursery.start(run_relay)
+
     def _start_mdns(self, nursery: trio.Nursery) -> None:
         try:
             from libp2p.discovery.events.peerDiscovery import peerDiscovery
@@ -359,8 +378,13 @@ class P2PHost:
         return [multiaddr.Multiaddr(a.rsplit("/p2p/", 1)[0]) for a in out]
 
     def addrs(self) -> list[str]:
-        """Our advertised multiaddrs with ``/p2p/<id>``, LAN addresses first."""
-        return list(dict.fromkeys(str(a) for a in self._host.get_addrs()))
+        """Our advertised multiaddrs with ``/p2p/<id>``, LAN addresses first, then
+        ``/p2p-circuit`` ones through relays we hold a reservation on. (Circuit
+        addresses stay out of ``get_addrs``: it would cut ``/p2p/<relay>/p2p-circuit``
+        down to the relay's own address and claim it as ours.)"""
+        direct = [str(a) for a in self._host.get_addrs()]
+        relayed = self.relay.circuit_addrs() if self.relay is not None else []
+        return list(dict.fromkeys([*direct, *relayed]))
 
     def own_addrs(self) -> list[str]:
         """Every address that reaches this very node, for never dialling ourselves."""
@@ -406,28 +430,39 @@ class P2PHost:
         if not plan:
             raise P2PError(f"no dialable address for {target} (given: {', '.join(addrs)})")
         network = self._host.get_network()
+        # With a relay to fall back on, a direct address gets a short try: a
+        # private address of a peer behind NAT would otherwise hold up every
+        # dial for the whole dial_timeout (a LAN answers in milliseconds).
+        has_relay = any(addrs_mod.parse(a).relayed for a in plan)
         deadline = trio.current_time() + (timeout or self.settings.stream_timeout * max(1, len(plan)))
         failures: list[str] = []
         for a in plan:
             if target in self.connected_peers():  # they dialled us meanwhile
                 break
-            bare = multiaddr.Multiaddr(a).decapsulate(multiaddr.Multiaddr(f"/p2p/{target}")) \
-                if not addrs_mod.parse(a).relayed else multiaddr.Multiaddr(a)
-            limit = min(self.settings.dial_timeout, deadline - trio.current_time())
+            bare = multiaddr.Multiaddr(a).decapsulate(multiaddr.Multiaddr(f"/p2p/{target}"))
+            relayed = addrs_mod.parse(a).relayed
+            per_addr = self.settings.dial_timeout if relayed or not has_relay else min(2.0, self.settings.dial_timeout)
+            limit = min(per_addr, deadline - trio.current_time())
             if limit <= 0:
                 failures.append(f"{a}: out of time")
                 break
             try:
                 with _p2p_errors(f"dial {a}", limit):
-                    conn = await network.dial_addr(bare, pid)
-                    started = getattr(conn, "event_started", None)
-                    if started is not None:
-                        await started.wait()
+                    if relayed:
+                        if self.relay is None:
+                            raise P2PError("no relay transport")
+                        await self.relay.dial(a)
+                    else:
+                        conn = await network.dial_addr(bare, pid)
+                        started = getattr(conn, "event_started", None)
+                        if started is not None:
+                            await started.wait()
             except P2PError as exc:
                 failures.append(str(exc))
                 log.debug("%s", exc)
                 continue
-            self._host.get_peerstore().add_addrs(pid, [bare], 600)
+            if not relayed:  # the swarm cannot dial circuit addresses: keep them out of its store
+                self._host.get_peerstore().add_addrs(pid, [bare], 600)
             schedule = getattr(self._host, "_schedule_identify", None)
             if schedule is not None:
                 schedule(pid, reason="connect")
