@@ -314,7 +314,7 @@ MISSING = [
 async def test_error_answers_per_endpoint():
     mesh = FakeMesh()
     mesh.add("peer-a", [LLAMA])
-    mesh.add("peer-down", [model("nope:latest")], state=__import__(
+    mesh.add("peer-down", [model("gone:latest")], state=__import__(
         "meshollama.mesh.peertable", fromlist=["PeerState"]).PeerState.DOWN)  # DOWN peers serve nothing
     with trio.fail_after(20):
         async with running_gateway(mesh, max_body_bytes=1000) as gw, httpx.AsyncClient(base_url=gw.url) as client:
@@ -323,6 +323,11 @@ async def test_error_answers_per_endpoint():
                 assert (path, r.status_code, r.json()) == (path, 404, expected)
                 ctype = r.headers["content-type"]
                 assert ctype.startswith("application/json"), ctype  # not NDJSON even when streaming
+
+            # A model that exists only on a peer we cannot reach now is not "not
+            # found" (clients would offer to pull it) but unavailable, naming the peer.
+            r = await client.post("/api/generate", json={"model": "gone", "prompt": "x", "stream": False})
+            assert r.status_code == 503 and "peer-down (down)" in r.json()["error"], r.text
 
             for path, body, status, message in MISSING:
                 r = await client.post(path, json=body)
