@@ -211,12 +211,18 @@ async def measure(args, tmp: Path, relay: bool) -> dict:
             urls = {"direct": f"http://{b.ip}:11435", "local": f"http://{b.ip}:11434",
                     "remote": "http://127.0.0.1:11434"}
             res = await run_client(net, a, tmp, args, urls, pids, node_l.peer_id, urls["direct"])
+        # A TCP connection from home A to home B's router would be a hole-punched
+        # direct path: the numbers would then not be the relay's.
+        punched = ""
+        if relay:
+            punched = (await net.run(a, ["ss", "-tnH", "state", "established", "dst", "198.18.100.12"])).stdout
         res.update(setup_s=setup_s, variants=LEGEND if not relay else {"remote": "home A -> G -> R -> L in home B"},
                    log_anomalies={n.name: [ln for ln in n.text().splitlines() if BAD_LOG.search(ln)][:5]
                                   for n in nodes},
                    topology={"A": a.ip, "B": b.ip, "mtu": net_mtu(a), "L_peer": node_l.peer_id,
                              "G_peer": node_g.peer_id, "L_addrs_seen_by_G": l_addrs,
-                             "via_circuit": any("p2p-circuit" in x for x in l_addrs)})
+                             "via_circuit": any("p2p-circuit" in x for x in l_addrs),
+                             "direct_tcp_A_to_B": punched.decode().strip() if punched else ""})
         return res
     finally:
         net.close()
@@ -261,6 +267,7 @@ def print_result(r: dict) -> None:
     print("\nrelay: client in home A -> G -> R (public relay) -> L in home B, both homes behind NAT.")
     print("No direct path exists between the homes: the baseline is the same-LAN remote path above.")
     print(f"via circuit: {rel['topology']['via_circuit']}  (L's addrs seen by G: {rel['topology']['L_addrs_seen_by_G']})")
+    print(f"hole-punched direct connection A->B after the run: {rel['topology'].get('direct_tcp_A_to_B') or 'none'}")
     print(f"{'':<38}{'p50':>12}{'p99':>12}{'TTFB p50':>12}")
     rows = (("same-LAN remote", lan["latency"]["remote"], lan["ttfb"]["remote"]["ttfb"]),
             ("relay remote", rel["latency"]["remote"], rel["ttfb"]["remote"]["ttfb"]))

@@ -9,8 +9,6 @@ import pytest
 
 from tests.netns import Net, missing
 
-pytestmark = pytest.mark.slow
-
 
 def _need(why: str | None) -> None:
     if why and os.environ.get("CI"):

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 
+from meshollama.backends.embedded import available, default_model_path
 from tests.multihost.nodes import BAD_LOG, http, peers, start_fake, start_node, wait_for
+
+pytestmark = pytest.mark.slow  # real processes on several namespace hosts
 
 MODELS = {"h1": "alpha:latest", "h2": "beta:latest", "h3": "gamma:latest"}
 
@@ -104,3 +108,27 @@ async def test_a_host_joins_and_routes_over_ipv6(net, tmp_path):
         await wait_for(alpha_seen)
         r = await http(net, hosts[1], "POST", "/api/generate", {"model": "alpha", "prompt": "hi", "stream": False})
         assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == h1.peer_id, r
+
+
+@pytest.mark.embedded
+@pytest.mark.skipif(not available() or default_model_path() is None,
+                    reason="llama-cpp-python or the SmolLM2 model is not installed (run make install)")
+async def test_the_real_embedded_model_answers_across_hosts(net, tmp_path):
+    """SmolLM2 on one machine, a pure gateway on another: a real generation
+    crosses the LAN, streamed, through the printed join line."""
+    with trio.fail_after(150):
+        _, hosts = net.lan("198.18.9", ["m1", "m2"])
+        m1 = await start_node(net, hosts[0], tmp_path, "m1", "--no-mdns", "--backend", "embedded")
+        await start_node(net, hosts[1], tmp_path, "m2", *m1.join_line().split()[2:], "--no-mdns", "--backend", "none")
+
+        async def smollm_routable():
+            return m1.peer_id in await peers(net, hosts[1])
+
+        await wait_for(smollm_routable)
+        r = await http(net, hosts[1], "POST", "/api/chat", {
+            "model": "smollm2:135m", "messages": [{"role": "user", "content": "Say hello."}],
+            "options": {"num_predict": 8, "temperature": 0}}, timeout=120)
+        assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == m1.peer_id, r
+        chunks = [json.loads(line) for line in r["lines"]]
+        assert chunks[-1]["done"] is True and chunks[-1]["eval_count"] >= 1
+        assert "".join(c["message"]["content"] for c in chunks).strip()

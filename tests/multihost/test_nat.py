@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 
 from tests.multihost.nodes import http, peers, start_fake, start_node, wait_for
+
+pytestmark = pytest.mark.slow  # real processes on several namespace hosts
 
 
 async def homes(net, tmp_path, *, public_models=("beta:latest", "common:latest")):
