@@ -22,6 +22,7 @@ them all. Needs root, ``ip`` (iproute2) and, for NAT, ``nft`` (nftables):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,9 +62,39 @@ class Host:
     ip: str  # its address on its LAN
 
 
+_OURS = re.compile(r"^mo(\d+)-[0-9a-f]{4}-")
+
+
+def sweep() -> None:
+    """Delete namespaces left by a test run that was killed before its
+    ``finally`` (the creating pid is in the name and no longer alive)."""
+    listed = sh("ip", "netns", "list", check=False).stdout.split("\n")
+    for line in listed:
+        name = line.split(" ", 1)[0]
+        m = _OURS.match(name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        sh("ip", "netns", "del", name, check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class Net:
-    prefix: str = field(default_factory=lambda: f"mo{uuid.uuid4().hex[:6]}")
+    prefix: str = field(default_factory=lambda: f"mo{os.getpid()}-{uuid.uuid4().hex[:4]}")
     namespaces: list[str] = field(default_factory=list)
     procs: list[trio.Process] = field(default_factory=list)
 

@@ -234,7 +234,7 @@ def _announce_addr(text: str) -> str:
     names = _multiaddr(text)
     if len(names) < 2 or names[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or names[1] != "tcp":
         raise TypeError
-    if names[2:] not in ([], ["p2p"]):  # relay addresses come from reservations, not by hand
+    if names[2:]:  # our /p2p/ id is added for us; relay addresses come from reservations
         raise TypeError
     if names[0] in ("ip4", "ip6") and ipaddress.ip_address(multiaddr.Multiaddr(text).value_for_protocol(names[0])).is_unspecified:
         raise ValueError(f"{text!r} is a wildcard: announce an address others can dial")
@@ -242,7 +242,7 @@ def _announce_addr(text: str) -> str:
 
 
 _LISTEN = _List(_Str("a multiaddr /ip4/<address>/tcp/<port> or /ip6/<address>/tcp/<port>", _listen_addr), 1)
-_ANNOUNCE = _List(_Str("a multiaddr /ip4|ip6|dns4|dns6/<host>/tcp/<port>", _announce_addr))
+_ANNOUNCE = _List(_Str("a multiaddr /ip4|ip6|dns4|dns6/<host>/tcp/<port> (no /p2p/: ours is added)", _announce_addr))
 _BOOTSTRAP = _List(_Str("a multiaddr ending in /p2p/<peer id>", _bootstrap_addr))
 _API_KEY = _Str("an API key without whitespace", _api_key)
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.netns import Net, missing
+from tests.netns import Net, missing, sweep
 
 
 def _need(why: str | None) -> None:
@@ -20,6 +20,7 @@ def _need(why: str | None) -> None:
 @pytest.fixture
 def net():
     _need(missing())
+    sweep()
     n = Net()
     try:
         yield n
@@ -30,6 +31,7 @@ def net():
 @pytest.fixture
 def nat_net():
     _need(missing(nat=True))
+    sweep()
     n = Net()
     try:
         yield n

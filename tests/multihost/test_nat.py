@@ -46,7 +46,7 @@ async def test_without_a_relay_a_peer_behind_nat_is_unreachable_and_requests_fai
         assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == pub.peer_id, r
         r = await http(net, home1, "POST", "/api/generate", {"model": "gamma", "prompt": "hi", "stream": False},
                        timeout=40)
-        assert r["status"] in (502, 503) and "error" in json.loads(r["lines"][0]), r
+        assert r["status"] == 503 and "error" in json.loads(r["lines"][0]), r
         assert n1.peer_id  # and nothing hung: both answered within the deadline
 
 
@@ -96,7 +96,7 @@ async def test_homes_behind_two_nats_answer_each_others_models_through_a_relay(n
         # explicit error, and one for common stays at home.
         await net.stop(relay.proc)
         r = await _ask(net, home1, "gamma", stream=False)
-        assert r["status"] in (502, 503) and "error" in json.loads(r["lines"][0]), r
+        assert r["status"] == 503 and "error" in json.loads(r["lines"][0]), r
         r = await _ask(net, home1, "common", stream=False)
         assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == n1.peer_id, r
 

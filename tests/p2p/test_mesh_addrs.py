@@ -46,8 +46,12 @@ async def test_foreign_and_garbage_addresses_are_dropped_counted_and_never_diall
             trap_port = listeners[0].socket.getsockname()[1]
             mesh = _service()
             addrs = await nursery.start(mesh.serve)
-            async with running_hosts(settings()) as (attacker,):
-                await attacker.connect(addrs)
+            async with running_hosts(settings(), settings()) as (middle, attacker):
+                # The attacker is heard through a middle peer, so the mesh
+                # service dials it from what it announced: the trap shows
+                # whether any address that is not the attacker's own is tried.
+                await middle.connect(addrs)
+                await attacker.connect(middle.addrs())
                 base = announce.Announcement(
                     peer_id=attacker.peer_id, seq=1, version="0.1.0",
                     models=(ModelInfo(name="evil:latest"),), load=LoadInfo(),
@@ -67,6 +71,8 @@ async def test_foreign_and_garbage_addresses_are_dropped_counted_and_never_diall
                     await attacker.publish(announce.encode(base))
                     await trio.sleep(0.1)
                 assert mesh.snapshot().get(attacker.peer_id).addrs == (attacker.addrs()[0],)
+                while attacker.peer_id not in mesh.status()["connected_peers"]:
+                    await trio.sleep(0.05)  # dialled the attacker's own address, and nothing else
 
                 # 1,000 addresses: the whole announcement is dropped and counted.
                 many = dataclasses.replace(base, seq=2, addrs=tuple(

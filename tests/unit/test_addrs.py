@@ -37,9 +37,9 @@ def test_wildcard_bind_advertises_every_interface_lan_first_never_loopback():
         ips("127.0.0.1", "::1", "8.8.4.4", "fe80::1", "192.168.1.5", "fd00::2", "2606:4700::5", "10.0.0.2"),
         ME,
     )
-    assert got == [
-        f"/ip4/10.0.0.2/tcp/4001/p2p/{ME}",
+    assert got == [  # within a class, the order interface_ips gave (default route first)
         f"/ip4/192.168.1.5/tcp/4001/p2p/{ME}",
+        f"/ip4/10.0.0.2/tcp/4001/p2p/{ME}",
         f"/ip6/fd00::2/tcp/4001/p2p/{ME}",
         f"/ip4/8.8.4.4/tcp/4001/p2p/{ME}",
         f"/ip6/2606:4700::5/tcp/4001/p2p/{ME}",
@@ -62,7 +62,7 @@ def test_observed_addresses_are_added_after_interfaces_and_announce_replaces_all
     got = addrs.advertise(["/ip4/0.0.0.0/tcp/4001"], ips("192.168.1.5"), ME, observed=["/ip4/203.0.113.9/tcp/4001"])
     assert got == [f"/ip4/192.168.1.5/tcp/4001/p2p/{ME}", f"/ip4/203.0.113.9/tcp/4001/p2p/{ME}"]
     got = addrs.advertise(["/ip4/0.0.0.0/tcp/4001"], ips("192.168.1.5"), ME,
-                          announce=["/ip4/203.0.113.9/tcp/14001", f"/dns4/home.example.com/tcp/4001/p2p/{ME}"])
+                          announce=["/ip4/203.0.113.9/tcp/14001", "/dns4/home.example.com/tcp/4001"])
     assert got == [f"/ip4/203.0.113.9/tcp/14001/p2p/{ME}", f"/dns4/home.example.com/tcp/4001/p2p/{ME}"]
 
 
@@ -97,14 +97,25 @@ def test_dial_plan_never_dials_ourselves_or_another_hosts_loopback():
                     f"/ip4/198.18.100.1/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{PEER}"]
 
 
-def test_dial_plan_uses_loopback_for_a_peer_on_this_host():
+def test_loopback_is_dialled_only_by_a_node_that_is_on_loopback_alone():
     peer = [f"/ip4/127.0.0.1/tcp/4002/p2p/{PEER}"]
     assert addrs.dial_plan(peer, [f"/ip4/127.0.0.1/tcp/4001/p2p/{ME}"], ips("127.0.0.1", "192.168.1.5")) == peer
     # ... but not our own port on it
-    assert addrs.dial_plan(peer, ["/ip4/0.0.0.0/tcp/4002"], ips("127.0.0.1")) == []
-    same = [f"/ip4/192.168.1.5/tcp/4002/p2p/{PEER}", f"/ip4/127.0.0.1/tcp/4002/p2p/{PEER}"]
-    assert addrs.same_host(same, ips("127.0.0.1", "192.168.1.5"))
-    assert not addrs.same_host(same, ips("127.0.0.1", "192.168.1.6"))
+    assert addrs.dial_plan(peer, [f"/ip4/127.0.0.1/tcp/4002/p2p/{ME}"], ips("127.0.0.1")) == []
+    # A stranger claiming our LAN IP does not get us to dial our own loopback ports.
+    claim = [f"/ip4/192.168.1.5/tcp/1/p2p/{PEER}", f"/ip4/127.0.0.1/tcp/22/p2p/{PEER}"]
+    own = [f"/ip4/192.168.1.5/tcp/4001/p2p/{ME}", "/ip4/0.0.0.0/tcp/4001"]
+    assert addrs.dial_plan(claim, own, ips("127.0.0.1", "192.168.1.5")) == [f"/ip4/192.168.1.5/tcp/1/p2p/{PEER}"]
+    assert addrs.dial_plan(peer, own, ips("127.0.0.1", "192.168.1.5")) == []
+
+
+def test_dial_plan_refuses_mapped_self_multicast_broadcast_and_ourselves_as_relay():
+    own = [f"/ip4/192.168.1.5/tcp/4001/p2p/{ME}", "/ip4/0.0.0.0/tcp/4001"]
+    bad = [f"/ip6/::ffff:192.168.1.5/tcp/4001/p2p/{PEER}", f"/ip4/224.0.0.1/tcp/4001/p2p/{PEER}",
+           f"/ip4/255.255.255.255/tcp/4001/p2p/{PEER}", f"/ip4/0.1.2.3/tcp/4001/p2p/{PEER}",
+           f"/ip4/240.0.0.1/tcp/4001/p2p/{PEER}", f"/ip6/ff02::1/tcp/4001/p2p/{PEER}",
+           f"/ip4/192.168.1.7/tcp/4001/p2p/{ME}/p2p-circuit/p2p/{PEER}"]
+    assert addrs.dial_plan(bad, own, ips("127.0.0.1", "192.168.1.5"), self_id=ME) == []
 
 
 def test_bad_announce_flag_stops_start_naming_the_flag(capsys, tmp_path):
@@ -114,6 +125,9 @@ def test_bad_announce_flag_stops_start_naming_the_flag(capsys, tmp_path):
     rc = main(["start", "--data-dir", str(tmp_path), "--announce", "/ip4/0.0.0.0/tcp/4001"])
     err = capsys.readouterr().err
     assert rc == 2 and "--announce" in err and "wildcard" in err, err
+    rc = main(["start", "--data-dir", str(tmp_path), "--announce", f"/ip4/203.0.113.7/tcp/4001/p2p/{PEER}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--announce" in err and "no /p2p/" in err, err
 
 
 def test_id_lists_lan_addresses_not_wildcards(capsys, tmp_path, monkeypatch):
@@ -121,3 +135,22 @@ def test_id_lists_lan_addresses_not_wildcards(capsys, tmp_path, monkeypatch):
     assert main(["id", "--data-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.split()
     assert lines[1].startswith("/ip4/198.18.7.1/tcp/4001/p2p/" + lines[0]) and len(lines) == 2
+
+
+def test_interface_ips_put_the_default_route_first_and_docker_last(monkeypatch):
+    import socket
+    from types import SimpleNamespace as NS
+
+    import psutil
+
+    def entry(ip):
+        return NS(family=socket.AF_INET, address=ip)
+
+    monkeypatch.setattr(psutil, "net_if_addrs", lambda: {
+        "lo": [entry("127.0.0.1")], "docker0": [entry("172.17.0.1")], "wg0": [entry("10.8.0.2")],
+        "eth0": [entry("192.168.1.5")], "eth1": [entry("10.0.0.9")], "down0": [entry("10.9.9.9")]})
+    monkeypatch.setattr(psutil, "net_if_stats", lambda: {
+        n: NS(isup=n != "down0") for n in ("lo", "docker0", "wg0", "eth0", "eth1", "down0")})
+    monkeypatch.setattr(addrs, "_default_route_interfaces", lambda: {"eth0"})
+    got = addrs.advertise(["/ip4/0.0.0.0/tcp/4001"], addrs.interface_ips(), ME)
+    assert [a.split("/")[2] for a in got] == ["192.168.1.5", "10.0.0.9", "172.17.0.1", "10.8.0.2"]

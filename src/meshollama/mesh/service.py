@@ -49,6 +49,7 @@ from .peertable import ApplyResult, PeerState, PeerTable, Snapshot
 log = logging.getLogger("meshollama.mesh")
 
 STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
+MAX_DIALS = 16  # dials in flight at once: mDNS and gossip can name peers by the thousand
 
 
 @dataclass(frozen=True)
@@ -401,7 +402,7 @@ class MeshService:
             self._maybe_dial(host, event.peer_id, event.addrs)
 
     def _maybe_dial(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...]) -> None:
-        if peer_id == self.self_id or peer_id in self._dialing:
+        if peer_id == self.self_id or peer_id in self._dialing or len(self._dialing) >= MAX_DIALS:
             return
         if len(host.connected_peers()) >= self.settings.max_connections:
             return
@@ -436,6 +437,8 @@ class MeshService:
                 raise P2PError(f"no address known for {peer_id}")
             await host.connect(candidates, timeout=timeout)
         except P2PError:
+            if peer_id in host.connected_peers():
+                return  # it dialled us while we tried: reached after all
             now = trio.current_time()
             backoff = self._retry.get(peer_id, (0.0, self.settings.unreachable_retry / 2))[1] * 2
             backoff = min(backoff, 60.0)
@@ -497,6 +500,7 @@ class MeshService:
                     continue
                 pid = peer.peer_id
                 log.info("behind NAT: reserving a slot on relay %s", pid)
+                relay.reserving.add(pid)  # now, not in the task: one pass must not pass max_relays
                 self._spawn(lambda pid=pid: relay.keep_reservation(pid, lambda: pid in host.connected_peers()))
 
     async def _liveness_loop(self, host: P2PHost) -> None:
@@ -533,7 +537,8 @@ class MeshService:
                 if host is None or peer_id not in host.connected_peers():
                     raise
                 await self._pinger.ping(peer_id)
-            if self._misses.pop(peer_id, None) and self.table.mark_up(peer_id, trio.current_time()):
+            missed = self._misses.pop(peer_id, None)
+            if self.table.mark_up(peer_id, trio.current_time()) and missed:
                 # Slow, not gone (a CPU-starved box): route to it again now rather
                 # than after its next heartbeat; expiry still needs fresh ones.
                 log.info("peer %s answers its liveness check again: alive", peer_id)
@@ -548,9 +553,15 @@ class MeshService:
     async def _expiry_loop(self) -> None:
         while True:
             await trio.sleep(self.settings.heartbeat_interval / 2)
-            for peer_id in self.table.expire(trio.current_time()):
+            now = trio.current_time()
+            for peer_id in self.table.expire(now):
                 log.info("peer %s expired (no heartbeat for %d intervals)", peer_id, self.settings.miss_limit)
                 self._abort_peer(peer_id)
+            # Backoff entries of peers the table no longer holds (expired, or
+            # only ever named by mDNS): dropped once their wait is over.
+            snap = self.table.snapshot(now)
+            for peer_id in [p for p, (due, _) in self._retry.items() if due <= now and snap.get(p) is None]:
+                del self._retry[peer_id]
 
     async def _open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None):
         host = self._host

@@ -42,18 +42,26 @@ class Scope(enum.IntEnum):
     PUBLIC = 1
     LOOPBACK = 2  # this host only
     LINK_LOCAL = 3  # this link only, and needs a zone: not advertised
-    UNSPECIFIED = 4  # 0.0.0.0 / :: - a bind, never an address
+    UNSPECIFIED = 4  # 0.0.0.0 / ::, multicast, broadcast, 0/8, reserved: never a peer's address
+
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+
+
+def unmapped(ip: IP) -> IP:
+    """``::ffff:a.b.c.d`` is the IPv4 address a.b.c.d (so it matches our own)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def scope(ip: IP) -> Scope:
-    if ip.is_unspecified:
-        return Scope.UNSPECIFIED
+    ip = unmapped(ip)
     if ip.is_loopback:
         return Scope.LOOPBACK
     if ip.is_link_local:
         return Scope.LINK_LOCAL
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return scope(ip.ipv4_mapped)
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved or (ip.version == 4 and ip in _THIS_NETWORK):
+        return Scope.UNSPECIFIED
     if ip.is_private or ip in _CGNAT:
         return Scope.LAN
     return Scope.PUBLIC
@@ -81,7 +89,7 @@ def parse(text: str) -> Parsed:
         raise ValueError("must start with /ip4, /ip6 or /dns")
     if len(protos) < 2 or protos[1] != "tcp":
         raise ValueError("only TCP addresses are dialled")
-    ip = ipaddress.ip_address(ma.value_for_protocol(protos[0])) if protos[0] in ("ip4", "ip6") else None
+    ip = unmapped(ipaddress.ip_address(ma.value_for_protocol(protos[0]))) if protos[0] in ("ip4", "ip6") else None
     parts = str(ma).split("/")
     peer_id = parts[-1] if len(parts) >= 3 and parts[-2] == "p2p" else None
     return Parsed(str(ma), ip, int(ma.value_for_protocol("tcp")), peer_id, "p2p-circuit" in protos)
@@ -90,24 +98,49 @@ def parse(text: str) -> Parsed:
 # --- what we advertise --------------------------------------------------------
 
 
+# Interfaces that are up but rarely what another machine should dial: container
+# bridges and veths, VM bridges, VPN tunnels. Their addresses go after the rest.
+_VIRTUAL = ("docker", "br-", "veth", "virbr", "vnet", "cni", "flannel", "cali", "vmnet", "vboxnet",
+            "tun", "tap", "wg", "tailscale", "zt", "lxc", "podman")
+
+
 def interface_ips() -> list[IP]:
-    """IPs of every interface that is up (psutil), any scope. I/O: not for pure code."""
+    """IPs of every interface that is up (psutil), best first: the interface of
+    the default route, then the others, then virtual ones (docker0 is "up"
+    with no container running). I/O: not for pure code."""
     import socket
 
     import psutil
 
     stats = psutil.net_if_stats()
-    out: list[IP] = []
+    default = _default_route_interfaces()
+    ranked: list[tuple[int, IP]] = []
     for name, entries in psutil.net_if_addrs().items():
         if name in stats and not stats[name].isup:
             continue
+        rank = 0 if name in default else 2 if name.startswith(_VIRTUAL) else 1
         for e in entries:
             if e.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
             try:
-                out.append(ipaddress.ip_address(e.address.split("%", 1)[0]))
+                ranked.append((rank, ipaddress.ip_address(e.address.split("%", 1)[0])))
             except ValueError:
                 continue
+    ranked.sort(key=lambda r: r[0])  # stable: the kernel's order within a rank
+    return [ip for _, ip in ranked]
+
+
+def _default_route_interfaces() -> set[str]:
+    """Interfaces with a default route (Linux ``/proc/net/route``); empty elsewhere."""
+    out: set[str] = set()
+    try:
+        with open("/proc/net/route") as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if len(parts) > 2 and parts[1] == "00000000":
+                    out.add(parts[0])
+    except OSError:
+        pass
     return out
 
 
@@ -133,7 +166,7 @@ def advertise(
     suffix = f"/p2p/{peer_id}"
     if announce:
         return list(dict.fromkeys(a if a.endswith(suffix) else a + suffix for a in announce))[:MAX_ADVERTISED]
-    ips = sorted(set(ips), key=lambda ip: (*_order(ip), int(ip)))  # deterministic
+    ips = sorted(dict.fromkeys(unmapped(ip) for ip in ips), key=_order)  # stable: keeps the caller's preference
     found: list[tuple[IP, int]] = []
     for text in [*listen, *observed]:
         try:
@@ -181,29 +214,17 @@ def check_announced(addrs: Sequence[str], peer_id: str, *, limit: int = MAX_ADVE
     return Checked(tuple(kept[:limit]), dropped, max(0, len(kept) - limit))
 
 
-def same_host(addrs: Sequence[str], ips: Iterable[IP]) -> bool:
-    """Whether a peer announcing ``addrs`` runs on this host: one of its
-    reachable IPs is ours, or it has only loopback addresses."""
-    own = set(ips)
-    direct = []
-    for text in addrs:
-        try:
-            p = parse(text)
-        except ValueError:
-            continue
-        if p.relayed or p.ip is None:
-            continue
-        direct.append(p.ip)
-    if any(ip in own for ip in direct if scope(ip) <= Scope.PUBLIC):
-        return True
-    return bool(direct) and all(scope(ip) == Scope.LOOPBACK for ip in direct)
-
-
-def dial_plan(addrs: Sequence[str], own: Sequence[str], ips: Iterable[IP]) -> list[str]:
+def dial_plan(addrs: Sequence[str], own: Sequence[str], ips: Iterable[IP], self_id: str | None = None) -> list[str]:
     """The order to dial a peer's checked addresses in: direct ones best first,
     relayed ones last. Never one of ``own`` (our advertised or listen
-    addresses), loopback and link-local only for a peer on this host."""
+    addresses) nor a relay that is us; never multicast, broadcast or
+    reserved; loopback and link-local only when we are on loopback alone
+    ourselves (a test mesh on one machine). Whether a peer shares our host
+    is not taken from what it announces: a stranger would claim our IP to
+    make us dial our own loopback ports."""
     ips = list(ips)
+    advertised = [p for p in _parsed(own) if not p.relayed and not (p.ip is not None and p.ip.is_unspecified)]
+    local_only = all(p.ip is not None and scope(p.ip) == Scope.LOOPBACK for p in advertised)
     mine: set[tuple[IP | None, int | None]] = set()
     for text in own:
         try:
@@ -215,7 +236,6 @@ def dial_plan(addrs: Sequence[str], own: Sequence[str], ips: Iterable[IP]) -> li
         if p.ip is not None and p.ip.is_unspecified:
             mine.update((ip, p.port) for ip in ips if ip.version == p.ip.version)
         mine.add((p.ip, p.port))
-    local = same_host(addrs, ips)
     direct: list[tuple[tuple[int, int], str]] = []
     relayed: list[str] = []
     for text in addrs:
@@ -224,7 +244,9 @@ def dial_plan(addrs: Sequence[str], own: Sequence[str], ips: Iterable[IP]) -> li
         except ValueError:
             continue
         if p.relayed:
-            relayed.append(p.text)
+            relay_id = p.text.split("/p2p/")[1].split("/", 1)[0]
+            if relay_id != self_id:
+                relayed.append(p.text)
             continue
         if p.ip is None:
             direct.append(((int(Scope.PUBLIC), 4), p.text))
@@ -232,8 +254,18 @@ def dial_plan(addrs: Sequence[str], own: Sequence[str], ips: Iterable[IP]) -> li
         s = scope(p.ip)
         if s == Scope.UNSPECIFIED or (p.ip, p.port) in mine:
             continue
-        if s in (Scope.LOOPBACK, Scope.LINK_LOCAL) and not local:
+        if s in (Scope.LOOPBACK, Scope.LINK_LOCAL) and not local_only:
             continue
         direct.append((_order(p.ip), p.text))
     direct.sort(key=lambda d: d[0])
     return list(dict.fromkeys([t for _, t in direct] + relayed))
+
+
+def _parsed(texts: Iterable[str]) -> list[Parsed]:
+    out = []
+    for text in texts:
+        try:
+            out.append(parse(text))
+        except ValueError:
+            continue
+    return out

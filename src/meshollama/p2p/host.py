@@ -275,6 +275,10 @@ class P2PHost:
             except Exception as exc:  # NAT traversal is best-effort: never fatal
                 log.warning("relay/hole punching stopped: %r", exc)
                 self.relay = None
+                try:
+                    task_status.started()  # it failed before starting: the host goes on without it
+                except RuntimeError:
+                    pass
 
         self.relay = relay
         await nursery.start(run_relay)
@@ -426,7 +430,7 @@ class P2PHost:
             raise P2PError(f"bad peer id {target!r}: {exc}") from None
         if target in self.connected_peers():
             return target
-        plan = addrs_mod.dial_plan(addrs, self.own_addrs(), self.interface_ips())
+        plan = addrs_mod.dial_plan(addrs, self.own_addrs(), self.interface_ips(), self_id=self.peer_id)
         if not plan:
             raise P2PError(f"no dialable address for {target} (given: {', '.join(addrs)})")
         network = self._host.get_network()
@@ -434,7 +438,11 @@ class P2PHost:
         # private address of a peer behind NAT would otherwise hold up every
         # dial for the whole dial_timeout (a LAN answers in milliseconds).
         has_relay = any(addrs_mod.parse(a).relayed for a in plan)
-        deadline = trio.current_time() + (timeout or self.settings.stream_timeout * max(1, len(plan)))
+        total = timeout or self.settings.stream_timeout * max(1, len(plan))
+        deadline = trio.current_time() + total
+        # Direct addresses must leave the relay its turn: however many a peer
+        # announces (LAN, ULA, docker bridges...), part of the budget is kept.
+        keep_for_relay = min(self.settings.dial_timeout, total / 2) if has_relay else 0.0
         failures: list[str] = []
         for a in plan:
             if target in self.connected_peers():  # they dialled us meanwhile
@@ -442,7 +450,11 @@ class P2PHost:
             bare = multiaddr.Multiaddr(a).decapsulate(multiaddr.Multiaddr(f"/p2p/{target}"))
             relayed = addrs_mod.parse(a).relayed
             per_addr = self.settings.dial_timeout if relayed or not has_relay else min(2.0, self.settings.dial_timeout)
-            limit = min(per_addr, deadline - trio.current_time())
+            left = deadline - trio.current_time() - (0.0 if relayed else keep_for_relay)
+            if left <= 0 and not relayed:
+                failures.append(f"{a}: skipped, the relay's turn")
+                continue
+            limit = min(per_addr, left)
             if limit <= 0:
                 failures.append(f"{a}: out of time")
                 break
@@ -467,8 +479,6 @@ class P2PHost:
             if schedule is not None:
                 schedule(pid, reason="connect")
             break
-        else:
-            raise P2PError(f"cannot reach {target}: " + "; ".join(failures))
         if target not in self.connected_peers():
             raise P2PError(f"cannot reach {target}: " + ("; ".join(failures) or "connection closed at once"))
         if self._dht is not None:

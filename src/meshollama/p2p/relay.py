@@ -141,7 +141,13 @@ class Relay:
                 try:
                     expire_in = await self._reserve(relay_id)
                     backoff = 1.0
-                    await trio.sleep(max(5.0, expire_in / 2))
+                    # Renew at half the TTL (the relay's clock may differ from
+                    # ours: never wait past half our own TTL), but leave as soon
+                    # as the relay goes, so its circuit addresses stop being
+                    # advertised and a restarted relay is reserved on again.
+                    renew = trio.current_time() + min(max(5.0, expire_in / 2), self.settings.reservation_ttl / 2)
+                    while trio.current_time() < renew and still_connected():
+                        await trio.sleep(1.0)
                 except P2PError as exc:
                     if self._circuits.pop(relay_id, None) is not None:
                         self._on_change()
