@@ -17,23 +17,23 @@ def _need(why: str | None) -> None:
         pytest.skip(why)
 
 
-@pytest.fixture
-def net():
-    _need(missing())
+def _hosts(*, nat: bool):
+    _need(missing(nat=nat))
     sweep()
     n = Net()
     try:
         yield n
     finally:
         n.close()
+
+
+@pytest.fixture
+def net():
+    """Namespace hosts on bridges (``ip``)."""
+    yield from _hosts(nat=False)
 
 
 @pytest.fixture
 def nat_net():
-    _need(missing(nat=True))
-    sweep()
-    n = Net()
-    try:
-        yield n
-    finally:
-        n.close()
+    """The same, and NAT routers (``nft``)."""
+    yield from _hosts(nat=True)

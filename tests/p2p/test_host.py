@@ -191,6 +191,28 @@ async def test_dial_unreachable_address_fails_fast():
                 await a.connect([f"/ip4/127.0.0.1/tcp/1/p2p/{other.peer_id}"], timeout=5)
 
 
+async def test_stock_swarm_dials_only_a_peers_first_tcp_address_and_ours_tries_them_all():
+    """py-libp2p's swarm keeps one address per transport class (``MAX_ADDRS_PER_PEER``):
+    a peer whose first address is dead (a docker bridge, a stale LAN IP) is never
+    reached by ``host.connect``. ``P2PHost.connect`` dials each address in turn."""
+    import multiaddr
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo
+
+    with trio.fail_after(30):
+        async with running_hosts(settings(), settings(), settings()) as (a, b, target):
+            good = target.addrs()[0]
+            dead = f"/ip4/127.0.0.1/tcp/1/p2p/{target.peer_id}"  # nothing listens on port 1
+            info = PeerInfo(ID.from_base58(target.peer_id),
+                            [multiaddr.Multiaddr(x.rsplit("/p2p/", 1)[0]) for x in (dead, good)])
+            with pytest.raises(Exception):
+                with trio.fail_after(10):
+                    await a._host.connect(info)  # the stock path: only the dead address is tried
+            assert target.peer_id not in a.connected_peers()
+            assert await b.connect([dead, good], timeout=10) == target.peer_id
+            assert target.peer_id in b.connected_peers()
+
+
 # --- HTTP over streams -----------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from .. import __version__
 from ..catalog import LoadInfo, ModelInfo
 from ..errors import AnnouncementError, P2PError, StreamReset
 from ..p2p import addrs as addrs_mod
+from .reach import Reach
 from ..p2p.host import Event, HostSettings, P2PHost
 from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
 from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
@@ -49,7 +50,6 @@ from .peertable import ApplyResult, PeerState, PeerTable, Snapshot
 log = logging.getLogger("meshollama.mesh")
 
 STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
-MAX_DIALS = 16  # dials in flight at once: mDNS and gossip can name peers by the thousand
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class MeshSettings:
     dht_refresh_every: float = 60.0
     api_url: str = ""
     connect_timeout: float = 10.0  # opening a request stream to a peer (gateway.connect_timeout)
-    unreachable_retry: float = 5.0  # first retry of a peer no path reached; doubles up to 60 s
+    unreachable_retry: float = 5.0  # first retry of a peer no path reached; doubles up to 60 s (mesh.reach)
 
 
 @dataclass
@@ -129,9 +129,9 @@ class MeshService:
         self._seq = time.time_ns()
         self._started_at = trio.current_time()
         self._publish_now = trio.Event()
-        self._dialing: set[str] = set()
-        self._retry: dict[str, tuple[float, float]] = {}  # unreachable peer -> (next try, backoff)
         self._rng = random.Random()
+        self.reach = Reach(self.table, self.self_id, settings.unreachable_retry, settings.max_connections,
+                           spawn=lambda fn: self._spawn(fn), rng=self._rng)
         self._addrs: list[str] = []
         self._leaving = False
         self._misses: dict[str, int] = {}
@@ -251,7 +251,7 @@ class MeshService:
                     nursery.start_soon(self._bootstrap_loop, host, addr)
                 if self.host_settings.dht:
                     nursery.start_soon(self._dht_loop, host)
-                nursery.start_soon(self._relay_loop, host)
+                nursery.start_soon(self.reach.relay_loop, host, min(1.0, self.settings.heartbeat_interval))
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -363,7 +363,7 @@ class MeshService:
             if result is ApplyResult.NEW:
                 log.info("peer %s joined with %d model(s)", ann.peer_id, len(ann.models))
             if ann.peer_id not in host.connected_peers():
-                self._maybe_dial(host, ann.peer_id, ann.addrs)
+                self.reach.maybe_dial(host, ann.peer_id, ann.addrs)
 
     def _drop(self, reason: str) -> None:
         MeshCounters.bump(self.counters.dropped, reason)
@@ -394,61 +394,12 @@ class MeshService:
                 self._misses.pop(event.peer_id, None)
                 nursery.start_soon(self._pinger.forget, event.peer_id)
         elif event.kind == "connected":
-            self._retry.pop(event.peer_id, None)
+            self.reach.connected(event.peer_id)
             if self.table.mark_up(event.peer_id, now):
                 log.info("peer %s reachable", event.peer_id)
             self.request_heartbeat()  # let the new peer learn about us now
         elif event.kind == "discovered":
-            self._maybe_dial(host, event.peer_id, event.addrs)
-
-    def _maybe_dial(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...]) -> None:
-        if peer_id == self.self_id or peer_id in self._dialing or len(self._dialing) >= MAX_DIALS:
-            return
-        if len(host.connected_peers()) >= self.settings.max_connections:
-            return
-        retry = self._retry.get(peer_id)
-        if retry is not None and trio.current_time() < retry[0]:
-            return  # unreachable a moment ago: wait for the backoff
-        self._dialing.add(peer_id)
-
-        async def dial() -> None:
-            try:
-                await self._reach(host, peer_id, addrs)
-            except P2PError as exc:
-                log.debug("dial %s failed: %s", peer_id, exc)
-            finally:
-                self._dialing.discard(peer_id)
-
-        self._spawn(dial)
-
-    async def _reach(
-        self, host: P2PHost, peer_id: str, addrs: tuple[str, ...] = (), *, timeout: float | None = None
-    ) -> None:
-        """Connect to a peer by every path we know: the addresses given (its
-        announcement, mDNS), then those the DHT and identify stored, relays
-        last (``addrs.dial_plan`` orders them). If none works the peer is
-        marked unreachable, so routing skips it, and retried with backoff."""
-        view = self.table.snapshot(trio.current_time()).get(peer_id)
-        announced = tuple(addrs) + (view.addrs if view is not None else ())
-        candidates = list(dict.fromkeys([*announced, *host.known_addrs(peer_id)]))
-        candidates = list(addrs_mod.check_announced(candidates, peer_id, limit=64).kept)
-        try:
-            if not candidates:
-                raise P2PError(f"no address known for {peer_id}")
-            await host.connect(candidates, timeout=timeout)
-        except P2PError:
-            if peer_id in host.connected_peers():
-                return  # it dialled us while we tried: reached after all
-            now = trio.current_time()
-            backoff = self._retry.get(peer_id, (0.0, self.settings.unreachable_retry / 2))[1] * 2
-            backoff = min(backoff, 60.0)
-            self._retry[peer_id] = (now + backoff * (0.75 + self._rng.random() / 2), backoff)
-            if self.table.mark_unreachable(peer_id, now):
-                log.info("peer %s unreachable by any path (%d address(es)); retrying in %.0fs",
-                         peer_id, len(candidates), backoff)
-            raise
-        self._retry.pop(peer_id, None)
-        self.table.mark_up(peer_id, trio.current_time())
+            self.reach.maybe_dial(host, event.peer_id, event.addrs)
 
     def _spawn(self, fn) -> None:
         # Dials run in the host's nursery so a slow dial never blocks the
@@ -479,29 +430,9 @@ class MeshService:
         while True:
             for peer_id, addrs in await host.dht_refresh():
                 if peer_id not in host.connected_peers():
-                    self._maybe_dial(host, peer_id, addrs)
+                    self.reach.maybe_dial(host, peer_id, addrs)
             await trio.sleep(delay)
             delay = self.settings.dht_refresh_every
-
-    async def _relay_loop(self, host: P2PHost) -> None:
-        """Behind NAT (or with ``relay_client: on``), hold reservations on
-        connected peers that offer relay service, so that others can reach us
-        through them (our announcements then carry ``/p2p-circuit`` addresses)."""
-        while True:
-            await trio.sleep(min(1.0, self.settings.heartbeat_interval))
-            relay = host.relay
-            if relay is None or not relay.wants_reservation():
-                continue
-            connected = host.connected_peers()
-            for peer in self.table.snapshot(trio.current_time()).peers:
-                if not peer.relay or peer.is_self or peer.peer_id not in connected:
-                    continue
-                if peer.peer_id in relay.reserving or not relay.wants_reservation():
-                    continue
-                pid = peer.peer_id
-                log.info("behind NAT: reserving a slot on relay %s", pid)
-                relay.reserving.add(pid)  # now, not in the task: one pass must not pass max_relays
-                self._spawn(lambda pid=pid: relay.keep_reservation(pid, lambda: pid in host.connected_peers()))
 
     async def _liveness_loop(self, host: P2PHost) -> None:
         """Ping, each interval, the peers :func:`liveness.peers_to_ping` picks:
@@ -557,18 +488,14 @@ class MeshService:
             for peer_id in self.table.expire(now):
                 log.info("peer %s expired (no heartbeat for %d intervals)", peer_id, self.settings.miss_limit)
                 self._abort_peer(peer_id)
-            # Backoff entries of peers the table no longer holds (expired, or
-            # only ever named by mDNS): dropped once their wait is over.
-            snap = self.table.snapshot(now)
-            for peer_id in [p for p, (due, _) in self._retry.items() if due <= now and snap.get(p) is None]:
-                del self._retry[peer_id]
+            self.reach.prune(now)
 
     async def _open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None):
         host = self._host
         if host is None or not self._host_ready.is_set():
             raise P2PError("libp2p host is not running")
         if peer_id not in host.connected_peers():
-            await self._reach(host, peer_id, timeout=timeout or self.settings.connect_timeout)
+            await self.reach.reach(host, peer_id, timeout=timeout or self.settings.connect_timeout)
         return await host.open_stream(peer_id, protocol, timeout=timeout)
 
 

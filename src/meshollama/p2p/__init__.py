@@ -5,7 +5,12 @@ workaround for it lives here, every stream operation has a timeout, and its
 exceptions are mapped to :mod:`meshollama.errors` before they leave.
 
 * ``host``: build and run a Noise-only, Yamux, optionally PSK-protected host
-  with GossipSub, the Kademlia DHT and mDNS; connection events; publish.
+  with GossipSub, the Kademlia DHT, mDNS and relay; connection events; publish.
+* ``addrs``: (pure) the addresses we advertise, which announced ones we keep,
+  the order we dial a peer's addresses in.
+* ``dial``: dial one peer by each of its addresses in turn, relays last.
+* ``mdns``: LAN discovery on our own service name, with real addresses.
+* ``relay``: Circuit Relay v2 (serve, reserve, dial through) and DCUtR.
 * ``patches``: process-wide fixes (DHT protocol ID, pubsub junk handling).
 * ``stream``: a libp2p stream with timeouts and error mapping.
 * ``httpstream``: HTTP requests over libp2p streams (client and server).

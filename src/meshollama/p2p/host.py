@@ -24,7 +24,6 @@ Sharp edges handled here (see docs/architecture.md for the list):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -36,6 +35,7 @@ import trio
 from ..errors import P2PError, PortInUseError
 from . import addrs as addrs_mod
 from . import patches
+from .mdns import start_mdns
 from .relay import Relay, RelaySettings
 from .stream import Stream
 
@@ -163,7 +163,7 @@ class P2PHost:
                         if self.settings.dht:
                             await self._start_dht(nursery)
                         if self.settings.mdns:
-                            self._start_mdns(nursery)
+                            start_mdns(self, nursery)
                         await self._start_relay(nursery)
                         task_status.started(self.addrs())
                         await stop.wait()
@@ -283,54 +283,6 @@ class P2PHost:
         self.relay = relay
         await nursery.start(run_relay)
 
-    def _start_mdns(self, nursery: trio.Nursery) -> None:
-        try:
-            from libp2p.discovery.events.peerDiscovery import peerDiscovery
-            from libp2p.discovery.mdns.mdns import create_mdns_discovery
-
-            port = self._tcp_port()
-            # A private mesh gets its own service name, derived from the key by
-            # a hash: mDNS is broadcast, and the key's own bits must not be.
-            fingerprint = "meshollama"
-            if self.settings.psk:
-                fingerprint = "mo" + hashlib.sha256(b"meshollama-mdns:" + self.settings.psk.encode()).hexdigest()[:12]
-            # host=None and our own addresses: given the host, the broadcaster
-            # puts its raw listen address (0.0.0.0) in the TXT records, and
-            # every node that finds us dials itself.
-            mdns = create_mdns_discovery(
-                self._host.get_network(), port=port, private_network_fingerprint=fingerprint,
-                listen_addrs=[a for a in self.addrs() if "/p2p-circuit" not in a],
-            )
-            token = trio.lowlevel.current_trio_token()
-
-            def discovered(info) -> None:  # called from zeroconf's thread
-                event = Event("discovered", info.peer_id.to_base58(), tuple(str(a) for a in info.addrs))
-                try:
-                    token.run_sync_soon(self._emit, event)
-                except trio.RunFinishedError:
-                    pass
-
-            peerDiscovery.register_peer_discovered_handler(discovered)
-            mdns.start()
-            self._host.mDNS = mdns  # so host.close() stops it
-
-            async def unregister():
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    peerDiscovery.unregister_peer_discovered_handler(discovered)
-
-            nursery.start_soon(unregister)
-        except Exception as exc:  # mDNS is best-effort (no multicast in containers, ...)
-            log.warning("mDNS discovery disabled: %r", exc)
-
-    def _tcp_port(self) -> int:
-        for a in self._host.get_addrs():
-            port = a.value_for_protocol("tcp")
-            if port:
-                return int(port)
-        return 0
-
     # --- events ------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
@@ -398,92 +350,11 @@ class P2PHost:
         return {p.to_base58() for p in self._host.get_connected_peers()}
 
     async def connect(self, addrs: Sequence[str], *, timeout: float | None = None) -> str:
-        """Connect to one peer given multiaddrs ending in its ``/p2p/<id>``.
+        """Connect to one peer given multiaddrs ending in its ``/p2p/<id>``
+        (each address in :func:`addrs.dial_plan` order, see ``p2p.dial``)."""
+        from .dial import connect
 
-        The addresses are dialled one at a time in :func:`addrs.dial_plan`
-        order (best direct address first, relays last; never our own, and
-        loopback only for a peer on this host), each bounded by
-        ``dial_timeout``; the first that works wins. Returns the peer id.
-        """
-        import multiaddr
-        from libp2p.peer.id import ID
-
-        peer_ids = set()
-        for a in addrs:
-            try:
-                parsed = addrs_mod.parse(a)
-            except ValueError as exc:
-                raise P2PError(f"bad peer address {a!r}: {exc}") from None
-            if parsed.peer_id is None:
-                raise P2PError(f"bad peer address {a!r}: no /p2p/<peer id> at the end")
-            peer_ids.add(parsed.peer_id)
-        if not peer_ids:
-            raise P2PError("no address to dial")
-        if len(peer_ids) > 1:
-            raise P2PError(f"addresses of several peers given to one dial: {sorted(peer_ids)}")
-        target = peer_ids.pop()
-        if target == self.peer_id:
-            return self.peer_id
-        try:
-            pid = ID.from_base58(target)
-        except Exception as exc:
-            raise P2PError(f"bad peer id {target!r}: {exc}") from None
-        if target in self.connected_peers():
-            return target
-        plan = addrs_mod.dial_plan(addrs, self.own_addrs(), self.interface_ips(), self_id=self.peer_id)
-        if not plan:
-            raise P2PError(f"no dialable address for {target} (given: {', '.join(addrs)})")
-        network = self._host.get_network()
-        # With a relay to fall back on, a direct address gets a short try: a
-        # private address of a peer behind NAT would otherwise hold up every
-        # dial for the whole dial_timeout (a LAN answers in milliseconds).
-        has_relay = any(addrs_mod.parse(a).relayed for a in plan)
-        total = timeout or self.settings.stream_timeout * max(1, len(plan))
-        deadline = trio.current_time() + total
-        # Direct addresses must leave the relay its turn: however many a peer
-        # announces (LAN, ULA, docker bridges...), part of the budget is kept.
-        keep_for_relay = min(self.settings.dial_timeout, total / 2) if has_relay else 0.0
-        failures: list[str] = []
-        for a in plan:
-            if target in self.connected_peers():  # they dialled us meanwhile
-                break
-            bare = multiaddr.Multiaddr(a).decapsulate(multiaddr.Multiaddr(f"/p2p/{target}"))
-            relayed = addrs_mod.parse(a).relayed
-            per_addr = self.settings.dial_timeout if relayed or not has_relay else min(2.0, self.settings.dial_timeout)
-            left = deadline - trio.current_time() - (0.0 if relayed else keep_for_relay)
-            if left <= 0 and not relayed:
-                failures.append(f"{a}: skipped, the relay's turn")
-                continue
-            limit = min(per_addr, left)
-            if limit <= 0:
-                failures.append(f"{a}: out of time")
-                break
-            try:
-                with _p2p_errors(f"dial {a}", limit):
-                    if relayed:
-                        if self.relay is None:
-                            raise P2PError("no relay transport")
-                        await self.relay.dial(a)
-                    else:
-                        conn = await network.dial_addr(bare, pid)
-                        started = getattr(conn, "event_started", None)
-                        if started is not None:
-                            await started.wait()
-            except P2PError as exc:
-                failures.append(str(exc))
-                log.debug("%s", exc)
-                continue
-            if not relayed:  # the swarm cannot dial circuit addresses: keep them out of its store
-                self._host.get_peerstore().add_addrs(pid, [bare], 600)
-            schedule = getattr(self._host, "_schedule_identify", None)
-            if schedule is not None:
-                schedule(pid, reason="connect")
-            break
-        if target not in self.connected_peers():
-            raise P2PError(f"cannot reach {target}: " + ("; ".join(failures) or "connection closed at once"))
-        if self._dht is not None:
-            await self._dht_add(pid)
-        return target
+        return await connect(self, addrs, timeout=timeout)
 
     def known_addrs(self, peer_id: str) -> list[str]:
         """Addresses the peerstore holds for a peer (identify, DHT, mDNS), with ``/p2p/``."""

@@ -1,0 +1,120 @@
+"""Reaching peers: dialling them by every path we know, backing off from the
+ones no path reaches, and holding relay reservations when we are behind NAT.
+
+The mesh service hears of peers (heartbeats, mDNS, the DHT) and asks
+:meth:`Reach.maybe_dial`; a request for a peer we are not connected to waits
+on :meth:`Reach.reach`. What is dialled, and in which order, is
+``p2p.addrs.dial_plan``'s decision; this module owns the state around it:
+which dials are in flight (at most :data:`MAX_DIALS`), and when a peer that
+no path reached may be tried again (5 s doubling to 60 s, with jitter).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+
+import trio
+
+from ..errors import P2PError
+from ..p2p import addrs as addrs_mod
+from ..p2p.host import P2PHost
+from .peertable import PeerTable
+
+log = logging.getLogger("meshollama.mesh")
+
+MAX_DIALS = 16  # dials in flight at once: mDNS and gossip can name peers by the thousand
+MAX_BACKOFF = 60.0
+MAX_CANDIDATES = 64  # addresses of one peer we consider (announced, DHT, identify)
+
+
+class Reach:
+    def __init__(self, table: PeerTable, self_id: str, first_retry: float, max_connections: int, *,
+                 spawn: Callable[[Callable], None], rng: random.Random) -> None:
+        self.table = table
+        self.self_id = self_id
+        self.first_retry = first_retry
+        self.max_connections = max_connections
+        self._spawn = spawn
+        self._rng = rng
+        self.dialing: set[str] = set()
+        self.retry: dict[str, tuple[float, float]] = {}  # unreachable peer -> (next try, backoff)
+
+    def maybe_dial(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...]) -> None:
+        """Dial a peer we heard of, in the background, unless that is pointless now."""
+        if peer_id == self.self_id or peer_id in self.dialing or len(self.dialing) >= MAX_DIALS:
+            return
+        if len(host.connected_peers()) >= self.max_connections:
+            return
+        retry = self.retry.get(peer_id)
+        if retry is not None and trio.current_time() < retry[0]:
+            return  # unreachable a moment ago: wait for the backoff
+        self.dialing.add(peer_id)
+
+        async def dial() -> None:
+            try:
+                await self.reach(host, peer_id, addrs)
+            except P2PError as exc:
+                log.debug("dial %s failed: %s", peer_id, exc)
+            finally:
+                self.dialing.discard(peer_id)
+
+        self._spawn(dial)
+
+    async def reach(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...] = (), *,
+                    timeout: float | None = None) -> None:
+        """Connect to a peer by every path we know: the addresses given (its
+        announcement, mDNS), then those the DHT and identify stored, relays
+        last (``addrs.dial_plan`` orders them). If none works the peer is
+        marked unreachable, so routing skips it, and retried with backoff."""
+        view = self.table.snapshot(trio.current_time()).get(peer_id)
+        announced = tuple(addrs) + (view.addrs if view is not None else ())
+        candidates = list(dict.fromkeys([*announced, *host.known_addrs(peer_id)]))
+        candidates = list(addrs_mod.check_announced(candidates, peer_id, limit=MAX_CANDIDATES).kept)
+        try:
+            if not candidates:
+                raise P2PError(f"no address known for {peer_id}")
+            await host.connect(candidates, timeout=timeout)
+        except P2PError:
+            if peer_id in host.connected_peers():
+                return  # it dialled us while we tried: reached after all
+            now = trio.current_time()
+            backoff = min(self.retry.get(peer_id, (0.0, self.first_retry / 2))[1] * 2, MAX_BACKOFF)
+            self.retry[peer_id] = (now + backoff * (0.75 + self._rng.random() / 2), backoff)
+            if self.table.mark_unreachable(peer_id, now):
+                log.info("peer %s unreachable by any path (%d address(es)); retrying in %.0fs",
+                         peer_id, len(candidates), backoff)
+            raise
+        self.retry.pop(peer_id, None)
+        self.table.mark_up(peer_id, trio.current_time())
+
+    def connected(self, peer_id: str) -> None:
+        self.retry.pop(peer_id, None)
+
+    def prune(self, now: float) -> None:
+        """Forget the backoff of peers the table no longer holds (expired, or only
+        ever named by mDNS) once their wait is over: bounded by the table."""
+        snap = self.table.snapshot(now)
+        for peer_id in [p for p, (due, _) in self.retry.items() if due <= now and snap.get(p) is None]:
+            del self.retry[peer_id]
+
+    async def relay_loop(self, host: P2PHost, every: float) -> None:
+        """Behind NAT (or with ``relay_client: on``), hold reservations on
+        connected peers that offer relay service, so that others can reach us
+        through them (our announcements then carry ``/p2p-circuit`` addresses)."""
+        while True:
+            await trio.sleep(every)
+            relay = host.relay
+            if relay is None or not relay.wants_reservation():
+                continue
+            connected = host.connected_peers()
+            for peer in self.table.snapshot(trio.current_time()).peers:
+                if not peer.relay or peer.is_self or peer.peer_id not in connected:
+                    continue
+                if peer.peer_id in relay.reserving or not relay.wants_reservation():
+                    continue
+                pid = peer.peer_id
+                log.info("behind NAT: reserving a slot on relay %s", pid)
+                relay.reserving.add(pid)  # now, not in the task: one pass must not pass max_relays
+                self._spawn(lambda pid=pid: relay.keep_reservation(pid, lambda: pid in host.connected_peers()))
