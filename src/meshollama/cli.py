@@ -216,9 +216,13 @@ def _id(args: argparse.Namespace) -> int:
     if running.get("peer_id") == peer_id and running.get("p2p_addrs"):
         addrs = list(running["p2p_addrs"])
     else:  # not running: what it would advertise, LAN addresses first
-        from .p2p.addrs import advertise, interface_ips
+        from .p2p.addrs import Interfaces, advertise, interfaces
 
-        addrs = advertise(config.p2p.listen, interface_ips(), peer_id, announce=config.p2p.announce)
+        try:
+            found = interfaces()
+        except Exception:  # psutil on an odd platform
+            found = Interfaces((), frozenset())
+        addrs = advertise(config.p2p.listen, found.ips, peer_id, announce=config.p2p.announce, virtual=found.virtual)
     if args.json:
         print(json.dumps({"peer_id": peer_id, "p2p_addrs": addrs}, indent=2))
     else:

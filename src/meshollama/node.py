@@ -67,6 +67,7 @@ def host_settings(config: Config, psk: str | None) -> HostSettings:
             max_circuits=p.relay_max_circuits,
             circuit_seconds=p.relay_circuit_seconds,
             circuit_bytes=p.relay_circuit_bytes,
+            announced=bool(p.announce),
         ),
     )
 

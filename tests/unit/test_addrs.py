@@ -131,7 +131,7 @@ def test_bad_announce_flag_stops_start_naming_the_flag(capsys, tmp_path):
 
 
 def test_id_lists_lan_addresses_not_wildcards(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(addrs, "interface_ips", lambda: ips("127.0.0.1", "198.18.7.1"))
+    monkeypatch.setattr(addrs, "interfaces", lambda: addrs.Interfaces(tuple(ips("127.0.0.1", "198.18.7.1")), frozenset()))
     assert main(["id", "--data-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.split()
     assert lines[1].startswith("/ip4/198.18.7.1/tcp/4001/p2p/" + lines[0]) and len(lines) == 2
@@ -152,5 +152,35 @@ def test_interface_ips_put_the_default_route_first_and_docker_last(monkeypatch):
     monkeypatch.setattr(psutil, "net_if_stats", lambda: {
         n: NS(isup=n != "down0") for n in ("lo", "docker0", "wg0", "eth0", "eth1", "down0")})
     monkeypatch.setattr(addrs, "_default_route_interfaces", lambda: {"eth0"})
-    got = addrs.advertise(["/ip4/0.0.0.0/tcp/4001"], addrs.interface_ips(), ME)
+    found = addrs.interfaces()
+    got = addrs.advertise(["/ip4/0.0.0.0/tcp/4001"], found.ips, ME, virtual=found.virtual)
     assert [a.split("/")[2] for a in got] == ["192.168.1.5", "10.0.0.9", "172.17.0.1", "10.8.0.2"]
+
+
+def test_a_vps_prints_its_public_address_before_its_docker_bridge():
+    got = addrs.advertise(["/ip4/0.0.0.0/tcp/4001"], ips("172.17.0.1", "8.8.4.4"), ME, virtual=ips("172.17.0.1"))
+    assert [a.split("/")[2] for a in got] == ["8.8.4.4", "172.17.0.1"]
+
+
+def test_with_no_interface_known_a_wildcard_bind_advertises_loopback():
+    assert addrs.advertise(["/ip4/0.0.0.0/tcp/4001", "/ip6/::/tcp/4001"], [], ME) == [
+        f"/ip4/127.0.0.1/tcp/4001/p2p/{ME}", f"/ip6/::1/tcp/4001/p2p/{ME}"]
+
+
+def test_relay_and_dns_addresses_get_the_same_checks_as_direct_ones():
+    own = [f"/ip4/192.168.1.5/tcp/4001/p2p/{ME}", "/ip4/0.0.0.0/tcp/4001"]
+    got = addrs.dial_plan([
+        f"/ip4/127.0.0.1/tcp/11434/p2p/{RELAY}/p2p-circuit/p2p/{PEER}",  # a "relay" on our loopback
+        f"/ip4/224.0.0.1/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{PEER}",
+        f"/ip4/192.168.1.5/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{PEER}",  # a "relay" that is our own address
+        f"/dns4/localhost/tcp/11434/p2p/{PEER}", f"/dns4/api.localhost/tcp/11434/p2p/{PEER}",
+        f"/dns4/relay.example.com/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{PEER}",
+        f"/dns4/home.example.com/tcp/4001/p2p/{PEER}",
+    ], own, ips("127.0.0.1", "192.168.1.5"), self_id=ME)
+    assert got == [f"/dns4/home.example.com/tcp/4001/p2p/{PEER}",
+                   f"/dns4/relay.example.com/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{PEER}"]
+
+
+def test_nothing_advertised_is_not_loopback_alone():
+    peer = [f"/ip4/127.0.0.1/tcp/22/p2p/{PEER}", f"/ip6/fe80::1/tcp/22/p2p/{PEER}"]
+    assert addrs.dial_plan(peer, ["/ip4/0.0.0.0/tcp/4001"], []) == []

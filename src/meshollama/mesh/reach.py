@@ -39,6 +39,7 @@ class Reach:
         self._spawn = spawn
         self._rng = rng
         self.dialing: set[str] = set()
+        self._inflight: dict[str, trio.Event] = {}  # peer -> set when the dial in progress ends
         self.retry: dict[str, tuple[float, float]] = {}  # unreachable peer -> (next try, backoff)
 
     def maybe_dial(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...]) -> None:
@@ -67,7 +68,24 @@ class Reach:
         """Connect to a peer by every path we know: the addresses given (its
         announcement, mDNS), then those the DHT and identify stored, relays
         last (``addrs.dial_plan`` orders them). If none works the peer is
-        marked unreachable, so routing skips it, and retried with backoff."""
+        marked unreachable, so routing skips it, and retried with backoff.
+        Concurrent calls for one peer (fifty requests for a model on a peer
+        that just dropped) share one dial."""
+        running = self._inflight.get(peer_id)
+        if running is not None:
+            with trio.move_on_after(timeout if timeout is not None else MAX_BACKOFF):
+                await running.wait()
+            if peer_id not in host.connected_peers():
+                raise P2PError(f"cannot reach {peer_id} (another dial to it just failed or is still running)")
+            return
+        done = self._inflight[peer_id] = trio.Event()
+        try:
+            await self._reach(host, peer_id, addrs, timeout=timeout)
+        finally:
+            del self._inflight[peer_id]
+            done.set()
+
+    async def _reach(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...], *, timeout: float | None) -> None:
         view = self.table.snapshot(trio.current_time()).get(peer_id)
         announced = tuple(addrs) + (view.addrs if view is not None else ())
         candidates = list(dict.fromkeys([*announced, *host.known_addrs(peer_id)]))
@@ -112,7 +130,7 @@ class Reach:
             for peer in self.table.snapshot(trio.current_time()).peers:
                 if not peer.relay or peer.is_self or peer.peer_id not in connected:
                     continue
-                if peer.peer_id in relay.reserving or not relay.wants_reservation():
+                if peer.peer_id in relay.reserving or not relay.may_try(peer.peer_id) or not relay.wants_reservation():
                     continue
                 pid = peer.peer_id
                 log.info("behind NAT: reserving a slot on relay %s", pid)

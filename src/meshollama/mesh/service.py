@@ -494,9 +494,12 @@ class MeshService:
         host = self._host
         if host is None or not self._host_ready.is_set():
             raise P2PError("libp2p host is not running")
-        if peer_id not in host.connected_peers():
-            await self.reach.reach(host, peer_id, timeout=timeout or self.settings.connect_timeout)
-        return await host.open_stream(peer_id, protocol, timeout=timeout)
+        budget = timeout or self.settings.connect_timeout
+        if peer_id not in host.connected_peers():  # one deadline for the dial and the stream open
+            started = trio.current_time()
+            await self.reach.reach(host, peer_id, timeout=budget)
+            budget = max(0.5, budget - (trio.current_time() - started))
+        return await host.open_stream(peer_id, protocol, timeout=budget)
 
 
 async def _swallow_cancel(fn) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import multiaddr
@@ -104,7 +104,17 @@ _VIRTUAL = ("docker", "br-", "veth", "virbr", "vnet", "cni", "flannel", "cali", 
             "tun", "tap", "wg", "tailscale", "zt", "lxc", "podman")
 
 
+@dataclass(frozen=True)
+class Interfaces:
+    ips: tuple[IP, ...]  # best first: default-route interface, others, virtual ones
+    virtual: frozenset[IP]  # on docker/VM bridges and VPN tunnels: advertised after all others
+
+
 def interface_ips() -> list[IP]:
+    return list(interfaces().ips)
+
+
+def interfaces() -> Interfaces:
     """IPs of every interface that is up (psutil), best first: the interface of
     the default route, then the others, then virtual ones (docker0 is "up"
     with no container running). I/O: not for pure code."""
@@ -127,7 +137,7 @@ def interface_ips() -> list[IP]:
             except ValueError:
                 continue
     ranked.sort(key=lambda r: r[0])  # stable: the kernel's order within a rank
-    return [ip for _, ip in ranked]
+    return Interfaces(tuple(ip for _, ip in ranked), frozenset(ip for rank, ip in ranked if rank == 2))
 
 
 def _default_route_interfaces() -> set[str]:
@@ -155,13 +165,17 @@ def advertise(
     *,
     observed: Sequence[str] = (),
     announce: Sequence[str] = (),
+    virtual: Collection[IP] = (),
 ) -> list[str]:
     """The addresses we tell others, each ending in ``/p2p/<peer_id>``, best first.
 
     ``listen`` are the bound transport addresses (port resolved); ``ips``
     the host's interface addresses; ``observed`` addresses peers confirmed
     seeing us at (identify); ``announce`` the user's ``--announce`` list,
-    which replaces everything else.
+    which replaces everything else; ``virtual`` the IPs on container, VM and
+    VPN interfaces, which go last whatever their scope (a VPS's docker0
+    must not come before its public address). With no interface address
+    known (psutil failed), a wildcard bind falls back to loopback.
     """
     suffix = f"/p2p/{peer_id}"
     if announce:
@@ -176,13 +190,15 @@ def advertise(
         if p.ip is None or p.port is None:
             continue
         if p.ip.is_unspecified:  # a wildcard bind: every interface of that family
-            found.extend((ip, p.port) for ip in ips if ip.version == p.ip.version)
+            family = [ip for ip in ips if ip.version == p.ip.version]
+            found.extend((ip, p.port) for ip in family or [ipaddress.ip_address("127.0.0.1" if p.ip.version == 4
+                                                                                 else "::1")])
         else:
             found.append((p.ip, p.port))
     found = [(ip, port) for ip, port in dict.fromkeys(found) if scope(ip) not in (Scope.UNSPECIFIED, Scope.LINK_LOCAL)]
     reach = [f for f in found if scope(f[0]) <= Scope.PUBLIC]
     chosen = reach or found  # loopback only when there is nothing else
-    chosen.sort(key=lambda f: _order(f[0]))
+    chosen.sort(key=lambda f: (f[0] in virtual, *_order(f[0])))
     return [f"/ip{ip.version}/{ip}/tcp/{port}{suffix}" for ip, port in chosen][:MAX_ADVERTISED]
 
 
@@ -224,39 +240,40 @@ def dial_plan(addrs: Sequence[str], own: Sequence[str], ips: Iterable[IP], self_
     make us dial our own loopback ports."""
     ips = list(ips)
     advertised = [p for p in _parsed(own) if not p.relayed and not (p.ip is not None and p.ip.is_unspecified)]
-    local_only = all(p.ip is not None and scope(p.ip) == Scope.LOOPBACK for p in advertised)
+    local_only = bool(advertised) and all(p.ip is not None and scope(p.ip) == Scope.LOOPBACK for p in advertised)
     mine: set[tuple[IP | None, int | None]] = set()
-    for text in own:
-        try:
-            p = parse(text)
-        except ValueError:
-            continue
+    for p in _parsed(own):
         if p.relayed:  # our circuit address names the relay's IP and port, not ours
             continue
         if p.ip is not None and p.ip.is_unspecified:
             mine.update((ip, p.port) for ip in ips if ip.version == p.ip.version)
         mine.add((p.ip, p.port))
-    direct: list[tuple[tuple[int, int], str]] = []
-    relayed: list[str] = []
-    for text in addrs:
-        try:
-            p = parse(text)
-        except ValueError:
-            continue
-        if p.relayed:
-            relay_id = p.text.split("/p2p/")[1].split("/", 1)[0]
-            if relay_id != self_id:
-                relayed.append(p.text)
-            continue
-        if p.ip is None:
-            direct.append(((int(Scope.PUBLIC), 4), p.text))
-            continue
+
+    def usable(p: Parsed) -> bool:
+        """The IP/TCP part of an address may be dialled by us."""
+        if p.ip is None:  # a DNS name: only "localhost" is known to be loopback without resolving it
+            host = p.text.split("/", 3)[2].lower().rstrip(".")
+            return local_only or not (host == "localhost" or host.endswith(".localhost"))
         s = scope(p.ip)
         if s == Scope.UNSPECIFIED or (p.ip, p.port) in mine:
+            return False
+        return local_only or s not in (Scope.LOOPBACK, Scope.LINK_LOCAL)
+
+    direct: list[tuple[tuple[int, int], str]] = []
+    relayed: list[str] = []
+    for p in _parsed(addrs):
+        if p.relayed:
+            relay_part, _, _ = p.text.partition("/p2p-circuit")
+            relay_id = relay_part.rsplit("/p2p/", 1)[-1]
+            try:
+                relay = parse(relay_part)
+            except ValueError:
+                continue
+            if relay_id != self_id and usable(relay):  # the relay's own address gets the same checks
+                relayed.append(p.text)
             continue
-        if s in (Scope.LOOPBACK, Scope.LINK_LOCAL) and not local_only:
-            continue
-        direct.append((_order(p.ip), p.text))
+        if usable(p):
+            direct.append((_order(p.ip) if p.ip is not None else (int(Scope.PUBLIC), 4), p.text))
     direct.sort(key=lambda d: d[0])
     return list(dict.fromkeys([t for _, t in direct] + relayed))
 

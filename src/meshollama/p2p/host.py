@@ -100,8 +100,8 @@ class P2PHost:
         self._dht = None
         self._subscription = None
         self._closed = False
-        self._ips: list = []
-        self._ips_at = -1e9
+        self._ifaces = addrs_mod.Interfaces((), frozenset())
+        self._ifaces_at = -1e9
         self._on_addrs_changed = on_addrs_changed or (lambda: None)
         self.relay: Relay | None = None
 
@@ -154,7 +154,7 @@ class P2PHost:
         listen = [multiaddr.Multiaddr(a) for a in _bindable(self.settings.listen)]
         try:
             async with host.run(listen):
-                if not host.get_addrs():
+                if not host.get_transport_addrs():
                     raise P2PError("libp2p did not bind any listen address")
                 async with background_trio_service(pubsub), background_trio_service(gossip):
                     await pubsub.wait_until_ready()
@@ -307,18 +307,21 @@ class P2PHost:
 
     # --- operations ----------------------------------------------------------
 
-    def interface_ips(self) -> list:
+    def interfaces(self) -> addrs_mod.Interfaces:
         """This host's interface IPs, re-read at most every 10 s (cheap, but
         identify asks for our addresses on every connection)."""
         now = time.monotonic()
-        if now - self._ips_at > 10.0:
+        if now - self._ifaces_at > 10.0:
             try:
-                self._ips = addrs_mod.interface_ips()
-            except Exception as exc:  # psutil on an odd platform: advertise what we bound
+                self._ifaces = addrs_mod.interfaces()
+            except Exception as exc:  # psutil on an odd platform: a wildcard bind advertises loopback
                 log.warning("cannot list network interfaces: %r", exc)
-                self._ips = []
-            self._ips_at = now
-        return self._ips
+                self._ifaces = addrs_mod.Interfaces((), frozenset())
+            self._ifaces_at = now
+        return self._ifaces
+
+    def interface_ips(self) -> list:
+        return list(self.interfaces().ips)
 
     def _advertised(self, candidates) -> list:
         """libp2p's ``addrs_factory``: transport and confirmed observed addresses in,
@@ -329,8 +332,9 @@ class P2PHost:
         texts = [str(a) for a in candidates]
         listen = [t for t in texts if t in transport] or texts
         observed = [t for t in texts if t not in transport]
-        out = addrs_mod.advertise(listen, self.interface_ips(), self.peer_id,
-                                  observed=observed, announce=self.settings.announce)
+        ifaces = self.interfaces()
+        out = addrs_mod.advertise(listen, ifaces.ips, self.peer_id, observed=observed,
+                                  announce=self.settings.announce, virtual=ifaces.virtual)
         return [multiaddr.Multiaddr(a.rsplit("/p2p/", 1)[0]) for a in out]
 
     def addrs(self) -> list[str]:

@@ -58,6 +58,10 @@ class RelaySettings:
     circuit_bytes: int = 1 << 30
     reservation_ttl: int = 600
     max_relays: int = 2  # reservations we keep at once
+    announced: bool = False  # --announce given: the user says we are reachable (auto reserves nothing)
+
+GIVE_UP_AFTER = 3  # failed reservations in a row before a relay is set aside
+SET_ASIDE_SECONDS = 300.0
 
 
 class Relay:
@@ -72,6 +76,7 @@ class Relay:
         self._transport = None
         self._circuits: dict[str, list[str]] = {}  # relay peer id -> our circuit addresses through it
         self.reserving: set[str] = set()
+        self._set_aside: dict[str, float] = {}  # relay -> time it may be tried again (it kept refusing)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
@@ -121,9 +126,16 @@ class Relay:
     def wants_reservation(self) -> bool:
         if self.settings.client == "off" or self.settings.service:
             return False
+        if self.settings.client == "auto" and self.settings.announced:
+            return False  # a port forward: peers dial us directly
         if len(self.reserving) >= self.settings.max_relays:
             return False
         return self.settings.client == "on" or self.behind_nat()
+
+    def may_try(self, relay_id: str) -> bool:
+        """False for a while after a relay refused us several times (full, or
+        not a relay after all), so the slot goes to another one."""
+        return trio.current_time() >= self._set_aside.get(relay_id, 0.0)
 
     def circuit_addrs(self) -> list[str]:
         return [a for addrs in self._circuits.values() for a in addrs]
@@ -136,11 +148,12 @@ class Relay:
         failure drop the addresses and retry with backoff."""
         self.reserving.add(relay_id)
         backoff = 1.0
+        failures = 0
         try:
             while still_connected():
                 try:
                     expire_in = await self._reserve(relay_id)
-                    backoff = 1.0
+                    backoff, failures = 1.0, 0
                     # Renew at half the TTL (the relay's clock may differ from
                     # ours: never wait past half our own TTL), but leave as soon
                     # as the relay goes, so its circuit addresses stop being
@@ -151,6 +164,12 @@ class Relay:
                 except P2PError as exc:
                     if self._circuits.pop(relay_id, None) is not None:
                         self._on_change()
+                    failures += 1
+                    if failures >= GIVE_UP_AFTER:
+                        self._set_aside[relay_id] = trio.current_time() + SET_ASIDE_SECONDS
+                        log.info("relay %s refused %d reservations in a row (%s): trying others for %.0fs",
+                                 relay_id, failures, exc, SET_ASIDE_SECONDS)
+                        return
                     log.info("reservation on relay %s failed: %s; retrying in %.0fs", relay_id, exc, backoff)
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 60.0)
