@@ -259,3 +259,16 @@ async def test_settings_from_nested_config():
     assert backend.models() == () and backend.load().capacity == 2
     cfg.node = SimpleNamespace(data_dir="/tmp/mesh-data")
     assert EmbeddedSettings.from_config(cfg).model_dir == Path("/tmp/mesh-data/models")
+
+
+async def test_an_empty_format_is_no_format_as_langchain_sends_it():
+    """LangChain's OllamaLLM always sends ``"format": ""``; Ollama reads it as no format."""
+    backend = make_backend()
+    opts = {"temperature": 0, "seed": 1, "num_predict": 4}
+    with trio.fail_after(DEADLINE):
+        status, _, body = await read(backend, post("/api/generate", {
+            "model": DEFAULT_MODEL_NAME, "prompt": "hi", "format": "", "stream": False, "options": opts}))
+        assert status == 200, body
+        assert json.loads(body[0])["done"] is True
+        status, _, body = await read(backend, post("/api/chat", chat("hi", format="", stream=False, options=opts)))
+        assert status == 200, body

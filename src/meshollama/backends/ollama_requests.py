@@ -146,6 +146,11 @@ def _common(body: Mapping[str, Any]) -> dict[str, Any]:
     return {"keep_alive": parse_keep_alive(body.get("keep_alive")), "options": body.get("options") or {}}
 
 
+def _no_empty_format(fmt: Any) -> Any:
+    """``"format": ""`` is no format (LangChain's OllamaLLM always sends it; Ollama ignores it)."""
+    return None if fmt == "" else fmt
+
+
 def _check_format(fmt: Any) -> Any:
     """``"json"``, a schema object, or None; anything else is Ollama's 500."""
     if fmt is None or fmt == "":
@@ -196,7 +201,7 @@ def parse_generate(body: bytes) -> GenerateJob:
         messages=messages,
         raw_prompt=raw_prompt,
         context=tuple(int(t) for t in d.get("context") or ()),
-        format=d.get("format"),
+        format=_no_empty_format(d.get("format")),
         think=parse_think(d.get("think")),
         suffix=bool(d.get("suffix")),
         raw_conflict=raw and bool(d.get("template") or system or d.get("context")),
@@ -228,7 +233,7 @@ def parse_chat(body: bytes) -> GenerateJob:
         model=_model_field(d, "model", "name"),
         stream=d.get("stream") is not False,
         messages=_chat_messages(d.get("messages"), "ChatRequest"),
-        format=d.get("format"),
+        format=_no_empty_format(d.get("format")),
         think=parse_think(d.get("think")),
         tools=bool(d.get("tools")),
         top_logprobs=int(d.get("top_logprobs") or 0),
