@@ -19,10 +19,10 @@ from tests.p2p.helpers import running_hosts, settings
 OTHER = "12D3KooWRfTWzgkxKoiAghszinDXpHZrbL4mu5drV8XaHFCHmG3A"
 
 
-def _service() -> MeshService:
+def _service(**host_settings) -> MeshService:
     return MeshService(
         create_new_key_pair(),
-        settings(),
+        settings(**host_settings),
         MeshSettings(heartbeat_interval=0.2, liveness_interval=0.5),
         models=lambda: (ModelInfo(name="a:latest"),),
         load=lambda: LoadInfo(),
@@ -92,3 +92,32 @@ async def test_foreign_and_garbage_addresses_are_dropped_counted_and_never_diall
                 await trio.sleep(1.0)  # a few heartbeat and dial rounds
                 assert dialled == []
             nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_claiming_relay_service_it_does_not_give_is_set_aside_and_never_advertised():
+    """Any peer may set ``"r": true`` in its heartbeat. One that then refuses
+    reservations (here: serves no relay protocol at all) gets no circuit
+    address into our announcements and is set aside after a few tries, so a
+    real relay can have the slot."""
+    from meshollama.p2p.relay import RelaySettings
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            mesh = _service(relay=RelaySettings(client="on"))  # reserve without waiting to be behind NAT
+            addrs = await nursery.start(mesh.serve)
+            async with running_hosts(settings()) as (liar,):
+                await liar.connect(addrs)
+                claim = announce.encode(announce.Announcement(
+                    peer_id=liar.peer_id, seq=1, version="0.1.0", models=(), load=LoadInfo(),
+                    addrs=(liar.addrs()[0],), relay=True))
+                relay = mesh._host.relay
+                while not relay.reserving:  # heard the claim and tried
+                    await liar.publish(claim)
+                    await trio.sleep(0.1)
+                while relay.may_try(liar.peer_id):  # refused GIVE_UP_AFTER times in a row, then set aside
+                    assert not any("/p2p-circuit/" in a for a in mesh.addrs), mesh.addrs
+                    await trio.sleep(0.1)
+                assert relay.reserving == set() and relay.circuit_addrs() == []
+                assert not any("/p2p-circuit/" in a for a in mesh.addrs)
+            nursery.cancel_scope.cancel()
+

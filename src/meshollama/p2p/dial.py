@@ -64,27 +64,27 @@ async def connect(host: P2PHost, addrs: Sequence[str], *, timeout: float | None 
     if not plan:
         raise P2PError(f"no dialable address for {target} (given: {', '.join(addrs)})")
     network = host._host.get_network()
+    steps = [(a, addrs_mod.parse(a).relayed) for a in plan]
     # With a relay to fall back on, a direct address gets a short try: a
     # private address of a peer behind NAT would otherwise hold up every
     # dial for the whole dial_timeout (a LAN answers in milliseconds).
-    has_relay = any(addrs_mod.parse(a).relayed for a in plan)
+    has_relay = any(relayed for _, relayed in steps)
     total = timeout or host.settings.stream_timeout * max(1, len(plan))
     deadline = trio.current_time() + total
     # Direct addresses must leave the relay its turn: however many a peer
     # announces (LAN, ULA, docker bridges...), part of the budget is kept.
     keep_for_relay = min(host.settings.dial_timeout, total / 2) if has_relay else 0.0
     failures: list[str] = []
-    for a in plan:
+    for a, relayed in steps:
         if target in host.connected_peers():  # they dialled us meanwhile
             break
-        bare = multiaddr.Multiaddr(a).decapsulate(multiaddr.Multiaddr(f"/p2p/{target}"))
-        relayed = addrs_mod.parse(a).relayed
         per_addr = host.settings.dial_timeout if relayed or not has_relay else min(2.0, host.settings.dial_timeout)
         left = deadline - trio.current_time() - (0.0 if relayed else keep_for_relay)
         if left <= 0 and not relayed:
             failures.append(f"{a}: skipped, the relay's turn")
             continue
         limit = min(per_addr, left)
+        bare = None if relayed else multiaddr.Multiaddr(a).decapsulate(multiaddr.Multiaddr(f"/p2p/{target}"))
         if limit <= 0:
             failures.append(f"{a}: out of time")
             break
@@ -103,7 +103,7 @@ async def connect(host: P2PHost, addrs: Sequence[str], *, timeout: float | None 
             failures.append(str(exc))
             log.debug("%s", exc)
             continue
-        if not relayed:  # the swarm cannot dial circuit addresses: keep them out of its store
+        if bare is not None:  # the swarm cannot dial circuit addresses: keep them out of its store
             host._host.get_peerstore().add_addrs(pid, [bare], 600)
         schedule = getattr(host._host, "_schedule_identify", None)
         if schedule is not None:

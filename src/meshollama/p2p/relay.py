@@ -32,6 +32,7 @@ What py-libp2p 0.8.1 does not do for us, measured in network namespaces
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import time
@@ -90,14 +91,13 @@ class Relay:
                              max_reservations=s.max_reservations, reservation_ttl=s.reservation_ttl)
         self._proto = CircuitV2Protocol(self._host, limits=limits, allow_hop=s.service)
         self._transport = CircuitV2Transport(self._host, self._proto, RelayConfig(roles=RelayRole.STOP))
-        async with background_trio_service(self._proto):
+        async with contextlib.AsyncExitStack() as services:
+            await services.enter_async_context(background_trio_service(self._proto))
             await self._proto.event_started.wait()
             if s.hole_punching:
                 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 
-                async with background_trio_service(DCUtRProtocol(self._host, dial_timeout=3)):
-                    task_status.started()
-                    await trio.sleep_forever()
+                await services.enter_async_context(background_trio_service(DCUtRProtocol(self._host, dial_timeout=3)))
             task_status.started()
             await trio.sleep_forever()
 
@@ -212,7 +212,7 @@ class Relay:
             self._circuits[relay_id] = circuits
             log.info("reachable through relay %s: %s", relay_id, " ".join(circuits) or "(no address)")
             self._on_change()
-        return float(answer.reservation.expire) - time.time()
+        return float(answer.reservation.expire) - time.time()  # the relay's expiry is a Unix time
 
     # --- dialling ----------------------------------------------------------------
 
@@ -222,6 +222,13 @@ class Relay:
 
         if self._transport is None:
             raise P2PError("relay transport is not running")
+        # The transport reaches the relay with host.connect, which the swarm
+        # refuses for 60 s after a failed dial ("negative cache"): a relay that
+        # restarted would stay unusable for a minute. Our callers back off.
+        relay_id = circuit_addr.partition("/p2p-circuit")[0].rsplit("/p2p/", 1)[-1]
+        cache = getattr(self._host.get_network(), "_negative_peer_cache", None)
+        if cache is not None:
+            cache.evict(relay_id)
         conn = await self._transport.dial(multiaddr.Multiaddr(circuit_addr))
         started = getattr(conn, "event_started", None)
         if started is not None:
