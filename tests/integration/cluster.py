@@ -121,12 +121,7 @@ class Cluster:
         return {p["peer_id"]: p for p in await self.peers(node)}
 
     async def wait_until(self, predicate, step: float = 0.1):
-        """Poll an async predicate until it returns a truthy value (bounded by the caller's fail_after)."""
-        while True:
-            value = await predicate()
-            if value:
-                return value
-            await trio.sleep(step)
+        return await wait_until(predicate, step)
 
     def signal(self, node: NodeProc, sig: int) -> None:
         node.proc.send_signal(sig)
@@ -148,6 +143,15 @@ class Cluster:
                 if node.proc is not None:
                     await node.proc.wait()
             await self.client.aclose()
+
+
+async def wait_until(predicate, step: float = 0.1):
+    """Poll an async predicate until it returns a truthy value (bounded by the caller's fail_after)."""
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        await trio.sleep(step)
 
 
 @asynccontextmanager

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from tests.integration.cluster import wait_until
 from tests.netns import Host, Net
 
 HEARTBEAT = "0.5"
@@ -103,8 +104,4 @@ async def peers(net: Net, host: Host) -> dict[str, dict]:
 
 async def wait_for(predicate, step: float = 0.2):
     """Poll an async predicate until truthy (the caller bounds it with fail_after)."""
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        await trio.sleep(step)
+    return await wait_until(predicate, step)

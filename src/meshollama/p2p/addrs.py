@@ -73,7 +73,7 @@ class Parsed:
 
     text: str
     ip: IP | None  # None for a /dns address
-    port: int | None
+    port: int
     peer_id: str | None  # the final /p2p/ component
     relayed: bool  # contains /p2p-circuit
 
@@ -187,7 +187,7 @@ def advertise(
             p = parse(text.split("/p2p/", 1)[0])
         except ValueError:
             continue
-        if p.ip is None or p.port is None:
+        if p.ip is None:
             continue
         if p.ip.is_unspecified:  # a wildcard bind: every interface of that family
             family = [ip for ip in ips if ip.version == p.ip.version]
@@ -241,7 +241,7 @@ def dial_plan(addrs: Sequence[str], own: Sequence[str], ips: Iterable[IP], self_
     ips = list(ips)
     advertised = [p for p in _parsed(own) if not p.relayed and not (p.ip is not None and p.ip.is_unspecified)]
     local_only = bool(advertised) and all(p.ip is not None and scope(p.ip) == Scope.LOOPBACK for p in advertised)
-    mine: set[tuple[IP | None, int | None]] = set()
+    mine: set[tuple[IP | None, int]] = set()
     for p in _parsed(own):
         if p.relayed:  # our circuit address names the relay's IP and port, not ours
             continue

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .addrs import parse
+
 if TYPE_CHECKING:
     from .host import P2PHost
 
@@ -39,7 +41,7 @@ def start_mdns(host: P2PHost, nursery: trio.Nursery) -> None:
         from libp2p.discovery.mdns.mdns import create_mdns_discovery
 
         ours = [a for a in host.addrs() if "/p2p-circuit" not in a]
-        port = next((int(a.split("/tcp/", 1)[1].split("/", 1)[0]) for a in ours if "/tcp/" in a), 0)
+        port = parse(ours[0]).port if ours else 0  # the SRV record's; the TXT records carry every address
         mdns = create_mdns_discovery(
             host._host.get_network(), port=port, private_network_fingerprint=service_fingerprint(host.settings.psk),
             listen_addrs=ours,
