@@ -514,7 +514,7 @@ async def test_peer_marked_down_releases_waiting_caller():
         async with http_pair(backend) as (a, b, up, scopes):
             async with up.open(ProxyRequest("POST", "/api/chat")) as r:
                 async with trio.open_nursery() as n:
-                    n.start_soon(lambda: wait_and_cancel(scopes, a.peer_id))
+                    n.start_soon(lambda: wait_and_cancel(scopes, a.peer_id, backend))
                     with pytest.raises(UpstreamBroken, match="went down"):
                         async for _ in r.body:
                             pass
@@ -527,17 +527,19 @@ async def test_peer_marked_down_before_the_answer_is_retryable():
     with trio.fail_after(20):
         async with http_pair(backend) as (a, b, up, scopes):
             async with trio.open_nursery() as n:
-                n.start_soon(lambda: wait_and_cancel(scopes, a.peer_id))
+                n.start_soon(lambda: wait_and_cancel(scopes, a.peer_id, backend))
                 with pytest.raises(UpstreamUnavailable, match="went down"):
                     async with up.open(ProxyRequest("POST", "/api/chat")):
                         pass
             await backend.cancelled.wait()  # and the remote work was aborted
 
 
-async def wait_and_cancel(scopes, peer_id):
-    while scopes.count(peer_id) == 0:
+async def wait_and_cancel(scopes, peer_id, backend):
+    """Mark the peer down once the request is in flight *and* has reached its
+    backend (a condition, not a delay: on a loaded box a fixed 50 ms could
+    fire before the request arrived, leaving no remote work to abort)."""
+    while scopes.count(peer_id) == 0 or not backend.requests:
         await trio.sleep(0.01)
-    await trio.sleep(0.05)
     scopes.cancel_peer(peer_id)
 
 
