@@ -16,6 +16,7 @@ from meshollama.backends import ollama_options as opts
 from meshollama.backends import ollama_requests as req
 from meshollama.backends import ollama_responses as resp
 from meshollama.backends.ollama_api import Endpoint, Reply, Route
+from meshollama.backends import openai_requests as oreq
 from meshollama.backends import shapers
 from meshollama.backends.shapers import GenStats
 from meshollama.catalog import ModelInfo
@@ -252,7 +253,7 @@ def test_sampling_type_errors_are_500(options, text):
 
 
 def test_openai_chat_request():
-    job = req.parse_openai_chat(json.dumps({
+    job = oreq.parse_openai_chat(json.dumps({
         "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
         "max_tokens": 5, "stop": "x", "seed": 1, "stream": True, "stream_options": {"include_usage": True},
         "response_format": {"type": "json_object"},
@@ -261,25 +262,25 @@ def test_openai_chat_request():
     assert job.messages == ({"role": "user", "content": "hi"},)
     samp = opts.sampling(job.options)
     assert (samp.temperature, samp.top_p, samp.max_tokens, samp.stop, samp.seed) == (1.0, 1.0, 5, ("x",), 1)
-    plain = req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"hi"}]}')
+    plain = oreq.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"hi"}]}')
     assert not plain.stream and not plain.include_usage
 
 
 def test_openai_chat_request_errors():
     with pytest.raises(BadRequest, match=r"\[\] is too short - 'messages'"):
-        req.parse_openai_chat(b'{"model":"m","messages":[]}')
+        oreq.parse_openai_chat(b'{"model":"m","messages":[]}')
     with pytest.raises(BadRequest, match="invalid message content type: float64"):
-        req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":1.5}]}')
+        oreq.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":1.5}]}')
     with pytest.raises(BadRequest, match="image URLs are not currently supported"):
-        req.parse_openai_chat(json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        oreq.parse_openai_chat(json.dumps({"model": "m", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}).encode())
 
 
 def test_openai_completion_request():
-    job = req.parse_openai_completion(b'{"model":"m","prompt":"hi","max_tokens":5}')
+    job = oreq.parse_openai_completion(b'{"model":"m","prompt":"hi","max_tokens":5}')
     assert job.messages == ({"role": "user", "content": "hi"},) and not job.stream
     with pytest.raises(BadRequest, match="prompt"):
-        req.parse_openai_completion(b'{"model":"m","prompt":["a"]}')
+        oreq.parse_openai_completion(b'{"model":"m","prompt":["a"]}')
 
 
 def test_embed_requests():
@@ -289,14 +290,14 @@ def test_embed_requests():
     with pytest.raises(BadRequest, match="invalid input type"):
         req.parse_embed(b'{"model":"m","input":[1,2]}')
     assert req.parse_embeddings(b'{"model":"m","prompt":""}').inputs == ()
-    oai = req.parse_openai_embeddings(b'{"model":"m","input":"","encoding_format":"base64"}')
+    oai = oreq.parse_openai_embeddings(b'{"model":"m","input":"","encoding_format":"base64"}')
     assert oai.inputs == ("",) and oai.encoding_format == "base64"
     for body, text in [(b'{"model":"m","input":[]}', "invalid input"),
                        (b'{"model":"m"}', "invalid input"),
                        (b'{"model":"m","input":[[1,2]]}', "invalid input type"),
                        (b'{"model":"m","input":"a","encoding_format":"bogus"}', "Invalid value for 'encoding_format' = bogus")]:
         with pytest.raises(BadRequest) as info:
-            req.parse_openai_embeddings(body)
+            oreq.parse_openai_embeddings(body)
         assert info.value.message.startswith(text)
 
 
@@ -376,7 +377,7 @@ def _openai_chat_stream(include_usage: bool) -> list[str]:
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
     if include_usage:
         body["stream_options"] = {"include_usage": True}
-    sh = shapers.make_shaper(req.parse_openai_chat(json.dumps(body).encode()), seq=7, created=1700000000)
+    sh = shapers.make_shaper(oreq.parse_openai_chat(json.dumps(body).encode()), seq=7, created=1700000000)
     assert sh.content_type == api.SSE
     return events(sh.delta("He", NOW) + sh.delta("y", NOW) + sh.finish(STATS, NOW))
 
@@ -396,7 +397,7 @@ def test_openai_chat_stream_shape():
 
 
 def test_openai_chat_not_streamed():
-    sh = shapers.make_shaper(req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'),
+    sh = shapers.make_shaper(oreq.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'),
                        seq=3, created=1700000000)
     assert sh.content_type == api.JSON and sh.delta("ok", NOW) == b""
     obj = json.loads(sh.finish(STATS, NOW))
@@ -412,21 +413,21 @@ def test_openai_python_accepts_openai_shapes():
 
     for e in _openai_chat_stream(True)[:-1]:
         ChatCompletionChunk.model_validate(json.loads(e))
-    sh = shapers.make_shaper(req.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=1, created=1)
+    sh = shapers.make_shaper(oreq.parse_openai_chat(b'{"model":"m","messages":[{"role":"user","content":"x"}]}'), seq=1, created=1)
     sh.delta("ok", NOW)
     ChatCompletion.model_validate(json.loads(sh.finish(STATS, NOW)))
-    csh = shapers.make_shaper(req.parse_openai_completion(b'{"model":"m","prompt":"x"}'), seq=1, created=1)
+    csh = shapers.make_shaper(oreq.parse_openai_completion(b'{"model":"m","prompt":"x"}'), seq=1, created=1)
     csh.delta("ok", NOW)
     obj = json.loads(csh.finish(STATS, NOW))
     assert obj["id"] == "cmpl-1" and obj["choices"][0]["text"] == "ok"
     Completion.model_validate(obj)
-    job = req.parse_openai_embeddings(b'{"model":"m","input":["a"]}')
+    job = oreq.parse_openai_embeddings(b'{"model":"m","input":["a"]}')
     CreateEmbeddingResponse.model_validate(json.loads(resp.embed_reply(job, [[3.0, 4.0]], prompt_n=2, total_ns=1, load_ns=1).body))
 
 
 def test_openai_completion_stream_with_usage():
     body = b'{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true}}'
-    sh = shapers.make_shaper(req.parse_openai_completion(body), seq=2, created=1)
+    sh = shapers.make_shaper(oreq.parse_openai_completion(body), seq=2, created=1)
     evs = events(sh.delta("a", NOW) + sh.finish(STATS, NOW))
     assert evs[-1] == "[DONE]"
     chunks = [json.loads(e) for e in evs[:-1]]
@@ -482,12 +483,12 @@ def test_embeddings_reply_is_raw_and_alone():
 
 
 def test_openai_embeddings_float_and_base64():
-    job = req.parse_openai_embeddings(b'{"model":"m","input":["a","b"]}')
+    job = oreq.parse_openai_embeddings(b'{"model":"m","input":["a","b"]}')
     obj = json.loads(resp.embed_reply(job, [[3.0, 4.0], [1.0, 0.0]], prompt_n=5, total_ns=1, load_ns=1).body)
     assert obj["object"] == "list" and [d["index"] for d in obj["data"]] == [0, 1]
     assert obj["data"][0] == {"object": "embedding", "embedding": [0.6, 0.8], "index": 0}
     assert obj["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
-    b64 = req.parse_openai_embeddings(b'{"model":"m","input":"a","encoding_format":"base64"}')
+    b64 = oreq.parse_openai_embeddings(b'{"model":"m","input":"a","encoding_format":"base64"}')
     data = json.loads(resp.embed_reply(b64, [[3.0, 4.0]], prompt_n=1, total_ns=1, load_ns=1).body)["data"][0]["embedding"]
     raw = base64.b64decode(data)
     assert len(raw) == 4 * 2 and struct.unpack("<2f", raw) == pytest.approx((0.6, 0.8))

@@ -90,9 +90,6 @@ from .ollama_requests import (
     parse_embed,
     parse_embeddings,
     parse_generate,
-    parse_openai_chat,
-    parse_openai_completion,
-    parse_openai_embeddings,
     parse_pull,
     parse_show,
     validate_for_model,
@@ -108,6 +105,7 @@ from .ollama_responses import (
     v1_model_reply,
     v1_models_reply,
 )
+from .openai_requests import parse_openai_chat, parse_openai_completion, parse_openai_embeddings
 from .shapers import load_reply, make_shaper
 from .token_stream import StreamBody, TokenPipe, collect
 
