@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BadRequest, RequestError
 from .ollama_api import Endpoint, json_type
 from .ollama_options import parse_keep_alive, parse_think
+from .toolcalls import arguments_object
 
 
 # --- request bodies (§1.3) --------------------------------------------------------
@@ -113,9 +114,10 @@ class GenerateJob:
     format: Any = None
     keep_alive: float | None = None
     think: bool = False
-    tools: bool = False
+    tools: tuple[Mapping[str, Any], ...] = ()
     suffix: bool = False
     raw_conflict: bool = False
+    logprobs: bool = False
     top_logprobs: int = 0
     include_usage: bool = False
 
@@ -205,20 +207,57 @@ def parse_generate(body: bytes) -> GenerateJob:
         think=parse_think(d.get("think")),
         suffix=bool(d.get("suffix")),
         raw_conflict=raw and bool(d.get("template") or system or d.get("context")),
+        logprobs=bool(d.get("logprobs")),
         top_logprobs=int(d.get("top_logprobs") or 0),
         **_common(d),
     )
 
 
 def _chat_messages(raw: Any, struct_name: str) -> tuple[dict[str, Any], ...]:
+    """Messages as the template sees them: role (lower-cased), content, and the tool fields."""
     out = []
     for m in raw or ():
         if not isinstance(m, dict):
             raise BadRequest(f"json: cannot unmarshal {json_type(m)} into Go struct field {struct_name}.messages of type api.Message")
-        check_types(m, "Message", {"role": "string", "content": "string"})
+        check_types(m, "Message", {"role": "string", "content": "string", "tool_calls": "array",
+                                   "tool_name": "string", "tool_call_id": "string", "thinking": "string"})
         _check_images(m.get("images"), "Message")
-        out.append({"role": (m.get("role") or "").lower(), "content": m.get("content") or ""})
+        msg: dict[str, Any] = {"role": (m.get("role") or "").lower(), "content": m.get("content") or ""}
+        calls = [_tool_call(c) for c in m.get("tool_calls") or ()]
+        if calls:
+            msg["tool_calls"] = calls
+        for key in ("tool_name", "tool_call_id", "thinking"):
+            if m.get(key):
+                msg[key] = m[key]
+        out.append(msg)
     return tuple(out)
+
+
+def _tool_call(call: Any) -> dict[str, Any]:
+    """One ``tool_calls`` entry of a history message, arguments as an object."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        raise BadRequest(f"json: cannot unmarshal {json_type(call)} into Go struct field Message.tool_calls of type api.ToolCall")
+    out: dict[str, Any] = {"function": {"name": str(fn.get("name") or ""),
+                                        "arguments": arguments_object(fn.get("arguments"))}}
+    if isinstance(fn.get("index"), int):
+        out["function"]["index"] = fn["index"]
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def parse_tools(raw: Any, struct_name: str) -> tuple[dict[str, Any], ...]:
+    """A request's ``tools``; ``[]`` (what ollama-python always sends) is no tools."""
+    tools = []
+    for tool in raw or ():
+        if not isinstance(tool, dict):
+            raise BadRequest(f"json: cannot unmarshal {json_type(tool)} into Go struct field {struct_name}.tools of type api.Tool")
+        fn = tool.get("function")
+        if fn is not None and not isinstance(fn, dict):
+            raise BadRequest(f"json: cannot unmarshal {json_type(fn)} into Go struct field Tool.tools.function of type api.ToolFunction")
+        tools.append(tool)
+    return tuple(tools)
 
 
 def parse_chat(body: bytes) -> GenerateJob:
@@ -235,7 +274,8 @@ def parse_chat(body: bytes) -> GenerateJob:
         messages=_chat_messages(d.get("messages"), "ChatRequest"),
         format=_no_empty_format(d.get("format")),
         think=parse_think(d.get("think")),
-        tools=bool(d.get("tools")),
+        tools=parse_tools(d.get("tools"), "ChatRequest"),
+        logprobs=bool(d.get("logprobs")),
         top_logprobs=int(d.get("top_logprobs") or 0),
         **_common(d),
     )
@@ -295,16 +335,20 @@ def parse_pull(body: bytes) -> tuple[str, bool]:
     return _model_field(d, "model", "name"), d.get("stream") is not False
 
 
-def validate_for_model(job: GenerateJob, full: str) -> None:
-    """Checks Ollama makes after finding the model (§2.3 step 3): 400s, in Ollama's order."""
+def validate_for_model(job: GenerateJob, full: str, capabilities: Collection[str] = ("completion",)) -> None:
+    """Checks Ollama makes after finding the model (§2.3 step 3): 400s, in Ollama's order.
+
+    ``capabilities`` are the model's, as ``/api/show`` lists them: tools are
+    refused only for a model whose template cannot carry them.
+    """
     if job.raw_conflict:
         raise BadRequest("raw mode does not support template, system, or context")
     if not 0 <= job.top_logprobs <= 20:
         raise BadRequest("top_logprobs must be between 0 and 20")
-    if job.think:
+    if job.think and "thinking" not in capabilities:
         raise BadRequest(f'"{job.model}" does not support thinking')
-    if job.tools:
+    if job.tools and "tools" not in capabilities:
         raise BadRequest(f"{full} does not support tools")
-    if job.suffix:
+    if job.suffix and "insert" not in capabilities:
         raise BadRequest(f"{full} does not support insert")
     _check_format(job.format)

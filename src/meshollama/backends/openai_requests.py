@@ -13,7 +13,16 @@ from typing import Any
 
 from ..errors import BadRequest
 from .ollama_api import Endpoint, json_type
-from .ollama_requests import EmbedJob, GenerateJob, _embed_inputs, _model_field, check_types, decode_body
+from .ollama_requests import (
+    EmbedJob,
+    GenerateJob,
+    _embed_inputs,
+    _model_field,
+    check_types,
+    decode_body,
+    parse_tools,
+)
+from .toolcalls import arguments_object, names_by_id
 
 
 def _openai_options(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,16 +64,12 @@ def parse_openai_chat(body: bytes) -> GenerateJob:
     check_types(d, "ChatCompletionRequest", {
         "model": "string", "messages": "array", "stream": "bool", "max_tokens": "int",
         "seed": "int", "temperature": "float", "top_p": "float", "frequency_penalty": "float",
-        "presence_penalty": "float", "tools": "array",
+        "presence_penalty": "float", "tools": "array", "logprobs": "bool", "top_logprobs": "int",
     })
     raw_messages = d.get("messages")
     if not raw_messages:
         raise BadRequest("[] is too short - 'messages'")
-    messages = []
-    for m in raw_messages:
-        if not isinstance(m, dict):
-            raise BadRequest(f"invalid message format: {json_type(m)}")
-        messages.append({"role": str(m.get("role") or "").lower(), "content": _openai_content(m)})
+    messages = _openai_messages(raw_messages)
     fmt = None
     rf = d.get("response_format")
     if isinstance(rf, dict):
@@ -88,8 +93,46 @@ def parse_openai_chat(body: bytes) -> GenerateJob:
         options=_openai_options(d),
         format=fmt,
         think=_REASONING.get(effort, False) if effort is not None else False,
-        tools=bool(d.get("tools")),
+        tools=parse_tools(d.get("tools"), "ChatCompletionRequest"),
+        logprobs=bool(d.get("logprobs")),
+        top_logprobs=int(d.get("top_logprobs") or 0),
     )
+
+
+def _openai_messages(raw_messages: list[Any]) -> tuple[dict[str, Any], ...]:
+    """OpenAI messages -> Ollama's: assistant ``tool_calls`` with object arguments,
+    and a ``tool`` message's function name found from its ``tool_call_id``."""
+    messages: list[dict[str, Any]] = []
+    for m in raw_messages:
+        if not isinstance(m, dict):
+            raise BadRequest(f"invalid message format: {json_type(m)}")
+        msg: dict[str, Any] = {"role": str(m.get("role") or "").lower(), "content": _openai_content(m)}
+        calls = m.get("tool_calls")
+        if isinstance(calls, list) and calls:
+            msg["tool_calls"] = [_openai_call(c, i) for i, c in enumerate(calls)]
+        if isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+            name = names_by_id(messages).get(m["tool_call_id"])
+            if name:
+                msg["tool_name"] = name
+        if isinstance(m.get("name"), str) and msg["role"] == "tool" and "tool_name" not in msg:
+            msg["tool_name"] = m["name"]
+        reasoning = m.get("reasoning") or m.get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning:
+            msg["thinking"] = reasoning
+        messages.append(msg)
+    return tuple(messages)
+
+
+def _openai_call(call: Any, index: int) -> dict[str, Any]:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise BadRequest("invalid tool call")
+    fn = call["function"]
+    out: dict[str, Any] = {"function": {"index": index, "name": str(fn.get("name") or ""),
+                                        "arguments": arguments_object(fn.get("arguments"))}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
 
 
 def _openai_content(m: Mapping[str, Any]) -> str:
@@ -121,11 +164,14 @@ def parse_openai_completion(body: bytes) -> GenerateJob:
     check_types(d, "CompletionRequest", {
         "model": "string", "prompt": "string", "suffix": "string", "stream": "bool",
         "max_tokens": "int", "seed": "int", "temperature": "float", "top_p": "float",
-        "frequency_penalty": "float", "presence_penalty": "float",
+        "frequency_penalty": "float", "presence_penalty": "float", "logprobs": "int",
     })
     stream, usage = _openai_stream(d)
+    top = int(d.get("logprobs") or 0)  # /v1/completions: the number of alternatives wanted
     return GenerateJob(
         endpoint=Endpoint.V1_COMPLETIONS,
+        logprobs=d.get("logprobs") is not None,
+        top_logprobs=max(0, top),
         model=_model_field(d, "model"),
         stream=stream,
         include_usage=usage,
