@@ -272,3 +272,23 @@ async def test_an_empty_format_is_no_format_as_langchain_sends_it():
         assert json.loads(body[0])["done"] is True
         status, _, body = await read(backend, post("/api/chat", chat("hi", format="", stream=False, options=opts)))
         assert status == 200, body
+
+
+async def test_logprobs_are_the_models_own(tmp_path):
+    """Greedy decoding picks the likeliest token: each token's logprob is its list's first."""
+    backend = make_backend()
+    body = {"model": DEFAULT_MODEL_NAME, "prompt": "Say hi", "stream": False, "logprobs": True,
+            "top_logprobs": 3, "options": {"temperature": 0, "num_predict": 8}}
+    with trio.fail_after(DEADLINE):
+        status, _, chunks = await read(backend, post("/api/generate", body))
+    answer = json.loads(b"".join(chunks))
+    assert status == 200, answer
+    lps = answer["logprobs"]
+    assert len(lps) == answer["eval_count"] and "".join(lp["token"] for lp in lps) == answer["response"]
+    for lp in lps:
+        assert lp["logprob"] <= 0 and len(lp["top_logprobs"]) == 3
+        assert lp["top_logprobs"][0]["token"] == lp["token"]
+        assert lp["top_logprobs"][0]["logprob"] >= lp["top_logprobs"][1]["logprob"]
+    with trio.fail_after(DEADLINE):
+        status, _, chunks = await read(backend, post("/api/generate", {**body, "logprobs": False, "top_logprobs": 0}))
+    assert "logprobs" not in json.loads(b"".join(chunks))

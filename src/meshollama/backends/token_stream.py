@@ -39,7 +39,7 @@ class TokenPipe:
         self._closed = threading.Event()
 
     # worker thread
-    def put(self, text: str) -> None:
+    def put(self, text: Any) -> None:
         """Queue a delta; blocks while ``size`` are unread; BrokenResourceError once the reader left."""
         self._credits.acquire()
         if self._closed.is_set():
