@@ -377,7 +377,7 @@ class EmbeddedConfig:
     # A short queue; past it the node answers busy and the gateway tries elsewhere.
     max_queue: int = _opt(_int(0), 8, "requests waiting before busy")
     # Plenty for chat with a small model, cheap in memory.
-    n_ctx: int = _opt(_int(16), 2048, "context window in tokens")
+    n_ctx: int = _opt(_int(16), 8192, "context window in tokens (at most the model's own)")
     # 0 lets llama.cpp choose from the CPU count.
     n_threads: int = _opt(_int(0), 0, "CPU threads, 0 = auto")
     # The same model answers /api/embed: embeddings without another download.

@@ -292,3 +292,24 @@ async def test_logprobs_are_the_models_own(tmp_path):
     with trio.fail_after(DEADLINE):
         status, _, chunks = await read(backend, post("/api/generate", {**body, "logprobs": False, "top_logprobs": 0}))
     assert "logprobs" not in json.loads(b"".join(chunks))
+
+
+async def test_ps_reports_the_context_in_use_and_no_vram():
+    """/api/ps: context_length is the loaded context (the model's 8192 by default,
+    not 0), size_vram 0 on a CPU; the facts travel in the catalog for the mesh's /api/ps."""
+    backend = make_backend(n_ctx=100_000)  # capped at what the model was trained for
+    with trio.fail_after(DEADLINE):
+        await read(backend, post("/api/generate", {"model": DEFAULT_MODEL_NAME}))  # load it
+        status, _, chunks = await read(backend, ProxyRequest("GET", "/api/ps"))
+    [entry] = json.loads(b"".join(chunks))["models"]
+    assert (entry["context_length"], entry["size_vram"]) == (8192, 0) and entry["size"] > 0
+    info = next(m for m in backend.models() if m.name == DEFAULT_MODEL_NAME)
+    assert info.details["context_length"] == 8192 and info.details["size_vram"] == 0
+
+
+async def test_version_is_the_ollama_api_we_speak():
+    backend = make_backend()
+    with trio.fail_after(DEADLINE):
+        _, _, chunks = await read(backend, ProxyRequest("GET", "/api/version"))
+    version = tuple(int(x) for x in json.loads(b"".join(chunks))["version"].split("."))
+    assert version >= (0, 14, 0)  # /v1/messages and /v1/responses are served

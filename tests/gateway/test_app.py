@@ -73,6 +73,7 @@ async def test_root_version_404_405():
             r = await client.get("/api/version")
             assert r.status_code == 200 and r.headers["content-type"] == "application/json; charset=utf-8"
             assert r.json() == {"version": OLLAMA_COMPAT_VERSION}
+            assert tuple(map(int, OLLAMA_COMPAT_VERSION.split("."))) >= (0, 14, 0)  # /v1/messages
             assert (await client.head("/api/version")).status_code == 200
             assert (await client.head("/api/tags")).status_code == 200
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import trio
 
-from .. import __version__, names
+from .. import names
 from ..catalog import LoadInfo, ModelInfo
 from ..errors import BadRequest, RequestError, UpstreamBusy, UpstreamUnavailable
 from ..httpmsg import ProxyRequest, ProxyResponse
@@ -72,6 +72,7 @@ from .llama_engine import (
 from .ollama_api import (
     BUSY_MESSAGE,
     FOREVER_NS,
+    OLLAMA_VERSION,
     JSON_UTF8,
     TEXT,
     Endpoint,
@@ -139,7 +140,7 @@ class EmbeddedSettings:
     default_model: bool = True
     parallel: int = 1
     max_queue: int = 512
-    n_ctx: int = 2048
+    n_ctx: int = 8192
     n_threads: int = 0
     embedding: bool = True
     rescan_interval: float = 30.0
@@ -192,6 +193,7 @@ class _Model:
         self.load_lock = trio.Lock()
         self.users = 0
         self.unload_pending = False
+        self.n_ctx = 0  # the context it was loaded with (0 until loaded)
 
     @property
     def loaded(self) -> bool:
@@ -369,10 +371,12 @@ class EmbeddedBackend(ChangeNotifier):
 
     def _info(self, model: _Model) -> ModelInfo:
         caps = ("completion", "embedding") if self.settings.embedding else ("completion",)
+        details = dict(gguf.details(model.header, model.path))
+        if model.loaded:  # /api/ps's facts (catalog.RUNNING_FACTS): CPU only, so no VRAM
+            details.update(size_vram=0, context_length=model.n_ctx or self.settings.n_ctx)
         return ModelInfo(
             name=model.name, digest=model.digest, size=model.size, loaded=model.loaded,
-            modified_at=rfc3339(model.mtime_ns), details=gguf.details(model.header, model.path),
-            capabilities=caps)
+            modified_at=rfc3339(model.mtime_ns), details=details, capabilities=caps)
 
     def _publish(self) -> None:
         self._snapshot = tuple(self._info(m) for m in self._models.values())
@@ -425,15 +429,20 @@ class EmbeddedBackend(ChangeNotifier):
             self._load_changed()
 
     async def _load(self, model: _Model, *, embedding: bool) -> LlamaInstance:
+        if model.header is None:
+            await self._describe(model)
+        # n_ctx, but never more than the model was trained for (as Ollama caps num_ctx).
+        trained = gguf.context_length(model.header)
+        n_ctx = min(self.settings.n_ctx, trained) if trained > 0 else self.settings.n_ctx
         async with model.load_lock:
             try:
                 inst = await trio.to_thread.run_sync(
-                    functools.partial(LlamaInstance, model.path, self.settings.n_ctx,
+                    functools.partial(LlamaInstance, model.path, n_ctx,
                                       self.settings.n_threads, embedding=embedding))
             except Exception as e:  # llama.cpp raises ValueError/RuntimeError on bad files
                 raise UpstreamUnavailable(f"llama.cpp could not load {model.name}: {e}") from e
-        if model.header is None:
-            await self._describe(model)
+        if not embedding:
+            model.n_ctx = n_ctx
         return inst
 
     @asynccontextmanager
@@ -544,7 +553,7 @@ class EmbeddedBackend(ChangeNotifier):
         if ep is Endpoint.ROOT:
             return Reply(200, TEXT, b"Ollama is running")
         if ep is Endpoint.VERSION:
-            return Reply(200, JSON_UTF8, dumps({"version": __version__}))
+            return Reply(200, JSON_UTF8, dumps({"version": OLLAMA_VERSION}))
         if ep in (Endpoint.TAGS, Endpoint.V1_MODELS):
             for model in list(self._models.values()):
                 await self._describe(model)
@@ -556,7 +565,7 @@ class EmbeddedBackend(ChangeNotifier):
                 if model.loaded:
                     await self._describe(model)
                     running.append(Running(self._info(model), time.time_ns() + FOREVER_NS,
-                                           self.settings.n_ctx))
+                                           model.n_ctx or self.settings.n_ctx))
             return ps_reply(running)
         if ep is Endpoint.SHOW:
             name, _verbose = parse_show(request.body)

@@ -23,6 +23,10 @@ from typing import Any
 from .. import names
 from ..errors import BadRequest, ModelNotFound, RequestError
 
+# The Ollama release whose API we speak, for /api/version: /v1/responses came in
+# 0.13.3, /v1/messages (Anthropic) in 0.14.0, logprobs in 0.12.11. Clients gate
+# features on it, so it names what we serve, not meshollama's own version.
+OLLAMA_VERSION = "0.14.0"
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 JSON_UTF8 = "application/json; charset=utf-8"
 JSON = "application/json"

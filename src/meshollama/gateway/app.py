@@ -25,6 +25,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__, names
+from ..backends.ollama_api import OLLAMA_VERSION
 from ..httpmsg import Upstream
 from ..mesh.peertable import Snapshot
 from . import listings
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # What /api/version reports. Clients gate features on it (tools, thinking,
 # /api/embed), so it claims a recent Ollama whose API we pass through.
-OLLAMA_COMPAT_VERSION = "0.12.0"
+OLLAMA_COMPAT_VERSION = OLLAMA_VERSION
 EXTENSION = "meshollama"  # app.extensions key holding the GatewayState
 
 

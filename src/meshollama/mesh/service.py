@@ -45,7 +45,7 @@ from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamP
 from ..p2p.ping import Pinger
 from . import announce
 from . import liveness
-from .peertable import ApplyResult, PeerState, PeerTable, Snapshot
+from .peertable import ApplyResult, PeerTable, Snapshot
 
 log = logging.getLogger("meshollama.mesh")
 
