@@ -529,3 +529,40 @@ async def test_router_learns_speed_only_from_streamed_answers_of_warm_models():
             assert stats.view("warm", trio.current_time(), key).latency_ewma == before  # non-streamed: nothing
             # cold answered a moment ago, so it is warm now even before a heartbeat says so
             assert stats.view("cold", trio.current_time(), key).latency_ewma is not None
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (gen(options={"stop": "\n"}), 'option "stop" must be of type array'),
+    (gen(options={"temperature": "hot"}), 'option "temperature" must be of type float32'),
+    (gen(format="yaml"), 'invalid format: "yaml"; expected "json" or a valid JSON Schema object'),
+])
+async def test_a_request_that_fails_on_every_peer_is_answered_once_not_retried(body, message):
+    """Ollama answers 500 for a bad option type or format: the request's fault,
+    so it is answered here with Ollama's text and no peer is asked."""
+    mesh = FakeMesh()
+    ups = [mesh.add(f"peer-{c}", [LLAMA]) for c in "ab"]
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/generate", content=body)
+            missing = await client.post("/api/generate", content=gen("nobody-has-it", options={"stop": "x"}))
+    assert (r.status_code, r.json()) == (500, {"error": message})
+    assert [u.requests for u in ups] == [[], []]
+    assert missing.status_code == 404  # the model is looked up first, as in Ollama
+
+
+async def test_error_answers_are_logged_with_their_message(caplog):
+    mesh = FakeMesh()
+    mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(
+        status=400, headers=JSON, body=[b'{"error":"raw mode does not support template, system, or context"}'])))
+    caplog.set_level("INFO", logger="meshollama.gateway.proxy")
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            await client.post("/api/generate", content=gen(raw=True, system="x"))
+            await client.post("/api/generate", content=gen(options={"stop": "x"}))
+            await client.post("/api/generate", content=gen("nobody-has-it"))
+            await gw.proxy.wait_idle()
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if "->" in r.getMessage()]
+    assert ("INFO", "POST /api/generate llama3:latest -> 400 from peer-a: raw mode does not support template, "
+                    "system, or context") in logged
+    assert ("WARNING", 'POST /api/generate llama3:latest -> 500: option "stop" must be of type array') in logged
+    assert ("INFO", "POST /api/generate - -> 404: model 'nobody-has-it' not found") in logged

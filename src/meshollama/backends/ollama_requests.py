@@ -153,7 +153,7 @@ def _no_empty_format(fmt: Any) -> Any:
     return None if fmt == "" else fmt
 
 
-def _check_format(fmt: Any) -> Any:
+def check_format(fmt: Any) -> Any:
     """``"json"``, a schema object, or None; anything else is Ollama's 500."""
     if fmt is None or fmt == "":
         return None
@@ -351,4 +351,4 @@ def validate_for_model(job: GenerateJob, full: str, capabilities: Collection[str
         raise BadRequest(f"{full} does not support tools")
     if job.suffix and "insert" not in capabilities:
         raise BadRequest(f"{full} does not support insert")
-    _check_format(job.format)
+    check_format(job.format)

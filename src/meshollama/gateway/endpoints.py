@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import names
+from ..backends.ollama_options import sampling
+from ..backends.ollama_requests import check_format
 from ..errors import BadRequest, RequestError
 
 _NATIVE_NOT_FOUND = "model '{sent}' not found"
@@ -41,6 +43,11 @@ class Endpoint:
     # Boolean fields of the Go request type: a wrong type fails Ollama's bind,
     # before the model is looked up, so it must be a 400 here too, not a 404.
     bool_fields: tuple[str, ...] = ()
+    # Fields Ollama checks only on the serving node, answering 500 (a wrong
+    # ``options`` value type, a bad ``format``): checked here before routing,
+    # so a request that would fail the same way on every peer is answered
+    # once, not retried across the mesh.
+    checked: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -68,11 +75,14 @@ _REQUIRED = (400, "model is required")
 _EMPTY_NOT_FOUND = (404, "model '' not found")
 _STREAM = ("stream",)
 
+_OPTIONS_FORMAT = ("options", "format")
+
 ENDPOINTS: tuple[Endpoint, ...] = (
-    _routed("/api/generate", "GenerateRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, bool_fields=("stream", "raw")),
-    _routed("/api/chat", "ChatRequest", _REQUIRED, _NATIVE_NOT_FOUND, bool_fields=_STREAM),
-    _routed("/api/embed", "EmbedRequest", _EMPTY_NOT_FOUND, _EMBED_NOT_FOUND),
-    _routed("/api/embeddings", "EmbeddingRequest", _REQUIRED, _EMBED_NOT_FOUND),
+    _routed("/api/generate", "GenerateRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, bool_fields=("stream", "raw"),
+            checked=_OPTIONS_FORMAT),
+    _routed("/api/chat", "ChatRequest", _REQUIRED, _NATIVE_NOT_FOUND, bool_fields=_STREAM, checked=_OPTIONS_FORMAT),
+    _routed("/api/embed", "EmbedRequest", _EMPTY_NOT_FOUND, _EMBED_NOT_FOUND, checked=("options",)),
+    _routed("/api/embeddings", "EmbeddingRequest", _REQUIRED, _EMBED_NOT_FOUND, checked=("options",)),
     # /api/show still accepts the deprecated "name".
     _routed("/api/show", "ShowRequest", _REQUIRED, _SHOW_NOT_FOUND, model_fields=("model", "name")),
     _routed("/v1/chat/completions", "ChatCompletionRequest", _REQUIRED, _NATIVE_NOT_FOUND, openai=True,
@@ -152,6 +162,14 @@ def parse_payload(body: bytes, endpoint: Endpoint) -> dict[str, Any]:
                 f"json: cannot unmarshal {_go_type(flag)} into Go struct field {endpoint.struct}.{field} of type bool"
             )
     return value
+
+
+def check_fields(payload: dict[str, Any], endpoint: Endpoint) -> None:
+    """Ollama's 500s for values that fail on any node (see ``Endpoint.checked``)."""
+    if "options" in endpoint.checked and isinstance(payload.get("options"), dict):
+        sampling(payload["options"])
+    if "format" in endpoint.checked:
+        check_format(payload.get("format"))
 
 
 def model_of(payload: dict[str, Any], endpoint: Endpoint) -> str:

@@ -58,12 +58,14 @@ from .asgi import (
     scope_headers,
     send_answer,
 )
-from .endpoints import Endpoint, match, model_of, parse_payload
+from .endpoints import Endpoint, check_fields, match, model_of, parse_payload
 from .errors import (
     METHOD_NOT_ALLOWED_PAGE,
     Answer,
     answer_for,
     error_answer,
+    error_text,
+    message_of,
     ndjson_error_line,
     sse_error_event,
 )
@@ -138,6 +140,7 @@ class _Outcome:
     content_type: str = ""
     client_gone: bool = False
     body_unread: bool = False  # an answer now must close the connection
+    error: str = ""  # what an error answer said, for the log
 
 
 @dataclass
@@ -226,6 +229,11 @@ class Proxy:
             self.metrics.in_flight.dec()
             status = 499 if out.client_gone else (responder.status or 500)
             self._count(endpoint, out, status)
+            if status >= 400 and status != 499:
+                # Every error answer is logged with what it said (4xx at info: the client's mistake).
+                log.log(logging.WARNING if status >= 500 else logging.INFO, "%s %s %s -> %d%s: %s",
+                        scope.get("method", ""), endpoint.label, out.model or "-", status,
+                        f" from {out.peer}" if out.peer else "", out.error or "(no message)")
             if not self.in_flight:
                 self._idle.set()
 
@@ -285,6 +293,7 @@ class Proxy:
 
     async def _fail(self, endpoint: Endpoint, responder: Responder, out: _Outcome, exc: Exception) -> None:
         """Make sure the client gets an explicit error, however far we got."""
+        out.error = message_of(exc)
         try:
             if not responder.started:
                 await responder.answer(answer_for(exc, openai=endpoint.openai), close=out.body_unread)
@@ -309,7 +318,8 @@ class Proxy:
             scope.cancel()
 
     async def _routed(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: _Outcome) -> None:
-        model = model_of(parse_payload(request.body, endpoint), endpoint)
+        payload = parse_payload(request.body, endpoint)
+        model = model_of(payload, endpoint)
         key = names.key(model)
         snapshot = self.mesh.snapshot()
         now = trio.current_time()
@@ -327,6 +337,7 @@ class Proxy:
                                  "see `meshollama peers`")
             raise ModelNotFound(endpoint.not_found_message(model))
         out.model = names.shortest(model)
+        check_fields(payload, endpoint)  # after the 404, as Ollama checks them after loading
         tries = order[: 1 + self.retries]
         last: tuple[str, Answer] | None = None
         for n, peer in enumerate(tries, 1):
@@ -344,6 +355,7 @@ class Proxy:
             # the client gets it unchanged (a 503 "server busy" stays a 503).
             peer, answer = last
             out.peer = peer
+            out.error = error_text(answer.body)
             await responder.answer(answer.with_headers((PEER_HEADER, peer)))
             return
         raise NoCapacity(f"all peers serving '{model}' are busy or failing (tried {len(tries)})")
@@ -467,6 +479,8 @@ class Proxy:
         headers = response_headers(resp.headers) + declared_length(resp.status, resp.headers)
         await responder.start(resp.status, headers + ((PEER_HEADER, peer),) + closing)
         if first is not None:
+            if resp.status >= 400:
+                out.error = error_text(first)
             attempt.relayed(first)
             await responder.body(first)
             try:
