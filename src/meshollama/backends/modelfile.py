@@ -1,29 +1,29 @@
-"""Ollama Modelfiles: parse them as Ollama does, and write them back (sans-IO).
+"""Ollama Modelfiles: parse and write them as Ollama does, and build them from /api/create (sans-IO).
 
 The embedded backend stores model customisations (template, system prompt,
 parameters, messages, licenses) as Modelfiles beside its GGUF files (see
-:mod:`.model_store`), so people can read and edit them with the syntax they
-know from Ollama. The grammar is Ollama's ``parser/parser.go`` ported state for
+:mod:`.model_store`), so people can read and edit them in the syntax they know
+from Ollama. The grammar is Ollama's ``parser/parser.go`` ported state for
 state, because its quirks are the spec: commands are case-insensitive, a value
 runs to the end of the line, ``"..."`` and ``\"\"\"...\"\"\"`` values may span lines,
 there are no escapes, ``#`` starts a comment only where a command could start,
-and non-printable characters other than spaces, tabs and line breaks are
-dropped. Errors carry Ollama's texts (``(line 3): command must be one of ...``,
-``unknown parameter 'x'``, ``invalid float value [abc]``).
+and non-printable characters other than spaces, tabs and line breaks vanish.
+Errors carry Ollama's texts (``(line 3): command must be one of ...``,
+``unknown parameter 'x'``, ``invalid float value [abc]``), as 400s.
 
-Where this deliberately differs from Ollama:
+Deliberate differences from Ollama:
 
 * ``ADAPTER``, ``DRAFT``, ``RENDERER`` and ``PARSER`` raise a 501: llama.cpp as
-  embedded here cannot apply LoRA adapters or draft models, and Ollama's
-  renderers and parsers are Go code we do not have. Silently dropping them
-  would serve a different model than the file describes.
-* More than one ``FROM`` is an error (Ollama merges them into a multi-file
+  embedded here applies no LoRA adapters or draft models, and Ollama's
+  renderers and parsers are Go code we lack. Dropping them silently would
+  serve a different model than the file describes.
+* More than one ``FROM`` is an error (Ollama merges them into one multi-file
   model, which only makes sense for safetensors or split GGUFs).
 * ``PARAMETER template x`` is an unknown parameter, not a second ``TEMPLATE``.
-
-:func:`format` is stricter than Ollama's ``Modelfile.String``: every value is
-written so that :func:`parse` gives it back unchanged (verified by re-parsing),
-and a value that cannot be written that way raises instead of being mangled.
+* :func:`format` writes every value so that :func:`parse` gives it back
+  exactly (checked by re-parsing), and raises for a value the syntax cannot
+  carry, where Ollama's ``Modelfile.String`` would write something that reads
+  back differently.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import json
 import logging
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -40,57 +41,44 @@ from ..errors import BadRequest, RequestError
 log = logging.getLogger(__name__)
 
 ParamValue: TypeAlias = int | float | bool | tuple[str, ...]
-"""A typed parameter value; ``stop`` (the only list) is a tuple of strings."""
+"""A typed parameter value; ``stop`` (the only list option) is a tuple of strings."""
 
-# api.Options field kinds, by JSON name (api/types.go ``Options`` and ``Runner``).
-_INT = frozenset({
-    "num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx",
-    "num_batch", "num_gpu", "main_gpu", "num_thread", "draft_num_predict",
-})
-_FLOAT = frozenset({
-    "top_p", "min_p", "typical_p", "temperature", "repeat_penalty",
-    "presence_penalty", "frequency_penalty",
-})
+# api.Options and api.Runner fields by JSON name, by Go kind (api/types.go).
+_INT = frozenset({"num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch",
+                  "num_gpu", "main_gpu", "num_thread", "draft_num_predict"})
+_FLOAT = frozenset({"top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
+                    "frequency_penalty"})
 _BOOL = frozenset({"use_mmap"})
-_LIST = frozenset({"stop"})
-PARAMETERS = _INT | _FLOAT | _BOOL | _LIST
-
-# Ollama warns about and drops these (parser.go ``deprecatedParameters``).
-DEPRECATED_PARAMETERS = frozenset({
-    "penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only",
-    "use_mlock", "mirostat", "mirostat_tau", "mirostat_eta",
-})
-
+PARAMETERS = _INT | _FLOAT | _BOOL | {"stop"}
+# Ollama warns about these and drops them (parser.go ``deprecatedParameters``).
+DEPRECATED_PARAMETERS = frozenset({"penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only",
+                                   "use_mlock", "mirostat", "mirostat_tau", "mirostat_eta"})
 MESSAGE_ROLES = ("system", "user", "assistant")
-_COMMANDS = frozenset({
-    "from", "license", "template", "system", "adapter", "draft", "renderer",
-    "parser", "parameter", "message", "requires",
-})
+_COMMANDS = frozenset({"from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
+                       "parameter", "message", "requires"})
 _UNSUPPORTED = frozenset({"adapter", "draft", "renderer", "parser"})
 
-ERR_INVALID_COMMAND = (
-    'command must be one of "from", "license", "template", "system", "adapter", "draft", '
-    '"renderer", "parser", "parameter", "message", or "requires"'
-)
+ERR_INVALID_COMMAND = ('command must be one of "from", "license", "template", "system", "adapter", '
+                       '"draft", "renderer", "parser", "parameter", "message", or "requires"')
 ERR_INVALID_ROLE = 'message role must be one of "system", "user", or "assistant"'
 ERR_MISSING_FROM = "no FROM line"
 ERR_REQUIRES = "requires must be a valid semver (e.g. 0.14.0)"
 
 
 def unsupported(what: str) -> RequestError:
-    """501: a valid Ollama feature this backend does not implement (see module doc)."""
+    """501: a valid Ollama feature this backend does not implement (see the module doc)."""
     return RequestError(f"{what} is not supported by the embedded backend", 501)
 
 
 @dataclass(frozen=True)
 class Modelfile:
-    """What a Modelfile says, after Ollama's semantics are applied.
+    """What a Modelfile says, with Ollama's semantics applied.
 
-    ``None`` means "not set" (inherit); an empty string is kept as written, and
-    Ollama's create treats an empty TEMPLATE or SYSTEM as "not set" too.
-    Repeated TEMPLATE/SYSTEM/REQUIRES lines: the last wins; LICENSE and MESSAGE
-    lines accumulate; a repeated PARAMETER replaces the earlier value (keeping
-    its position), except ``stop``, whose values accumulate.
+    ``None`` means "not set"; an empty string is kept as written (Ollama's
+    create treats an empty TEMPLATE or SYSTEM as not set). Repeated TEMPLATE,
+    SYSTEM or REQUIRES: the last wins; LICENSE and MESSAGE lines accumulate; a
+    repeated PARAMETER replaces the value at its first position, except
+    ``stop``, whose values accumulate.
     """
 
     from_: str | None = None
@@ -105,36 +93,24 @@ class Modelfile:
         """Parameters as a JSON-ready ``options`` object (``stop`` as a list)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.parameters}
 
-    def is_empty(self) -> bool:
-        """True when it overrides nothing (``from_`` aside)."""
-        return self == Modelfile(from_=self.from_)
 
-
-# --- the state machine of parser.go ParseFile ---------------------------------------
+# --- the state machine of parser.go ParseFile -----------------------------------------------
 
 _NIL, _NAME, _VALUE, _PARAM, _MESSAGE, _COMMENT = range(6)
 _EOF = "unexpected EOF"  # Go's io.ErrUnexpectedEOF
 
 
-def _is_alpha(c: str) -> bool:
-    return ("a" <= c <= "z") or ("A" <= c <= "Z")
-
-
 def _step(c: str, state: int) -> tuple[int, str, str | None]:
-    """parser.go ``parseRuneForState``: (next state, rune to keep or "", error)."""
-    space, newline = c in " \t", c in "\r\n"
+    """``parseRuneForState``: (next state, character to keep or "", error text)."""
+    space, newline, alpha = c in " \t", c in "\r\n", c.isascii() and c.isalpha()
     if state == _NIL:
-        if c == "#":
-            return _COMMENT, "", None
-        return (_NIL, "", None) if space or newline else (_NAME, c, None)
+        return (_COMMENT, "", None) if c == "#" else (_NIL, "", None) if space or newline else (_NAME, c, None)
     if state == _NAME:
-        if _is_alpha(c):
-            return _NAME, c, None
-        return (_VALUE, "", None) if space else (_NIL, "", ERR_INVALID_COMMAND)
+        return (_NAME, c, None) if alpha else (_VALUE, "", None) if space else (_NIL, "", ERR_INVALID_COMMAND)
     if state == _VALUE:
         return (_NIL, c, None) if space or newline else (_VALUE, c, None)
     if state in (_PARAM, _MESSAGE):
-        if _is_alpha(c) or (state == _PARAM and (c.isdigit() and c.isascii() or c == "_")):
+        if alpha or (state == _PARAM and (c.isascii() and c.isdigit() or c == "_")):
             return state, c, None
         return (_VALUE, "", None) if space else (_NIL, "", _EOF)
     return (_NIL, "", None) if newline else (_COMMENT, "", None)
@@ -148,24 +124,12 @@ def _unquote(s: str) -> tuple[str, bool]:
     return s, True
 
 
-def _trim(s: str) -> str:
-    # Only these whitespace characters can reach the buffer (others are not printable).
-    return s.strip(" \t\r\n")
-
-
-def _printable(c: str) -> bool:
-    return c == " " or c.isprintable()  # Go's strconv.IsPrint: L, M, N, P, S and ' '
-
-
 def _commands(text: str) -> list[tuple[str, str, str]]:
-    """(command, argument, role) triples; parameter commands are ``("parameter", arg, name)``."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    """(command, value, extra) triples; extra is a PARAMETER's name or a MESSAGE's role."""
     out: list[tuple[str, str, str]] = []
     buf: list[str] = []
-    state, line = _NIL, 1
-    command, extra = "", ""
-    for c in text:
+    state, line, command, extra = _NIL, 1, "", ""
+    for c in text.removeprefix("\ufeff"):
         if c in "\r\n":
             line += 1
         nxt, keep, err = _step(c, state)
@@ -179,10 +143,7 @@ def _commands(text: str) -> list[tuple[str, str, str]]:
                 command = word.lower()
                 if command not in _COMMANDS:
                     raise BadRequest(f"(line {line}): {ERR_INVALID_COMMAND}")
-                if command == "parameter":
-                    nxt = _PARAM
-                elif command == "message":
-                    nxt = _MESSAGE
+                nxt = {"parameter": _PARAM, "message": _MESSAGE}.get(command, nxt)
             elif state == _PARAM:
                 extra = word
             elif state == _MESSAGE:
@@ -190,18 +151,19 @@ def _commands(text: str) -> list[tuple[str, str, str]]:
                     raise BadRequest(f"(line {line}): {ERR_INVALID_ROLE}")
                 extra = word
             elif state == _VALUE:
-                value, ok = _unquote(_trim(word))
-                if not ok or c in " \t":  # an open quote, or a space inside the value
+                # Only ' ', tab, CR and LF can reach the buffer as whitespace (Go's TrimSpace).
+                value, ok = _unquote(word.strip(" \t\r\n"))
+                if not ok or c in " \t":  # inside an open quote, or a space within the value
                     buf.append(c)
                     continue
                 out.append((command, value, extra))
                 extra = ""
             buf = []
             state = nxt
-        if keep and _printable(keep):
+        if keep and (keep == " " or keep.isprintable()):  # Go's strconv.IsPrint
             buf.append(keep)
     if state == _VALUE:
-        value, ok = _unquote(_trim("".join(buf)))
+        value, ok = _unquote("".join(buf).strip(" \t\r\n"))
         if not ok:
             raise BadRequest(_EOF)
         out.append((command, value, extra))
@@ -210,110 +172,77 @@ def _commands(text: str) -> list[tuple[str, str, str]]:
     return out
 
 
-# --- parameter values (api.FormatParams) --------------------------------------------
+# --- values -------------------------------------------------------------------------------
 
 _INT_RE = re.compile(r"[+-]?[0-9]+\Z")
-_FLOAT_RE = re.compile(
-    r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\Z", re.IGNORECASE
-)
-_TRUE = ("1", "t", "T", "TRUE", "true", "True")
-_FALSE = ("0", "f", "F", "FALSE", "false", "False")
-
-
-def _go_int(text: str) -> int | None:
-    if not _INT_RE.match(text):
-        return None
-    value = int(text)
-    return value if -(2**63) <= value < 2**63 else None
-
-
-def _go_float32(text: str) -> float | None:
-    if not _FLOAT_RE.match(text):
-        return None
-    value = float(text)
-    try:
-        struct.pack("<f", value)  # strconv.ParseFloat(s, 32) fails out of float32 range
-    except OverflowError:
-        return None
-    return value
+_FLOAT_RE = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\Z",
+                       re.IGNORECASE)
+_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
+          "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+_SEMVER_ID = r"(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+_SEMVER = re.compile(rf"v(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*)(-{_SEMVER_ID}(\.{_SEMVER_ID})*)?"
+                     r"(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?)?)?\Z")
 
 
 def parse_parameter(name: str, text: str) -> ParamValue:
-    """One ``PARAMETER name value`` line, typed as Ollama's ``api.FormatParams`` does."""
+    """One ``PARAMETER name value``, typed as Ollama's ``api.FormatParams`` does (Go parsers)."""
     if name not in PARAMETERS:
         raise BadRequest(f"unknown parameter '{name}'")
-    if name in _LIST:
+    if name == "stop":
         return (text,)
-    if name in _INT:
-        i = _go_int(text)
-        if i is None:
-            raise BadRequest(f"invalid int value [{text}]")
-        return i
-    if name in _FLOAT:
-        f = _go_float32(text)
-        if f is None:
-            raise BadRequest(f"invalid float value [{text}]")
-        return f
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise BadRequest(f"invalid bool value [{text}]")
+    if name in _INT and _INT_RE.match(text) and -(2**63) <= int(text) < 2**63:
+        return int(text)
+    if name in _FLOAT and _FLOAT_RE.match(text):
+        try:
+            struct.pack("<f", float(text))  # ParseFloat(s, 32) fails beyond float32's range
+            return float(text)
+        except OverflowError:
+            pass
+    if name in _BOOL and text in _BOOLS:
+        return _BOOLS[text]
+    kind = "int" if name in _INT else "float" if name in _FLOAT else "bool"
+    raise BadRequest(f"invalid {kind} value [{text}]")
 
 
 def coerce_parameter(name: str, value: Any) -> ParamValue:
-    """A JSON ``parameters`` value from ``/api/create``, typed like a PARAMETER line.
+    """A JSON ``parameters`` value of ``/api/create``, typed like a PARAMETER line.
 
-    Strings go through :func:`parse_parameter`; numbers and bools are checked
-    against the option's kind (an integral float is fine for an int option).
+    Strings go through :func:`parse_parameter`; numbers, bools and string
+    lists must fit the option (an integral float is fine for an int option).
     """
     if isinstance(value, str):
         return parse_parameter(name, value)
     if name not in PARAMETERS:
         raise BadRequest(f"unknown parameter '{name}'")
-    shown = _json_text(value)
-    if name in _LIST:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise BadRequest(f"invalid string array value [{shown}]")
-    if name in _BOOL:
-        if isinstance(value, bool):
-            return value
-        raise BadRequest(f"invalid bool value [{shown}]")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"invalid {'int' if name in _INT else 'float'} value [{shown}]")
-    if name in _INT:
-        if isinstance(value, float) and not value.is_integer():
-            raise BadRequest(f"invalid int value [{shown}]")
+    if name == "stop" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if name in _BOOL and isinstance(value, bool):
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name in _FLOAT and number:
+        return float(value)
+    if name in _INT and number and float(value).is_integer():
         return int(value)
-    return float(value)
-
-
-def _json_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-# --- semantics (parser.go Modelfile.CreateRequest) ----------------------------------
-
-_SEMVER = re.compile(
-    r"v(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*)"
-    r"(-(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)(\.(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*)?"
-    r"(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?)?)?\Z"
-)
+    kind = "string array" if name == "stop" else "int" if name in _INT else "float" if name in _FLOAT else "bool"
+    raise BadRequest(f"invalid {kind} value [{json.dumps(value, ensure_ascii=False)}]")
 
 
 def parse_requires(text: str) -> str:
-    """REQUIRES: a semver, stored without its ``v`` (``v0.14.0`` -> ``0.14.0``)."""
+    """REQUIRES: a semver, kept without its ``v`` (``v0.14.0`` -> ``0.14.0``), as Ollama does."""
     v = text if text.startswith("v") else "v" + text
     if not _SEMVER.match(v):
         raise BadRequest(ERR_REQUIRES)
     return v[1:]
 
 
+# --- parse and format ---------------------------------------------------------------------
+
+
 def parse(text: str, *, require_from: bool = True) -> Modelfile:
-    """Parse Modelfile ``text``; raises :class:`BadRequest` with Ollama's texts.
+    """Parse Modelfile ``text``: 400 :class:`BadRequest` with Ollama's texts, 501 for unsupported commands.
 
     ``require_from=False`` accepts a file without FROM (the side files of
-    :mod:`.model_store`, which only override a GGUF beside them).
-    Unsupported commands raise a 501 :class:`RequestError`.
+    :mod:`.model_store`, which only override the GGUF beside them).
     """
     from_: str | None = None
     template: str | None = None
@@ -327,10 +256,8 @@ def parse(text: str, *, require_from: bool = True) -> Modelfile:
             if from_ is not None:
                 raise BadRequest("only one FROM line is supported")
             from_ = arg
-        elif command == "template":
-            template = arg
-        elif command == "system":
-            system = arg
+        elif command in ("template", "system"):
+            template, system = (arg, system) if command == "template" else (template, arg)
         elif command == "license":
             licenses.append(arg)
         elif command == "message":
@@ -342,67 +269,125 @@ def parse(text: str, *, require_from: bool = True) -> Modelfile:
         elif extra in DEPRECATED_PARAMETERS:
             log.warning("modelfile: parameter %s is deprecated; ignoring it", extra)
         else:
-            value = parse_parameter(extra, arg)
-            old = params.get(extra)
+            value, old = parse_parameter(extra, arg), params.get(extra)
             params[extra] = old + value if isinstance(old, tuple) and isinstance(value, tuple) else value
     if from_ is None and require_from:
         raise BadRequest(ERR_MISSING_FROM)
-    return Modelfile(
-        from_=from_, template=template, system=system, parameters=tuple(params.items()),
-        messages=tuple(messages), licenses=tuple(licenses), requires=requires,
-    )
-
-
-# --- writing ---------------------------------------------------------------------------
+    return Modelfile(from_, template, system, tuple(params.items()), tuple(messages), tuple(licenses), requires)
 
 
 def _quote(value: str, what: str) -> str:
-    """The first of bare, ``"v"``, ``\"\"\"v\"\"\"`` that parses back to ``value`` exactly."""
-    candidates = ['""'] if value == "" else [value, f'"{value}"', f'"""{value}"""']
-    for candidate in candidates:
+    """The first of bare, ``"v"``, ``\"\"\"v\"\"\"`` that parses back to exactly ``value``."""
+    for candidate in ['""'] if value == "" else [value, f'"{value}"', f'"""{value}"""']:
         try:
-            back = _commands(f"SYSTEM {candidate}\n")
+            if _commands(f"SYSTEM {candidate}\n") == [("system", value, "")]:
+                return candidate
         except BadRequest:
-            continue
-        if back == [("system", value, "")]:
-            return candidate
-    raise BadRequest(
-        f"{what} cannot be written to a Modelfile: it has control characters or a line ending in quotes"
-    )
+            pass
+    raise BadRequest(f"{what} cannot be written to a Modelfile: it has control characters "
+                     "or a line that ends in quotes")
 
 
-def _param_text(value: int | float | bool | str) -> str:
+def _text(value: str | float | bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def format(mf: Modelfile, *, header: str | None = None) -> str:  # noqa: A001 - the brief's name
-    """Write ``mf`` so that ``parse(format(mf))`` gives ``mf`` back.
+def format(mf: Modelfile, *, header: str | None = None) -> str:
+    """Write ``mf`` so that ``parse(format(mf))`` gives ``mf`` back; ``header`` becomes ``#`` lines.
 
-    ``header`` becomes ``#`` comment lines at the top. Order: FROM, TEMPLATE,
-    SYSTEM, PARAMETER, MESSAGE, LICENSE, REQUIRES (Ollama's ``show --modelfile``
-    order, plus REQUIRES). Raises :class:`BadRequest` for a value the syntax
-    cannot carry (see :func:`_quote`).
+    Order: FROM, TEMPLATE, SYSTEM, PARAMETER, MESSAGE, LICENSE (as ``ollama show
+    --modelfile``), then REQUIRES. Raises :class:`BadRequest` for a value the
+    syntax cannot carry (see :func:`_quote`), an unknown parameter or a bad role.
     """
     lines = [f"# {h}".rstrip() for h in header.splitlines()] if header else []
-    if mf.from_ is not None:
-        lines.append(f"FROM {_quote(mf.from_, 'FROM')}")
-    if mf.template is not None:
-        lines.append(f"TEMPLATE {_quote(mf.template, 'TEMPLATE')}")
-    if mf.system is not None:
-        lines.append(f"SYSTEM {_quote(mf.system, 'SYSTEM')}")
-    for name, value in mf.parameters:
+    for command, value in (("FROM", mf.from_), ("TEMPLATE", mf.template), ("SYSTEM", mf.system)):
+        if value is not None:
+            lines.append(f"{command} {_quote(value, command)}")
+    for name, pv in mf.parameters:
         if name not in PARAMETERS:
             raise BadRequest(f"unknown parameter '{name}'")
-        for v in value if isinstance(value, tuple) else (value,):
-            lines.append(f"PARAMETER {name} {_quote(_param_text(v), f'parameter {name}')}")
+        lines += [f"PARAMETER {name} {_quote(_text(v), name)}" for v in (pv if isinstance(pv, tuple) else (pv,))]
     for role, content in mf.messages:
         if role not in MESSAGE_ROLES:
             raise BadRequest(ERR_INVALID_ROLE)
         lines.append(f"MESSAGE {role} {_quote(content, 'MESSAGE')}")
-    for lic in mf.licenses:
-        lines.append(f"LICENSE {_quote(lic, 'LICENSE')}")
+    lines += [f"LICENSE {_quote(lic, 'LICENSE')}" for lic in mf.licenses]
     if mf.requires is not None:
         lines.append(f"REQUIRES {_quote(mf.requires, 'REQUIRES')}")
     return "".join(line + "\n" for line in lines)
+
+
+# --- /api/create fields -----------------------------------------------------------------------
+
+
+def _json_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    return {str: "string", dict: "object", list: "array"}.get(type(v), "value")
+
+
+def type_error(value: Any, field: str, gotype: str, struct: str = "CreateRequest") -> BadRequest:
+    """Go's ``json: cannot unmarshal X into Go struct field S.f of type T`` (400)."""
+    return BadRequest(f"json: cannot unmarshal {_json_type(value)} into Go struct field {struct}.{field} "
+                      f"of type {gotype}")
+
+
+def from_request(req: Mapping[str, Any]) -> Modelfile:
+    """The overrides an ``/api/create`` body asks for (``from_`` unset), type-checked.
+
+    Empty ``template``/``system`` mean "not set", as in Ollama; deprecated
+    parameters are dropped with a warning; other unknown ones are the 400
+    ``unknown parameter 'x'`` (they could not be written to a Modelfile).
+    """
+    for field in ("template", "system", "requires"):
+        if req.get(field) is not None and not isinstance(req[field], str):
+            raise type_error(req[field], field, "string")
+    params: dict[str, ParamValue] = {}
+    raw = req.get("parameters")
+    if raw is not None and not isinstance(raw, dict):
+        raise type_error(raw, "parameters", "map[string]interface {}")
+    for k, v in (raw or {}).items():
+        if k in DEPRECATED_PARAMETERS:
+            log.warning("modelfile: parameter %s is deprecated; ignoring it", k)
+        else:
+            params[k] = coerce_parameter(k, v)
+    messages = req.get("messages")
+    messages = [] if messages is None else messages
+    if not isinstance(messages, list):
+        raise type_error(messages, "messages", "[]api.Message")
+    for m in messages:
+        if not isinstance(m, dict):
+            raise type_error(m, "messages", "api.Message")
+        for k in ("role", "content"):
+            if m.get(k) is not None and not isinstance(m[k], str):
+                raise type_error(m[k], f"messages.{k}", "string")
+        if m.get("role") not in MESSAGE_ROLES:
+            raise BadRequest(ERR_INVALID_ROLE)
+    lic = req.get("license")
+    licenses = [] if lic in (None, "") else [lic] if isinstance(lic, str) else lic
+    bad = [x for x in licenses if not isinstance(x, str)] if isinstance(licenses, list) else [lic]
+    if bad:  # Ollama re-decodes ``license`` as []string
+        raise BadRequest(f"json: cannot unmarshal {_json_type(bad[0])} into Go value of type string")
+    return Modelfile(
+        template=req.get("template") or None, system=req.get("system") or None,
+        parameters=tuple(params.items()), messages=tuple((m["role"], m.get("content") or "") for m in messages),
+        licenses=tuple(licenses), requires=parse_requires(req["requires"]) if req.get("requires") else None,
+    )
+
+
+def merge(base: Modelfile, new: Modelfile) -> Modelfile:
+    """Ollama's create over an existing model: template, system, requires and a non-empty
+    message list replace; parameters merge by name (new wins); licenses accumulate."""
+    return Modelfile(
+        from_=new.from_ if new.from_ is not None else base.from_,
+        template=new.template if new.template is not None else base.template,
+        system=new.system if new.system is not None else base.system,
+        parameters=tuple({**dict(base.parameters), **dict(new.parameters)}.items()),
+        messages=new.messages or base.messages,
+        licenses=base.licenses + tuple(x for x in new.licenses if x not in base.licenses),
+        requires=new.requires or base.requires,
+    )
