@@ -75,7 +75,7 @@ async def test_catalog_and_from_config(tmp_path):
         assert len(m["digest"]) == 64 and m["size"] == MODEL_PATH.stat().st_size
         assert m["details"]["format"] == "gguf" and m["details"]["quantization_level"] == "Q4_1"
     info = next(m for m in backend.models() if m.name == DEFAULT_MODEL_NAME)
-    assert info.capabilities == ("completion", "embedding") and not info.loaded
+    assert info.capabilities == ("completion", "tools", "embedding") and not info.loaded
     assert backend.load().capacity == 1 and backend.load().in_flight == 0
 
 
@@ -313,3 +313,126 @@ async def test_version_is_the_ollama_api_we_speak():
         _, _, chunks = await read(backend, ProxyRequest("GET", "/api/version"))
     version = tuple(int(x) for x in json.loads(b"".join(chunks))["version"].split("."))
     assert version >= (0, 14, 0)  # /v1/messages and /v1/responses are served
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+async def test_default_model_takes_tools_like_ollamas_library_smollm2():
+    """Open WebUI sends its tools with every chat: smollm2 has the tools capability
+    (Ollama's library template), so the answer is 200, not 'does not support tools'."""
+    backend = make_backend()
+    with trio.fail_after(DEADLINE):
+        await backend.refresh()
+        status, _, chunks = await read(backend, post("/api/show", {"model": DEFAULT_MODEL_NAME}))
+        show = json.loads(b"".join(chunks))
+        assert "tools" in show["capabilities"] and ".Tools" in show["template"]
+        body = chat("What is the weather in Paris?", tools=[WEATHER], stream=False,
+                    options={"temperature": 0, "num_predict": 16})
+        status, _, chunks = await read(backend, post("/api/chat", body))
+        answer = json.loads(b"".join(chunks))
+        assert status == 200 and answer["done"] is True, answer
+        assert answer["message"]["content"] or answer["message"].get("tool_calls")
+        # a history with a call and its result renders and answers too
+        history = [{"role": "user", "content": "Weather in Paris?"},
+                   {"role": "assistant", "content": "", "tool_calls": [
+                       {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                   {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}]
+        status, _, chunks = await read(backend, post("/api/chat", {**body, "messages": history}))
+        assert status == 200, chunks
+
+
+# A template whose calls have no tag of their own (llama 3.2 style): the model's
+# answer is a call when it is one JSON object, which a JSON-schema format forces,
+# so even a 135M model makes a real call through the whole engine.
+BARE_CALLS = """{{- if .Tools }}<|im_start|>system
+Tools: {{ .Tools }}<|im_end|>
+{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ if .ToolCalls }}{{ range .ToolCalls }}{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}{{ end }}
+{{- else }}{{ .Content }}{{ end }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+CALL_SCHEMA = {"type": "object", "properties": {
+    "name": {"const": "get_weather"},
+    "arguments": {"type": "object", "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 12}},
+                  "required": ["city"]}}, "required": ["name", "arguments"]}
+
+
+async def test_a_real_tool_call_from_a_modelfile_template(tmp_path):
+    (tmp_path / "caller.Modelfile").write_text(
+        f'FROM {MODEL_PATH}\nTEMPLATE """{BARE_CALLS}"""\nPARAMETER temperature 0\n')
+    backend = make_backend(model_dir=tmp_path)
+    assert "caller:latest" in [m.name for m in backend.models()]
+    body = {"model": "caller", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [WEATHER], "format": CALL_SCHEMA, "stream": False, "options": {"num_predict": 60}}
+    with trio.fail_after(DEADLINE):
+        await backend.refresh()
+        status, _, chunks = await read(backend, post("/api/chat", body))
+        answer = json.loads(b"".join(chunks))
+        assert status == 200, answer
+        [call] = answer["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+        assert isinstance(call["function"]["arguments"]["city"], str) and answer["message"]["content"] == ""
+        openai_body = {"model": "caller", "messages": body["messages"], "tools": [WEATHER], "max_tokens": 60, "temperature": 0,
+                       "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": CALL_SCHEMA}}}
+        status, _, chunks = await read(backend, post("/v1/chat/completions", openai_body))
+        choice = json.loads(b"".join(chunks))["choices"][0]
+        assert status == 200 and choice["finish_reason"] == "tool_calls", choice
+        assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])["city"]
+        # a model whose template cannot carry tools still refuses them, as Ollama does
+        (tmp_path / "plain.gguf").symlink_to(MODEL_PATH)
+        await backend.refresh()
+        status, _, chunks = await read(backend, post("/api/chat", {**body, "model": "plain"}))
+        assert status == 400 and b"does not support tools" in b"".join(chunks)
+
+
+async def test_model_management_over_the_model_directory(tmp_path):
+    """Open WebUI's "Manage Ollama": copy, create (from a model or an uploaded GGUF),
+    delete, with Ollama's answers; the catalog follows at once."""
+    import hashlib
+
+    backend = make_backend(model_dir=tmp_path)
+
+    async def call(method, path, body=None, raw=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
+        async with backend.open(ProxyRequest(method, path, (), data)) as r:
+            return r.status, b"".join([c async for c in r.body])
+
+    def served():
+        return {m.name for m in backend.models()}
+
+    with trio.fail_after(DEADLINE):
+        assert await call("POST", "/api/copy", {"source": DEFAULT_MODEL_NAME, "destination": "me/copy:v1"}) == (200, b"")
+        assert "me/copy:v1" in served()
+        status, body = await call("POST", "/api/create", {"model": "pirate", "from": "me/copy:v1",
+                                                          "system": "You are a pirate.", "stream": False})
+        assert (status, json.loads(body)) == (200, {"status": "success"})
+        status, body = await call("POST", "/api/show", {"model": "pirate"})
+        show = json.loads(body)
+        assert show["system"] == "You are a pirate." and "tools" in show["capabilities"]
+        status, body = await call("POST", "/api/chat", chat("hi", model="pirate", stream=False,
+                                                               options={"num_predict": 4}))
+        assert status == 200, body
+        # a GGUF uploaded as a blob, then created from it (what `ollama create` does)
+        data = MODEL_PATH.read_bytes()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        assert (await call("HEAD", f"/api/blobs/{digest}"))[0] == 200  # the copy's weights: one file, linked
+        assert (await call("HEAD", "/api/blobs/sha256:" + "1" * 64))[0] == 404
+        assert (await call("POST", f"/api/blobs/{digest}", raw=data))[0] == 201
+        assert (await call("HEAD", f"/api/blobs/{digest}"))[0] == 200
+        bad = await call("POST", "/api/blobs/sha256:" + "0" * 64, raw=b"not it")
+        assert bad[0] == 400 and b"digest mismatch" in bad[1]
+        status, body = await call("POST", "/api/create", {"model": "uploaded", "files": {"m.gguf": digest}})
+        lines = [json.loads(x) for x in body.splitlines()]
+        assert status == 200 and lines[-1] == {"status": "success"} and "uploaded:latest" in served()
+        # delete: the built-in model goes, the copy made from it still answers
+        assert await call("DELETE", "/api/delete", {"model": DEFAULT_MODEL_NAME}) == (200, b"")
+        assert DEFAULT_MODEL_NAME not in served()
+        status, body = await call("POST", "/api/generate", {"model": "me/copy:v1", "prompt": "hi", "stream": False,
+                                                            "options": {"num_predict": 2}})
+        assert status == 200, body
+        assert await call("DELETE", "/api/delete", {"model": "nobody"}) == (404, b'{"error":"model \'nobody\' not found"}')
+        status, body = await call("POST", "/api/copy", {"source": "nobody", "destination": "x"})
+        assert status == 404

@@ -216,6 +216,13 @@ def ollama_like(request: ProxyRequest) -> Script:
             "data": [{"object": "embedding", "embedding": [0.6, 0.8], "index": i} for i in range(n)],
             "usage": {"prompt_tokens": 2, "total_tokens": 2},
         }))
+    if path == "/v1/responses":
+        return Script(headers=(("content-type", "application/json"),), body=_lines({
+            "id": "resp_1", "object": "response", "created_at": 1714557600, "status": "completed", "model": model,
+            "output": [{"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "Hello", "annotations": []}]}],
+            "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+        }))
     if path in ("/api/copy", "/api/delete"):
         return Script(headers=(), body=[])
     if path == "/api/pull":

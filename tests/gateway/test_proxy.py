@@ -78,7 +78,25 @@ def test_endpoint_table():
     assert match("/api/blobs/sha256:abc").label == "/api/blobs"
     assert match("/api/blobs/") is None and match("/api/blobs/a/b") is None
     assert match("/api/tags") is None
-    assert {e.path for e in ENDPOINTS if e.openai} == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+    assert {e.path for e in ENDPOINTS if e.openai} == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                                       "/v1/responses"}
+    assert match("/v1/messages").envelope == "anthropic" and match("/v1/messages").routed
+
+
+async def test_responses_and_messages_are_routed_by_model_with_their_error_envelopes():
+    mesh = FakeMesh()
+    up = mesh.add("peer-a", [LLAMA])
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/v1/responses", content=b'{"model":"llama3","input":"hi"}')
+            assert r.status_code == 200 and r.headers["x-meshollama-peer"] == "peer-a"
+            assert up.requests[-1].path == "/v1/responses"
+            missing = await client.post("/v1/messages", content=b'{"model":"nope","max_tokens":5,"messages":[]}')
+            assert missing.status_code == 404
+            assert missing.json() == {"type": "error", "error": {"type": "not_found_error",
+                                                                 "message": "model 'nope' not found"}}
+            bad = await client.post("/v1/responses", content=b'{"input":"hi"}')
+            assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
 
 # --- streaming ------------------------------------------------------------------

@@ -74,7 +74,7 @@ SPEC_DEFAULTS = {
         "refresh_interval": 5.0, "probe_timeout": 1.0,
     },
     "embedded": {
-        "model_dir": None, "default_model": True, "parallel": 1, "max_queue": 8, "n_ctx": 2048,
+        "model_dir": None, "default_model": True, "parallel": 1, "max_queue": 8, "n_ctx": 8192,
         "n_threads": 0, "embedding": True,
     },
 }

@@ -55,13 +55,14 @@ from .. import names
 from ..catalog import LoadInfo, ModelInfo
 from ..errors import BadRequest, RequestError, UpstreamBusy, UpstreamUnavailable
 from ..httpmsg import ProxyRequest, ProxyResponse
-from . import gguf
+from . import embedded_models, gguf, model_store
 from .base import ChangeNotifier
+from .embedded_manage import Manager
+from .embedded_models import ServedModel
 from .llama_engine import (
     DEFAULT_MODEL_FILE,
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_PACKAGE,
-    FALLBACK_TEMPLATE,
     LlamaInstance,
     Prepared,
     auto_threads,
@@ -108,6 +109,7 @@ from .ollama_responses import (
 )
 from .openai_requests import parse_openai_chat, parse_openai_completion, parse_openai_embeddings
 from .shapers import load_reply, make_shaper
+from .translate import translated
 from .token_stream import StreamBody, TokenPipe, collect
 
 # What other modules import from here; the llama.cpp names live in llama_engine.
@@ -175,83 +177,6 @@ class EmbeddedSettings:
 # --- one served model ------------------------------------------------------------------------
 
 
-class _Model:
-    """Catalog entry and runtime state of one GGUF file. Touched only from the trio thread."""
-
-    def __init__(self, name: str, path: Path, size: int, mtime_ns: int, parallel: int) -> None:
-        self.name = name
-        self.path = path
-        self.size = size
-        self.mtime_ns = mtime_ns
-        self.digest = ""
-        self.header: gguf.GgufHeader | None = None
-        self.idle: list[LlamaInstance] = []
-        self.count = 0  # generation instances alive (idle or in use)
-        self.slots = trio.CapacityLimiter(parallel)
-        self.embedder: LlamaInstance | None = None
-        self.embed_slot = trio.CapacityLimiter(1)
-        self.load_lock = trio.Lock()
-        self.users = 0
-        self.unload_pending = False
-        self.n_ctx = 0  # the context it was loaded with (0 until loaded)
-
-    @property
-    def loaded(self) -> bool:
-        return self.count > 0 or self.embedder is not None
-
-    def drop_idle(self) -> None:
-        for inst in self.idle:
-            inst.close()
-        self.count -= len(self.idle)
-        self.idle.clear()
-        if self.embedder is not None and self.embed_slot.borrowed_tokens == 0:
-            self.embedder.close()
-            self.embedder = None
-
-
-def _scan(settings: EmbeddedSettings) -> list[tuple[str, Path, int, int]]:
-    """(name, path, size, mtime_ns) of every model to serve (blocking: stats files)."""
-    found: list[tuple[str, Path, int, int]] = []
-    seen: set[str] = set()
-
-    def add(name: str, path: Path) -> None:
-        key = names.key(name)
-        if key in seen:
-            log.warning("embedded: %s also maps to %s; ignoring it", path, name)
-            return
-        try:
-            st = path.stat()
-        except OSError as e:
-            log.warning("embedded: cannot stat %s: %s", path, e)
-            return
-        seen.add(key)
-        found.append((name, path, st.st_size, st.st_mtime_ns))
-
-    if settings.default_model:
-        default = default_model_path()
-        if default is not None:
-            add(DEFAULT_MODEL_NAME, default)
-    if settings.model_dir is not None:
-        try:
-            paths = sorted(settings.model_dir.glob("*.gguf"))
-        except OSError as e:
-            log.warning("embedded: cannot list %s: %s", settings.model_dir, e)
-            paths = []
-        for path in paths:
-            if path.is_file():
-                add(gguf.name_from_filename(path), path)
-    return found
-
-
-def _file_facts(path: Path, digests: gguf.DigestCache) -> tuple[str, gguf.GgufHeader | None]:
-    try:
-        header = gguf.read_header(path)
-    except (OSError, gguf.GgufError) as e:
-        log.warning("embedded: cannot read GGUF header of %s: %s", path, e)
-        header = None
-    return digests.digest(path), header
-
-
 # --- the backend ------------------------------------------------------------------------------
 
 
@@ -277,11 +202,13 @@ class EmbeddedBackend(ChangeNotifier):
         super().__init__()
         self.settings = settings or EmbeddedSettings()
         self._digests = gguf.DigestCache()
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, ServedModel] = {}
         self._in_flight = 0
         self._queued = 0
         self._snapshot: tuple[ModelInfo, ...] = ()
-        self._apply_scan(_scan(self.settings))
+        self._manager = Manager(self.settings.model_dir, lambda: [m.entry for m in self._models.values()],
+                                self.refresh, self._digests)
+        self._apply_scan(embedded_models.scan(self.settings.model_dir, self.settings.default_model))
 
     @classmethod
     def from_config(cls, cfg: Any) -> EmbeddedBackend:
@@ -307,7 +234,8 @@ class EmbeddedBackend(ChangeNotifier):
 
     async def refresh(self) -> None:
         """Rescan the model files and compute missing digests; notifies on change."""
-        found = await trio.to_thread.run_sync(_scan, self.settings)
+        found = await trio.to_thread.run_sync(embedded_models.scan, self.settings.model_dir,
+                                              self.settings.default_model)
         changed = self._apply_scan(found)
         for model in list(self._models.values()):
             if not model.digest:
@@ -327,6 +255,14 @@ class EmbeddedBackend(ChangeNotifier):
             async with self._generation(ep, request) as response:
                 yield response
             return
+        if ep in (Endpoint.CREATE, Endpoint.COPY, Endpoint.DELETE, Endpoint.BLOBS):
+            yield _response(await self._manager.handle(ep, request, matched.arg),
+                            head=request.method.upper() == "HEAD")
+            return
+        if ep in (Endpoint.V1_RESPONSES, Endpoint.V1_MESSAGES):
+            async with translated(ep, request, functools.partial(self._generation, Endpoint.V1_CHAT)) as response:
+                yield response
+            return
         try:
             reply = await self._simple(ep, matched.arg, request)
         except RequestError as e:
@@ -335,20 +271,20 @@ class EmbeddedBackend(ChangeNotifier):
 
     # -- catalog --------------------------------------------------------------------------
 
-    def _apply_scan(self, found: list[tuple[str, Path, int, int]]) -> bool:
+    def _apply_scan(self, found: list[model_store.StoreEntry]) -> bool:
         changed = False
-        keep: dict[str, _Model] = {}
-        for name, path, size, mtime_ns in found:
-            key = names.key(name)
+        keep: dict[str, ServedModel] = {}
+        for entry in found:
+            key = names.key(entry.name)
             old = self._models.get(key)
-            if old is not None and old.path == path and old.size == size and old.mtime_ns == mtime_ns:
+            if old is not None and old.entry == entry:
                 keep[key] = old
                 continue
             if old is not None:
                 old.unload_pending = True
                 old.drop_idle()
-            model = _Model(name, path, size, mtime_ns, self.settings.parallel)
-            model.digest = self._digests.cached(path) or ""
+            model = ServedModel(entry, self.settings.parallel)
+            model.digest = self._digests.cached(model.path) or ""
             keep[key] = model
             changed = True
         for key, old in self._models.items():
@@ -361,16 +297,17 @@ class EmbeddedBackend(ChangeNotifier):
             self._publish()
         return changed
 
-    async def _describe(self, model: _Model) -> None:
+    async def _describe(self, model: ServedModel) -> None:
         if model.digest and model.header is not None:
             return
         try:
-            model.digest, model.header = await trio.to_thread.run_sync(_file_facts, model.path, self._digests)
+            model.described(*await trio.to_thread.run_sync(embedded_models.file_facts, model.path,
+                                                            self._digests))
         except OSError as e:
             log.warning("embedded: cannot hash %s: %s", model.path, e)
 
-    def _info(self, model: _Model) -> ModelInfo:
-        caps = ("completion", "embedding") if self.settings.embedding else ("completion",)
+    def _info(self, model: ServedModel) -> ModelInfo:
+        caps = model.capabilities(self.settings.embedding)
         details = dict(gguf.details(model.header, model.path))
         if model.loaded:  # /api/ps's facts (catalog.RUNNING_FACTS): CPU only, so no VRAM
             details.update(size_vram=0, context_length=model.n_ctx or self.settings.n_ctx)
@@ -382,7 +319,7 @@ class EmbeddedBackend(ChangeNotifier):
         self._snapshot = tuple(self._info(m) for m in self._models.values())
         self.notify()
 
-    def _resolve(self, ep: Endpoint, name: str) -> _Model:
+    def _resolve(self, ep: Endpoint, name: str) -> ServedModel:
         if not name:
             raise missing_model_error(ep)
         if ep is not Endpoint.V1_MODEL:
@@ -428,7 +365,7 @@ class EmbeddedBackend(ChangeNotifier):
             self._in_flight -= 1
             self._load_changed()
 
-    async def _load(self, model: _Model, *, embedding: bool) -> LlamaInstance:
+    async def _load(self, model: ServedModel, *, embedding: bool) -> LlamaInstance:
         if model.header is None:
             await self._describe(model)
         # n_ctx, but never more than the model was trained for (as Ollama caps num_ctx).
@@ -446,7 +383,7 @@ class EmbeddedBackend(ChangeNotifier):
         return inst
 
     @asynccontextmanager
-    async def _generator(self, model: _Model) -> AsyncIterator[LlamaInstance]:
+    async def _generator(self, model: ServedModel) -> AsyncIterator[LlamaInstance]:
         """Hold a generation slot of ``model`` and a loaded instance for it."""
         async with self._slot(model.slots):
             model.users += 1
@@ -474,7 +411,7 @@ class EmbeddedBackend(ChangeNotifier):
                     model.unload_pending = False
 
     @asynccontextmanager
-    async def _embedder(self, model: _Model) -> AsyncIterator[LlamaInstance]:
+    async def _embedder(self, model: ServedModel) -> AsyncIterator[LlamaInstance]:
         async with self._slot(model.embed_slot):
             model.users += 1
             try:
@@ -485,7 +422,7 @@ class EmbeddedBackend(ChangeNotifier):
             finally:
                 model.users -= 1
 
-    def _unload(self, model: _Model) -> None:
+    def _unload(self, model: ServedModel) -> None:
         """``keep_alive: 0`` with an empty prompt: free the model now, or when its users finish."""
         was = model.loaded
         model.drop_idle()
@@ -507,8 +444,8 @@ class EmbeddedBackend(ChangeNotifier):
             if isinstance(planned, Reply):
                 yield _response(planned)
                 return
-            job, inst, prep, load_ns = planned
-            shaper = make_shaper(job, seq=random.randrange(999), created=int(time.time()))
+            job, inst, prep, load_ns, tag = planned
+            shaper = make_shaper(job, seq=random.randrange(999), created=int(time.time()), tool_tag=tag)
             pipe = TokenPipe(CHANNEL_SIZE)
             cancel = threading.Event()
             async with trio.open_nursery() as nursery:
@@ -530,20 +467,23 @@ class EmbeddedBackend(ChangeNotifier):
         if job.load_only and job.keep_alive == 0:
             self._unload(model)
             return load_reply(job, time.time_ns(), "unload")
-        validate_for_model(job, full_name(model.name))
-        samp = sampling(job.options)
+        validate_for_model(job, full_name(model.name), model.capabilities(self.settings.embedding))
+        if model.modelfile.messages and job.messages:  # a Modelfile's MESSAGE lines open every chat
+            history = tuple({"role": r, "content": c} for r, c in model.modelfile.messages)
+            job = replace(job, messages=history + tuple(job.messages))
+        samp = sampling(model.options(job.options))
         t0 = time.perf_counter_ns()
         inst = await stack.enter_async_context(self._generator(model))
         load_ns = time.perf_counter_ns() - t0
         if job.load_only:
             return load_reply(job, time.time_ns())
         try:
-            prep = await trio.to_thread.run_sync(inst.prepare, job, samp)
+            prep = await trio.to_thread.run_sync(inst.prepare, job, samp, model.chat)
         except RequestError:
             raise
         except Exception as e:  # tokeniser trouble: an answer with a status, not a crash
             raise RequestError(f"llama runner failed: {e}", 500) from e
-        return job, inst, prep, load_ns
+        return job, inst, prep, load_ns, model.chat.tool_tag
 
     # -- everything else -------------------------------------------------------------------
 
@@ -572,10 +512,9 @@ class EmbeddedBackend(ChangeNotifier):
             model = self._resolve(ep, name)
             await self._describe(model)
             return show_reply(
-                self._info(model), template=gguf.chat_template(model.header) or FALLBACK_TEMPLATE,
-                model_info=gguf.model_info(model.header), stop=_stop_words(model.header),
-                license=str((model.header.metadata if model.header else {}).get("general.license", "")),
-                source=str(model.path))
+                self._info(model), template=model.chat.text, system=model.chat.system,
+                model_info=gguf.model_info(model.header), stop=model.stop_words(),
+                license=model.license, source=str(model.path))
         if ep is Endpoint.V1_MODEL:
             model = self._resolve(ep, arg)
             await self._describe(model)
@@ -608,11 +547,6 @@ class EmbeddedBackend(ChangeNotifier):
 
 
 # --- plumbing ------------------------------------------------------------------------------------
-
-
-def _stop_words(header: gguf.GgufHeader | None) -> list[str]:
-    template = gguf.chat_template(header)
-    return ["<|im_end|>"] if "<|im_end|>" in template or not template else []
 
 
 def _headers(content_type: str) -> tuple[tuple[str, str], ...]:

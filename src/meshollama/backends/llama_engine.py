@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import BadRequest, RequestError
 from .ollama_options import Sampling
+from .prompts import ChatTemplate
 from .ollama_requests import GenerateJob
 from .shapers import GenStats, Piece, StopScanner, TokenLogprob
 
@@ -145,17 +146,11 @@ class LlamaInstance:
             close()
 
     # prompt -> tokens (may raise RequestError before any byte is sent)
-    def prepare(self, job: GenerateJob, samp: Sampling) -> Prepared:
+    def prepare(self, job: GenerateJob, samp: Sampling, chat: ChatTemplate | None = None) -> Prepared:
         if job.raw_prompt is not None:
             tokens = self.llm.tokenize(job.raw_prompt.encode("utf-8"), add_bos=True, special=True)
         else:
-            try:
-                rendered = self.formatter(messages=[dict(m) for m in job.messages]).prompt
-            except Exception as e:  # jinja errors, raise_exception() in the template
-                raise RequestError(f"template: {e}", 500) from None
-            # The template writes any BOS itself (llama-cpp-python does the same).
-            tokens = list(job.context) + self.llm.tokenize(
-                rendered.encode("utf-8"), add_bos=False, special=True)
+            tokens = self._fit(job, chat)
         if len(tokens) >= self.n_ctx:
             tokens = tokens[-(self.n_ctx * 3 // 4):]
         grammar = None
@@ -171,6 +166,34 @@ class LlamaInstance:
                 raise RequestError(f"invalid format: {e}", 500) from None
         return Prepared(tokens=tokens, sampling=samp, grammar=grammar,
                         logprobs=job.logprobs or job.top_logprobs > 0, top_logprobs=job.top_logprobs)
+
+    def _render(self, job: GenerateJob, chat: ChatTemplate | None, messages: list[dict[str, Any]]) -> str:
+        try:
+            if chat is not None and chat.kind == "go":
+                return chat.render_go(messages, job.tools, job.think)
+            return self.formatter(messages=messages, tools=list(job.tools) or None).prompt
+        except RequestError:
+            raise
+        except Exception as e:  # jinja errors, raise_exception() in the template
+            raise RequestError(f"template: {e}", 500) from None
+
+    def _fit(self, job: GenerateJob, chat: ChatTemplate | None) -> list[int]:
+        """The prompt's tokens, dropping the oldest turns (never system messages or
+        the last turn) until it leaves room to answer, as Ollama's ``chatPrompt``
+        does: cutting tokens off the front would cut the system prompt and the
+        tool list first."""
+        messages = chat.messages(job.messages) if chat is not None else [dict(m) for m in job.messages]
+        room = min(max(256, self.n_ctx // 8), self.n_ctx // 2)
+        while True:
+            # The template writes any BOS itself (llama-cpp-python does the same).
+            tokens = list(job.context) + self.llm.tokenize(
+                self._render(job, chat, messages).encode("utf-8"), add_bos=False, special=True)
+            if len(tokens) <= self.n_ctx - room:
+                return tokens
+            oldest = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
+            if oldest is None:
+                return tokens
+            del messages[oldest]
 
     def logprob(self, token: int, top: int) -> TokenLogprob:
         """The sampled token's log-probability under the model's raw distribution

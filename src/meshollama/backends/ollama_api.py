@@ -85,12 +85,18 @@ class Endpoint(enum.Enum):
     PS = "/api/ps"
     SHOW = "/api/show"
     PULL = "/api/pull"
-    UNSUPPORTED = "unsupported"  # push, create, copy, delete, blobs: not for a read-only model dir
+    UNSUPPORTED = "unsupported"  # push: the embedded backend has no registry to push to
+    CREATE = "/api/create"
+    COPY = "/api/copy"
+    DELETE = "/api/delete"
+    BLOBS = "/api/blobs/{digest}"
     V1_CHAT = "/v1/chat/completions"
     V1_COMPLETIONS = "/v1/completions"
     V1_EMBEDDINGS = "/v1/embeddings"
     V1_MODELS = "/v1/models"
     V1_MODEL = "/v1/models/{model}"
+    V1_RESPONSES = "/v1/responses"
+    V1_MESSAGES = "/v1/messages"
 
     @property
     def openai(self) -> bool:
@@ -109,13 +115,15 @@ _ROUTES: dict[str, tuple[frozenset[str], Endpoint]] = {
     "/api/show": (frozenset({"POST"}), Endpoint.SHOW),
     "/api/pull": (frozenset({"POST"}), Endpoint.PULL),
     "/api/push": (frozenset({"POST"}), Endpoint.UNSUPPORTED),
-    "/api/create": (frozenset({"POST"}), Endpoint.UNSUPPORTED),
-    "/api/copy": (frozenset({"POST"}), Endpoint.UNSUPPORTED),
-    "/api/delete": (frozenset({"DELETE"}), Endpoint.UNSUPPORTED),
+    "/api/create": (frozenset({"POST"}), Endpoint.CREATE),
+    "/api/copy": (frozenset({"POST"}), Endpoint.COPY),
+    "/api/delete": (frozenset({"DELETE"}), Endpoint.DELETE),
     "/v1/chat/completions": (frozenset({"POST"}), Endpoint.V1_CHAT),
     "/v1/completions": (frozenset({"POST"}), Endpoint.V1_COMPLETIONS),
     "/v1/embeddings": (frozenset({"POST"}), Endpoint.V1_EMBEDDINGS),
     "/v1/models": (frozenset({"GET"}), Endpoint.V1_MODELS),
+    "/v1/responses": (frozenset({"POST"}), Endpoint.V1_RESPONSES),
+    "/v1/messages": (frozenset({"POST"}), Endpoint.V1_MESSAGES),
 }
 
 
@@ -141,7 +149,7 @@ def route(method: str, path: str) -> Route | Reply:
     if path.startswith("/v1/models/") and path.count("/") == 3 and path[len("/v1/models/"):]:
         allowed, ep, arg = frozenset({"GET"}), Endpoint.V1_MODEL, path[len("/v1/models/"):]
     elif path.startswith("/api/blobs/") and path.count("/") == 3:
-        allowed, ep, arg = frozenset({"POST", "HEAD"}), Endpoint.UNSUPPORTED, ""
+        allowed, ep, arg = frozenset({"POST", "HEAD"}), Endpoint.BLOBS, path[len("/api/blobs/"):]
     elif path in _ROUTES:
         (allowed, ep), arg = _ROUTES[path], ""
     else:

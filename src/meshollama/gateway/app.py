@@ -145,7 +145,7 @@ def _register_views(app: QuartTrio, state: GatewayState) -> None:
         found = listings.openai_model(mesh.snapshot(), model)
         if found is None:
             short = names.shortest(model)
-            return _respond(error_answer(404, f"model '{short}' not found", openai=True))
+            return _respond(error_answer(404, f"model '{short}' not found", envelope="openai"))
         return _respond(_openai_json(found))
 
     @app.route("/api/mesh/peers", methods=["GET"])

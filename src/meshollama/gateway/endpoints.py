@@ -30,7 +30,7 @@ class Endpoint:
     path: str  # exact path, or a prefix ending in "/" when ``prefix``
     methods: frozenset[str]
     routed: bool = True  # by model across the mesh; False: this node's own backend
-    openai: bool = False  # errors in the OpenAI envelope
+    envelope: str = "ollama"  # the error envelope: "ollama", "openai" or "anthropic"
     prefix: bool = False  # path + one more segment (/api/blobs/<digest>)
     # The request body is streamed to the backend, not read first: model blobs
     # are gigabytes (``ollama create`` uploads the GGUF here).
@@ -48,6 +48,10 @@ class Endpoint:
     # so a request that would fail the same way on every peer is answered
     # once, not retried across the mesh.
     checked: tuple[str, ...] = ()
+
+    @property
+    def openai(self) -> bool:
+        return self.envelope == "openai"
 
     @property
     def label(self) -> str:
@@ -85,11 +89,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     _routed("/api/embeddings", "EmbeddingRequest", _REQUIRED, _EMBED_NOT_FOUND, checked=("options",)),
     # /api/show still accepts the deprecated "name".
     _routed("/api/show", "ShowRequest", _REQUIRED, _SHOW_NOT_FOUND, model_fields=("model", "name")),
-    _routed("/v1/chat/completions", "ChatCompletionRequest", _REQUIRED, _NATIVE_NOT_FOUND, openai=True,
+    _routed("/v1/chat/completions", "ChatCompletionRequest", _REQUIRED, _NATIVE_NOT_FOUND, envelope="openai",
             bool_fields=_STREAM),
-    _routed("/v1/completions", "CompletionRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, openai=True,
+    _routed("/v1/completions", "CompletionRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, envelope="openai",
             bool_fields=_STREAM),
-    _routed("/v1/embeddings", "EmbedRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, openai=True),
+    _routed("/v1/embeddings", "EmbedRequest", _EMPTY_NOT_FOUND, _NATIVE_NOT_FOUND, envelope="openai"),
+    # The OpenAI Responses and Anthropic Messages APIs, as Ollama >= 0.14 serves them.
+    _routed("/v1/responses", "ResponsesRequest", _REQUIRED, _NATIVE_NOT_FOUND, envelope="openai",
+            bool_fields=_STREAM),
+    _routed("/v1/messages", "MessagesRequest", _REQUIRED, _NATIVE_NOT_FOUND, envelope="anthropic",
+            bool_fields=_STREAM),
     # Model management acts on this node's own backend, streamed as it streams.
     Endpoint("/api/pull", frozenset({"POST"}), routed=False),
     Endpoint("/api/push", frozenset({"POST"}), routed=False),

@@ -78,11 +78,24 @@ def openai_error_object(status: int, message: str) -> dict:
     return {"message": message, "type": openai_type(status), "param": None, "code": None}
 
 
-def error_answer(status: int, message: str, *, openai: bool = False) -> Answer:
-    """``message`` at ``status`` in the envelope the route speaks."""
-    if openai:
+# Anthropic's error types by status (``/v1/messages``), as Ollama's anthropic.NewError maps them.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_object(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+
+
+def error_answer(status: int, message: str, *, envelope: str = "ollama") -> Answer:
+    """``message`` at ``status`` in the envelope the route speaks: ``ollama``,
+    ``openai`` (``/v1/*``) or ``anthropic`` (``/v1/messages``)."""
+    if envelope == "openai":
         body = dumps({"error": openai_error_object(status, message)})
         return Answer(status, (("content-type", OPENAI_JSON),), body)
+    if envelope == "anthropic":
+        return Answer(status, (("content-type", OPENAI_JSON),), dumps(anthropic_error_object(status, message)))
     return Answer(status, (("content-type", JSON),), dumps({"error": message}))
 
 
@@ -106,9 +119,9 @@ def message_of(exc: BaseException) -> str:
     return f"internal error ({type(exc).__name__})"
 
 
-def answer_for(exc: BaseException, *, openai: bool = False) -> Answer:
+def answer_for(exc: BaseException, *, envelope: str = "ollama") -> Answer:
     """The answer for an exception raised before any response byte was sent."""
-    return error_answer(status_of(exc), message_of(exc), openai=openai)
+    return error_answer(status_of(exc), message_of(exc), envelope=envelope)
 
 
 def error_text(body: bytes, limit: int = 300) -> str:
@@ -128,6 +141,9 @@ def ndjson_error_line(message: str) -> bytes:
     return dumps({"error": message}) + b"\n"
 
 
-def sse_error_event(message: str) -> bytes:
-    """An SSE event the OpenAI SDKs turn into ``APIError`` (they check ``data.error``)."""
+def sse_error_event(message: str, envelope: str = "openai") -> bytes:
+    """An SSE event the client's SDK turns into an API error: OpenAI's check
+    ``data.error``; Anthropic's raise on an ``error`` event."""
+    if envelope == "anthropic":
+        return b"event: error\ndata: " + dumps(anthropic_error_object(500, message)) + b"\n\n"
     return b"data: " + dumps({"error": openai_error_object(500, message)}) + b"\n\n"

@@ -14,6 +14,12 @@ from .cors import CorsPolicy
 from .errors import empty_answer, error_answer
 
 
+def _envelope(path: str) -> str:
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    return "openai" if path.startswith("/v1/") else "ollama"
+
+
 def _adding_headers(send: Send, extra: Headers) -> Send:
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
     names = {k for k, _ in raw}
@@ -53,7 +59,7 @@ class Gate:
             send = _adding_headers(send, self.cors.response_headers(origin))
         if self.keys and not self.keys.exempt(method, path):
             if not self.keys.check(scope_header(scope, "authorization")):
-                answer = error_answer(401, "unauthorized", openai=path.startswith("/v1/"))
+                answer = error_answer(401, "unauthorized", envelope=_envelope(path))
                 answer = answer.with_headers(("www-authenticate", "Bearer"))
                 await send_answer(send, answer, close=body_expected(scope))
                 return

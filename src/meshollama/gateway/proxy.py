@@ -141,6 +141,7 @@ class _Outcome:
     client_gone: bool = False
     body_unread: bool = False  # an answer now must close the connection
     error: str = ""  # what an error answer said, for the log
+    envelope: str = "ollama"  # how a broken stream ends (see _end_broken)
 
 
 @dataclass
@@ -208,11 +209,11 @@ class Proxy:
 
     async def serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one request completely; never raises except on cancellation."""
-        out = _Outcome(started=trio.current_time())
+        out = _Outcome(started=trio.current_time(), envelope=endpoint.envelope)
         responder = Responder(send)
         if self.max_concurrent and self.in_flight >= self.max_concurrent:
             message = f"gateway busy: {self.in_flight} requests in flight (gateway.max_concurrent)"
-            answer = error_answer(503, message, openai=endpoint.openai)
+            answer = error_answer(503, message, envelope=endpoint.envelope)
             await send_answer(send, answer, close=body_expected(scope))
             self._count(endpoint, out, 503)
             return
@@ -296,7 +297,7 @@ class Proxy:
         out.error = message_of(exc)
         try:
             if not responder.started:
-                await responder.answer(answer_for(exc, openai=endpoint.openai), close=out.body_unread)
+                await responder.answer(answer_for(exc, envelope=endpoint.envelope), close=out.body_unread)
             elif not responder.finished:
                 await self._end_broken(responder, out, f"gateway error: {type(exc).__name__}")
         except ClientGone:
@@ -521,7 +522,7 @@ class Proxy:
             await responder.end(sep + ndjson_error_line(message))
         elif "text/event-stream" in ctype:
             sep = b"" if responder.tail.endswith(b"\n\n") or not responder.tail else b"\n\n"
-            await responder.end(sep + sse_error_event(message))
+            await responder.end(sep + sse_error_event(message, out.envelope))
 
     @staticmethod
     async def _read_error_answer(resp: ProxyResponse, endpoint: Endpoint) -> Answer:
@@ -543,7 +544,7 @@ class Proxy:
             complete = False
         if complete:
             return Answer(resp.status, response_headers(resp.headers), b"".join(parts))
-        return error_answer(resp.status, f"upstream answered {resp.status}", openai=endpoint.openai)
+        return error_answer(resp.status, f"upstream answered {resp.status}", envelope=endpoint.envelope)
 
 
 def _kind_label(kind: str) -> str:
