@@ -77,10 +77,15 @@ async def test_root_version_404_405():
             assert (await client.head("/api/version")).status_code == 200
             assert (await client.head("/api/tags")).status_code == 200
 
-            for path in ("/api/does-not-exist", "/v1/models/user/m:tag", "/nope"):
+            # Unknown routes: 404 with a JSON error the route's clients can show
+            # (plain text gave openai's SDK a NotFoundError with no message).
+            for path in ("/api/does-not-exist", "/nope"):
                 r = await client.get(path)
-                assert (r.status_code, r.text) == (404, "404 page not found"), path
-                assert r.headers["content-type"].startswith("text/plain")
+                assert (r.status_code, r.json()) == (404, {"error": "404 page not found"}), path
+            r = await client.get("/v1/models/user/m:tag")
+            assert r.status_code == 404 and r.json()["error"]["message"] == "404 page not found"
+            r = await client.post("/v1/messages/batches", json={})
+            assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
             for method, path in [("GET", "/api/chat"), ("GET", "/api/show"), ("POST", "/api/tags"),
                                  ("DELETE", "/api/version"), ("GET", "/api/delete"), ("POST", "/v1/models")]:
                 r = await client.request(method, path)

@@ -18,7 +18,7 @@ import time
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from quart import Response
+from quart import Response, request
 import trio
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
@@ -31,7 +31,7 @@ from ..mesh.peertable import Snapshot
 from . import listings
 from .auth import ApiKeys
 from .cors import CorsPolicy
-from .errors import METHOD_NOT_ALLOWED_PAGE, NOT_FOUND_PAGE, Answer, error_answer, json_answer, text_answer
+from .errors import METHOD_NOT_ALLOWED_PAGE, Answer, not_found_answer, error_answer, json_answer, text_answer
 from .metrics import GatewayMetrics
 from .middleware import Gate
 from .proxy import Proxy, ProxyRoutes
@@ -170,7 +170,7 @@ def _openai_json(obj: object) -> Answer:
 def _register_errors(app: QuartTrio) -> None:
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Response:
-        return _respond(NOT_FOUND_PAGE)
+        return _respond(not_found_answer(request.path))
 
     @app.errorhandler(405)
     async def method_not_allowed(_: Exception) -> Response:

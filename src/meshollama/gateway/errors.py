@@ -63,6 +63,19 @@ def empty_answer(status: int) -> Answer:
 
 
 NOT_FOUND_PAGE = text_answer(404, "404 page not found")
+
+
+def envelope_for(path: str) -> str:
+    """The error envelope a path's clients parse: Anthropic's, OpenAI's or Ollama's."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    return "openai" if path.startswith("/v1/") else "ollama"
+
+
+def not_found_answer(path: str) -> Answer:
+    """An unknown route: Ollama's words, but as JSON in the path's envelope (Ollama
+    sends plain text, which the OpenAI SDK turns into a NotFoundError with no message)."""
+    return error_answer(404, "404 page not found", envelope=envelope_for(path))
 METHOD_NOT_ALLOWED_PAGE = text_answer(405, "405 method not allowed")
 
 

@@ -11,13 +11,7 @@ from ..httpmsg import Headers
 from .asgi import ASGIApp, Message, Receive, Scope, Send, body_expected, scope_header, send_answer
 from .auth import ApiKeys
 from .cors import CorsPolicy
-from .errors import empty_answer, error_answer
-
-
-def _envelope(path: str) -> str:
-    if path.startswith("/v1/messages"):
-        return "anthropic"
-    return "openai" if path.startswith("/v1/") else "ollama"
+from .errors import empty_answer, envelope_for, error_answer
 
 
 def _adding_headers(send: Send, extra: Headers) -> Send:
@@ -59,7 +53,7 @@ class Gate:
             send = _adding_headers(send, self.cors.response_headers(origin))
         if self.keys and not self.keys.exempt(method, path):
             if not self.keys.check(scope_header(scope, "authorization")):
-                answer = error_answer(401, "unauthorized", envelope=_envelope(path))
+                answer = error_answer(401, "unauthorized", envelope=envelope_for(path))
                 answer = answer.with_headers(("www-authenticate", "Bearer"))
                 await send_answer(send, answer, close=body_expected(scope))
                 return
