@@ -45,8 +45,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -58,13 +57,12 @@ from ..httpmsg import ProxyRequest, ProxyResponse
 from . import embedded_models, gguf, model_store
 from .base import ChangeNotifier
 from .embedded_manage import Manager
-from .embedded_models import ServedModel
+from .embedded_models import EmbeddedSettings, ServedModel
 from .llama_engine import (
     DEFAULT_MODEL_FILE,
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_PACKAGE,
     LlamaInstance,
-    Prepared,
     auto_threads,
     available,
     default_model_path,
@@ -110,7 +108,7 @@ from .ollama_responses import (
 from .openai_requests import parse_openai_chat, parse_openai_completion, parse_openai_embeddings
 from .shapers import load_reply, make_shaper
 from .translate import translated
-from .token_stream import StreamBody, TokenPipe, collect
+from .token_stream import StreamBody, TokenPipe, collect, drive, reply_response
 
 # What other modules import from here; the llama.cpp names live in llama_engine.
 __all__ = [
@@ -129,52 +127,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHANNEL_SIZE = 32  # token deltas in flight between the worker thread and the HTTP body
-
-
-# --- settings ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EmbeddedSettings:
-    """What the embedded backend needs from ``Config.embedded`` (see :meth:`from_config`)."""
-
-    model_dir: Path | None = None
-    default_model: bool = True
-    parallel: int = 1
-    max_queue: int = 512
-    n_ctx: int = 8192
-    n_threads: int = 0
-    embedding: bool = True
-    rescan_interval: float = 30.0
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> EmbeddedSettings:
-        """Duck-typed: reads the attributes of ``cfg``, or of ``cfg.embedded`` for a whole Config.
-
-        Given a whole Config, an unset ``model_dir`` means ``<node.data_dir>/models``.
-        """
-        data_dir = None
-        if not hasattr(cfg, "n_ctx") and hasattr(cfg, "embedded"):
-            data_dir = getattr(getattr(cfg, "node", None), "data_dir", None)
-            cfg = cfg.embedded
-        d = cls()
-        model_dir = getattr(cfg, "model_dir", None)
-        if not model_dir and data_dir:
-            model_dir = Path(data_dir) / "models"
-        return cls(
-            model_dir=Path(model_dir).expanduser() if model_dir else None,
-            default_model=bool(getattr(cfg, "default_model", d.default_model)),
-            parallel=max(1, int(getattr(cfg, "parallel", d.parallel))),
-            max_queue=max(0, int(getattr(cfg, "max_queue", d.max_queue))),
-            n_ctx=max(256, int(getattr(cfg, "n_ctx", d.n_ctx))),
-            n_threads=max(0, int(getattr(cfg, "n_threads", d.n_threads))),
-            embedding=bool(getattr(cfg, "embedding", d.embedding)),
-            rescan_interval=float(getattr(cfg, "rescan_interval", d.rescan_interval)),
-        )
-
-
-
-# --- one served model ------------------------------------------------------------------------
 
 
 # --- the backend ------------------------------------------------------------------------------
@@ -248,7 +200,7 @@ class EmbeddedBackend(ChangeNotifier):
     async def open(self, request: ProxyRequest) -> AsyncIterator[ProxyResponse]:
         matched = route(request.method, request.path)
         if isinstance(matched, Reply):
-            yield _response(matched)
+            yield reply_response(matched)
             return
         ep = matched.endpoint
         if ep in _GENERATE_PARSERS:
@@ -256,7 +208,7 @@ class EmbeddedBackend(ChangeNotifier):
                 yield response
             return
         if ep in (Endpoint.CREATE, Endpoint.COPY, Endpoint.DELETE, Endpoint.BLOBS):
-            yield _response(await self._manager.handle(ep, request, matched.arg),
+            yield reply_response(await self._manager.handle(ep, request, matched.arg),
                             head=request.method.upper() == "HEAD")
             return
         if ep in (Endpoint.V1_RESPONSES, Endpoint.V1_MESSAGES):
@@ -267,7 +219,7 @@ class EmbeddedBackend(ChangeNotifier):
             reply = await self._simple(ep, matched.arg, request)
         except RequestError as e:
             reply = error_reply(e, ep)
-        yield _response(reply, head=request.method.upper() == "HEAD")
+        yield reply_response(reply, head=request.method.upper() == "HEAD")
 
     # -- catalog --------------------------------------------------------------------------
 
@@ -442,19 +394,19 @@ class EmbeddedBackend(ChangeNotifier):
             except RequestError as e:
                 planned = error_reply(e, ep)
             if isinstance(planned, Reply):
-                yield _response(planned)
+                yield reply_response(planned)
                 return
             job, inst, prep, load_ns, tag = planned
             shaper = make_shaper(job, seq=random.randrange(999), created=int(time.time()), tool_tag=tag)
             pipe = TokenPipe(CHANNEL_SIZE)
             cancel = threading.Event()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_drive, inst, prep, pipe, cancel, t0, load_ns)
+                nursery.start_soon(drive, inst, prep, pipe, cancel, t0, load_ns)
                 try:
                     if job.stream:
-                        response = ProxyResponse(200, _headers(shaper.content_type), StreamBody(pipe, shaper))
+                        response = ProxyResponse(200, (("content-type", shaper.content_type),), StreamBody(pipe, shaper))
                     else:
-                        response = _response(await collect(pipe, shaper, ep))
+                        response = reply_response(await collect(pipe, shaper, ep))
                     yield response
                 finally:
                     cancel.set()
@@ -544,45 +496,3 @@ class EmbeddedBackend(ChangeNotifier):
                 vectors, count = await trio.to_thread.run_sync(inst.embed, job.inputs, job.truncate)
         return embed_reply(job, vectors, prompt_n=count,
                            total_ns=time.perf_counter_ns() - t0, load_ns=max(1, load_ns))
-
-
-# --- plumbing ------------------------------------------------------------------------------------
-
-
-def _headers(content_type: str) -> tuple[tuple[str, str], ...]:
-    return (("content-type", content_type),)
-
-
-class _Once:
-    """An async iterator over one bytes object (nothing for an empty body)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def __aiter__(self) -> _Once:
-        return self
-
-    async def __anext__(self) -> bytes:
-        data, self._data = self._data, b""
-        if not data:
-            raise StopAsyncIteration
-        return data
-
-
-def _response(reply: Reply, *, head: bool = False) -> ProxyResponse:
-    return ProxyResponse(reply.status, _headers(reply.content_type), _Once(b"" if head else reply.body))
-
-
-async def _drive(inst: LlamaInstance, prep: Prepared, pipe: TokenPipe, cancel: threading.Event,
-                 t0: int, load_ns: int) -> None:
-    """Run the generation thread, then hand ("done", stats) or ("error", message) to the reader."""
-    try:
-        stats = await trio.to_thread.run_sync(inst.generate, prep, pipe.put, cancel)
-    except trio.BrokenResourceError:
-        pipe.finish(("error", "the response was closed"))  # nobody reads it any more
-    except Exception as e:
-        log.exception("embedded: generation failed")
-        pipe.finish(("error", f"llama runner failed: {e}"))
-    else:
-        pipe.finish(("done", replace(stats, total_ns=time.perf_counter_ns() - t0, load_ns=max(1, load_ns))))
-

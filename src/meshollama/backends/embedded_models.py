@@ -1,4 +1,4 @@
-"""The embedded backend's catalog: one :class:`ServedModel` per model the store lists.
+"""The embedded backend's settings and catalog: one :class:`ServedModel` per model the store lists.
 
 A served model is a GGUF file plus what its Modelfile (side file, standalone
 Modelfile, or the built-in default's template) says: template, system
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,51 @@ from .modelfile import Modelfile
 from .prompts import ChatTemplate, builtin_template
 
 log = logging.getLogger(__name__)
+
+
+# --- settings ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbeddedSettings:
+    """What the embedded backend needs from ``Config.embedded`` (see :meth:`from_config`)."""
+
+    model_dir: Path | None = None
+    default_model: bool = True
+    parallel: int = 1
+    max_queue: int = 512
+    n_ctx: int = 8192
+    n_threads: int = 0
+    embedding: bool = True
+    rescan_interval: float = 30.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> EmbeddedSettings:
+        """Duck-typed: reads the attributes of ``cfg``, or of ``cfg.embedded`` for a whole Config.
+
+        Given a whole Config, an unset ``model_dir`` means ``<node.data_dir>/models``.
+        """
+        data_dir = None
+        if not hasattr(cfg, "n_ctx") and hasattr(cfg, "embedded"):
+            data_dir = getattr(getattr(cfg, "node", None), "data_dir", None)
+            cfg = cfg.embedded
+        d = cls()
+        model_dir = getattr(cfg, "model_dir", None)
+        if not model_dir and data_dir:
+            model_dir = Path(data_dir) / "models"
+        return cls(
+            model_dir=Path(model_dir).expanduser() if model_dir else None,
+            default_model=bool(getattr(cfg, "default_model", d.default_model)),
+            parallel=max(1, int(getattr(cfg, "parallel", d.parallel))),
+            max_queue=max(0, int(getattr(cfg, "max_queue", d.max_queue))),
+            n_ctx=max(256, int(getattr(cfg, "n_ctx", d.n_ctx))),
+            n_threads=max(0, int(getattr(cfg, "n_threads", d.n_threads))),
+            embedding=bool(getattr(cfg, "embedding", d.embedding)),
+            rescan_interval=float(getattr(cfg, "rescan_interval", d.rescan_interval)),
+        )
+
+
+# --- one served model -------------------------------------------------------------------------
 
 
 class ServedModel:

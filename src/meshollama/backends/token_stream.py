@@ -9,15 +9,21 @@ closing the pipe makes the thread's next ``put`` fail so generation stops.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import trio
 
 from ..errors import RequestError, UpstreamBroken, UpstreamUnavailable
+from ..httpmsg import ProxyResponse
 from .ollama_api import Endpoint, Reply, error_reply
 from .shapers import Shaper
+
+
+log = logging.getLogger(__name__)
 
 
 class TokenPipe:
@@ -118,3 +124,38 @@ class StreamBody:
                 self._finished = True
                 return self._shaper.fail(payload, now)
         raise StopAsyncIteration
+
+
+async def drive(inst: Any, prep: Any, pipe: TokenPipe, cancel: threading.Event, t0: int, load_ns: int) -> None:
+    """Run ``inst.generate`` in a worker thread, then hand ("done", stats) or
+    ("error", message) to the reader."""
+    try:
+        stats = await trio.to_thread.run_sync(inst.generate, prep, pipe.put, cancel)
+    except trio.BrokenResourceError:
+        pipe.finish(("error", "the response was closed"))  # nobody reads it any more
+    except Exception as e:
+        log.exception("embedded: generation failed")
+        pipe.finish(("error", f"llama runner failed: {e}"))
+    else:
+        pipe.finish(("done", replace(stats, total_ns=time.perf_counter_ns() - t0, load_ns=max(1, load_ns))))
+
+
+class Once:
+    """An async iterator over one bytes object (nothing for an empty body)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data, self._data = self._data, b""
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+
+def reply_response(reply: Reply, *, head: bool = False) -> ProxyResponse:
+    """A complete :class:`Reply` as a response (no body for HEAD)."""
+    return ProxyResponse(reply.status, (("content-type", reply.content_type),), Once(b"" if head else reply.body))

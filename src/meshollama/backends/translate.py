@@ -21,6 +21,7 @@ from ..errors import RequestError
 from ..httpmsg import ProxyRequest, ProxyResponse
 from . import messages_api, responses_api
 from .ollama_api import JSON, SSE, Endpoint, Reply, dumps
+from .token_stream import reply_response
 
 OpenChat = Callable[[ProxyRequest], AbstractAsyncContextManager[ProxyResponse]]
 ERROR_LIMIT = 64 * 1024
@@ -35,14 +36,14 @@ async def translated(ep: Endpoint, request: ProxyRequest, open_chat: OpenChat) -
         chat = api.to_chat(request.body)
         original = json.loads(request.body)
     except RequestError as e:
-        yield _whole(api.error_reply(e))
+        yield reply_response(api.error_reply(e))
         return
     headers = tuple((k, v) for k, v in request.headers if k.lower() not in ("content-length", "content-type"))
     chat_request = ProxyRequest("POST", "/v1/chat/completions", headers + (("content-type", JSON),), dumps(chat))
     async with open_chat(chat_request) as resp:
         if resp.status != 200:
             body = await _read(resp, ERROR_LIMIT)
-            yield _whole(api.error_reply(RequestError(_message(body), resp.status)))
+            yield reply_response(api.error_reply(RequestError(_message(body), resp.status)))
             return
         model = str(chat.get("model") or "")
         if not chat.get("stream"):
@@ -51,7 +52,7 @@ async def translated(ep: Endpoint, request: ProxyRequest, open_chat: OpenChat) -
                 obj = messages_api.from_chat(completion, model=model)
             else:
                 obj = responses_api.from_chat(completion, request=original)
-            yield _whole(Reply(200, JSON, dumps(obj)))
+            yield reply_response(Reply(200, JSON, dumps(obj)))
             return
         if anthropic:
             stream: Any = messages_api.MessagesStream(model, input_tokens=messages_api.estimate_input_tokens(original))
@@ -109,21 +110,3 @@ def _message(body: bytes) -> str:
     if isinstance(err, dict):
         err = err.get("message")
     return str(err) if err else "error"
-
-
-class _Once:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def __aiter__(self) -> _Once:
-        return self
-
-    async def __anext__(self) -> bytes:
-        data, self._data = self._data, b""
-        if not data:
-            raise StopAsyncIteration
-        return data
-
-
-def _whole(reply: Reply) -> ProxyResponse:
-    return ProxyResponse(reply.status, (("content-type", reply.content_type),), _Once(reply.body))
