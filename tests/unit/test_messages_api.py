@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from meshollama.backends import messages_api as ma
+from meshollama.backends import messages_request as mr
 from meshollama.errors import BadRequest, ModelNotFound, NoCapacity
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNk+A8AAQUBAScY42YAAAAASUVORK5CYII="
@@ -178,7 +179,7 @@ def test_invalid_requests(b, message):
     ("YWJj", None), ("", None), ("YQ==", None), ("YWI=", None), ("YW\nJj", None), ("YWJ", 0), ("Y", 0),
     ("YWJjZA", 4), ("Y===", 1), ("YWJjZA=", 7), ("YWJj!", 4), ("YQ==x", 4), ("YW=j", 2)])
 def test_base64_errors_at_gos_offsets(data, at):
-    assert ma._base64_error(data) == at
+    assert mr._base64_error(data) == at
 
 
 def test_estimate_input_tokens():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshollama.backends import gguf
+from meshollama.backends import model_blobs as mb
 from meshollama.backends import model_store as ms
 from meshollama.backends import modelfile as mfile
 from meshollama.backends.modelfile import Modelfile
@@ -168,20 +169,20 @@ def test_scan_hidden_default(md: Path, wheel: Path) -> None:
 
 def test_digest_forms(md: Path) -> None:
     h = sha(WEIGHTS)
-    assert ms.normalize_digest(f"sha256:{h}") == f"sha256:{h}"
-    assert ms.normalize_digest(f"sha256-{h.upper()}") == f"sha256:{h}"
-    assert ms.blob_path(md, f"sha256-{h.upper()}") == md / "blobs" / f"sha256-{h}"
+    assert mb.normalize_digest(f"sha256:{h}") == f"sha256:{h}"
+    assert mb.normalize_digest(f"sha256-{h.upper()}") == f"sha256:{h}"
+    assert mb.blob_path(md, f"sha256-{h.upper()}") == md / "blobs" / f"sha256-{h}"
     for bad in ("", "sha256:abc", f"sha512:{h}", f"sha256:{h}0", f"{h}", f"sha256_{h}", None, 5):
         with pytest.raises(BadRequest) as e:
-            ms.blob_path(md, bad)  # type: ignore[arg-type]
+            mb.blob_path(md, bad)  # type: ignore[arg-type]
         assert status(e) == (400, "invalid digest format")
-    assert not ms.has_blob(md, f"sha256:{h}")
-    put(ms.blob_path(md, f"sha256:{h}"))
-    assert ms.has_blob(md, f"sha256-{h}")
+    assert not mb.has_blob(md, f"sha256:{h}")
+    put(mb.blob_path(md, f"sha256:{h}"))
+    assert mb.has_blob(md, f"sha256-{h}")
 
 
 def test_blob_writer_commit(md: Path) -> None:
-    w = ms.BlobWriter(md, f"sha256-{sha(WEIGHTS).upper()}")
+    w = mb.BlobWriter(md, f"sha256-{sha(WEIGHTS).upper()}")
     w.write(WEIGHTS[:5])
     w.write(WEIGHTS[5:])
     path = w.commit()
@@ -195,7 +196,7 @@ def test_blob_writer_commit(md: Path) -> None:
 
 def test_blob_writer_mismatch(md: Path) -> None:
     given = f"sha256:{'0' * 64}"
-    w = ms.BlobWriter(md, given)
+    w = mb.BlobWriter(md, given)
     w.write(WEIGHTS)
     with pytest.raises(BadRequest) as e:
         w.commit()
@@ -205,12 +206,12 @@ def test_blob_writer_mismatch(md: Path) -> None:
 
 def test_blob_writer_abort_and_context(md: Path) -> None:
     with pytest.raises(BadRequest, match="^invalid digest format$"):
-        ms.BlobWriter(md, "sha256:nope")
-    with pytest.raises(RuntimeError), ms.BlobWriter(md, f"sha256:{sha(WEIGHTS)}") as w:
+        mb.BlobWriter(md, "sha256:nope")
+    with pytest.raises(RuntimeError), mb.BlobWriter(md, f"sha256:{sha(WEIGHTS)}") as w:
         w.write(WEIGHTS)
         raise RuntimeError("client went away")
     assert list((md / "blobs").iterdir()) == []
-    w = ms.BlobWriter(md, f"sha256:{sha(WEIGHTS)}")
+    w = mb.BlobWriter(md, f"sha256:{sha(WEIGHTS)}")
     w.abort()
     w.abort()
     assert list((md / "blobs").iterdir()) == []
@@ -378,8 +379,8 @@ def test_prune_blobs(md: Path) -> None:
     old = put(md / "blobs" / f"sha256-{sha(b'old')}", b"old")
     partial = put(md / "blobs" / ".partial-xyz", b"half")
     fresh = put(md / "blobs" / f"sha256-{sha(b'new')}", b"new")
-    assert ms.prune_blobs(md) == []  # everything is young
-    removed = ms.prune_blobs(md, min_age_s=-1)
+    assert mb.prune_blobs(md) == []  # everything is young
+    removed = mb.prune_blobs(md, min_age_s=-1)
     assert sorted(removed) == sorted([old, partial, fresh])
     assert [p.name for p in (md / "blobs").iterdir()] == [f"sha256-{sha(WEIGHTS)}"]
 
@@ -387,7 +388,7 @@ def test_prune_blobs(md: Path) -> None:
 def test_referenced_counts_unparsable_modelfiles(md: Path) -> None:
     blob = put(md / "blobs" / f"sha256-{sha(WEIGHTS)}")
     put(md / "broken.Modelfile", f'FROM "blobs/{blob.name}"\nBOGUS line\n')
-    assert ms.prune_blobs(md, min_age_s=-1) == []
+    assert mb.prune_blobs(md, min_age_s=-1) == []
 
 
 # --- create -------------------------------------------------------------------------------------
@@ -399,7 +400,7 @@ def run(md: Path, body: dict, entries: list[ms.StoreEntry] | None = None) -> lis
 
 def upload(md: Path, data: bytes = WEIGHTS) -> str:
     digest = f"sha256:{sha(data)}"
-    with ms.BlobWriter(md, digest) as w:
+    with mb.BlobWriter(md, digest) as w:
         w.write(data)
         w.commit()
     return digest
@@ -419,7 +420,7 @@ def test_create_from_files(md: Path) -> None:
         {"status": "success"},
     ]
     e = by_name(scan(md))["me/new:v1"]
-    assert e.gguf == ms.blob_path(md, digest)
+    assert e.gguf == mb.blob_path(md, digest)
     assert e.modelfile == Modelfile(
         from_=f"blobs/{e.gguf.name}", template="T", system="S",
         parameters=(("temperature", 0.5), ("stop", ("<end>",))), messages=(("user", "hi"),), licenses=("MIT",))
@@ -431,7 +432,7 @@ def test_create_from_files_failures_stream(md: Path) -> None:
     assert next(it) == {"status": "parsing GGUF"}
     with pytest.raises(RequestError) as e:
         next(it)
-    assert status(e) == (500, f"open {ms.blob_path(md, missing)}: no such file or directory")
+    assert status(e) == (500, f"open {mb.blob_path(md, missing)}: no such file or directory")
     it = ms.create(md, [], {"model": "x", "files": {"m.gguf": upload(md, b"PK zip, not GGUF")}})
     assert next(it) == {"status": "parsing GGUF"}
     with pytest.raises(BadRequest, match="^supplied file was not in GGUF format$"):

@@ -19,7 +19,7 @@ import trio
 
 from ..errors import RequestError
 from ..httpmsg import ProxyRequest
-from . import gguf, model_store
+from . import gguf, model_blobs, model_store
 from .ollama_api import JSON, JSON_UTF8, NDJSON, Endpoint, Reply, dumps, error_reply, ndjson
 from .ollama_requests import decode_body
 
@@ -91,10 +91,10 @@ class Manager:
     async def _blob(self, request: ProxyRequest, digest: str) -> Reply:
         model_dir = self._dir()
         if request.method.upper() == "HEAD":
-            model_store.normalize_digest(digest)  # 400 on a malformed digest
-            found = await trio.to_thread.run_sync(model_store.has_blob, model_dir, digest)
+            model_blobs.normalize_digest(digest)  # 400 on a malformed digest
+            found = await trio.to_thread.run_sync(model_blobs.has_blob, model_dir, digest)
             return Reply(200 if found else 404, JSON_UTF8, b"")
-        writer = await trio.to_thread.run_sync(model_store.BlobWriter, model_dir, digest)
+        writer = await trio.to_thread.run_sync(model_blobs.BlobWriter, model_dir, digest)
         try:
             if request.stream is not None:
                 async for chunk in request.stream:

@@ -46,19 +46,19 @@ class TemplateError(ValueError):
 # --- values: the Go types behind Ollama's template data -------------------------------------------
 
 
-class _Struct(dict):  # a Go struct or ordered map: JSON keeps key order, omits empty `omit` keys
+class _Struct(dict[str, Any]):  # a Go struct or ordered map: JSON keeps key order, omits empty `omit` keys
     def __init__(self, items: Iterable[tuple[str, Any]], omit: Iterable[str] = ()) -> None:
         super().__init__(items)
         self.omit = frozenset(omit)
 
 
-class _JSONMap(dict):  # Ollama's templateArgs/templateProperties: prints JSON, "{}" when nil
+class _JSONMap(dict[str, Any]):  # Ollama's templateArgs/templateProperties: prints JSON, "{}" when nil
     def __init__(self, items: Any = None) -> None:
         super().__init__(items or {})
         self.nil = items is None
 
 
-class _Slice(list):  # a Go slice: nil prints [] and marshals to null; a stringer prints JSON
+class _Slice(list[Any]):  # a Go slice: nil prints [] and marshals to null; a stringer prints JSON
     def __init__(self, items: Any = None, stringer: bool = False) -> None:
         super().__init__(items or ())
         self.nil, self.stringer = items is None, stringer
@@ -83,7 +83,7 @@ def _slice_of(value: Any) -> Any:
     return _Slice(value) if isinstance(value, list) else _Slice() if value is None else value
 
 
-def _floats(v: Any) -> Any:  # JSON numbers decoded into Go's `any` are float64
+def _floats(v: Any) -> Any:  # JSON numbers decoded into a Go `any` are float64
     if isinstance(v, Mapping):
         return {k: _floats(x) for k, x in v.items()}
     if isinstance(v, list):
@@ -104,9 +104,9 @@ def _prop(p: Any) -> Any:  # api.ToolProperty; its PropertyType is a string when
     any_of, kind = _lookup(p, "AnyOf"), _lookup(p, "Type")
     if isinstance(kind, list):
         kind = None if not kind else kind[0] if len(kind) == 1 else _Slice(kind)
-    fields = [("anyOf", _Slice([_prop(x) for x in any_of]) if any_of else _Slice()), ("type", kind),
-              ("items", _lookup(p, "Items")), ("description", _str(p, "Description")),
-              ("enum", _slice_of(_lookup(p, "Enum"))), ("properties", _props(_lookup(p, "Properties"), False)),
+    fields = [("anyOf", _Slice([_prop(x) for x in any_of] if isinstance(any_of, list) else None)), ("type", kind),
+              ("items", _floats(_lookup(p, "Items"))), ("description", _str(p, "Description")),
+              ("enum", _slice_of(_floats(_lookup(p, "Enum")))), ("properties", _props(_lookup(p, "Properties"), False)),
               ("required", _slice_of(_lookup(p, "Required")))]
     return _Struct(fields, [k for k, _ in fields])
 
@@ -114,11 +114,13 @@ def _prop(p: Any) -> Any:  # api.ToolProperty; its PropertyType is a string when
 def _tool(t: Any) -> _Struct:  # Ollama's templateTool
     f = _lookup(t, "Function")
     p = _lookup(f, "Parameters")
-    params = _Struct([("type", _str(p, "Type")), ("$defs", _lookup(p, "Defs")), ("items", _lookup(p, "Items")),
+    params = _Struct([("type", _str(p, "Type")), ("$defs", _floats(_lookup(p, "Defs"))),
+                      ("items", _floats(_lookup(p, "Items"))),
                       ("required", _slice_of(_lookup(p, "Required"))),
                       ("properties", _props(_lookup(p, "Properties"), True))], ("$defs", "items", "required"))
     func = _Struct([("name", _str(f, "Name")), ("description", _str(f, "Description")), ("parameters", params)])
-    return _Struct([("type", _str(t, "Type")), ("items", _lookup(t, "Items")), ("function", func)], ("items",))
+    return _Struct([("type", _str(t, "Type")), ("items", _floats(_lookup(t, "Items"))), ("function", func)],
+                   ("items",))
 
 
 def _message(m: Any) -> _Struct:  # Ollama's templateMessage, with templateToolCall entries

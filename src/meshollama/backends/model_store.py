@@ -1,4 +1,4 @@
-"""Model management on disk for the embedded backend: scan, blobs, copy, create, delete.
+"""Model management on disk for the embedded backend: scan, copy, create, delete.
 
 All of it blocks (hashing gigabytes, fsync); the backend calls it from a worker
 thread. A file only ever appears by renaming a finished temporary
@@ -21,9 +21,10 @@ Layout of ``model_dir``:
   path, absolute or relative to ``model_dir``; a missing or unreadable one
   skips the model with a warning. A hand-written file whose name is no valid
   model name gets a GGUF-style normalised name.
-* ``blobs/sha256-<hex>``: content-addressed GGUFs, uploaded (:class:`BlobWriter`)
-  or hard-linked by copy/create so a model outlives the file it came from.
-  The Modelfiles written here say ``FROM blobs/sha256-<hex>``.
+* ``blobs/sha256-<hex>``: content-addressed GGUFs, uploaded
+  (:class:`.model_blobs.BlobWriter`) or hard-linked by copy/create so a model
+  outlives the file it came from (:mod:`.model_blobs`). The Modelfiles written
+  here say ``FROM blobs/sha256-<hex>``.
 * ``.hidden``: names of the built-in default model that were deleted; the
   wheel is read-only, so deleting hides it, and it disappears as in Ollama.
   Only the default is affected; remove the line to bring it back.
@@ -37,36 +38,38 @@ that very file (then only its side file is written).
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
 import logging
 import os
 import re
 import tempfile
-import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from .. import names
 from ..errors import BadRequest, ModelNotFound, RequestError
 from . import gguf
 from . import modelfile as mfile
+from .model_blobs import (
+    BLOBS,
+    DIGEST,
+    LOCK,
+    PARTIAL,
+    SUFFIX,
+    blob_path,
+    ensure_blob,
+    file_hex,
+    finish,
+    prune,
+    quote,
+    resolve,
+)
 from .modelfile import Modelfile
 
 log = logging.getLogger(__name__)
 
-SUFFIX = ".Modelfile"
-BLOBS = "blobs"
 HIDDEN = ".hidden"
-_PARTIAL = ".partial-"
-_DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})\Z")
-_BLOB_NAME = re.compile(r"sha256-[0-9a-f]{64}\Z")
-_LINK_FALLBACK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP}
-_LOCK = threading.RLock()
 
 Kind = Literal["default", "gguf", "modelfile"]
 
@@ -110,16 +113,7 @@ def name_from_modelfile(filename: str) -> str | None:
     return names.parse(text).shortest() if filename.endswith(SUFFIX) and names.is_valid(text) else None
 
 
-def _quote(s: str) -> str:  # Go's %q, near enough
-    return json.dumps(s, ensure_ascii=False)
-
-
 # --- scan ---------------------------------------------------------------------------------------
-
-
-def _resolve(model_dir: Path, text: str) -> Path:
-    path = Path(text).expanduser()
-    return path if path.is_absolute() else model_dir / path
 
 
 def _samefile(a: Path, b: Path) -> bool:
@@ -140,7 +134,7 @@ def _read(path: Path, *, side: bool) -> Modelfile | None:
 def _side(model_dir: Path, weights: Path) -> Modelfile | None:
     path = weights.with_suffix(SUFFIX)
     mf = _read(path, side=True) if path.is_file() else None
-    if mf is None or mf.from_ in (None, ".") or _samefile(_resolve(model_dir, mf.from_), weights):
+    if mf is None or mf.from_ in (None, ".") or _samefile(resolve(model_dir, mf.from_), weights):
         return mf
     log.warning("model store: ignoring %s: its FROM %r is not %s", path, mf.from_, weights.name)
     return None
@@ -192,7 +186,7 @@ def scan(model_dir: Path | None, default: tuple[str, Path, str | None] | None = 
                 mf = _read(p, side=False)
                 if mf is not None and mf.from_ is not None:
                     name = name_from_modelfile(p.name) or gguf.name_from_filename(p)
-                    standalone += _entry(name, _resolve(model_dir, mf.from_), mf, p, "modelfile")
+                    standalone += _entry(name, resolve(model_dir, mf.from_), mf, p, "modelfile")
     defaults: list[StoreEntry] = []
     if default is not None and names.key(default[0]) not in hidden:
         mf = Modelfile(template=default[2]) if default[2] else None
@@ -207,195 +201,6 @@ def scan(model_dir: Path | None, default: tuple[str, Path, str | None] | None = 
     return [e for e in (*defaults, *ggufs, *standalone) if id(e) in kept]
 
 
-# --- blobs ---------------------------------------------------------------------------------------
-
-
-def normalize_digest(digest: Any) -> str:
-    """``sha256-ABC…`` or ``sha256:abc…`` -> ``sha256:abc…``; else 400 ``invalid digest format``.
-
-    Ollama accepts ``^sha256[:-][0-9a-fA-F]{64}$``; the hash is the same in any case.
-    """
-    m = _DIGEST.match(digest) if isinstance(digest, str) else None
-    if m is None:
-        raise BadRequest("invalid digest format")
-    return "sha256:" + m.group(1).lower()
-
-
-def blob_path(model_dir: Path, digest: str) -> Path:
-    """Where the blob ``digest`` lives, whether or not it exists (400 on a bad digest)."""
-    return model_dir / BLOBS / ("sha256-" + normalize_digest(digest)[7:])
-
-
-def has_blob(model_dir: Path, digest: str) -> bool:
-    """``HEAD /api/blobs/:digest``: 400 on a bad digest, else whether the blob is there."""
-    return blob_path(model_dir, digest).is_file()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _finish(tmp: Path, dest: Path, fileobj: Any) -> None:
-    fileobj.flush()
-    os.fsync(fileobj.fileno())
-    fileobj.close()
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
-
-
-class BlobWriter:
-    """``POST /api/blobs/:digest``: stream to a temporary file, verify, rename into place.
-
-    The digest is checked here (400 ``invalid digest format``). A ``with`` block
-    aborts unless :meth:`commit` ran. A wrong sha256 is Ollama's 400 ``digest
-    mismatch, expected "<as sent>", got "sha256:<hex>"``; unlike Ollama,
-    ``sha256-<hex>`` and upper-case hex compare by value instead of always
-    mismatching.
-    """
-
-    def __init__(self, model_dir: Path, digest: str) -> None:
-        self.given = digest
-        self.path = blob_path(model_dir, digest)
-        self.digest = normalize_digest(digest)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=_PARTIAL)
-        self._file = os.fdopen(fd, "wb")
-        self._tmp: Path | None = Path(tmp)
-        self._hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, chunk: bytes) -> None:
-        if self._tmp is None:
-            raise ValueError("blob writer is closed")
-        self._file.write(chunk)
-        self._hash.update(chunk)
-        self.size += len(chunk)
-
-    def commit(self) -> Path:
-        """Verify the sha256 and move the blob into place; returns its path."""
-        if self._tmp is None:
-            raise ValueError("blob writer is closed")
-        got = "sha256:" + self._hash.hexdigest()
-        if got != self.digest:
-            self.abort()
-            raise BadRequest(f"digest mismatch, expected {_quote(self.given)}, got {_quote(got)}")
-        _finish(self._tmp, self.path, self._file)
-        self._tmp = None
-        return self.path
-
-    def abort(self) -> None:
-        """Delete the temporary file; harmless after :meth:`commit` or a second time."""
-        if self._tmp is not None:
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
-
-
-def _blob_hex(model_dir: Path, path: Path) -> str | None:
-    """The digest's hex if ``path`` is a blob of ``model_dir`` (its name says it)."""
-    ok = _BLOB_NAME.match(path.name) and path.parent.resolve() == (model_dir / BLOBS).resolve()
-    return path.name[7:] if ok else None
-
-
-def file_hex(model_dir: Path, path: Path, digests: gguf.DigestCache | None = None) -> str:
-    """sha256 hex of a GGUF: free for a blob, else from ``digests`` or by hashing."""
-    if hexdigest := _blob_hex(model_dir, path):
-        return hexdigest
-    if digests is not None:
-        return digests.digest(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def ensure_blob(model_dir: Path, path: Path, hexdigest: str | None = None) -> Path:
-    """``path`` as a blob: itself if it is one, else a hard link in ``blobs/``.
-
-    Copies only where linking fails with EXDEV, EPERM (e.g. protected_hardlinks
-    on a wheel's file), EMLINK or ENOTSUP. A link shares the inode: editing the
-    GGUF in place would change the blob (replacing the file, as downloads do,
-    would not).
-    """
-    if _blob_hex(model_dir, path):
-        return path
-    hexdigest = hexdigest or file_hex(model_dir, path)
-    dest = model_dir / BLOBS / f"sha256-{hexdigest}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(path, dest)
-    except FileExistsError:
-        pass  # content-addressed: the same bytes are already there
-    except OSError as e:
-        if e.errno not in _LINK_FALLBACK:
-            raise
-        log.info("model store: cannot hard-link %s (%s); copying it", path, e.strerror)
-        with BlobWriter(model_dir, f"sha256:{hexdigest}") as w, open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                w.write(block)
-            w.commit()
-    return dest
-
-
-def _referenced(model_dir: Path) -> set[str]:
-    """Names of the blobs some Modelfile's FROM points at. An unparsable file counts by
-    its FROM-looking lines, so a typo never gets weights deleted."""
-    refs, blobs = set(), (model_dir / BLOBS).resolve()
-    for path in model_dir.glob("*" + SUFFIX):
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-            froms = [mfile.parse(text, require_from=False).from_ or ""]
-        except OSError:
-            continue
-        except RequestError:
-            froms = re.findall(r'(?im)^\s*from\s+"*(.*?)"*\s*$', text)
-        refs |= {_resolve(model_dir, f).name for f in froms if f and _resolve(model_dir, f).parent.resolve() == blobs}
-    return refs
-
-
-def _prune(model_dir: Path, candidates: Iterable[Path]) -> None:
-    refs = _referenced(model_dir)
-    for path in candidates:
-        if _blob_hex(model_dir, path) and path.name not in refs:
-            log.info("model store: removing unreferenced blob %s", path.name)
-            path.unlink(missing_ok=True)
-
-
-def prune_blobs(model_dir: Path, *, min_age_s: float = 3600.0) -> list[Path]:
-    """Remove blobs no Modelfile references and stale ``.partial-*`` files (for start-up).
-
-    Only files whose inode changed over ``min_age_s`` ago (ctime, which a new
-    hard link also bumps), so an upload waiting for its ``/api/create`` stays.
-    """
-    removed: list[Path] = []
-    if not (model_dir / BLOBS).is_dir():
-        return removed
-    with _LOCK:
-        refs, cutoff = _referenced(model_dir), time.time() - min_age_s
-        for path in (model_dir / BLOBS).iterdir():
-            stale = path.name.startswith(_PARTIAL) or (_BLOB_NAME.match(path.name) and path.name not in refs)
-            try:
-                if stale and path.stat().st_ctime < cutoff:
-                    path.unlink()
-                    removed.append(path)
-            except OSError as e:
-                log.warning("model store: cannot prune %s: %s", path, e)
-    return removed
 
 
 # --- copy, delete, create ------------------------------------------------------------------------
@@ -403,11 +208,11 @@ def prune_blobs(model_dir: Path, *, min_age_s: float = 3600.0) -> list[Path]:
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_PARTIAL)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL)
     f = os.fdopen(fd, "w", encoding="utf-8")
     try:
         f.write(text)
-        _finish(Path(tmp), path, f)
+        finish(Path(tmp), path, f)
     except BaseException:
         f.close()
         Path(tmp).unlink(missing_ok=True)
@@ -450,7 +255,7 @@ def _place(model_dir: Path, entries: list[StoreEntry], dest: str, weights: Path,
     elif old is not None and old.kind == "default":
         _hide(model_dir, old.name)
     elif old is not None:
-        _prune(model_dir, [old.gguf])
+        prune(model_dir, [old.gguf])
 
 
 def copy(model_dir: Path, entries: list[StoreEntry], source: Any, destination: Any,
@@ -465,13 +270,13 @@ def copy(model_dir: Path, entries: list[StoreEntry], source: Any, destination: A
         if value is not None and not isinstance(value, str):
             raise mfile.type_error(value, field, "string", "CopyRequest")
         if not value or not names.is_valid(value):
-            raise BadRequest(f"{field} {_quote(value or '')} is invalid")
+            raise BadRequest(f"{field} {quote(value or '')} is invalid")
     src = find(entries, source)
     if src is None or not src.gguf.is_file():
-        raise ModelNotFound(f"model {_quote(source)} not found")
+        raise ModelNotFound(f"model {quote(source)} not found")
     if names.key(source) != names.key(destination):
         hexdigest = file_hex(model_dir, src.gguf, digests)  # outside the lock: may hash gigabytes
-        with _LOCK:
+        with LOCK:
             _place(model_dir, entries, destination, src.gguf, src.modelfile or Modelfile(), hexdigest)
 
 
@@ -480,15 +285,15 @@ def delete(model_dir: Path, entries: list[StoreEntry], name: Any) -> None:
 
     A blob the model used goes too once no Modelfile refers to it (Ollama's
     ``RemoveLayers``); other unreferenced blobs may be uploads awaiting a
-    create, and are left to :func:`prune_blobs`.
+    create, and are left to :func:`.model_blobs.prune_blobs`.
     """
     if name is not None and not isinstance(name, str):
         raise mfile.type_error(name, "model", "string", "DeleteRequest")
     if not name:
         raise BadRequest("model is required")
     if not names.is_valid(name):
-        raise BadRequest(f"name {_quote(name)} is invalid")
-    with _LOCK:
+        raise BadRequest(f"name {quote(name)} is invalid")
+    with LOCK:
         e = find(entries, name)
         if e is None:
             raise ModelNotFound(f"model '{name}' not found")
@@ -502,7 +307,7 @@ def delete(model_dir: Path, entries: list[StoreEntry], name: Any) -> None:
         if e.kind == "gguf":
             e.source.with_suffix(SUFFIX).unlink(missing_ok=True)
         else:
-            _prune(model_dir, [e.gguf])
+            prune(model_dir, [e.gguf])
 
 
 _UNSUPPORTED = (("adapters", "ADAPTER"), ("draft_files", "DRAFT"), ("quantize", "quantization"),
@@ -522,7 +327,7 @@ def _file_kind(model_dir: Path, filename: str, digest: str) -> str:
     """server/create.go ``detectModelTypeFromFiles``, for one file."""
     if filename.endswith((".safetensors", ".gguf")):
         return filename.rsplit(".", 1)[1]
-    return "gguf" if _DIGEST.match(digest) and _is_gguf(blob_path(model_dir, digest)) else ""
+    return "gguf" if DIGEST.match(digest) and _is_gguf(blob_path(model_dir, digest)) else ""
 
 
 def create(model_dir: Path, entries: list[StoreEntry], request: Mapping[str, Any],
@@ -604,6 +409,6 @@ def _stream(model_dir: Path, entries: list[StoreEntry], dest: str, weights: Path
     hexdigest = file_hex(model_dir, weights, digests)
     yield {"status": f"using existing layer sha256:{hexdigest}"}
     yield {"status": "writing manifest"}
-    with _LOCK:
+    with LOCK:
         _place(model_dir, entries, dest, weights, overrides, hexdigest)
     yield {"status": "success"}

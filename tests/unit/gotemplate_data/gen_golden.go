@@ -1,8 +1,8 @@
 // Command gen_golden fills in the "expected"/"error" fields of go_golden.json (next to this
-// file) using Go's real text/template. Cases with "values" go through a verbatim copy of
-// Ollama's template/template.go (Parse, Execute, collate, the template* types and their
-// String() methods); cases with "data" run text/template directly on that map, with
-// Ollama's funcs and missingkey=zero.
+// file) using Go's real text/template; it holds Ollama code, MIT licensed (LICENSE.ollama).
+// Cases with "values" go through a verbatim copy of Ollama's template/template.go (Parse,
+// Execute, collate, the template* types and their String() methods); cases with "data" run
+// text/template directly on that map, with Ollama's funcs and missingkey=zero.
 // The api types below are a trimmed copy of Ollama's api/types.go (ToolPropertiesMap keeps
 // key order as Ollama's orderedmap does). Copied at ollama commit
 // fb30760996871fa9460115c753afd2c60d4ab0f7. Run: cd tests/unit/gotemplate_data &&
