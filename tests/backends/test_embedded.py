@@ -436,3 +436,81 @@ async def test_model_management_over_the_model_directory(tmp_path):
         assert await call("DELETE", "/api/delete", {"model": "nobody"}) == (404, b'{"error":"model \'nobody\' not found"}')
         status, body = await call("POST", "/api/copy", {"source": "nobody", "destination": "x"})
         assert status == 404
+
+
+def test_a_long_history_drops_its_oldest_turns_and_keeps_the_system_prompt():
+    """Like Ollama's chatPrompt: the system prompt and the last turn stay, the
+    oldest turns go (in O(log n) renders, not one per dropped turn)."""
+    from meshollama.backends.llama_engine import LlamaInstance
+    from meshollama.backends.ollama_requests import parse_chat
+    from meshollama.backends.prompts import ChatTemplate, builtin_template
+
+    inst = LlamaInstance(MODEL_PATH, 1024, 0)
+    try:
+        history = [{"role": "system", "content": "SYSTEM-MARKER be brief"}]
+        for i in range(2000):
+            history.append({"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 40})
+        history.append({"role": "user", "content": "LAST-QUESTION?"})
+        job = parse_chat(json.dumps({"model": "m", "messages": history}).encode())
+        tokens = inst._fit(job, ChatTemplate.go(builtin_template()))
+        text = inst.llm.detokenize(tokens).decode()
+        assert len(tokens) <= 1024 - 256
+        assert "SYSTEM-MARKER" in text and "LAST-QUESTION?" in text
+        assert "turn 0 " not in text and "turn 1998 " in text
+    finally:
+        inst.close()
+
+
+async def test_hostile_templates_and_bodies_get_400s_and_never_stop_the_node(tmp_path):
+    backend = make_backend(model_dir=tmp_path)
+
+    async def call(path, body):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with backend.open(ProxyRequest("POST", path, (), raw)) as r:
+            return r.status, b"".join([c async for c in r.body])
+
+    with trio.fail_after(DEADLINE):
+        # a template nested 3,000 deep: Ollama's 400 at create, nothing written
+        status, body = await call("/api/create", {"model": "deep", "from": DEFAULT_MODEL_NAME,
+                                                  "template": "{{if 1}}" * 3000 + "{{end}}" * 3000})
+        assert status == 400 and b"template error" in body
+        status, body = await call("/api/create", {"model": "bad", "from": DEFAULT_MODEL_NAME, "template": "{{ .Foo "})
+        assert status == 400 and b"template error" in body
+        assert not list(tmp_path.glob("*.Modelfile"))
+        # the same written by hand: that model falls back to the GGUF's template, the node goes on
+        (tmp_path / "deep.Modelfile").write_text(
+            f'FROM {MODEL_PATH}\nTEMPLATE """{"{{if 1}}" * 3000 + "{{end}}" * 3000}"""\n')
+        await backend.refresh()
+        restarted = make_backend(model_dir=tmp_path)
+        assert "deep:latest" in {m.name for m in restarted.models()}
+        # converter surprises are the client's 400, not a failing peer
+        for path, raw in [("/v1/messages", b'{"model":"smollm2:135m","max_tokens":5,"messages":[1]}'),
+                          ("/v1/messages", b'{"model":"smollm2:135m","max_tokens":5,"messages":[]} trailing'),
+                          ("/v1/responses", b'{"model":"smollm2:135m","input":[1]}')]:
+            status, body = await call(path, raw)
+            assert 400 <= status < 500, (path, raw, status, body)
+
+
+async def test_a_scan_that_started_before_a_copy_cannot_undo_it(tmp_path, monkeypatch):
+    from meshollama.backends import embedded_models
+
+    backend = make_backend(model_dir=tmp_path)
+    real_scan, release = embedded_models.scan, trio.Event()
+    started = trio.Event()
+
+    def slow_scan(*args):
+        found = real_scan(*args)  # the directory as it was before the copy
+        trio.from_thread.run_sync(started.set)
+        trio.from_thread.run(release.wait)
+        return found
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            monkeypatch.setattr(embedded_models, "scan", slow_scan)
+            nursery.start_soon(backend.refresh)
+            await started.wait()
+            monkeypatch.setattr(embedded_models, "scan", real_scan)
+            release.set()
+            async with backend.open(post("/api/copy", {"source": DEFAULT_MODEL_NAME, "destination": "kept"})) as r:
+                assert r.status == 200
+    assert "kept:latest" in {m.name for m in backend.models()}

@@ -119,3 +119,14 @@ def test_native_history_keeps_tool_fields_and_empty_tools_is_none():
     assert job.tools == ()
     assert job.messages[0]["tool_calls"] == [{"function": {"name": "f", "arguments": {"a": 1}}}]
     assert job.messages[1] == {"role": "tool", "content": "42", "tool_name": "f"}
+
+
+def test_openai_tool_call_arguments_that_are_not_json_are_a_400():
+    import pytest
+
+    from meshollama.errors import BadRequest
+
+    body = {"model": "m", "messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}
+    with pytest.raises(BadRequest, match="invalid tool call arguments"):
+        oreq.parse_openai_chat(json.dumps(body).encode())

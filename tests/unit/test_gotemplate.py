@@ -402,3 +402,40 @@ def test_template_error_is_a_value_error_and_template_is_reusable() -> None:
     tmpl = parse("{{ .A }}")
     assert isinstance(tmpl, Template)
     assert tmpl.render({"A": 1}) == "1" and tmpl.render({"A": 2}) == "2"
+
+
+# --- hostile templates (a Modelfile's TEMPLATE is user input) ---------------------------------
+
+
+def test_deep_nesting_is_a_template_error_not_a_recursion_error():
+    with pytest.raises(TemplateError):
+        parse("{{if 1}}" * 3000 + "{{end}}" * 3000)
+    with pytest.raises(TemplateError):
+        parse("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}")
+
+
+@pytest.mark.parametrize("text", [
+    "{{ range 100000000000 }}x{{ end }}",
+    '{{ define "a" }}{{ template "b" }}{{ template "b" }}{{ end }}'
+    '{{ define "b" }}{{ template "c" }}{{ template "c" }}{{ end }}'
+    + "".join(f'{{{{ define "{c}" }}}}{{{{ template "{n}" }}}}{{{{ template "{n}" }}}}{{{{ end }}}}'
+              for c, n in zip("cdefghijklmnopqrstuvwxy", "defghijklmnopqrstuvwxyz"))
+    + '{{ define "z" }}xxxxxxxx{{ end }}{{ template "a" }}',
+])
+def test_runaway_templates_stop_with_an_error(text):
+    """2^24 includes, or a range of 10^11: the step budget ends them with an error."""
+    with pytest.raises(TemplateError, match="range over|more work"):
+        parse(text).render({})
+
+
+def test_printf_widths_are_capped():
+    assert parse('{{ printf "%0999999999d" 1 }}').render({}) == "%!d(BADWIDTH)"
+    assert parse('{{ printf "%05d" 1 }}').render({}) == "00001"
+
+
+def test_line_numbers_come_from_a_bisect_not_a_recount():
+    text = "{{ .A }}\n" * 1000 + "{{ .B"  # counting lines from 0 per action was quadratic
+    with pytest.raises(TemplateError, match="line 1001"):
+        parse(text)
+    with pytest.raises(TemplateError, match="larger than"):
+        parse("x" * (2 << 20))

@@ -39,11 +39,11 @@ CASES = [
     ('<tool_call>[{"name":"add","arguments":{"a":1}},{"function":{"name":"add","arguments":"{\\"a\\":2}"}}]</tool_call>',
      "", [(0, "add", {"a": 1}), (1, "add", {"a": 2})]),
     # An unknown function is not a call: the client sees what the model wrote.
-    ('<tool_call>{"name":"rm_rf","arguments":{}}</tool_call>', '{"name":"rm_rf","arguments":{}}</tool_call>', []),
+    ('<tool_call>{"name":"rm_rf","arguments":{}}</tool_call>', '<tool_call>{"name":"rm_rf","arguments":{}}</tool_call>', []),
     # Output cut off inside a call: nothing is lost.
-    ('<tool_call>{"name":"add","argu', '{"name":"add","argu', []),
+    ('<tool_call>{"name":"add","argu', '<tool_call>{"name":"add","argu', []),
     ("no tools here, just < and <tool text", "no tools here, just < and <tool text", []),
-    ('<tool_call>not json</tool_call>', "not json</tool_call>", []),
+    ('<tool_call>not json</tool_call>', "<tool_call>not json</tool_call>", []),
     # smollm2's template: a list after the tag; an empty one is "no call".
     ('<tool_call>[\n{"name": "add", "arguments": {"a": 1}}\n]</tool_call>', "", [(0, "add", {"a": 1})]),
     ("<tool_call>[]</tool_call>", "", []),
@@ -85,6 +85,7 @@ def test_ids_and_wire_shapes():
 def test_tag_from_template_and_history_helpers():
     assert tool_tag("... <tool_call>\n{...}\n</tool_call>") == "<tool_call>"
     assert tool_tag("{{ range .ToolCalls }}{{ .Function.Name }}{{ end }}") == "{"
+    assert tool_tag("{%- if tools %}<|python_tag|>{% endif %}") == "{"  # a control token, not text
     assert arguments_object('{"x": 1}') == {"x": 1}
     assert arguments_object("not json") == {} and arguments_object({"y": 2}) == {"y": 2}
     history = [{"role": "assistant", "tool_calls": [{"id": "call_1", "function": {"name": "add"}}]}]

@@ -54,7 +54,7 @@ from .. import names
 from ..catalog import LoadInfo, ModelInfo
 from ..errors import BadRequest, RequestError, UpstreamBusy, UpstreamUnavailable
 from ..httpmsg import ProxyRequest, ProxyResponse
-from . import embedded_models, gguf, model_store
+from . import embedded_models, gguf, model_blobs, model_store
 from .base import ChangeNotifier
 from .embedded_manage import Manager
 from .embedded_models import EmbeddedSettings, ServedModel
@@ -158,6 +158,7 @@ class EmbeddedBackend(ChangeNotifier):
         self._in_flight = 0
         self._queued = 0
         self._snapshot: tuple[ModelInfo, ...] = ()
+        self._refreshing = trio.Lock()
         self._manager = Manager(self.settings.model_dir, lambda: [m.entry for m in self._models.values()],
                                 self.refresh, self._digests)
         self._apply_scan(embedded_models.scan(self.settings.model_dir, self.settings.default_model))
@@ -177,6 +178,8 @@ class EmbeddedBackend(ChangeNotifier):
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Describe models (digests, GGUF metadata) and rescan ``model_dir`` periodically."""
         task_status.started()
+        if self.settings.model_dir is not None:  # uploads no create ever used, partial files of a crash
+            await trio.to_thread.run_sync(model_blobs.prune_blobs, self.settings.model_dir)
         while True:
             try:
                 await self.refresh()
@@ -185,16 +188,20 @@ class EmbeddedBackend(ChangeNotifier):
             await trio.sleep(self.settings.rescan_interval)
 
     async def refresh(self) -> None:
-        """Rescan the model files and compute missing digests; notifies on change."""
-        found = await trio.to_thread.run_sync(embedded_models.scan, self.settings.model_dir,
-                                              self.settings.default_model)
-        changed = self._apply_scan(found)
-        for model in list(self._models.values()):
-            if not model.digest:
-                await self._describe(model)
-                changed = True
-        if changed:
-            self._publish()
+        """Rescan the model files and compute missing digests; notifies on change.
+
+        One at a time: a periodic scan that started before a copy or delete
+        must not finish after the rescan that follows it and undo it."""
+        async with self._refreshing:
+            found = await trio.to_thread.run_sync(embedded_models.scan, self.settings.model_dir,
+                                                  self.settings.default_model)
+            changed = self._apply_scan(found)
+            for model in list(self._models.values()):
+                if not model.digest:
+                    await self._describe(model)
+                    changed = True
+            if changed:
+                self._publish()
 
     @asynccontextmanager
     async def open(self, request: ProxyRequest) -> AsyncIterator[ProxyResponse]:

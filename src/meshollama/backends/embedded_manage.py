@@ -54,7 +54,7 @@ class Manager:
                 return EMPTY
             if ep is Endpoint.DELETE:
                 body = decode_body(request.body, "api.DeleteRequest")
-                name = body.get("model", body.get("name"))
+                name = body.get("model") or body.get("name")  # Go's cmp.Or
                 await trio.to_thread.run_sync(lambda: model_store.delete(self._dir(), self.entries(), name))
                 await self.rescan()
                 return EMPTY

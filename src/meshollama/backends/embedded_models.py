@@ -144,7 +144,7 @@ def chat_template(mf: Modelfile, header: gguf.GgufHeader | None, name: str) -> C
     if mf.template:
         try:
             return ChatTemplate.go(mf.template, system)
-        except ValueError as e:
+        except Exception as e:  # a hand-written Modelfile: never let it stop the catalog
             log.warning("embedded: %s: %s; using the GGUF's own template", name, e)
     return ChatTemplate.jinja(gguf.chat_template(header) or FALLBACK_TEMPLATE, system)
 

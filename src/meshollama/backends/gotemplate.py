@@ -29,6 +29,7 @@ print the JSON that Ollama printed before and that its pending fix prints.
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import json as _json
 import math
@@ -281,6 +282,8 @@ def _printf(fmt: str, *args: Any) -> str:
         a, kinds = rest.pop(0), _VERB_TYPES.get(v, ())
         if not isinstance(a, kinds) or (isinstance(a, bool) and bool not in kinds and v != "v"):
             return f"%!{v}({_gotype(a)}={_fmt(a)})"
+        if len(width) > 4 or len(prec or "") > 4:  # "%0999999999d" would write a gigabyte
+            return f"%!{v}(BADWIDTH)"
         spec = "%" + flags + width + ("." + prec if prec else "")
         text = _json.dumps(a, ensure_ascii=False) if v == "q" else _fmt(a)
         return (spec + v) % a if v in "dxXfe" or v == "g" and prec else (spec + "s") % text
@@ -446,12 +449,17 @@ class _Parser:
         self.vars, self.loops = ["$"], 0
         self.defs: dict[str, tuple[_Node, ...]] = {}
         self.fields: set[str] = set()
+        self._newlines: list[int] | None = None
 
     def fail(self, pos: int, msg: str) -> TemplateError:
         return _error(self.src, pos, msg)
 
     def line(self, pos: int) -> int:
-        return self.src.count("\n", 0, pos) + 1
+        """1-based line of ``pos``: a bisect over newline offsets (counting from 0
+        for every action made parsing quadratic in the template's size)."""
+        if self._newlines is None:
+            self._newlines = [m.start() for m in re.finditer("\n", self.src)]
+        return bisect.bisect_left(self._newlines, pos) + 1
 
     def nodes(self) -> tuple[tuple[_Node, ...], tuple[str, list[_Tok], int] | None]:
         """Parse up to an {{end}} or {{else}} (returned with its tokens), or the end (None)."""
@@ -609,8 +617,16 @@ def _items(v: Any, line: int) -> list[tuple[Any, Any]]:
     if isinstance(v, (list, tuple)):
         return list(enumerate(v))
     if isinstance(v, int) and not isinstance(v, bool):
+        if v > MAX_STEPS:
+            raise TemplateError(f"line {line}: range over {v} is more than a template may do")
         return [(i, i) for i in range(v)]
     raise TemplateError(f"line {line}: range can't iterate over {_fmt(v)}")
+
+
+# Budgets for one render: a template comes from a user's Modelfile and runs in
+# a worker thread that cancellation cannot stop, so it must end by itself.
+MAX_STEPS = 1_000_000  # nodes executed
+MAX_OUTPUT = 16 << 20  # characters written
 
 
 @dataclass
@@ -618,14 +634,24 @@ class _Exec:
     defs: Mapping[str, tuple[_Node, ...]]
     out: list[str] = field(default_factory=list)
     depth: int = 0
+    steps: int = 0
+    size: int = 0
 
     def run(self, nodes: tuple[_Node, ...], dot: Any, env: _Env) -> None:
         for n in nodes:
+            self.steps += 1
+            if self.steps > MAX_STEPS or self.size > MAX_OUTPUT:
+                raise TemplateError("template does more work than a prompt needs "
+                                    f"(over {MAX_STEPS} steps or {MAX_OUTPUT} characters)")
             if isinstance(n, str):
+                self.size += len(n)
                 self.out.append(n)
             elif isinstance(n, _Action):
                 value = self.pipe(n.pipe, dot, env, n.line)
-                self.out += [] if n.pipe.decl else [_fmt(value, top=True)]
+                if not n.pipe.decl:
+                    text = _fmt(value, top=True)
+                    self.size += len(text)
+                    self.out.append(text)
             elif isinstance(n, _Branch):
                 self.branch(n, dot, env)
             elif isinstance(n, _Include):
@@ -748,10 +774,22 @@ class Template:
         return field.lower() in self.fields
 
 
+MAX_TEMPLATE_BYTES = 1 << 20  # a chat template is a few KB; Ollama's largest are ~10 KB
+
+
 def parse(text: str) -> Template:
-    """Parse ``text``; raises TemplateError (with the line) on bad syntax."""
-    p = _Parser(text)
-    root, stop = p.nodes()
-    if stop is not None:
-        raise p.fail(stop[2], f"unexpected {{{{{stop[0]}}}}}")
+    """Parse ``text``; raises TemplateError (with the line) on bad syntax.
+
+    Templates come from Modelfiles, i.e. from users: nothing but a
+    TemplateError may escape (deep nesting would otherwise raise RecursionError
+    wherever the model's capabilities are read)."""
+    if len(text) > MAX_TEMPLATE_BYTES:
+        raise TemplateError(f"template is larger than {MAX_TEMPLATE_BYTES} bytes")
+    try:
+        p = _Parser(text)
+        root, stop = p.nodes()
+        if stop is not None:
+            raise p.fail(stop[2], f"unexpected {{{{{stop[0]}}}}}")
+    except RecursionError:
+        raise TemplateError("template nested too deep") from None
     return Template(root, dict(p.defs), frozenset(p.fields))

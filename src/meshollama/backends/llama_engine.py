@@ -178,22 +178,44 @@ class LlamaInstance:
             raise RequestError(f"template: {e}", 500) from None
 
     def _fit(self, job: GenerateJob, chat: ChatTemplate | None) -> list[int]:
-        """The prompt's tokens, dropping the oldest turns (never system messages or
-        the last turn) until it leaves room to answer, as Ollama's ``chatPrompt``
-        does: cutting tokens off the front would cut the system prompt and the
-        tool list first."""
+        """The prompt's tokens, dropping the oldest turns (keeping system messages
+        and the last turn) until it leaves room to answer, as Ollama's
+        ``chatPrompt`` does: cutting tokens off the front would cut the system
+        prompt and the tool list first.
+
+        Renders O(log n) times: all of it first (what almost every request
+        needs), then a binary search for the fewest turns to drop. Dropping one
+        turn at a time re-rendered the whole history per turn (a 2,000-turn
+        history took minutes in a thread nothing can cancel)."""
         messages = chat.messages(job.messages) if chat is not None else [dict(m) for m in job.messages]
         room = min(max(256, self.n_ctx // 8), self.n_ctx // 2)
-        while True:
+        limit = self.n_ctx - room
+
+        def tokens(cut: int) -> list[int]:
+            kept = [m for m in messages[:cut] if m.get("role") == "system"] + messages[cut:]
             # The template writes any BOS itself (llama-cpp-python does the same).
-            tokens = list(job.context) + self.llm.tokenize(
-                self._render(job, chat, messages).encode("utf-8"), add_bos=False, special=True)
-            if len(tokens) <= self.n_ctx - room:
-                return tokens
-            oldest = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
-            if oldest is None:
-                return tokens
-            del messages[oldest]
+            return list(job.context) + self.llm.tokenize(
+                self._render(job, chat, kept).encode("utf-8"), add_bos=False, special=True)
+
+        whole = tokens(0)
+        if len(whole) <= limit or len(messages) < 2:
+            return whole
+        # No token is longer than ~16 characters: turns beyond that many characters
+        # of the limit cannot fit, so the search starts after them.
+        lo, chars = len(messages) - 1, 0
+        while lo > 0 and chars + len(str(messages[lo - 1].get("content") or "")) <= limit * 16:
+            lo -= 1
+            chars += len(str(messages[lo].get("content") or ""))
+        hi = len(messages) - 1  # only the last turn (and system messages) left
+        best = tokens(hi)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            candidate = tokens(mid)
+            if len(candidate) <= limit:
+                best, hi = candidate, mid
+            else:
+                lo = mid + 1
+        return best
 
     def logprob(self, token: int, top: int) -> TokenLogprob:
         """The sampled token's log-probability under the model's raw distribution

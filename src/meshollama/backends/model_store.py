@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 from .. import names
 from ..errors import BadRequest, ModelNotFound, RequestError
-from . import gguf
+from . import gguf, gotemplate
 from . import modelfile as mfile
 from .model_blobs import (
     BLOBS,
@@ -369,6 +369,11 @@ def create(model_dir: Path, entries: list[StoreEntry], request: Mapping[str, Any
         if request.get(field):
             raise mfile.unsupported(what)
     overrides = mfile.from_request(request)
+    if overrides.template:  # Ollama parses it at create: a bad one is a 400, not a silent fallback
+        try:
+            gotemplate.parse(overrides.template)
+        except gotemplate.TemplateError as e:
+            raise BadRequest(f"template error: {e}") from None
     if source := request.get("from"):
         base = find(entries, source)
         if base is not None:

@@ -124,21 +124,35 @@ def _unquote(s: str) -> tuple[str, bool]:
     return s, True
 
 
+def _open_quote(word: str) -> bool:
+    """Whether ``word`` (surrounding whitespace ignored) is a quote still open,
+    checked in place: a copy per space made long SYSTEM prompts quadratic."""
+    i, j = 0, len(word)
+    while i < j and word[i] in " \t\r\n":
+        i += 1
+    while j > i and word[j - 1] in " \t\r\n":
+        j -= 1
+    if word.startswith('"""', i, j):
+        return not (j - i >= 6 and word.endswith('"""', i, j))
+    if word.startswith('"', i, j):
+        return not (j - i >= 2 and word.endswith('"', i, j))
+    return False
+
+
 def _commands(text: str) -> list[tuple[str, str, str]]:
     """(command, value, extra) triples; extra is a PARAMETER's name or a MESSAGE's role."""
     out: list[tuple[str, str, str]] = []
-    buf: list[str] = []
+    word = ""  # grown in place (CPython appends to an unshared str without copying)
     state, line, command, extra = _NIL, 1, "", ""
     for c in text.removeprefix("\ufeff"):
         if c in "\r\n":
             line += 1
         nxt, keep, err = _step(c, state)
         if err == _EOF:
-            raise BadRequest(f"{_EOF}: {''.join(buf)}")
+            raise BadRequest(f"{_EOF}: {word}")
         if err is not None:
             raise BadRequest(f"(line {line}): {err}")
         if nxt != state:
-            word = "".join(buf)
             if state == _NAME:
                 command = word.lower()
                 if command not in _COMMANDS:
@@ -152,18 +166,18 @@ def _commands(text: str) -> list[tuple[str, str, str]]:
                 extra = word
             elif state == _VALUE:
                 # Only ' ', tab, CR and LF can reach the buffer as whitespace (Go's TrimSpace).
-                value, ok = _unquote(word.strip(" \t\r\n"))
-                if not ok or c in " \t":  # inside an open quote, or a space within the value
-                    buf.append(c)
+                if c in " \t" or _open_quote(word):  # a space within the value, or inside an open quote
+                    word += c
                     continue
+                value, _ = _unquote(word.strip(" \t\r\n"))
                 out.append((command, value, extra))
                 extra = ""
-            buf = []
+            word = ""
             state = nxt
         if keep and (keep == " " or keep.isprintable()):  # Go's strconv.IsPrint
-            buf.append(keep)
+            word += keep
     if state == _VALUE:
-        value, ok = _unquote("".join(buf).strip(" \t\r\n"))
+        value, ok = _unquote(word.strip(" \t\r\n"))
         if not ok:
             raise BadRequest(_EOF)
         out.append((command, value, extra))

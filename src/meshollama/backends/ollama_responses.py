@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from .. import names
-from ..catalog import ModelInfo
+from ..catalog import RUNNING_FACTS, ModelInfo
 from .ollama_api import JSON, JSON_UTF8, NDJSON, Endpoint, Reply, dumps, ndjson, rfc3339
 from .ollama_requests import EmbedJob
 
@@ -66,9 +66,10 @@ def embed_reply(job: EmbedJob, vectors: Sequence[Sequence[float]], *, prompt_n: 
 
 
 def _details(info: ModelInfo) -> dict[str, Any]:
+    """Ollama's ModelDetails; a loaded model's /api/ps facts are not part of it."""
     d = {"parent_model": "", "format": "gguf", "family": "", "families": None,
          "parameter_size": "", "quantization_level": ""}
-    d.update(info.details)
+    d.update((k, v) for k, v in info.details.items() if k not in RUNNING_FACTS)
     return d
 
 

@@ -8,6 +8,7 @@ way Ollama's ``openai`` middleware maps them (§3 of
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,8 +129,16 @@ def _openai_call(call: Any, index: int) -> dict[str, Any]:
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise BadRequest("invalid tool call")
     fn = call["function"]
+    raw = fn.get("arguments")
+    if isinstance(raw, str) and raw.strip():
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            raise BadRequest("invalid tool call arguments") from None  # Ollama's answer
+        if not isinstance(parsed, dict):
+            raise BadRequest("invalid tool call arguments")
     out: dict[str, Any] = {"function": {"index": index, "name": str(fn.get("name") or ""),
-                                        "arguments": arguments_object(fn.get("arguments"))}}
+                                        "arguments": arguments_object(raw)}}
     if isinstance(call.get("id"), str):
         out["id"] = call["id"]
     return out

@@ -33,7 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 _DECODER = json.JSONDecoder()
-_KNOWN_TAGS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<function_call>", "<|tool_call|>")
+# Tags a model writes as text before its calls. Not <|python_tag|> (Llama 3.x
+# Jinja templates mention it, but it is a control token, never detokenised as
+# text; those models' calls are bare JSON, tag "{" as Ollama derives for llama3.2).
+_KNOWN_TAGS = ("<tool_call>", "[TOOL_CALLS]", "<function_call>", "<|tool_call|>")
 _CLOSERS = {"<tool_call>": "</tool_call>", "<function_call>": "</function_call>", "<|tool_call|>": "<|/tool_call|>"}
 _ID_CHARS = string.ascii_lowercase + string.digits
 
@@ -151,10 +154,10 @@ class ToolCallParser:
             found = self._take_json(final)
             if found is None:
                 break  # wait for more text
-            if found is False:  # not a call after all: give the raw text back
+            if found is False:  # not a call after all: give the raw text back, tag included
                 self._calling = False
                 raw, self._buf = self._buf, ""
-                content.append(raw)
+                content.append(raw if self.tag in ("{", "[") else self.tag + raw)
                 if self.tag == "{":
                     self._done = True
                 break

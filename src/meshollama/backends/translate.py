@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from ..errors import RequestError
+from ..errors import BadRequest, RequestError
 from ..httpmsg import ProxyRequest, ProxyResponse
 from . import messages_api, responses_api
 from .ollama_api import JSON, SSE, Endpoint, Reply, dumps
+from .ollama_requests import decode_body
 from .token_stream import reply_response
 
 OpenChat = Callable[[ProxyRequest], AbstractAsyncContextManager[ProxyResponse]]
@@ -33,10 +34,13 @@ async def translated(ep: Endpoint, request: ProxyRequest, open_chat: OpenChat) -
     anthropic = ep is Endpoint.V1_MESSAGES
     api: Any = messages_api if anthropic else responses_api
     try:
+        original = decode_body(request.body, "MessagesRequest" if anthropic else "ResponsesRequest", openai=True)
         chat = api.to_chat(request.body)
-        original = json.loads(request.body)
     except RequestError as e:
         yield reply_response(api.error_reply(e))
+        return
+    except Exception as e:  # a body shape the converter did not foresee: the client's 400, not a peer failure
+        yield reply_response(api.error_reply(BadRequest(f"invalid request: {type(e).__name__}: {e}")))
         return
     headers = tuple((k, v) for k, v in request.headers if k.lower() not in ("content-length", "content-type"))
     chat_request = ProxyRequest("POST", "/v1/chat/completions", headers + (("content-type", JSON),), dumps(chat))
