@@ -35,3 +35,18 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache build dist src/*.egg-info
+
+# Opt-in, not part of `make test`: real client programs against a node with the
+# embedded model. Installs them first into venvs of their own under
+# .cache/clients/ (idempotent; Open WebUI is about 7 GB and several minutes;
+# Debian's chromium with apt-get when missing), re-records the light client
+# libraries' requests into .cache/clients/results/recordings and says which
+# differ from tests/clients/recordings, drives Open WebUI's page in headless
+# Chromium (screenshot, logs and Open WebUI's requests in
+# .cache/clients/results/openwebui/), then runs tests/clients.
+.PHONY: test-clients
+test-clients: install
+	bash scripts/clients/setup.sh
+	.cache/clients/light-venv/bin/python scripts/clients/record.py --out .cache/clients/results/recordings --compare tests/clients/recordings
+	.cache/clients/openwebui-venv/bin/python scripts/clients/openwebui_e2e.py $(ARGS)
+	$(PY) -m pytest -q tests/clients

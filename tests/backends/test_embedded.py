@@ -412,6 +412,12 @@ async def test_model_management_over_the_model_directory(tmp_path):
         status, body = await call("POST", "/api/show", {"model": "pirate"})
         show = json.loads(body)
         assert show["system"] == "You are a pirate." and "tools" in show["capabilities"]
+        status, body = await call("POST", "/api/create", {"model": "short", "from": "pirate",
+                                                          "parameters": {"num_predict": 96}, "stream": False})
+        status, body = await call("POST", "/api/show", {"model": "short"})
+        show = json.loads(body)  # the new parameter is shown, what it inherited is kept
+        assert "num_predict" in show["parameters"] and '"<|im_end|>"' in show["parameters"]
+        assert show["system"] == "You are a pirate."
         status, body = await call("POST", "/api/chat", chat("hi", model="pirate", stream=False,
                                                                options={"num_predict": 4}))
         assert status == 200, body

@@ -473,7 +473,7 @@ class EmbeddedBackend(ChangeNotifier):
             return show_reply(
                 self._info(model), template=model.chat.text, system=model.chat.system,
                 model_info=gguf.model_info(model.header), stop=model.stop_words(),
-                license=model.license, source=str(model.path))
+                license=model.license, source=str(model.path), params=model.modelfile.options())
         if ep is Endpoint.V1_MODEL:
             model = self._resolve(ep, arg)
             await self._describe(model)
