@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__, identity
 from .config import Config
+from .gateway.endpoints import peer_may_call
 from .limits import InboundLimiter
 from .mesh.service import MeshService, MeshSettings
 from .p2p.host import HostSettings
@@ -128,7 +129,7 @@ class Node:
 
         def http_server(on_reject, on_error) -> HttpStreamServer:
             return HttpStreamServer(backend, limiter, max_body_bytes=cfg.gateway.max_body_bytes,
-                                    on_reject=on_reject, on_error=on_error)
+                                    on_reject=on_reject, on_error=on_error, allow=peer_may_call)
 
         mesh = MeshService(
             key_pair,

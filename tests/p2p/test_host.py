@@ -13,7 +13,7 @@ from meshollama.errors import P2PError, UpstreamBroken, UpstreamBusy, UpstreamUn
 from meshollama.httpmsg import ProxyRequest, ProxyResponse
 from meshollama.limits import InboundLimiter
 from meshollama.p2p import patches
-from meshollama.p2p.host import TOPIC, P2PHost
+from meshollama.p2p.host import P2PHost
 from meshollama.p2p.httpstream import PROTOCOL, HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
 from meshollama.p2p.ping import Pinger
 
@@ -255,9 +255,10 @@ class ScriptedBackend:
 
 
 @asynccontextmanager
-async def http_pair(backend, *, limiter=None, max_body=4 << 20, pool=None, idle_timeout=30.0, stream_timeout=5.0):
+async def http_pair(backend, *, limiter=None, max_body=4 << 20, pool=None, idle_timeout=30.0, stream_timeout=5.0,
+                    allow=None):
     server = HttpStreamServer(backend, limiter or InboundLimiter(8, 4), max_body_bytes=max_body,
-                              idle_timeout=idle_timeout)
+                              idle_timeout=idle_timeout, allow=allow)
     hosts = (settings(stream_timeout=stream_timeout), settings(stream_timeout=stream_timeout))
     async with running_hosts(*hosts, handlers={PROTOCOL: server.handle}) as (a, b):
         await b.connect(a.addrs())
@@ -556,6 +557,29 @@ async def test_garbage_frames_get_an_error_not_a_crash():
             # and the server still serves real requests
             async with up.open(ProxyRequest("GET", "/api/tags")) as r:
                 assert r.status == 200
+
+
+async def test_a_peer_cannot_manage_our_models():
+    """Attack: a peer (anyone on port 4001 while the mesh is open) speaks the
+    protocol directly and asks for model management, which on the embedded
+    backend writes and deletes files. It is refused from the request head, before
+    any body is read, and the backend never sees it; inference still works."""
+    from meshollama.gateway.endpoints import peer_may_call
+
+    backend = ScriptedBackend()
+    with trio.fail_after(20):
+        async with http_pair(backend, allow=peer_may_call) as (a, b, up, _):
+            for method, path in [("DELETE", "/api/delete"), ("POST", "/api/create"), ("POST", "/api/copy"),
+                                 ("POST", "/api/pull"), ("POST", "/api/push"),
+                                 ("POST", "/api/blobs/sha256:" + "0" * 64), ("HEAD", "/api/blobs/sha256:00"),
+                                 ("GET", "/api/chat"), ("POST", "/api/../api/delete"), ("GET", "/metrics")]:
+                with pytest.raises(UpstreamUnavailable, match="not served to peers"):
+                    await fetch(up, ProxyRequest(method, path, (), b"x" * 1000))
+            assert backend.requests == []
+            for path in ("/api/chat", "/v1/messages", "/v1/responses?x=1", "/api/show"):
+                assert await fetch(up, ProxyRequest("POST", path)) == b"a\nb\n"
+            assert [r.path for r in backend.requests] == ["/api/chat", "/v1/messages", "/v1/responses?x=1",
+                                                           "/api/show"]
 
 
 async def test_ping_detects_frozen_peer():

@@ -124,6 +124,15 @@ def match(path: str) -> Endpoint | None:
     return None
 
 
+def peer_may_call(method: str, path: str) -> bool:
+    """What a node serves to other peers over the mesh: the routed (inference and
+    read-only) endpoints, nothing else. Model management acts on this node's own
+    backend and only through its own gateway, never for a stranger on port 4001:
+    it writes and deletes files in the model directory."""
+    found = match(path.split("?", 1)[0])
+    return found is not None and found.routed and method.upper() in found.methods
+
+
 # --- validating a routed request's body --------------------------------------
 
 _DECODER = json.JSONDecoder()

@@ -407,6 +407,10 @@ async def _read_ahead(body: AsyncIterator[bytes], depth: int = 64) -> AsyncItera
         raise pending
 
 
+class _Refused(Exception):
+    """A peer asked for something this node does not serve to peers."""
+
+
 class _Gone(Exception):
     """The caller reset or closed the stream."""
 
@@ -437,8 +441,11 @@ class HttpStreamServer:
         idle_timeout: float = SERVER_IDLE_TIMEOUT,
         on_reject: Callable[[str], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        allow: Callable[[str, str], bool] | None = None,
     ) -> None:
         self._backend = backend
+        # (method, path) -> whether a peer may ask it; None allows all (tests).
+        self._allow = allow
         self._limiter = limiter
         self._streams = InboundLimiter(2 * limiter.total, 2 * limiter.per_peer)
         self._max_body = max_body_bytes
@@ -498,6 +505,11 @@ class HttpStreamServer:
                 self._on_error(type(exc).__name__)
                 await stream.reset()
                 return
+            except _Refused as exc:  # before its body is read
+                self._on_reject("refused")
+                log.warning("refused a request from peer %s: %s", stream.peer_id, exc)
+                await self._send_error(stream, "bad_request", str(exc), 403)
+                return
             except FrameError as exc:
                 self._on_error(type(exc).__name__)
                 log.info("bad request stream from %s: %s", stream.peer_id, exc)
@@ -540,6 +552,8 @@ class HttpStreamServer:
             return None
         if not isinstance(head, frames.Request):
             raise FrameError(f"expected Request, got {type(head).__name__}")
+        if self._allow is not None and not self._allow(head.method, head.path):
+            raise _Refused(f"{head.method} {head.path.split('?', 1)[0]} is not served to peers")
         body = bytearray()
         while True:
             frame = await self._receive(inbox, timeout)
