@@ -21,6 +21,7 @@ Contract of ``Upstream.open(request)``:
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -60,6 +61,20 @@ def content_length(headers: Headers) -> Headers:
         if k.lower() == "content-length" and v.strip().isdigit():
             return (("content-length", v.strip()),)
     return ()
+
+
+def error_text(body: bytes, limit: int = 300) -> str:
+    """The message of an error body in any envelope we speak (Ollama's
+    ``{"error": "..."}``, OpenAI's and Anthropic's ``{"error": {"message": ...}}``),
+    or the body's start."""
+    try:
+        err = json.loads(body).get("error")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        err = None
+    if isinstance(err, dict):
+        err = err.get("message")
+    text = err if isinstance(err, str) and err else body.decode("utf-8", errors="replace")
+    return text[:limit]
 
 
 def header(headers: Headers, name: str, default: str | None = None) -> str | None:

@@ -328,16 +328,21 @@ def _check_response_object(resp: dict, req: dict, *, final: bool) -> None:
         f"no text and no function call: {resp}"
 
 
+def _typed_events(answer: Answer) -> list[dict]:
+    """The SSE events' payloads; each names its own event (``type`` = the ``event:`` line)."""
+    payloads = []
+    for name, data in _sse(answer):
+        obj = json.loads(data)
+        assert obj["type"] == name, f"event {name!r} carries type {obj.get('type')!r}"
+        payloads.append(obj)
+    return payloads
+
+
 def _check_responses(req: dict, answer: Answer) -> None:
     if not req.get("stream"):
         _check_response_object(_one_json(answer), req, final=True)
         return
-    events = _sse(answer)
-    payloads = []
-    for name, data in events:
-        obj = json.loads(data)
-        assert obj["type"] == name, f"event {name!r} carries type {obj.get('type')!r}"
-        payloads.append(obj)
+    payloads = _typed_events(answer)
     types = [p["type"] for p in payloads]
     assert types[0] == "response.created", types
     assert types[-1] in ("response.completed", "response.incomplete"), types
@@ -375,12 +380,7 @@ def _check_messages(req: dict, answer: Answer) -> None:
     if not req.get("stream"):
         _check_message_object(_one_json(answer), req)
         return
-    events = _sse(answer)
-    payloads = []
-    for name, data in events:
-        obj = json.loads(data)
-        assert obj["type"] == name, f"event {name!r} carries type {obj.get('type')!r}"
-        payloads.append(obj)
+    payloads = _typed_events(answer)
     types = [p["type"] for p in payloads if p["type"] != "ping"]
     assert types[0] == "message_start" and types[-1] == "message_stop", types
     assert "message_delta" in types, types

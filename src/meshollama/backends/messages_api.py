@@ -29,7 +29,7 @@ from typing import Any
 from ..errors import RequestError
 from .messages_request import to_chat
 from .ollama_api import JSON, SSE, Reply, dumps
-from .responses_api import Ids, chat_reasoning, chat_text, new_id
+from .responses_api import ChatChunks, Ids, chat_reasoning, chat_text, new_id
 
 # to_chat lives in messages_request; callers (translate) reach it here.
 __all__ = ["MessagesStream", "error_body", "error_reply", "estimate_input_tokens", "from_chat", "to_chat"]
@@ -80,7 +80,7 @@ def from_chat(completion: Mapping[str, Any], *, ids: Ids | None = None, model: s
                       "output_tokens": int(usage.get("completion_tokens") or 0)}}
 
 
-class MessagesStream:
+class MessagesStream(ChatChunks):
     """Chat completion chunks in, Anthropic SSE events out, for one streamed message.
 
     Thinking, text and each tool call become content blocks, opened on their
@@ -137,26 +137,11 @@ class MessagesStream:
         assert self._open is not None
         return out + self._event("content_block_delta", index=self._open["index"], delta=delta)
 
-    def feed(self, chunk: Mapping[str, Any]) -> bytes:
-        """The events for one decoded chat chunk (``b""`` when it adds nothing)."""
-        if self._done:
-            return b""
-        if err := chunk.get("error"):
-            return self.fail(str(err.get("message") if isinstance(err, dict) else err))
-        out = self.start()
-        self._usage = chunk.get("usage") or self._usage
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            if thinking := chat_reasoning(delta):
-                out += self._delta("thinking", {"type": "thinking_delta", "thinking": thinking})
-            if text := chat_text(delta.get("content")):
-                out += self._delta("text", {"type": "text_delta", "text": text})
-            for call in delta.get("tool_calls") or ():
-                out += self._tool_call(call)
-            self._finish = choice.get("finish_reason") or self._finish
-        return out
+    def _thinking(self, text: str) -> bytes:
+        return self._delta("thinking", {"type": "thinking_delta", "thinking": text})
+
+    def _text(self, text: str) -> bytes:
+        return self._delta("text", {"type": "text_delta", "text": text})
 
     def _tool_call(self, call: Mapping[str, Any]) -> bytes:
         fn, index, out = call.get("function") or {}, call.get("index", 0), b""

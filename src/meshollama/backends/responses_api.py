@@ -149,7 +149,56 @@ def from_chat(completion: Mapping[str, Any], *, request: Mapping[str, Any] | Non
                            completed_at=created if completed_at is None else completed_at, incomplete=incomplete)
 
 
-class ResponsesStream:
+class ChatChunks:
+    """Walks decoded ``chat.completion.chunk`` dicts for a stream translator.
+
+    Subclasses turn each piece into their API's events: ``start`` (sent before
+    the first), ``_thinking``, ``_text``, ``_tool_call`` and ``fail``; this
+    keeps the usage and the finish reason for their ``finish``.
+    """
+
+    _done: bool
+    _usage: Mapping[str, Any] | None
+    _finish: str | None
+
+    def start(self) -> bytes:
+        raise NotImplementedError
+
+    def fail(self, message: str) -> bytes:
+        raise NotImplementedError
+
+    def _thinking(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def _text(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def _tool_call(self, call: Mapping[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def feed(self, chunk: Mapping[str, Any]) -> bytes:
+        """The events for one decoded chat chunk (``b""`` when it adds nothing)."""
+        if self._done:
+            return b""
+        if err := chunk.get("error"):
+            return self.fail(str(err.get("message") if isinstance(err, dict) else err))
+        out = self.start()
+        self._usage = chunk.get("usage") or self._usage
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if thinking := chat_reasoning(delta):
+                out += self._thinking(thinking)
+            if text := chat_text(delta.get("content")):
+                out += self._text(text)
+            for call in delta.get("tool_calls") or ():
+                out += self._tool_call(call)
+            self._finish = choice.get("finish_reason") or self._finish
+        return out
+
+
+class ResponsesStream(ChatChunks):
     """Chat completion chunks in, Responses SSE events out, for one streamed response.
 
     Text, reasoning and each tool call become separate output items, opened
@@ -230,26 +279,11 @@ class ResponsesStream:
         self._output.append(done)
         return out + self._event("response.output_item.done", output_index=item["index"], item=done)
 
-    def feed(self, chunk: Mapping[str, Any]) -> bytes:
-        """The events for one decoded chat chunk (``b""`` when it adds nothing)."""
-        if self._done:
-            return b""
-        if err := chunk.get("error"):
-            return self.fail(str(err.get("message") if isinstance(err, dict) else err))
-        out = self.start()
-        self._usage = chunk.get("usage") or self._usage
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            if thinking := chat_reasoning(delta):
-                out += self._delta("reasoning", thinking)
-            if text := chat_text(delta.get("content")):
-                out += self._delta("message", text)
-            for call in delta.get("tool_calls") or ():
-                out += self._tool_call(call)
-            self._finish = choice.get("finish_reason") or self._finish
-        return out
+    def _thinking(self, text: str) -> bytes:
+        return self._delta("reasoning", text)
+
+    def _text(self, text: str) -> bytes:
+        return self._delta("message", text)
 
     def _delta(self, kind: str, text: str) -> bytes:
         out = b"" if self._open and self._open["type"] == kind else self._begin(kind)

@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from ..errors import BadRequest, RequestError
-from ..httpmsg import ProxyRequest, ProxyResponse
+from ..httpmsg import ProxyRequest, ProxyResponse, error_text
 from . import messages_api, responses_api
 from .ollama_api import JSON, SSE, Endpoint, Reply, dumps
 from .ollama_requests import decode_body
@@ -47,7 +47,7 @@ async def translated(ep: Endpoint, request: ProxyRequest, open_chat: OpenChat) -
     async with open_chat(chat_request) as resp:
         if resp.status != 200:
             body = await _read(resp, ERROR_LIMIT)
-            yield reply_response(api.error_reply(RequestError(_message(body), resp.status)))
+            yield reply_response(api.error_reply(RequestError(error_text(body), resp.status)))
             return
         model = str(chat.get("model") or "")
         if not chat.get("stream"):
@@ -84,7 +84,7 @@ async def _events(chunks: AsyncIterator[bytes], stream: Any) -> AsyncIterator[by
                     obj = json.loads(data)
                     if isinstance(obj, dict) and "error" in obj:
                         finished = True
-                        out = stream.fail(_message(data))
+                        out = stream.fail(error_text(data))
                     else:
                         out = stream.feed(obj)
                 if out:
@@ -104,13 +104,3 @@ async def _read(resp: ProxyResponse, limit: int | None) -> bytes:
         if limit is not None and size > limit:
             break
     return b"".join(parts)
-
-
-def _message(body: bytes) -> str:
-    try:
-        err = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        return body.decode("utf-8", errors="replace")[:300]
-    if isinstance(err, dict):
-        err = err.get("message")
-    return str(err) if err else "error"

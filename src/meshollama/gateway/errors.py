@@ -137,18 +137,6 @@ def answer_for(exc: BaseException, *, envelope: str = "ollama") -> Answer:
     return error_answer(status_of(exc), message_of(exc), envelope=envelope)
 
 
-def error_text(body: bytes, limit: int = 300) -> str:
-    """The message of an error body in either envelope (or its start), for logs."""
-    try:
-        err = json.loads(body).get("error")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        err = None
-    if isinstance(err, dict):
-        err = err.get("message")
-    text = err if isinstance(err, str) else body.decode("utf-8", errors="replace")
-    return text[:limit]
-
-
 def ndjson_error_line(message: str) -> bytes:
     """What Ollama writes when a stream fails after it started (spec §1.5)."""
     return dumps({"error": message}) + b"\n"

@@ -43,7 +43,16 @@ from ..errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from ..httpmsg import Headers, ProxyRequest, ProxyResponse, Upstream, content_length, forwardable, header
+from ..httpmsg import (
+    Headers,
+    ProxyRequest,
+    ProxyResponse,
+    Upstream,
+    content_length,
+    error_text,
+    forwardable,
+    header,
+)
 from .asgi import (
     ASGIApp,
     BodyStream,
@@ -64,7 +73,6 @@ from .errors import (
     Answer,
     answer_for,
     error_answer,
-    error_text,
     message_of,
     ndjson_error_line,
     sse_error_event,
