@@ -132,3 +132,18 @@ async def test_the_real_embedded_model_answers_across_hosts(net, tmp_path):
         chunks = [json.loads(line) for line in r["lines"]]
         assert chunks[-1]["done"] is True and chunks[-1]["eval_count"] >= 1
         assert "".join(c["message"]["content"] for c in chunks).strip()
+        # what Open WebUI sends (tools) and the Anthropic and Responses APIs cross the LAN too
+        weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}
+        r = await http(net, hosts[1], "POST", "/api/chat", {
+            "model": "smollm2:135m", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [weather], "stream": False, "options": {"num_predict": 8, "temperature": 0}}, timeout=120)
+        assert r["status"] == 200 and json.loads(r["lines"][0])["done"] is True, r
+        r = await http(net, hosts[1], "POST", "/v1/messages", {
+            "model": "smollm2:135m", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": "Say hello."}]}, timeout=120)
+        assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == m1.peer_id, r
+        assert r["lines"][0] == "event: message_start" and r["lines"][-1].startswith("data: {\"type\":\"message_stop\"")
+        r = await http(net, hosts[1], "POST", "/v1/responses", {
+            "model": "smollm2:135m", "input": "Say hello.", "max_output_tokens": 8}, timeout=120)
+        assert r["status"] == 200 and json.loads(r["lines"][0])["object"] == "response", r
