@@ -33,7 +33,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX", "CONFIG_ENV", "OTHER_ENV", "Config", "NodeConfig", "P2PConfig", "GatewayConfig",
-    "BackendConfig", "OllamaConfig", "EmbeddedConfig", "load_config", "check_file", "config_to_dict",
+    "MeshConfig", "BackendConfig", "OllamaConfig", "EmbeddedConfig", "load_config", "check_file", "config_to_dict",
 ]
 
 ENV_PREFIX = "MESHOLLAMA_"
@@ -74,10 +74,13 @@ class _Kind:
 
 
 class _Str(_Kind):
-    def __init__(self, expected: str = "a non-empty string", test: Callable[[str], str] = str.strip):
-        self.expected, self.test = expected, test
+    def __init__(self, expected: str = "a non-empty string", test: Callable[[str], str] = str.strip,
+                 empty: bool = False):
+        self.expected, self.test, self.empty = expected, test, empty
 
     def check(self, raw: Any) -> str:
+        if isinstance(raw, str) and not raw.strip() and self.empty:
+            return ""
         if not isinstance(raw, str) or not raw.strip():
             raise TypeError
         return self.test(raw.strip())
@@ -224,6 +227,20 @@ def _api_key(text: str) -> str:
     return text
 
 
+def _authority(text: str) -> str:
+    # The format is checked here without importing the crypto (trust.keys has the codec).
+    m = re.fullmatch(r"ed25519:([A-Za-z0-9_-]{43})", text)
+    if m is None:
+        raise TypeError
+    return text
+
+
+def _host_name(text: str) -> str:
+    if text != "*" and not re.fullmatch(r"(\*\.)?[A-Za-z0-9.\-\[\]:]+", text):
+        raise TypeError
+    return text.lower()
+
+
 def _origin(text: str) -> str:
     if text != "*" and (urlsplit(text).scheme not in ("http", "https") or not urlsplit(text).netloc):
         raise TypeError
@@ -314,6 +331,15 @@ class P2PConfig:
     max_inbound_per_peer: int = _opt(_int(1), 64, "requests from one peer served at once")
     # A dead bootstrap peer costs little, a restarted one is found within half a minute.
     bootstrap_retry_max: float = _opt(_positive(), 30.0, "cap on seconds between bootstrap redials")
+    # The gateway's own limit: a request it accepted must fit through a peer too.
+    max_request_bytes: int = _opt(_int(1), 32 * 1024 * 1024, "largest request body a peer may send us")
+    # Bounds memory against many large bodies at once (128 x 32 MiB would be 4 GiB): past it, busy.
+    max_buffered_bytes: int = _opt(_int(1024), 256 * 1024 * 1024,
+                                   "request bytes buffered from peers at once, all peers together")
+    # One deadline for a request's head and body: a trickled body cannot hold a slot for ever.
+    request_timeout: float = _opt(_positive(), 60.0, "seconds a peer has to send one whole request")
+    # A forged flood of announcements cannot grow the table (and every route decision) without bound.
+    max_peers: int = _opt(_int(2), 4096, "peers kept in the peer table")
 
 
 @dataclass(frozen=True)
@@ -341,6 +367,22 @@ class GatewayConfig:
                                          (), "allowed CORS origins")
     # Past 256 in flight the mesh is saturated; a quick 503 beats an unbounded queue.
     max_concurrent: int = _opt(_int(1), 256, "concurrent routed requests before 503")
+    # Empty: on a loopback bind only localhost names (Ollama's rule against DNS rebinding);
+    # any name on other binds. '*' turns the check off.
+    allowed_hosts: tuple[str, ...] = _opt(_List(_Str("a host name, *.example.com or '*'", _host_name)), (),
+                                          "Host header values accepted besides localhost names")
+    # Hypercorn's own TLS: both or neither.
+    tls_cert: Path | None = _opt(_Path(optional=True), None, "TLS certificate chain (PEM)")
+    tls_key: Path | None = _opt(_Path(optional=True), None, "TLS private key (PEM)")
+    # Mutual TLS: clients must present a certificate signed by this CA.
+    tls_client_ca: Path | None = _opt(_Path(optional=True), None, "CA bundle that client certificates must chain to")
+    # JWTs for users who already run an identity provider: one key source or none.
+    jwt_secret_file: Path | None = _opt(_Path(optional=True), None, "HS256 secret for bearer JWTs")
+    jwt_public_key_file: Path | None = _opt(_Path(optional=True), None, "RS256/EdDSA public key (PEM) for bearer JWTs")
+    # Most providers can put a custom claim in the token; "role" is the plain choice.
+    jwt_role_claim: str = _opt(_Str(), "role", "JWT claim holding admin|user|readonly")
+    jwt_audience: str = _opt(_Str(empty=True), "", "required JWT aud (empty: not checked)")
+    jwt_issuer: str = _opt(_Str(empty=True), "", "required JWT iss (empty: not checked)")
 
 
 @dataclass(frozen=True)
@@ -385,9 +427,19 @@ class EmbeddedConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    # Empty: an open mesh, as before (a warning when listening beyond loopback).
+    authority: str = _opt(_Str("ed25519:<43 base64url chars> (meshollama mesh init prints it) or empty", _authority, empty=True), "",
+                          "mesh authority public key: only peers it admits join")
+    # Generous for a loaded 2-core box; a peer that has not proved itself by then is cut off.
+    admission_timeout: float = _opt(_positive(), 10.0, "seconds a new connection has to present a certificate")
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     p2p: P2PConfig = field(default_factory=P2PConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
@@ -520,11 +572,20 @@ def _build(values: Mapping[str, Any]) -> Config:
         raise ConfigError("p2p.gossip_degree", (
             "expected gossip_degree_low <= gossip_degree <= gossip_degree_high, "
             f"got {p.gossip_degree_low} <= {p.gossip_degree} <= {p.gossip_degree_high}"))
+    if p.max_request_bytes > p.max_buffered_bytes:
+        raise ConfigError("p2p.max_request_bytes", (
+            f"expected at most p2p.max_buffered_bytes ({p.max_buffered_bytes}), got {p.max_request_bytes}"))
     if p.max_inbound_per_peer > p.max_inbound_streams:
         raise ConfigError("p2p.max_inbound_per_peer", (
             f"expected at most p2p.max_inbound_streams ({p.max_inbound_streams}), "
             f"got {p.max_inbound_per_peer}"))
     g = cfg.gateway
+    if (g.tls_cert is None) != (g.tls_key is None):
+        raise ConfigError("gateway.tls_cert", "expected both gateway.tls_cert and gateway.tls_key, or neither")
+    if g.tls_client_ca is not None and g.tls_cert is None:
+        raise ConfigError("gateway.tls_client_ca", "client certificates need TLS: set gateway.tls_cert and tls_key")
+    if g.jwt_secret_file is not None and g.jwt_public_key_file is not None:
+        raise ConfigError("gateway.jwt_secret_file", "expected one of jwt_secret_file and jwt_public_key_file")
     if g.api_key_file is not None:
         merged = tuple(dict.fromkeys(g.api_keys + _read_key_file(g.api_key_file)))
         cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(g, api_keys=merged))

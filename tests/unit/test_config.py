@@ -62,11 +62,16 @@ SPEC_DEFAULTS = {
         "heartbeat_interval": 2.0, "miss_limit": 3, "liveness_interval": 1.0, "liveness_timeout": 2.0,
         "gossip_degree": 3, "gossip_degree_low": 2, "gossip_degree_high": 4, "stream_timeout": 10.0,
         "max_inbound_streams": 256, "max_inbound_per_peer": 64, "bootstrap_retry_max": 30.0,
+        "max_request_bytes": 32 * 1024 * 1024, "max_buffered_bytes": 256 * 1024 * 1024,
+        "request_timeout": 60.0, "max_peers": 4096,
     },
+    "mesh": {"authority": "", "admission_timeout": 10.0},
     "gateway": {
         "listen": "127.0.0.1:11434", "api_keys": (), "api_key_file": None, "max_body_bytes": 32 * 1024 * 1024,
         "routing": "least_loaded", "retries": 2, "sideline_seconds": 10.0, "connect_timeout": 10.0,
-        "cors_origins": (), "max_concurrent": 256,
+        "cors_origins": (), "max_concurrent": 256, "allowed_hosts": (), "tls_cert": None, "tls_key": None,
+        "tls_client_ca": None, "jwt_secret_file": None, "jwt_public_key_file": None, "jwt_role_claim": "role",
+        "jwt_audience": "", "jwt_issuer": "",
     },
     "backend": {"kind": "auto"},
     "ollama": {
@@ -396,14 +401,14 @@ def test_api_key_file_problems(tmp_path, text, problem):
 
 def test_config_to_dict_round_trips(tmp_path):
     cfg = load(overrides={
-        "p2p.bootstrap": [BOOT], "gateway.api_keys": ["secret"], "p2p.psk_file": "/k", "node.data_dir": "/d",
+        "p2p.bootstrap": [BOOT], "gateway.api_keys": ["s3cr3t-key"], "p2p.psk_file": "/k", "node.data_dir": "/d",
     })
     shown = config_to_dict(cfg)
     assert shown["gateway"]["api_keys"] == ["***"]
     assert shown["p2p"]["bootstrap"] == [BOOT]
     assert shown["p2p"]["psk_file"] == "/k" and shown["node"]["data_dir"] == "/d"
     assert shown["embedded"]["model_dir"] is None
-    assert "secret" not in repr(shown)
+    assert "s3cr3t-key" not in repr(shown)
 
     full = config_to_dict(cfg, redact=False)
     path = write(tmp_path, yaml.safe_dump(full))
