@@ -27,6 +27,7 @@ FLAG_KEYS = {
     "relay_client": "p2p.relay_client",
     "bootstrap": "p2p.bootstrap",
     "psk_file": "p2p.psk_file",
+    "authority": "mesh.authority",
     "heartbeat_interval": "p2p.heartbeat_interval",
     "api_listen": "gateway.listen",
     "api_key_file": "gateway.api_key_file",
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--no-mdns", dest="mdns", action="store_false", default=S, help="no LAN discovery")
     start.add_argument("--no-dht", dest="dht", action="store_false", default=S, help="no Kademlia DHT")
     start.add_argument("--psk-file", default=S, help="private-network key (see meshollama keygen --psk)")
+    start.add_argument("--authority", default=S, metavar="ed25519:KEY",
+                       help="join the closed mesh of this authority (printed by `meshollama mesh init`)")
     start.add_argument("--heartbeat-interval", type=float, default=S, metavar="SECONDS")
     start.add_argument("--log-level", default=S, choices=["debug", "info", "warning", "error"])
     start.add_argument("--log-format", default=S, choices=["text", "json"])
@@ -95,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
 
     keygen = sub.add_parser("keygen", help="create keys")
     keygen.add_argument("--psk", required=True, metavar="FILE", help="write a new private-network key to FILE")
+
+    from . import cli_mesh
+
+    cli_mesh.add_parsers(sub, common)
     return p
 
 
@@ -162,6 +169,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         check_file(args.file)
         print(f"{args.file}: ok")
         return 0
+    if args.command in ("mesh", "admit", "revoke", "policy"):
+        from . import cli_mesh
+
+        return cli_mesh.run(args, _load, _api_url)
     if args.command == "keygen":
         from .identity import write_psk
 

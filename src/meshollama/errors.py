@@ -51,6 +51,10 @@ class AnnouncementError(ProtocolError):
 # --- libp2p ---------------------------------------------------------------
 
 
+class TrustError(ProtocolError):
+    """A certificate or policy that does not verify: forged, foreign, expired, replayed or malformed."""
+
+
 class P2PError(MeshollamaError):
     """A libp2p operation (dial, stream open, read, write) failed or timed out."""
 

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,7 @@ class Node:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.mesh: MeshService | None = None
+        self.admission = None  # trust.admission.Admission in a closed mesh
         self.info: NodeInfo | None = None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -125,6 +127,7 @@ class Node:
         selected = await select_backend(cfg)
         backend = selected.backend
         mesh_metrics = MeshMetrics(self.registry)
+        self.admission = admission = build_admission(cfg, data_dir, key_pair)
         limiter = InboundLimiter(cfg.p2p.max_inbound_streams, cfg.p2p.max_inbound_per_peer)
 
         def http_server(on_reject, on_error) -> HttpStreamServer:
@@ -141,6 +144,7 @@ class Node:
             local_upstream=backend,
             http_server_factory=http_server,
             on_counter=_counter_sink(mesh_metrics),
+            admission=admission,
         )
         self.mesh = mesh
         app = create_app(cfg, mesh, backend, self.registry)
@@ -163,6 +167,32 @@ class Node:
         """Announce that we leave; call before cancelling ``serve``."""
         if self.mesh is not None:
             await self.mesh.leave()
+
+
+def build_admission(cfg: Config, data_dir: Path, key_pair):
+    """The admission of a closed mesh (``mesh.authority`` or ``meshollama mesh init``), or
+    None for an open one, with a warning when the open mesh listens beyond loopback."""
+    from .p2p.keys import peer_id_of
+    from .trust.admission import Admission
+    from .trust.state import TrustState, configured_authority
+
+    authority = configured_authority(data_dir, cfg.mesh.authority)
+    if authority is None:
+        if any(not _loopback_listen(a) for a in cfg.p2p.listen):
+            log.warning("open mesh: anyone who reaches %s can join and receive requests; "
+                        "close it with `meshollama mesh init` (docs/security.md)", ", ".join(cfg.p2p.listen))
+        return None
+    state = TrustState(authority, peer_id_of(key_pair), data_dir)
+    state.load(time.time())
+    if state.own is None:
+        log.warning("this node is not admitted to the mesh of %s yet: the operator runs "
+                    "`meshollama admit %s`", authority.text, state.self_id)
+    return Admission(state, timeout=cfg.mesh.admission_timeout)
+
+
+def _loopback_listen(addr: str) -> bool:
+    parts = addr.split("/")
+    return len(parts) > 2 and (parts[2].startswith("127.") or parts[2] == "::1")
 
 
 def _counter_sink(metrics):

@@ -17,7 +17,12 @@ events delivered by :class:`~meshollama.p2p.host.P2PHost`:
   are kept, the rest dropped and counted), then what the DHT and identify
   know, then relays; a peer no path reaches is ``unreachable`` (not routed
   to) and retried with backoff until one does;
-* on shutdown we publish a ``leaving`` announcement so others drop us at once.
+* on shutdown we publish a ``leaving`` announcement so others drop us at once;
+* in a closed mesh (``admission``), heartbeats of peers the mesh authority has
+  not admitted are dropped, only peers admitted on a live connection are
+  routed to (and streams to a peer wait for its admission), peers admitted
+  as ``gateway`` are never routed to, and a peer refused or revoked is
+  disconnected, marked down and its streams cancelled at once.
 
 The libp2p host is supervised: if it fails, the error is logged and it is
 rebuilt with backoff, while the peer table and the HTTP side keep running.
@@ -101,6 +106,7 @@ class MeshService:
         local_upstream,
         http_server_factory: Callable[[Callable[[str], None], Callable[[str], None]], HttpStreamServer],
         on_counter: Callable[[str, str], None] | None = None,
+        admission=None,
     ) -> None:
         from ..p2p.keys import peer_id_of
 
@@ -136,11 +142,32 @@ class MeshService:
         self._leaving = False
         self._misses: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None  # the running host's, for background work
+        self.admission = admission  # trust.admission.Admission, or None: an open mesh
+        if admission is not None:
+            admission.on_refused = self._refused
+            admission.on_admitted = self._admitted
 
     # --- MeshView (for the gateway) ------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        return self.table.snapshot(trio.current_time())
+        snap = self.table.snapshot(trio.current_time())
+        adm = self.admission
+        if adm is None:
+            return snap
+        # Closed mesh: only peers admitted on a live connection are seen (and routed to).
+        return Snapshot(tuple(p for p in snap.peers if p.is_self or adm.role(p.peer_id) is not None), snap.taken_at)
+
+    def _refused(self, peer_id: str, why: str) -> None:
+        """Admission refused or revoked ``peer_id``: cut it off now."""
+        if self.table.mark_down(peer_id, trio.current_time()):
+            log.warning("peer %s cut off: %s", peer_id, why)
+        self._abort_peer(peer_id)
+        host = self._host
+        if host is not None and self._nursery is not None:
+            self._spawn(lambda: host.disconnect(peer_id))
+
+    def _admitted(self, peer_id: str, role: str) -> None:
+        self.request_heartbeat()  # its first heartbeats may have come before the decision
 
     def upstream(self, peer_id: str):
         if peer_id == self.self_id:
@@ -180,6 +207,21 @@ class MeshService:
             "request_streams": dict(self.counters.request_streams),
             "addrs_dropped": dict(self.counters.addrs_dropped),
             "host_restarts": self.counters.host_restarts,
+            "admission": self._admission_status(),
+        }
+
+    def _admission_status(self) -> dict:
+        adm = self.admission
+        if adm is None:
+            return {"mode": "open"}
+        state = adm.state
+        own = state.own
+        return {
+            "mode": "closed",
+            "authority": state.authority.text,
+            "policy_version": state.policy.version,
+            "role": own.role if own is not None else None,
+            "certificate_expires_at": (own.exp or None) if own is not None else None,
         }
 
     def _abort_peer(self, peer_id: str) -> None:
@@ -229,7 +271,7 @@ class MeshService:
 
     async def _run_host(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         host = P2PHost(self.key_pair, self.host_settings, on_junk=lambda peer, why: self._drop("junk_rpc"),
-                       on_addrs_changed=self.request_heartbeat)
+                       on_addrs_changed=self.request_heartbeat, admission=self.admission)
         server = self._http_server_factory(
             lambda reason: self._count("inbound_rejected", reason),
             lambda kind: self._count("stream_errors", kind),
@@ -340,6 +382,13 @@ class MeshService:
                 # Signed by one peer, describing another: forged. Drop.
                 self._drop("signer_mismatch")
                 continue
+            if self.admission is not None:
+                role = self.admission.known_role(ann.peer_id)
+                if role is None:  # not admitted (or revoked): it does not exist for us
+                    self._drop("not_admitted")
+                    continue
+                if role == "gateway" and ann.models:  # sends requests, never serves them
+                    ann = dataclasses.replace(ann, models=())
             checked = addrs_mod.check_announced(ann.addrs, ann.peer_id)
             if checked.dropped:
                 self._count_n("addrs_dropped", "foreign_or_invalid", checked.dropped)
@@ -495,10 +544,13 @@ class MeshService:
         if host is None or not self._host_ready.is_set():
             raise P2PError("libp2p host is not running")
         budget = timeout or self.settings.connect_timeout
+        started = trio.current_time()
         if peer_id not in host.connected_peers():  # one deadline for the dial and the stream open
-            started = trio.current_time()
             await self.reach.reach(host, peer_id, timeout=budget)
-            budget = max(0.5, budget - (trio.current_time() - started))
+        if self.admission is not None and await self.admission.wait(peer_id, budget) is None:
+            # Never a request (a prompt, a key) to a peer the mesh has not admitted.
+            raise P2PError(f"peer {peer_id} is not admitted to this mesh")
+        budget = max(0.5, budget - (trio.current_time() - started))
         return await host.open_stream(peer_id, protocol, timeout=budget)
 
 

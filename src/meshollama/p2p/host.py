@@ -86,7 +86,7 @@ class P2PHost:
     """One libp2p host and its services. Create, then ``await nursery.start(host.serve)``."""
 
     def __init__(self, key_pair, settings: HostSettings, *, on_junk: Callable[[str, str], None] | None = None,
-                 on_addrs_changed: Callable[[], None] | None = None) -> None:
+                 on_addrs_changed: Callable[[], None] | None = None, admission=None) -> None:
         from libp2p.peer.id import ID
 
         self.key_pair = key_pair
@@ -104,6 +104,9 @@ class P2PHost:
         self._ifaces_at = -1e9
         self._on_addrs_changed = on_addrs_changed or (lambda: None)
         self.relay: Relay | None = None
+        # A closed mesh (trust.admission.Admission): every new connection is checked
+        # and every other inbound stream waits at the gate until it is decided.
+        self.admission = admission
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -160,6 +163,9 @@ class P2PHost:
                     await pubsub.wait_until_ready()
                     self._subscription = await pubsub.subscribe(TOPIC)
                     async with trio.open_nursery() as nursery:
+                        if self.admission is not None:
+                            self.admission.attach(self.open_stream, nursery, self.connected_peers)
+                            nursery.start_soon(self.admission.recheck_loop)
                         if self.settings.dht:
                             await self._start_dht(nursery)
                         if self.settings.mdns:
@@ -176,6 +182,8 @@ class P2PHost:
                 "(change it with --p2p-listen)"
             ) from exc
         finally:
+            if self.admission is not None:
+                self.admission.detach()
             await self._close(host)
 
     def _build(self):
@@ -231,6 +239,11 @@ class P2PHost:
         host.get_network().register_notifee(_Notifee(self))
         for protocol, handler in self._handlers.items():
             host.set_stream_handler(protocol, self._wrap_handler(handler))
+        if self.admission is not None:
+            from ..trust.admission import PROTOCOL as TRUST_PROTOCOL
+
+            host.set_stream_handler(TRUST_PROTOCOL, self._wrap_handler(self.admission.handle))
+            patches.gate_inbound_streams(host, TRUST_PROTOCOL, self.admission.allows)
         self._host, self._pubsub, self._gossip = host, pubsub, gossip
         return host, pubsub, gossip
 
@@ -407,6 +420,9 @@ class P2PHost:
                 pass
 
     async def _dht_add(self, peer) -> None:
+        # Only admitted peers go into the DHT: it would hand their addresses out.
+        if self.admission is not None and await self.admission.wait(peer.to_base58()) is None:
+            return
         try:
             with trio.move_on_after(self.settings.stream_timeout):
                 await self._dht.add_peer(peer, skip_server_mode_check=True)
@@ -465,10 +481,16 @@ class _Notifee:
         pass
 
     async def connected(self, network, conn) -> None:
-        self._owner._emit(Event("connected", conn.muxed_conn.peer_id.to_base58()))
+        peer = conn.muxed_conn.peer_id.to_base58()
+        if self._owner.admission is not None:
+            self._owner.admission.connected(peer)
+        self._owner._emit(Event("connected", peer))
 
     async def disconnected(self, network, conn) -> None:
-        self._owner._emit(Event("disconnected", conn.muxed_conn.peer_id.to_base58()))
+        peer = conn.muxed_conn.peer_id.to_base58()
+        if self._owner.admission is not None and peer not in self._owner.connected_peers():
+            self._owner.admission.disconnected(peer)
+        self._owner._emit(Event("disconnected", peer))
 
     async def listen(self, network, multiaddr) -> None:
         pass

@@ -3,8 +3,10 @@
 Given the host, py-libp2p's broadcaster puts its raw listen address
 (``0.0.0.0``) in the TXT records, so every node that finds us dials itself:
 we hand it our advertised addresses instead (``P2PHost.addrs``). A private
-mesh (PSK) announces a service name derived from a hash of the key, since
-mDNS is broadcast to the whole segment. Discoveries come from zeroconf's
+mesh (PSK) announces a service name that is an HMAC keyed by the PSK, since
+mDNS is broadcast to the whole segment: nodes holding the key find each
+other, and what a stranger hears reveals nothing of the key (no bits of it,
+no unkeyed hash to test guesses against offline). Discoveries come from zeroconf's
 thread and reach the mesh as ``discovered`` events; what they name is dialled
 through ``addrs.dial_plan`` like any other address.
 """
@@ -12,6 +14,7 @@ through ``addrs.dial_plan`` like any other address.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 from typing import TYPE_CHECKING
 
@@ -25,10 +28,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshollama.p2p")
 
 
+MDNS_LABEL = b"meshollama mdns service name v1"
+
+
 def service_fingerprint(psk: str | None) -> str:
+    """The mDNS service name: ``meshollama`` for an open mesh, else ``mo`` and 48 bits
+    of HMAC-SHA256(PSK, label) (a DNS label must stay short)."""
     if not psk:
         return "meshollama"
-    return "mo" + hashlib.sha256(b"meshollama-mdns:" + psk.encode()).hexdigest()[:12]
+    return "mo" + hmac.new(bytes.fromhex(psk), MDNS_LABEL, hashlib.sha256).hexdigest()[:12]
 
 
 def start_mdns(host: P2PHost, nursery: trio.Nursery) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -157,3 +157,38 @@ def patch_buffered_tcp_reads() -> None:
 
     _STOCK_TCP_READ = stock
     TrioTCPStream.read = read
+
+
+def gate_inbound_streams(host, exempt: str, allows: Callable[[str], Awaitable[bool]]) -> None:
+    """Hold every inbound stream (ours and py-libp2p's own: identify, gossipsub,
+    the DHT, ping, relay) until ``allows(peer_id)`` answers, and reset it if the
+    answer is no; streams on ``exempt`` (the admission exchange) pass at once.
+
+    py-libp2p has no connection gater, but every inbound stream goes through
+    ``host.multiselect.negotiate`` to find its handler: wrapping the handler it
+    returns gates handlers registered later (pubsub, the DHT) too. The protocol
+    name is negotiated before the gate, so a stranger learns which protocols we
+    speak and nothing else.
+    """
+    mux = host.multiselect
+    negotiate = mux.negotiate
+
+    async def gated_negotiate(communicator, *args, **kwargs):
+        protocol, handler = await negotiate(communicator, *args, **kwargs)
+        if handler is None or protocol == exempt:
+            return protocol, handler
+
+        async def gated(net_stream) -> None:
+            peer = net_stream.muxed_conn.peer_id.to_base58()
+            if await allows(peer):
+                await handler(net_stream)
+            else:
+                log.debug("stream %s from %s refused: peer not admitted", protocol, peer)
+                try:
+                    await net_stream.reset()
+                except Exception:
+                    pass
+
+        return protocol, gated
+
+    mux.negotiate = gated_negotiate

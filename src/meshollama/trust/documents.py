@@ -1,0 +1,348 @@
+"""Certificates and the mesh policy: signed by the mesh authority, checked by every node (pure).
+
+The mesh authority is one Ed25519 key (``meshollama mesh init``). What it
+signs travels as ``<payload>.<signature>``, both base64url without padding;
+the payload is compact JSON and the signature covers a domain prefix plus the
+payload bytes, so a certificate can never be replayed as a policy (or the
+other way round), nor anything signed for another purpose with the same key.
+
+* A :class:`Certificate` says "peer P holds role R from ``iat`` until
+  ``exp``" (``exp`` 0: no expiry). A peer presents its own on every new
+  connection; a certificate for another peer ID proves nothing.
+* A :class:`Policy` is the mesh's configuration: a version, the certificates
+  of every admitted peer, revocations, API keys shared mesh-wide and routing
+  defaults. Nodes gossip it and keep the highest valid version: an older
+  version, even validly signed, is a replay and is ignored.
+* A :class:`Revocation` of peer P at time T voids every certificate of P
+  issued at or before T. Re-admitting P later issues a newer certificate.
+
+Nothing here does I/O or reads the clock: ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..errors import TrustError
+
+ROLES = ("serve", "gateway", "admin")  # admin: serve + manage models over the mesh
+KEY_PREFIX = "ed25519:"
+MAX_CERT_BYTES = 2048
+MAX_POLICY_BYTES = 1024 * 1024
+MAX_CERTS = 10_000
+MAX_REVOKED = 10_000
+MAX_KEYS = 1_000
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")  # base58btc
+_DOMAIN = {"cert": b"meshollama certificate v1\n", "policy": b"meshollama policy v1\n"}
+_KEY_ROLES = ("admin", "user", "readonly")
+_STRATEGIES = ("least_loaded", "round_robin", "random", "local_first")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str, what: str) -> bytes:
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise TrustError(f"{what}: not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise TrustError(f"{what}: not base64url") from None
+
+
+# --- keys ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Authority:
+    """The mesh authority's public key: what every node of a closed mesh trusts."""
+
+    public: bytes  # 32 raw bytes
+
+    @classmethod
+    def parse(cls, text: str) -> "Authority":
+        text = text.strip()
+        if not text.startswith(KEY_PREFIX):
+            raise TrustError(f"an authority key starts with {KEY_PREFIX!r}")
+        raw = _unb64(text[len(KEY_PREFIX):], "authority key")
+        if len(raw) != 32:
+            raise TrustError("an authority key is 32 bytes")
+        return cls(raw)
+
+    @property
+    def text(self) -> str:
+        return KEY_PREFIX + _b64(self.public)
+
+    def verify(self, token: str, kind: str, max_bytes: int) -> dict[str, Any]:
+        """The payload of ``token`` if the authority signed it as ``kind``; else TrustError."""
+        from nacl.exceptions import BadSignatureError
+        from nacl.signing import VerifyKey
+
+        if not isinstance(token, str) or len(token) > max_bytes * 4 // 3 + 100:
+            raise TrustError(f"{kind}: too large or not text")
+        payload_text, dot, sig_text = token.strip().partition(".")
+        if not dot:
+            raise TrustError(f"{kind}: expected <payload>.<signature>")
+        payload, sig = _unb64(payload_text, kind), _unb64(sig_text, f"{kind} signature")
+        if len(payload) > max_bytes or len(sig) != 64:
+            raise TrustError(f"{kind}: bad size")
+        try:
+            VerifyKey(self.public).verify(_DOMAIN[kind] + payload, sig)
+        except BadSignatureError:
+            raise TrustError(f"{kind}: signature does not verify with this mesh's authority") from None
+        try:
+            obj = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            raise TrustError(f"{kind}: payload is not JSON") from None
+        if not isinstance(obj, dict) or obj.get("typ") != kind:
+            raise TrustError(f"{kind}: wrong document type")
+        if obj.get("auth") != self.text:
+            raise TrustError(f"{kind}: issued by another authority")
+        return obj
+
+
+@dataclass(frozen=True)
+class SigningAuthority:
+    """The private half: only ``meshollama mesh init/admit/revoke/policy`` hold it."""
+
+    seed: bytes  # 32 raw bytes
+
+    @classmethod
+    def generate(cls) -> "SigningAuthority":
+        from nacl.signing import SigningKey
+
+        return cls(bytes(SigningKey.generate()))
+
+    @classmethod
+    def parse(cls, text: str) -> "SigningAuthority":
+        text = text.strip()
+        prefix = "ed25519-secret:"
+        if not text.startswith(prefix):
+            raise TrustError(f"an authority secret key starts with {prefix!r}")
+        raw = _unb64(text[len(prefix):], "authority secret key")
+        if len(raw) != 32:
+            raise TrustError("an authority secret key is 32 bytes")
+        return cls(raw)
+
+    @property
+    def text(self) -> str:
+        return "ed25519-secret:" + _b64(self.seed)
+
+    @property
+    def authority(self) -> Authority:
+        from nacl.signing import SigningKey
+
+        return Authority(bytes(SigningKey(self.seed).verify_key))
+
+    def sign(self, payload: dict[str, Any], kind: str) -> str:
+        from nacl.signing import SigningKey
+
+        body = json.dumps({**payload, "typ": kind, "auth": self.authority.text},
+                          separators=(",", ":"), sort_keys=True).encode()
+        sig = SigningKey(self.seed).sign(_DOMAIN[kind] + body).signature
+        return f"{_b64(body)}.{_b64(sig)}"
+
+
+# --- field checks ------------------------------------------------------------------
+
+
+def _int(o: dict, key: str, what: str, default: int | None = None) -> int:
+    v = o.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+        raise TrustError(f"{what}.{key}: expected a non-negative integer")
+    return v
+
+
+def _str(o: dict, key: str, what: str, limit: int = 256) -> str:
+    v = o.get(key)
+    if not isinstance(v, str) or not v or len(v) > limit:
+        raise TrustError(f"{what}.{key}: expected a string")
+    return v
+
+
+def check_peer_id(peer_id: str) -> str:
+    if not isinstance(peer_id, str) or not _PEER_ID.fullmatch(peer_id):
+        raise TrustError(f"not a peer ID: {str(peer_id)[:80]!r}")
+    return peer_id
+
+
+# --- certificates -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    peer: str
+    role: str
+    iat: int  # issued at, unix seconds
+    exp: int = 0  # expires at, unix seconds; 0: never
+    serial: str = ""
+    token: str = field(default="", compare=False, repr=False)
+
+    def expired(self, now: float) -> bool:
+        return self.exp != 0 and now >= self.exp
+
+    def payload(self) -> dict[str, Any]:
+        return {"peer": self.peer, "role": self.role, "iat": self.iat, "exp": self.exp, "sn": self.serial}
+
+
+def issue_certificate(key: SigningAuthority, peer: str, role: str, *, now: int, expires: int = 0,
+                      serial: str) -> Certificate:
+    check_peer_id(peer)
+    if role not in ROLES:
+        raise TrustError(f"role must be one of {', '.join(ROLES)}")
+    cert = Certificate(peer, role, now, expires, serial)
+    return replace(cert, token=key.sign(cert.payload(), "cert"))
+
+
+def decode_certificate(authority: Authority, token: str) -> Certificate:
+    """The certificate ``token`` if the authority signed it; validity in time is the caller's."""
+    o = authority.verify(token, "cert", MAX_CERT_BYTES)
+    role = _str(o, "role", "cert")
+    if role not in ROLES:
+        raise TrustError(f"cert.role: unknown role {role[:20]!r}")
+    return Certificate(
+        peer=check_peer_id(_str(o, "peer", "cert", 64)),
+        role=role,
+        iat=_int(o, "iat", "cert"),
+        exp=_int(o, "exp", "cert", 0),
+        serial=str(o.get("sn", ""))[:64],
+        token=token.strip(),
+    )
+
+
+# --- the policy ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Revocation:
+    peer: str
+    at: int  # certificates of ``peer`` issued at or before this are void
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: int = 0
+    iat: int = 0
+    certs: tuple[Certificate, ...] = ()
+    revoked: tuple[Revocation, ...] = ()
+    api_keys: tuple[dict[str, str], ...] = ()  # {"id","name","role","sha256"}: hashes only
+    routing: dict[str, str] = field(default_factory=dict)  # {"strategy": ...}
+    token: str = field(default="", compare=False, repr=False)
+
+    def revoked_at(self, peer: str) -> int | None:
+        """The latest revocation time of ``peer``, or None."""
+        times = [r.at for r in self.revoked if r.peer == peer]
+        return max(times) if times else None
+
+    def voids(self, cert: Certificate) -> bool:
+        at = self.revoked_at(cert.peer)
+        return at is not None and cert.iat <= at
+
+    def cert_for(self, peer: str, now: float) -> Certificate | None:
+        """The newest certificate of ``peer`` in the policy that is in force at ``now``."""
+        best = None
+        for c in self.certs:
+            if c.peer == peer and not c.expired(now) and not self.voids(c) and (best is None or c.iat > best.iat):
+                best = c
+        return best
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "ver": self.version, "iat": self.iat,
+            "certs": [c.token for c in self.certs],
+            "revoked": [{"peer": r.peer, "at": r.at} for r in self.revoked],
+            "api_keys": [dict(k) for k in self.api_keys],
+            "routing": dict(self.routing),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """What ``meshollama policy show`` and ``GET /api/mesh/policy`` print (no key hashes)."""
+        return {
+            "version": self.version, "issued_at": self.iat,
+            "admitted": [{"peer": c.peer, "role": c.role, "issued_at": c.iat, "expires_at": c.exp or None}
+                         for c in self.certs],
+            "revoked": [{"peer": r.peer, "at": r.at} for r in self.revoked],
+            "api_keys": [{"id": k["id"], "name": k.get("name", ""), "role": k["role"]} for k in self.api_keys],
+            "routing": dict(self.routing),
+        }
+
+
+def sign_policy(key: SigningAuthority, policy: Policy) -> Policy:
+    token = key.sign(policy.payload(), "policy")
+    if len(token) > MAX_POLICY_BYTES:
+        raise TrustError(f"policy over {MAX_POLICY_BYTES} bytes")
+    return replace(policy, token=token)
+
+
+def _api_key(o: Any, i: int) -> dict[str, str]:
+    what = f"policy.api_keys[{i}]"
+    if not isinstance(o, dict):
+        raise TrustError(f"{what}: expected an object")
+    entry = {"id": _str(o, "id", what, 64), "name": str(o.get("name", ""))[:128],
+             "role": _str(o, "role", what, 16), "sha256": _str(o, "sha256", what, 64)}
+    if entry["role"] not in _KEY_ROLES or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+        raise TrustError(f"{what}: bad role or digest")
+    return entry
+
+
+def _list(o: dict, key: str, limit: int) -> list:
+    v = o.get(key, [])
+    if not isinstance(v, list) or len(v) > limit:
+        raise TrustError(f"policy.{key}: expected a list of at most {limit}")
+    return v
+
+
+def decode_policy(authority: Authority, token: str) -> Policy:
+    """The policy ``token`` if the authority signed it and every entry is well formed.
+
+    One bad certificate inside rejects the whole policy: it was signed as a
+    whole, so a part that does not verify means it was not made by our tools."""
+    o = authority.verify(token, "policy", MAX_POLICY_BYTES)
+    certs = tuple(decode_certificate(authority, t) if isinstance(t, str) else _bad("policy.certs[]")
+                  for t in _list(o, "certs", MAX_CERTS))
+    revoked = []
+    for r in _list(o, "revoked", MAX_REVOKED):
+        if not isinstance(r, dict):
+            raise TrustError("policy.revoked[]: expected an object")
+        revoked.append(Revocation(check_peer_id(_str(r, "peer", "policy.revoked[]", 64)),
+                                  _int(r, "at", "policy.revoked[]")))
+    keys = tuple(_api_key(k, i) for i, k in enumerate(_list(o, "api_keys", MAX_KEYS)))
+    routing = o.get("routing", {})
+    if not isinstance(routing, dict) or any(not isinstance(v, str) for v in routing.values()):
+        raise TrustError("policy.routing: expected an object of strings")
+    if routing.get("strategy", "least_loaded") not in _STRATEGIES:
+        raise TrustError(f"policy.routing.strategy: one of {', '.join(_STRATEGIES)}")
+    return Policy(_int(o, "ver", "policy"), _int(o, "iat", "policy", 0), certs, tuple(revoked), keys,
+                  {k: v for k, v in routing.items() if k == "strategy"}, token=token.strip())
+
+
+def _bad(what: str):
+    raise TrustError(f"{what}: expected a certificate string")
+
+
+# --- editing (the CLI's side) ---------------------------------------------------------
+
+
+def admit(policy: Policy, cert: Certificate, *, now: int) -> Policy:
+    """``policy`` with ``cert`` replacing every other certificate of its peer."""
+    certs = tuple(c for c in policy.certs if c.peer != cert.peer) + (cert,)
+    return replace(policy, version=max(policy.version + 1, now), iat=now, certs=certs, token="")
+
+
+def revoke(policy: Policy, peer: str, *, now: int) -> Policy:
+    """``policy`` revoking ``peer`` now: its certificates are removed and voided."""
+    check_peer_id(peer)
+    certs = tuple(c for c in policy.certs if c.peer != peer)
+    revoked = tuple(r for r in policy.revoked if r.peer != peer) + (Revocation(peer, now),)
+    return replace(policy, version=max(policy.version + 1, now), iat=now, certs=certs, revoked=revoked, token="")
+
+
+def edited(policy: Policy, *, now: int, **changes: Any) -> Policy:
+    """``policy`` with other fields changed (api_keys, routing) and a new version."""
+    return replace(policy, version=max(policy.version + 1, now), iat=now, token="", **changes)

@@ -1,0 +1,168 @@
+"""Admission over real libp2p hosts on loopback: the exchange, the gate, revocation.
+
+Attacks: a stranger (no certificate, a certificate of another peer, another
+mesh's certificate) connects, opens streams and is served nothing; a revoked
+peer is cut off by every node, also by one that learns of it only through
+the policy a peer pushes.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from meshollama.errors import P2PError
+from meshollama.p2p.host import P2PHost
+from meshollama.p2p.keys import peer_id_of
+from meshollama.trust import documents as d
+from meshollama.trust.admission import Admission
+from meshollama.trust.state import TrustState
+from tests.p2p.helpers import settings
+
+ECHO = "/test/echo/1"
+
+
+class Member:
+    def __init__(self, authority, *, policy=None, own=None, timeout=3.0):
+        self.kp = create_new_key_pair()
+        self.id = peer_id_of(self.kp)
+        self.served: list[str] = []
+        self.admission = None
+        if authority is not None:
+            state = TrustState(authority, self.id)
+            self.admission = Admission(state, timeout=timeout)
+        self.host: P2PHost | None = None
+
+    async def echo(self, stream):
+        self.served.append(stream.peer_id)
+        data = await stream.read(100)
+        await stream.write(data)
+        await stream.close()
+
+
+@asynccontextmanager
+async def mesh_of(*members: Member):
+    async with trio.open_nursery() as nursery:
+        for m in members:
+            m.host = P2PHost(m.kp, settings(), admission=m.admission)
+            m.host.set_handler(ECHO, m.echo)
+            if m.admission is not None:
+                def cut(peer, why, host=m.host):
+                    nursery.start_soon(host.disconnect, peer)
+                m.admission.on_refused = cut
+            await nursery.start(m.host.serve)
+        try:
+            yield members
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def policy_for(key, *admitted: tuple[str, str], base=None, now=None):
+    now = now or int(time.time())
+    p = base or d.Policy()
+    for peer, role in admitted:
+        p = d.admit(p, d.issue_certificate(key, peer, role, now=now, serial="00"), now=now)
+    return d.sign_policy(key, p)
+
+
+def give(member: Member, policy):
+    member.admission.state.offer_policy(policy.token, time.time(), persist=False)
+
+
+async def echo(a: Member, b: Member) -> bytes:
+    stream = await a.host.open_stream(b.id, ECHO, timeout=3)
+    await stream.write(b"hi")
+    return await stream.read(100, timeout=3)
+
+
+async def until(predicate, step=0.05):
+    while not predicate():
+        await trio.sleep(step)
+
+
+async def test_admitted_peers_talk_and_a_stranger_is_served_nothing():
+    key = d.SigningAuthority.generate()
+    a, b = Member(key.authority), Member(key.authority)
+    stranger = Member(None)  # speaks plain libp2p, no admission protocol
+    pol = policy_for(key, (a.id, "admin"), (b.id, "serve"))
+    give(a, pol)
+    give(b, pol)
+    with trio.fail_after(30):
+        async with mesh_of(a, b, stranger):
+            await b.host.connect(a.host.addrs())
+            await until(lambda: a.admission.role(b.id) == "serve" and b.admission.role(a.id) == "admin")
+            assert await echo(b, a) == b"hi"
+            # The stranger connects (Noise works: it has a key) and asks for a stream.
+            await stranger.host.connect(a.host.addrs())
+            try:
+                got = await echo(stranger, a)
+            except P2PError:
+                got = None
+            assert not got, "a stranger must get no stream served"
+            await until(lambda: stranger.id not in a.host.connected_peers())
+            assert stranger.id not in a.served and a.admission.role(stranger.id) is None
+
+
+async def test_a_replayed_or_foreign_certificate_admits_nobody():
+    key, other = d.SigningAuthority.generate(), d.SigningAuthority.generate()
+    a, thief, foreign = Member(key.authority), Member(key.authority), Member(key.authority)
+    honest = Member(key.authority)
+    give(a, policy_for(key, (a.id, "admin")))
+    # thief presents honest's certificate; foreign presents one from another mesh's authority.
+    thief.admission.state.own = d.issue_certificate(key, honest.id, "admin", now=int(time.time()), serial="1")
+    foreign.admission.state.own = d.issue_certificate(other, foreign.id, "admin", now=int(time.time()), serial="2")
+    with trio.fail_after(30):
+        async with mesh_of(a, thief, foreign):
+            for m in (thief, foreign):
+                await m.host.connect(a.host.addrs())
+            await until(lambda: not ({thief.id, foreign.id} & a.host.connected_peers()))
+            assert a.served == [] and a.admission.role(thief.id) is None and a.admission.role(foreign.id) is None
+
+
+async def test_a_revoked_peer_is_cut_off_by_every_node_within_seconds():
+    key = d.SigningAuthority.generate()
+    a, b, c = Member(key.authority), Member(key.authority), Member(key.authority)
+    pol = policy_for(key, (a.id, "admin"), (b.id, "serve"), (c.id, "serve"))
+    for m in (a, b, c):
+        give(m, pol)
+    with trio.fail_after(40):
+        async with mesh_of(a, b, c):
+            await b.host.connect(a.host.addrs())
+            await c.host.connect(a.host.addrs())
+            await c.host.connect(b.host.addrs())
+            await until(lambda: c.admission.role(b.id) == "serve" and a.admission.role(b.id) == "serve"
+                        and c.admission.role(a.id) == "admin")
+            # The operator posts the revocation to a only; c learns it from a's push.
+            revoked = d.sign_policy(key, d.revoke(pol, b.id, now=int(time.time()) + 1))
+            start = trio.current_time()
+            assert a.admission.offer_policy(revoked.token)
+            await until(lambda: b.id not in a.host.connected_peers() and b.id not in c.host.connected_peers())
+            assert trio.current_time() - start < 5
+            assert c.admission.state.policy.version == revoked.version
+            # b cannot come back: it is refused by both.
+            try:
+                await b.host.connect(c.host.addrs())
+            except P2PError:
+                pass
+            await until(lambda: b.id not in c.host.connected_peers())
+            assert c.admission.role(b.id) is None
+
+
+async def test_a_node_that_missed_the_revocation_learns_it_on_next_contact():
+    key = d.SigningAuthority.generate()
+    a, b, late = Member(key.authority), Member(key.authority), Member(key.authority)
+    pol = policy_for(key, (a.id, "admin"), (b.id, "serve"), (late.id, "serve"))
+    for m in (a, b, late):
+        give(m, pol)
+    give(a, d.sign_policy(key, d.revoke(pol, b.id, now=int(time.time()) + 1)))  # issued while `late` was away
+    with trio.fail_after(30):
+        async with mesh_of(a, b, late):
+            await b.host.connect(late.host.addrs())  # b reaches late first: late still admits it
+            await until(lambda: late.admission.role(b.id) == "serve")
+            await late.host.connect(a.host.addrs())  # late's next contact carries the newer policy
+            await until(lambda: b.id not in late.host.connected_peers())
+            assert late.admission.role(b.id) is None
+            assert late.admission.state.policy.version == a.admission.state.policy.version
