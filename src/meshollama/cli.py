@@ -99,9 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="create keys")
     keygen.add_argument("--psk", required=True, metavar="FILE", help="write a new private-network key to FILE")
 
-    from . import cli_mesh
+    from . import cli_keys, cli_mesh
 
     cli_mesh.add_parsers(sub, common)
+    cli_keys.add_parser(sub, common)
     return p
 
 
@@ -169,6 +170,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         check_file(args.file)
         print(f"{args.file}: ok")
         return 0
+    if args.command == "keys":
+        from . import cli_keys
+
+        return cli_keys.run(args)
     if args.command in ("mesh", "admit", "revoke", "policy"):
         from . import cli_mesh
 
@@ -251,7 +256,15 @@ def _api_url(args: argparse.Namespace, config) -> str:
     running = read_node_file(Path(config.node.data_dir)) or {}
     if running.get("api_url"):
         return running["api_url"].rstrip("/")
-    return f"http://{config.gateway.listen}"
+    scheme = "https" if config.gateway.tls_cert is not None else "http"
+    return f"{scheme}://{config.gateway.listen}"
+
+
+def http_verify(config):
+    """What the CLI's own requests to the local node trust: with gateway TLS, the node's
+    certificate file (a self-signed certificate is its own CA), else the system CAs."""
+    tls = config.gateway.tls_cert
+    return str(tls) if tls is not None else True
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -262,7 +275,7 @@ def _query(args: argparse.Namespace) -> int:
     path = "/api/mesh/peers" if args.command == "peers" else "/api/mesh/status"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        resp = httpx.get(url + path, headers=headers, timeout=5.0)
+        resp = httpx.get(url + path, headers=headers, timeout=5.0, verify=http_verify(config))
     except httpx.HTTPError as exc:
         print(f"meshollama: cannot reach the node at {url}: {exc} (is `meshollama start` running?)", file=sys.stderr)
         return 1

@@ -217,7 +217,10 @@ class _Client:
     """The local node's copy of the policy: through its API if it runs, else on disk."""
 
     def __init__(self, args, config, data_dir: Path, api_url, authority) -> None:
+        from .cli import http_verify
+
         self.url = api_url(args, config)
+        self.verify = http_verify(config)
         self.headers = {"Authorization": f"Bearer {args.api_key}"} if getattr(args, "api_key", None) else {}
         self.data_dir = data_dir
         self.authority = authority
@@ -230,7 +233,7 @@ class _Client:
 
         token = ""
         try:
-            resp = httpx.get(self.url + "/api/mesh/policy", headers=self.headers, timeout=5.0)
+            resp = httpx.get(self.url + "/api/mesh/policy", headers=self.headers, timeout=5.0, verify=self.verify)
             if resp.status_code == 200:
                 token = resp.json().get("policy") or ""
             elif resp.status_code in (401, 403):
@@ -252,7 +255,7 @@ class _Client:
 
         try:
             resp = httpx.post(self.url + "/api/mesh/policy", json={"policy": policy.token},
-                              headers=self.headers, timeout=10.0)
+                              headers=self.headers, timeout=10.0, verify=self.verify)
         except httpx.HTTPError:
             write_private(trust_dir(self.data_dir) / "policy", policy.token)
             return f"written to {trust_dir(self.data_dir) / 'policy'} (no node running at {self.url}: " \

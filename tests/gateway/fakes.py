@@ -13,17 +13,19 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
 
 from meshollama.catalog import LoadInfo, ModelInfo
-from meshollama.config import Config, GatewayConfig
+from meshollama.config import Config, GatewayConfig, NodeConfig
 from meshollama.errors import UpstreamBroken, UpstreamUnavailable
 from meshollama.gateway import create_app, serve_gateway
 from meshollama.httpmsg import Headers, ProxyRequest, ProxyResponse
@@ -281,11 +283,16 @@ class FakeMesh:
 # --- a running gateway ----------------------------------------------------------
 
 
-def make_config(**gateway: Any) -> Config:
+# A data dir without api_keys.json, so the developer's own ~/.meshollama keys never close a test gateway.
+_NO_KEYS = tempfile.TemporaryDirectory(prefix="meshollama-gw-test-")
+
+
+def make_config(*, data_dir: Any = None, **gateway: Any) -> Config:
     # round_robin: the first request tries peers in peer-id order, so tests know who is first.
     defaults: dict[str, Any] = {"listen": "127.0.0.1:0", "routing": "round_robin", "sideline_seconds": 30.0}
     defaults.update(gateway)
-    return Config(gateway=replace(GatewayConfig(), **defaults))
+    node = replace(NodeConfig(), data_dir=Path(data_dir or _NO_KEYS.name))
+    return Config(node=node, gateway=replace(GatewayConfig(), **defaults))
 
 
 @dataclass

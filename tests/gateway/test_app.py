@@ -18,8 +18,10 @@ from meshollama.catalog import LoadInfo
 from meshollama.errors import PortInUseError
 from meshollama.gateway import create_app, serve_gateway
 from meshollama.gateway.app import OLLAMA_COMPAT_VERSION
-from meshollama.gateway.auth import ApiKeys, bearer_token
+from meshollama.gateway.auth import ANONYMOUS, Authenticator, Caller, Refusal, bearer_token
 from meshollama.gateway.cors import CorsPolicy
+from meshollama.gateway.keystore import KeyStore
+from meshollama.gateway.roles import Role
 from meshollama.gateway.server import _is_loopback
 from meshollama.mesh.peertable import PeerState
 
@@ -172,14 +174,15 @@ def test_two_apps_share_nothing():
 # --- API keys -------------------------------------------------------------------
 
 
-def test_api_keys_pure():
-    keys = ApiKeys(["k1", "k2"])
-    assert keys and not ApiKeys([])
-    assert keys.check("Bearer k2") and keys.check("bearer  k1 ")
-    assert not keys.check("Bearer k3") and not keys.check("Basic k1") and not keys.check(None)
-    assert not keys.check("Bearer ") and bearer_token("Bearer x y") == "x y"
-    assert ApiKeys.exempt("GET", "/") and ApiKeys.exempt("GET", "/metrics")
-    assert not ApiKeys.exempt("POST", "/") and not ApiKeys.exempt("GET", "/api/tags")
+def test_config_api_keys_are_admin_keys():
+    auth = Authenticator(KeyStore(None, ["k1", "k2"]))
+    assert auth.configured and not Authenticator(KeyStore(None, [])).configured
+    assert auth.authenticate("Bearer k2", 0) == Caller(Role.ADMIN, "config", "config-2", "config-2")
+    assert auth.authenticate("bearer  k1 ", 0).role is Role.ADMIN
+    for bad in ("Bearer k3", "Basic k1", None, "Bearer "):
+        assert isinstance(auth.authenticate(bad, 0), Refusal), bad
+    assert bearer_token("Bearer x y") == "x y"
+    assert Authenticator(KeyStore(None, [])).authenticate(None, 0) is ANONYMOUS
 
 
 async def test_api_keys_over_http_and_not_forwarded():
@@ -204,14 +207,17 @@ async def test_api_keys_over_http_and_not_forwarded():
     assert "authorization" not in dict(req.headers)
 
 
-async def test_client_authorization_passes_through_without_keys():
+async def test_client_credentials_stay_at_an_open_gateway_too():
+    """Whatever a client sends this gateway is for it, not for the peer that happens to answer."""
     mesh = two_peer_mesh()
     with trio.fail_after(10):
         async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
-            r = await client.post("/api/generate", headers={"authorization": "Bearer theirs"},
+            r = await client.post("/api/generate", headers={"authorization": "Bearer theirs", "cookie": "s=1",
+                                                            "proxy-authorization": "Basic eA=="},
                                   json={"model": "llama3", "stream": False})
+            assert r.status_code == 200
     (req,) = mesh.upstreams[r.headers["x-meshollama-peer"]].requests
-    assert dict(req.headers)["authorization"] == "Bearer theirs"
+    assert not {"authorization", "cookie", "proxy-authorization"} & {k.lower() for k, _ in req.headers}
 
 
 # --- CORS -----------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Request path, outermost first::
 
-    Gate (CORS, API keys)  ->  ProxyRoutes (routed + management endpoints, raw ASGI)
+    Gate (CORS, Host, credentials, roles)  ->  ProxyRoutes (routed + management endpoints, raw ASGI)
                                     -> Quart views (listings, status, metrics, 404/405)
 
 The proxied endpoints bypass Quart's views on purpose (see ``proxy.py``);
@@ -28,10 +28,13 @@ from .. import __version__, names
 from ..backends.ollama_api import OLLAMA_VERSION
 from ..httpmsg import Upstream
 from ..mesh.peertable import Snapshot
-from . import listings
-from .auth import ApiKeys
+from . import listings, policy_routes
+from .auth import Authenticator
 from .cors import CorsPolicy
 from .errors import METHOD_NOT_ALLOWED_PAGE, Answer, not_found_answer, error_answer, json_answer, text_answer
+from .hosts import HostPolicy
+from .jwt_auth import JwtVerifier
+from .keystore import KeyStore
 from .metrics import GatewayMetrics
 from .middleware import Gate
 from .proxy import Proxy, ProxyRoutes
@@ -67,6 +70,9 @@ class GatewayState:
         self.registry = registry
         self.metrics = GatewayMetrics(registry)
         self.proxy = Proxy(self.gateway, mesh, backend, self.metrics)
+        # API keys of every source; the mesh policy feeds ``keystore.set_shared``.
+        self.keystore = KeyStore.for_config(config)
+        self.auth = Authenticator(self.keystore, JwtVerifier.from_config(self.gateway))
 
 
 class _HTTPConnection(TrioASGIHTTPConnection):
@@ -96,7 +102,9 @@ def _respond(answer: Answer) -> Response:
 
 def create_app(config: Any, mesh: MeshView, backend: Upstream | None, registry: CollectorRegistry) -> QuartTrio:
     """The gateway for one node. ``config.gateway`` supplies listen, api_keys,
-    max_body_bytes, routing, retries, sideline_seconds, cors_origins, max_concurrent."""
+    max_body_bytes, routing, retries, sideline_seconds, cors_origins, max_concurrent,
+    allowed_hosts and the jwt_* keys; ``config.node.data_dir`` holds the key file.
+    Raises :class:`~meshollama.errors.ConfigError` for an unusable JWT key file."""
     state = GatewayState(config, mesh, backend, registry)
     app = QuartTrio(__name__)
     app.asgi_http_class = _HTTPConnection  # type: ignore[assignment]
@@ -108,11 +116,14 @@ def create_app(config: Any, mesh: MeshView, backend: Upstream | None, registry: 
     )
     app.extensions[EXTENSION] = state
     _register_views(app, state)
+    policy_routes.register(app, mesh, _respond)
     _register_errors(app)
     app.asgi_app = Gate(  # type: ignore[method-assign]
         ProxyRoutes(state.proxy, app.asgi_app),
         cors=CorsPolicy(state.gateway.cors_origins or ()),
-        keys=ApiKeys(state.gateway.api_keys or ()),
+        auth=state.auth,
+        hosts=HostPolicy.for_config(state.gateway),
+        metrics=state.metrics,
     )
     return app
 

@@ -62,6 +62,19 @@ class GatewayMetrics:
             "Responses whose upstream failed after the first byte reached the client.",
             registry=registry,
         )
+        self.requests_by_key = Counter(
+            "meshollama_api_requests_by_key_total",
+            "Requests that passed authentication, by API key (its name, else its id; every JWT"
+            " counts as 'jwt', an open gateway's callers as 'anonymous') and role.",
+            ["key", "role"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "meshollama_api_refused_total",
+            "Requests the gate refused, by reason (unauthenticated, forbidden, no_role, host).",
+            ["reason"],
+            registry=registry,
+        )
 
 
 class MeshMetrics:

@@ -5,6 +5,12 @@ returns the address actually bound (port 0 becomes a real port), and
 cancelling it shuts down gracefully: the listener closes at once, in-flight
 answers (long generations included) get ``grace_period`` seconds to finish,
 then they are cancelled, which closes their upstream streams.
+
+TLS is Hypercorn's own (``tls=TlsFiles(...)``, from ``gateway.tls_cert``/
+``tls_key``), with client certificates required when ``tls_client_ca`` is
+set (mutual TLS: a client without a certificate from that CA never gets to
+send a request). mTLS authenticates the machine, not the caller: API keys
+or JWTs, when configured, are still required on top.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -69,7 +78,40 @@ def patch_h11_head_with_body() -> None:
     _h11_patched = True
 
 
-def hypercorn_config(listen: str, grace_period: float = DEFAULT_GRACE_PERIOD) -> HypercornConfig:
+@dataclass(frozen=True)
+class TlsFiles:
+    """What the gateway serves TLS with: PEM files."""
+
+    cert: Path  # certificate chain, leaf first
+    key: Path
+    client_ca: Path | None = None  # set: clients must present a certificate this CA signed
+
+
+def tls_from_config(gateway: Any) -> TlsFiles | None:
+    """``gateway.tls_cert``/``tls_key``/``tls_client_ca`` (validated together by the config)."""
+    if gateway.tls_cert is None or gateway.tls_key is None:
+        return None
+    return TlsFiles(Path(gateway.tls_cert), Path(gateway.tls_key),
+                    None if gateway.tls_client_ca is None else Path(gateway.tls_client_ca))
+
+
+def check_tls(tls: TlsFiles) -> None:
+    """Load the files once before serving, so a bad one is a :class:`ConfigError` naming
+    its key, not a bind failure from deep inside Hypercorn."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile=tls.cert, keyfile=tls.key)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError("gateway.tls_cert", f"cannot use {tls.cert} with key {tls.key}: {exc}") from exc
+    if tls.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=tls.client_ca)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("gateway.tls_client_ca", f"cannot load {tls.client_ca}: {exc}") from exc
+
+
+def hypercorn_config(listen: str, grace_period: float = DEFAULT_GRACE_PERIOD,
+                     tls: TlsFiles | None = None) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [listen]
     config.accesslog = None  # per-request lines are the metrics' job
@@ -78,6 +120,15 @@ def hypercorn_config(listen: str, grace_period: float = DEFAULT_GRACE_PERIOD) ->
     config.include_server_header = False
     # Ollama has no read or write timeouts (spec §1.1): streams may run for minutes.
     config.read_timeout = None
+    if tls is not None:
+        config.certfile = str(tls.cert)
+        config.keyfile = str(tls.key)
+        # HTTP/1.1 only: the streaming, the head-with-body write and the
+        # graceful shutdown are built and tested on Hypercorn's h11 protocol.
+        config.alpn_protocols = ["http/1.1"]
+        if tls.client_ca is not None:
+            config.ca_certs = str(tls.client_ca)
+            config.verify_mode = ssl.CERT_REQUIRED
     return config
 
 
@@ -119,24 +170,32 @@ async def serve_gateway(
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     grace_period: float = DEFAULT_GRACE_PERIOD,
+    tls: TlsFiles | None = None,
 ) -> None:
-    """Serve ``app`` on ``listen`` ("HOST:PORT") until cancelled.
+    """Serve ``app`` on ``listen`` ("HOST:PORT") until cancelled, over TLS if ``tls``.
 
-    ``task_status.started("host:port")`` reports the address bound. Raises
+    ``task_status.started("host:port")`` reports the address bound (the
+    scheme is ``https`` exactly when ``tls`` is given). Raises
     :class:`PortInUseError` if the port is taken, :class:`ConfigError` for
-    any other reason the address cannot be bound.
+    an unusable TLS file or any other reason the address cannot be bound.
     """
     host, _ = _split(listen)
+    if tls is not None:
+        check_tls(tls)
     state = getattr(app, "extensions", {}).get("meshollama")
-    keys = getattr(getattr(state, "gateway", None), "api_keys", ()) if state is not None else ()
-    if not _is_loopback(host) and not keys:
-        log.warning(
-            "the API on %s is reachable from other machines and has no API keys: "
-            "anyone who can reach it can use every model in the mesh (set gateway.api_keys)",
-            listen,
-        )
+    auth = getattr(state, "auth", None)
+    if not _is_loopback(host):
+        if auth is None or not auth.configured:
+            log.warning(
+                "the API on %s is reachable from other machines and has no API keys: anyone who can "
+                "reach it can use every model in the mesh (create one with `meshollama keys create`)",
+                listen,
+            )
+        elif tls is None:
+            log.warning("the API on %s takes API keys over plain HTTP: anyone on the path can read them "
+                        "(set gateway.tls_cert and gateway.tls_key)", listen)
     try:
-        await _serve(app, listen, task_status, grace_period)
+        await _serve(app, listen, task_status, grace_period, tls)
     except BaseExceptionGroup as group:
         # A bind failure is one error from deep inside nested nurseries:
         # callers get it bare, like any other start-up error.
@@ -145,8 +204,9 @@ async def serve_gateway(
         raise
 
 
-async def _serve(app: Any, listen: str, task_status: trio.TaskStatus[str], grace_period: float) -> None:
-    config = hypercorn_config(listen, grace_period)
+async def _serve(app: Any, listen: str, task_status: trio.TaskStatus[str], grace_period: float,
+                 tls: TlsFiles | None) -> None:
+    config = hypercorn_config(listen, grace_period, tls)
     patch_h11_head_with_body()
     shutdown = trio.Event()
     # Shielded, so that cancelling us triggers a graceful shutdown instead
@@ -172,7 +232,7 @@ async def _serve(app: Any, listen: str, task_status: trio.TaskStatus[str], grace
         binds = await nursery.start(run)
         serving = True
         bound = _bound(binds)
-        log.info("Ollama-compatible API listening on http://%s", bound)
+        log.info("Ollama-compatible API listening on %s://%s", "https" if tls else "http", bound)
         task_status.started(bound)
         try:
             await trio.sleep_forever()

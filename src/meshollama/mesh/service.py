@@ -466,12 +466,19 @@ class MeshService:
                 continue
             try:
                 await host.connect([addr])
-                log.info("connected to bootstrap peer %s", target)
-                backoff = 0.25
+                # A closed mesh cuts a connection it does not admit right after the
+                # handshake: only one that lasts ends the back-off, or a node not yet
+                # admitted would redial in a tight loop.
+                await trio.sleep(0.5 if self.admission is not None else 0)
+                if target in host.connected_peers():
+                    log.info("connected to bootstrap peer %s", target)
+                    backoff = 0.25
+                    continue
+                log.info("bootstrap peer %s closed the connection (not admitted?); retry in %.1fs", target, backoff)
             except P2PError as exc:
                 log.debug("bootstrap %s not reachable (%s); retry in %.1fs", addr, exc, backoff)
-                await trio.sleep(backoff * (0.5 + self._rng.random()))
-                backoff = min(backoff * 2, self.settings.bootstrap_retry_max)
+            await trio.sleep(backoff * (0.5 + self._rng.random()))
+            backoff = min(backoff * 2, self.settings.bootstrap_retry_max)
 
     async def _dht_loop(self, host: P2PHost) -> None:
         await trio.sleep(min(self.settings.dht_refresh_first, 2 * self.settings.heartbeat_interval))

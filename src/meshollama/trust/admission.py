@@ -164,7 +164,7 @@ class Admission:
         at = self._refused_at.get(peer)
         return at is not None and trio.current_time() - at < REFUSED_FOR
 
-    def _decide(self, peer: str, role: str | None, reason: str) -> None:
+    def _decide(self, peer: str, role: str | None, reason: str, *, remember: bool = True) -> None:
         d = self._decisions.setdefault(peer, _Decision())
         if d.decided and d.role == role:
             return
@@ -174,7 +174,8 @@ class Admission:
         d.role, d.reason = role, reason
         d.event.set()
         if role is None:
-            self._refused_at[peer] = trio.current_time()
+            if remember:
+                self._refused_at[peer] = trio.current_time()
             if len(self._refused_at) > 4096:
                 self._refused_at.pop(next(iter(self._refused_at)))
             log.warning("peer %s not admitted: %s", peer, reason)
@@ -230,7 +231,8 @@ class Admission:
             if "error" in reply:
                 await stream.close()
                 log.error("peer %s does not admit this node: %s", peer, _text(reply, "error")[:200])
-                self._decide(peer, None, "it does not admit us")
+                # Not a verdict on the peer (our certificate may be on its way): no memory of it.
+                self._decide(peer, None, "it does not admit us", remember=False)
                 return None
             if _text(reply, "policy"):
                 self.offer_policy(_text(reply, "policy"), source=peer)
@@ -250,7 +252,9 @@ class Admission:
             await self.exchange(peer)
         except (TrustError, P2PError, trio.TooSlowError) as exc:
             if peer in self._connected() and not self._decisions.get(peer, _Decision()).decided:
-                self._decide(peer, None, f"no admission exchange: {exc}")
+                # A failed exchange is no verdict (the link may have dropped): cut, but
+                # let the next connection try again.
+                self._decide(peer, None, f"no admission exchange: {exc}", remember=False)
 
     # --- policy ---------------------------------------------------------------------------
 
@@ -260,6 +264,7 @@ class Admission:
         if not self.state.offer_policy(token, self._clock()):
             return False
         audit.info("policy version %d from %s", self.state.policy.version, source)
+        self._refused_at.clear()  # whoever we refused may be admitted now: let them try again
         self.on_policy(self.state.policy)
         self.recheck()
         if self._nursery is not None:
