@@ -54,6 +54,25 @@ def forwardable(headers: Headers) -> Headers:
     return tuple((k.lower(), v) for k, v in headers if k.lower() not in HOP_BY_HOP)
 
 
+# Credentials a client sent to *this* gateway: another peer never needs them and
+# must never see them (a key typed for one node, or a real OpenAI/Anthropic key
+# an SDK sends by default). ``x-api-key``/``api-key`` are how the Anthropic and
+# Azure OpenAI SDKs send theirs.
+CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
+OUR_PREFIX = "x-meshollama-"  # our own control headers: they mean something only on this hop
+
+
+def peer_safe(headers: Headers) -> Headers:
+    """:func:`forwardable` headers minus credentials and ``x-meshollama-*``.
+
+    Used on both sides of a peer hop: by the client before a request leaves
+    for another peer, and by the server before a peer's request reaches this
+    node's backend (a peer running other code may send anything)."""
+    return tuple(
+        (k, v) for k, v in forwardable(headers) if k not in CREDENTIALS and not k.startswith(OUR_PREFIX)
+    )
+
+
 def content_length(headers: Headers) -> Headers:
     """The Content-Length header, if valid: it may travel with a body relayed
     unchanged (``forwardable`` drops it, since a re-framed body needs its own)."""

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__, identity
 from .config import Config
-from .gateway.endpoints import peer_may_call
+from .gateway.endpoints import peer_policy
 from .limits import InboundLimiter
 from .mesh.service import MeshService, MeshSettings
 from .p2p.host import HostSettings
@@ -85,6 +86,7 @@ def mesh_settings(config: Config, api_url: str) -> MeshSettings:
         bootstrap_retry_max=p.bootstrap_retry_max,
         api_url=api_url,
         connect_timeout=config.gateway.connect_timeout,
+        max_peers=p.max_peers,
     )
 
 
@@ -117,7 +119,7 @@ class Node:
         from .backends.select import select_backend
         from .gateway.app import create_app
         from .gateway.metrics import MeshMetrics
-        from .gateway.server import serve_gateway
+        from .gateway.server import serve_gateway, tls_from_config
 
         cfg = self.config
         data_dir = Path(cfg.node.data_dir)
@@ -131,8 +133,11 @@ class Node:
         limiter = InboundLimiter(cfg.p2p.max_inbound_streams, cfg.p2p.max_inbound_per_peer)
 
         def http_server(on_reject, on_error) -> HttpStreamServer:
-            return HttpStreamServer(backend, limiter, max_body_bytes=cfg.gateway.max_body_bytes,
-                                    on_reject=on_reject, on_error=on_error, allow=peer_may_call)
+            p2p = cfg.p2p
+            return HttpStreamServer(backend, limiter, max_request_bytes=p2p.max_request_bytes,
+                                    max_buffered_bytes=p2p.max_buffered_bytes, request_timeout=p2p.request_timeout,
+                                    on_reject=on_reject, on_error=on_error,
+                                    allow=peer_policy(admission))
 
         mesh = MeshService(
             key_pair,
@@ -153,8 +158,12 @@ class Node:
             for service in selected.services:
                 await nursery.start(service.serve)
             await nursery.start(backend.serve)
-            bound = await nursery.start(serve_gateway, app, cfg.gateway.listen)
-            api_url = f"http://{bound}"
+            tls = tls_from_config(cfg.gateway)
+            bound = await nursery.start(partial(serve_gateway, app, cfg.gateway.listen, tls=tls))
+            api_url = f"{'https' if tls else 'http'}://{bound}"
+            if admission is not None:
+                admission.on_policy = partial(apply_policy, app)
+                apply_policy(app, admission.state.policy)
             mesh.settings = dataclasses.replace(mesh.settings, api_url=api_url)
             addrs = await nursery.start(mesh.serve)
             nursery.start_soon(_peer_gauge_loop, mesh, mesh_metrics)
@@ -188,6 +197,19 @@ def build_admission(cfg: Config, data_dir: Path, key_pair):
         log.warning("this node is not admitted to the mesh of %s yet: the operator runs "
                     "`meshollama admit %s`", authority.text, state.self_id)
     return Admission(state, timeout=cfg.mesh.admission_timeout)
+
+
+def apply_policy(app, policy) -> None:
+    """What the mesh policy sets on this node's gateway: API keys shared mesh-wide
+    (hashes only) and the routing strategy, when the policy names one."""
+    from . import routing
+    from .gateway.app import EXTENSION
+
+    state = app.extensions[EXTENSION]
+    state.keystore.set_shared([dict(k) for k in policy.api_keys])
+    strategy = policy.routing.get("strategy")
+    if strategy:
+        state.proxy.strategy = routing.Strategy(strategy)
 
 
 def _loopback_listen(addr: str) -> bool:

@@ -257,7 +257,7 @@ class ScriptedBackend:
 @asynccontextmanager
 async def http_pair(backend, *, limiter=None, max_body=4 << 20, pool=None, idle_timeout=30.0, stream_timeout=5.0,
                     allow=None):
-    server = HttpStreamServer(backend, limiter or InboundLimiter(8, 4), max_body_bytes=max_body,
+    server = HttpStreamServer(backend, limiter or InboundLimiter(8, 4), max_request_bytes=max_body,
                               idle_timeout=idle_timeout, allow=allow)
     hosts = (settings(stream_timeout=stream_timeout), settings(stream_timeout=stream_timeout))
     async with running_hosts(*hosts, handlers={PROTOCOL: server.handle}) as (a, b):
@@ -568,7 +568,7 @@ async def test_a_peer_cannot_manage_our_models():
 
     backend = ScriptedBackend()
     with trio.fail_after(20):
-        async with http_pair(backend, allow=peer_may_call) as (a, b, up, _):
+        async with http_pair(backend, allow=lambda peer, method, path: peer_may_call(method, path)) as (a, b, up, _):
             for method, path in [("DELETE", "/api/delete"), ("POST", "/api/create"), ("POST", "/api/copy"),
                                  ("POST", "/api/pull"), ("POST", "/api/push"),
                                  ("POST", "/api/blobs/sha256:" + "0" * 64), ("HEAD", "/api/blobs/sha256:00"),

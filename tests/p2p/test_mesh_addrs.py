@@ -29,7 +29,7 @@ def _service(**host_settings) -> MeshService:
         changed=trio.Event,
         local_upstream=None,
         http_server_factory=lambda on_reject, on_error: HttpStreamServer(
-            None, InboundLimiter(4, 4), max_body_bytes=1024, on_reject=on_reject, on_error=on_error),
+            None, InboundLimiter(4, 4), max_request_bytes=1024, on_reject=on_reject, on_error=on_error),
     )
 
 

@@ -166,3 +166,68 @@ async def test_a_node_that_missed_the_revocation_learns_it_on_next_contact():
             await until(lambda: b.id not in late.host.connected_peers())
             assert late.admission.role(b.id) is None
             assert late.admission.state.policy.version == a.admission.state.policy.version
+
+
+async def test_model_management_over_the_mesh_needs_an_admin_grant():
+    """A peer admitted to serve may ask inference of us, not delete our models;
+    one the authority admitted as admin may. (An open mesh grants it to nobody:
+    tests/p2p/test_host.py::test_a_peer_cannot_manage_our_models.)"""
+    import pytest
+
+    from meshollama.errors import UpstreamUnavailable
+    from meshollama.gateway.endpoints import peer_policy
+    from meshollama.httpmsg import ProxyRequest
+    from meshollama.limits import InboundLimiter
+    from meshollama.p2p.httpstream import PROTOCOL, HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
+    from tests.p2p.test_host import ScriptedBackend, fetch
+
+    key = d.SigningAuthority.generate()
+    node, server_peer, admin = Member(key.authority), Member(key.authority), Member(key.authority)
+    pol = policy_for(key, (node.id, "serve"), (server_peer.id, "serve"), (admin.id, "admin"))
+    for m in (node, server_peer, admin):
+        give(m, pol)
+    backend = ScriptedBackend()
+    server = HttpStreamServer(backend, InboundLimiter(8, 4), max_request_bytes=1 << 20,
+                              allow=peer_policy(node.admission))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for m in (node, server_peer, admin):
+                m.host = P2PHost(m.kp, settings(), admission=m.admission)
+                if m is node:
+                    m.host.set_handler(PROTOCOL, server.handle)
+                await nursery.start(m.host.serve)
+            for m in (server_peer, admin):
+                await m.host.connect(node.host.addrs())
+            await until(lambda: node.admission.role(admin.id) == "admin" and node.admission.role(server_peer.id))
+            delete = ProxyRequest("DELETE", "/api/delete", (), b'{"model":"x"}')
+            up = PeerUpstream(StreamPool(server_peer.host.open_stream), node.id, PeerScopes())
+            with pytest.raises(UpstreamUnavailable, match="not served to peers"):
+                await fetch(up, delete)
+            assert await fetch(up, ProxyRequest("POST", "/api/chat")) == b"a\nb\n"
+            up = PeerUpstream(StreamPool(admin.host.open_stream), node.id, PeerScopes())
+            assert await fetch(up, delete) == b"a\nb\n"
+            assert [r.method for r in backend.requests] == ["POST", "DELETE"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_stranger_with_the_right_psk_is_still_refused():
+    """The PSK is a network-level gate only: holding it does not admit a peer."""
+    psk = "ab" * 32
+    key = d.SigningAuthority.generate()
+    a, stranger = Member(key.authority), Member(None)
+    give(a, policy_for(key, (a.id, "admin")))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for m in (a, stranger):
+                m.host = P2PHost(m.kp, settings(psk=psk), admission=m.admission)
+                m.host.set_handler(ECHO, m.echo)
+                await nursery.start(m.host.serve)
+            a.admission.on_refused = lambda peer, why: nursery.start_soon(a.host.disconnect, peer)
+            await stranger.host.connect(a.host.addrs())
+            try:
+                got = await echo(stranger, a)
+            except P2PError:
+                got = None
+            assert not got and a.served == []
+            await until(lambda: stranger.id not in a.host.connected_peers())
+            nursery.cancel_scope.cancel()

@@ -133,6 +133,23 @@ def peer_may_call(method: str, path: str) -> bool:
     return found is not None and found.routed and method.upper() in found.methods
 
 
+def peer_policy(admission):
+    """``allow(peer_id, method, path)`` for the mesh protocol's server: the routed
+    endpoints for every admitted peer, model management too for a peer the mesh
+    authority admitted as ``admin`` (``meshollama admit --role admin``). In an open
+    mesh (``admission`` None) nobody manages another node's models."""
+
+    def allow(peer_id: str, method: str, path: str) -> bool:
+        if peer_may_call(method, path):
+            return True
+        if admission is None or admission.role(peer_id) != "admin":
+            return False
+        found = match(path.split("?", 1)[0])
+        return found is not None and method.upper() in found.methods
+
+    return allow
+
+
 # --- validating a routed request's body --------------------------------------
 
 _DECODER = json.JSONDecoder()

@@ -21,6 +21,12 @@ newer minor version can add fields; a higher ``v`` (schema) is rejected::
 Model names are normalised to :func:`meshollama.names.shortest` on decode
 (and on encode); an invalid model name rejects the whole announcement. Two
 entries with the same :func:`~meshollama.names.key` keep the first.
+
+Everything a peer announces is bounded: the whole message
+(:data:`MAX_ANNOUNCEMENT_BYTES`), models (:data:`MAX_MODELS`), addresses
+(:data:`MAX_ADDRS`), every string, list and integer; load numbers are clamped
+to :data:`MAX_CAPACITY` and :data:`MAX_LOAD` so a liar gets no more than its
+fair share of requests (``tests/unit/test_fair_share.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,15 @@ MAX_ADDRS = 32
 MAX_CAPABILITIES = 32
 MAX_DETAILS = 32  # keys in one model's ``details``
 MAX_DETAIL_LIST = 32  # items in one list-valued detail
+# Load numbers are clamped, not rejected: they steer routing, and a peer must
+# not buy more than its fair share of the mesh's requests by lying. Routing
+# sends work in proportion to free slots (``(busy + 1) / capacity``), so a
+# peer announcing capacity 2**40 would look idle for ever and get nearly
+# every request. 128 slots is above any real node (Ollama's NUM_PARALLEL and
+# llama.cpp's slots are single digits to tens), so an honest node is never
+# clamped, and a liar gets what an honest 128-slot node would.
+MAX_CAPACITY = 128
+MAX_LOAD = 1 << 20  # in_flight and queued: far above any real queue; keeps routing arithmetic small
 
 
 @dataclass(frozen=True)
@@ -313,9 +328,9 @@ def _from_obj(o: Any) -> Announcement:
             models.append(info)
     ld = _obj(o.get("ld", {}), "ld")
     load = LoadInfo(
-        in_flight=_int(ld.get("f", 0), "ld.f"),
-        capacity=_int(ld.get("c", 1), "ld.c"),
-        queued=_int(ld.get("q", 0), "ld.q"),
+        in_flight=min(_int(ld.get("f", 0), "ld.f"), MAX_LOAD),
+        capacity=min(_int(ld.get("c", 1), "ld.c"), MAX_CAPACITY),
+        queued=min(_int(ld.get("q", 0), "ld.q"), MAX_LOAD),
     )
     return Announcement(
         peer_id=_str(o["id"], "id", empty=False),

@@ -17,7 +17,12 @@ Rules:
 * a ``leaving`` heartbeat removes the peer at once; its ``seq`` is remembered
   for the same expiry period so a late, older heartbeat cannot resurrect it;
 * our own node is set with :meth:`set_self`, is always ALIVE and never
-  expires; our own heartbeats echoed back by gossip are ignored (``SELF``).
+  expires; our own heartbeats echoed back by gossip are ignored (``SELF``);
+* at most ``max_peers`` remote peers are kept: a new one beyond that is
+  refused (``FULL``) while known peers keep updating, so a flood of signed
+  heartbeats from freshly made peer ids cannot grow the table (and every
+  routing decision, which walks it) without bound. The goodbyes remembered
+  for unknown peers are bounded the same way.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class ApplyResult(enum.Enum):
     STALE = "stale"  # seq not newer than what we have: ignored
     LEFT = "left"  # the peer said goodbye and was removed
     SELF = "self"  # our own heartbeat came back: ignored
+    FULL = "full"  # a new peer while the table holds max_peers: ignored
 
 
 def _view(ann: Announcement, now: float, *, is_self: bool) -> PeerView:
@@ -122,11 +128,14 @@ def _view(ann: Announcement, now: float, *, is_self: bool) -> PeerView:
 class PeerTable:
     """The mesh's membership, keyed by peer id. Not thread-safe; one trio task owns it."""
 
-    def __init__(self, self_id: str, *, interval: float, miss_limit: int = 3) -> None:
+    def __init__(self, self_id: str, *, interval: float, miss_limit: int = 3, max_peers: int = 4096) -> None:
         if miss_limit < 1:
             raise ValueError("miss_limit must be >= 1")
+        if max_peers < 1:
+            raise ValueError("max_peers must be >= 1")
         self.self_id = self_id
         self.miss_limit = miss_limit
+        self.max_peers = max_peers
         self.interval = 0.0
         self.set_interval(interval)
         self._peers: dict[str, PeerView] = {}
@@ -154,9 +163,13 @@ class PeerTable:
         if known_seq is not None and ann.seq <= known_seq:
             return ApplyResult.STALE
         if ann.leaving:
+            if old is None and ann.peer_id not in self._left and len(self._left) >= self.max_peers:
+                return ApplyResult.FULL  # a stranger's goodbye we have no room to remember
             self._peers.pop(ann.peer_id, None)
             self._left[ann.peer_id] = (ann.seq, now)
             return ApplyResult.LEFT
+        if old is None and len(self._peers) >= self.max_peers:
+            return ApplyResult.FULL
         self._left.pop(ann.peer_id, None)
         view = _view(ann, now, is_self=False)
         if old is not None and old.state is PeerState.UNREACHABLE:

@@ -70,6 +70,7 @@ class MeshSettings:
     dht_refresh_every: float = 60.0
     api_url: str = ""
     connect_timeout: float = 10.0  # opening a request stream to a peer (gateway.connect_timeout)
+    max_peers: int = 4096  # peer table cap (p2p.max_peers)
     unreachable_retry: float = 5.0  # first retry of a peer no path reached; doubles up to 60 s (mesh.reach)
 
 
@@ -114,7 +115,8 @@ class MeshService:
         self.host_settings = host_settings
         self.settings = settings
         self.self_id = peer_id_of(key_pair)
-        self.table = PeerTable(self.self_id, interval=settings.heartbeat_interval, miss_limit=settings.miss_limit)
+        self.table = PeerTable(self.self_id, interval=settings.heartbeat_interval, miss_limit=settings.miss_limit,
+                               max_peers=settings.max_peers)
         self.counters = MeshCounters()
         self.scopes = PeerScopes()
         self.pool = StreamPool(
@@ -400,6 +402,9 @@ class MeshService:
             result = self.table.apply(ann, now)
             if result is ApplyResult.STALE:
                 self._drop("stale")
+                continue
+            if result is ApplyResult.FULL:  # the table is at p2p.max_peers: a flood of new ids
+                self._drop("table_full")
                 continue
             if result is ApplyResult.SELF:
                 continue

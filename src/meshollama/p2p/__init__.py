@@ -11,9 +11,12 @@ exceptions are mapped to :mod:`meshollama.errors` before they leave.
 * ``dial``: dial one peer by each of its addresses in turn, relays last.
 * ``mdns``: LAN discovery on our own service name, with real addresses.
 * ``relay``: Circuit Relay v2 (serve, reserve, dial through) and DCUtR.
-* ``patches``: process-wide fixes (DHT protocol ID, pubsub junk handling).
+* ``patches``: process-wide fixes (DHT protocol ID, pubsub junk handling) and
+  the admission gate on every inbound stream (``gate_inbound_streams``).
 * ``stream``: a libp2p stream with timeouts and error mapping.
-* ``httpstream``: HTTP requests over libp2p streams (client and server).
+* ``httpstream``: HTTP requests over libp2p streams (the client, shared parts).
+* ``httpserver``: their server: limits taken from the request head, before its body.
+* ``intake``: (pure) what the server admits: sizes, the byte budget, the deadline.
 * ``ping``: our own liveness check (py-libp2p never notices a frozen peer).
 * ``keys``: the node's key pair: create, (de)serialise, peer ID
   (:mod:`meshollama.identity` keeps the key file).

@@ -23,6 +23,9 @@ model is still loading and no token has been written yet.
 A frozen peer never resets anything, so reads on the client side have no
 deadline of their own; instead the mesh cancels every stream to a peer the
 moment its liveness check fails (:class:`PeerScopes`).
+
+This module is the client (:class:`PeerUpstream` over a :class:`StreamPool`);
+the server, and what it lets a peer do, is ``p2p.httpserver``.
 """
 
 from __future__ import annotations
@@ -35,26 +38,16 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..errors import (
-    FrameError,
-    P2PError,
-    UpstreamBroken,
-    UpstreamBusy,
-    UpstreamError,
-    UpstreamUnavailable,
-)
-from ..httpmsg import ProxyRequest, ProxyResponse, Upstream, content_length, forwardable
-from ..limits import InboundLimiter
+from ..errors import FrameError, P2PError, UpstreamBroken, UpstreamBusy, UpstreamUnavailable
+from ..httpmsg import ProxyRequest, ProxyResponse, Upstream, peer_safe
 from ..wire import frames
+from .httpserver import HttpStreamServer, WRITE_SLICE, _read_ahead, _write  # noqa: F401 - it lived here
 from .stream import Stream
 
 log = logging.getLogger("meshollama.p2p")
 
 PROTOCOL = "/meshollama/http/1.1.0"
 READ_SIZE = 64 * 1024
-WRITE_SLICE = 64 * 1024  # one stream.write, each within stream_timeout even on a slow link
-MAX_PIECE = 256 * 1024  # the most body the read-ahead joins into one piece
-SERVER_IDLE_TIMEOUT = 30.0
 CLIENT_IDLE_TTL = 15.0  # well under the server's idle timeout, so we never race its close
 MAX_IDLE_PER_PEER = 16
 
@@ -234,8 +227,11 @@ class PeerUpstream(Upstream):
         A reused stream that fails before any answer most likely went stale
         (the server retired it): that one failure is retried on a new stream.
         """
+        # Never a credential or one of our own headers (``peer_safe``); the body's
+        # length, so a peer whose limit is lower refuses at the head.
+        length = (("content-length", str(len(request.body))),) if request.body else ()
         wire = (
-            frames.encode(frames.Request(request.method, request.path, forwardable(request.headers)))
+            frames.encode(frames.Request(request.method, request.path, peer_safe(request.headers) + length))
             + (frames.encode_data(request.body) if request.body else b"")
             + frames.encode(frames.End())
         )
@@ -326,296 +322,3 @@ class PeerUpstream(Upstream):
         if frame is None:
             raise UpstreamBroken(f"peer {self.peer_id} closed the stream mid-answer")
         return frame
-
-
-# --- server ------------------------------------------------------------------
-
-
-async def _write(stream: Stream, data: bytes) -> None:
-    """Write in slices, so each write's deadline holds even for a big answer on a slow link."""
-    for i in range(0, len(data), WRITE_SLICE):
-        await stream.write(data[i : i + WRITE_SLICE])
-
-
-class _Failed:
-    """The body iterator raised: hand the exception to the consumer."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-@asynccontextmanager
-async def _read_ahead(body: AsyncIterator[bytes], depth: int = 64) -> AsyncIterator[AsyncIterator[bytes]]:
-    """Iterate ``body`` in its own task while the consumer writes.
-
-    Yields an iterator of ``(piece, last)``: whatever arrived while the
-    consumer was busy writing comes joined into one piece, so a backend that
-    produces tokens faster than the link takes them costs one frame per write
-    instead of one per token; ``last`` says the body has already ended (a
-    short answer then goes out as one write). It adds no delay: a piece goes
-    as soon as the writer is free. Exceptions from ``body`` come out of the
-    iterator, in order.
-    """
-    send, recv = trio.open_memory_channel(depth)
-
-    async def produce() -> None:
-        async with send:
-            try:
-                async for chunk in body:
-                    if chunk:
-                        await send.send(chunk)
-            except Exception as exc:
-                await send.send(_Failed(exc))
-
-    async def pieces() -> AsyncIterator[tuple[bytes, bool]]:
-        failed: _Failed | None = None
-        async for item in recv:
-            if isinstance(item, _Failed):
-                raise item.exc
-            parts = [item]
-            size = len(item)
-            last = False
-            while size < MAX_PIECE:
-                try:
-                    more = recv.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                except trio.EndOfChannel:
-                    last = True  # the body already ended: the caller can finish in the same write
-                    break
-                if isinstance(more, _Failed):
-                    failed = more
-                    break
-                parts.append(more)
-                size += len(more)
-            yield (parts[0] if len(parts) == 1 else b"".join(parts)), last
-            if failed is not None:
-                raise failed.exc
-            if last:
-                return
-
-    pending: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(produce)
-        try:
-            yield pieces()
-        except Exception as exc:  # re-raised below, not wrapped in the nursery's ExceptionGroup
-            pending = exc
-        finally:
-            nursery.cancel_scope.cancel()
-    if pending is not None:
-        raise pending
-
-
-class _Refused(Exception):
-    """A peer asked for something this node does not serve to peers."""
-
-
-class _Gone(Exception):
-    """The caller reset or closed the stream."""
-
-
-class _Answering:
-    """The cancel scope of the answer in progress on one stream, if any: the
-    frame pump cancels it when the caller leaves."""
-
-    scope: trio.CancelScope | None = None
-
-
-class HttpStreamServer:
-    """Answers inbound HTTP-over-libp2p streams from this node's backend.
-
-    Per stream, a pump task reads frames as they come and hands them to the
-    request loop. It keeps reading while a request is answered, so the
-    caller resetting the stream cancels the backend request at once, and no
-    read is ever cancelled with bytes in flight (py-libp2p's Yamux read is
-    not cancel-safe once it has taken bytes from its buffer).
-    """
-
-    def __init__(
-        self,
-        backend: Upstream,
-        limiter: InboundLimiter,
-        *,
-        max_body_bytes: int,
-        idle_timeout: float = SERVER_IDLE_TIMEOUT,
-        on_reject: Callable[[str], None] | None = None,
-        on_error: Callable[[str], None] | None = None,
-        allow: Callable[[str, str], bool] | None = None,
-    ) -> None:
-        self._backend = backend
-        # (method, path) -> whether a peer may ask it; None allows all (tests).
-        self._allow = allow
-        self._limiter = limiter
-        self._streams = InboundLimiter(2 * limiter.total, 2 * limiter.per_peer)
-        self._max_body = max_body_bytes
-        self._idle_timeout = idle_timeout
-        self._on_reject = on_reject or (lambda reason: None)
-        self._on_error = on_error or (lambda kind: None)
-
-    async def handle(self, stream: Stream) -> None:
-        # Open streams (idle keep-alive ones included) are bounded too, at twice
-        # the request limits: a peer cannot park unbounded idle streams here.
-        if not self._streams.try_acquire(stream.peer_id):
-            self._on_reject("streams")
-            await self._send_error(stream, "busy", "peer has too many open streams", 503)
-            return
-        try:
-            await self._handle(stream)
-        finally:
-            self._streams.release(stream.peer_id)
-
-    async def _handle(self, stream: Stream) -> None:
-        send, inbox = trio.open_memory_channel(8)
-        answer = _Answering()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, stream, send, answer)
-            try:
-                await self._loop(stream, inbox, answer)
-            finally:
-                nursery.cancel_scope.cancel()
-
-    @staticmethod
-    async def _pump(stream: Stream, send: trio.MemorySendChannel, answer: _Answering) -> None:
-        """Frames into ``send`` until the stream ends; then the reason (``_Gone``,
-        ``P2PError`` or ``FrameError``). A caller that leaves cancels the answer."""
-        reader = _FrameReader(stream)
-        async with send:
-            while True:
-                try:
-                    item = await reader.next(timeout=math.inf)
-                except (P2PError, FrameError) as exc:
-                    item = exc
-                if item is None or isinstance(item, P2PError):
-                    item = item or _Gone()
-                    if answer.scope is not None:
-                        answer.scope.cancel()
-                await send.send(item)
-                if isinstance(item, Exception):
-                    return
-
-    async def _loop(self, stream: Stream, inbox: trio.MemoryReceiveChannel, answer: _Answering) -> None:
-        while True:
-            try:
-                request = await self._read_request(inbox, stream.timeout)
-            except (_Gone, trio.EndOfChannel):
-                await stream.close()
-                return
-            except P2PError as exc:
-                self._on_error(type(exc).__name__)
-                await stream.reset()
-                return
-            except _Refused as exc:  # before its body is read
-                self._on_reject("refused")
-                log.warning("refused a request from peer %s: %s", stream.peer_id, exc)
-                await self._send_error(stream, "bad_request", str(exc), 403)
-                return
-            except FrameError as exc:
-                self._on_error(type(exc).__name__)
-                log.info("bad request stream from %s: %s", stream.peer_id, exc)
-                await self._send_error(stream, "bad_request", str(exc), 400)
-                return
-            if request is None:  # idle for too long: the client retires it before this
-                await stream.close()
-                return
-            if not self._limiter.try_acquire(stream.peer_id):
-                self._on_reject("busy")
-                await self._send_error(stream, "busy", "peer is at its inbound stream limit", 503)
-                return
-            try:
-                with trio.CancelScope() as scope:
-                    answer.scope = scope
-                    reusable = await self._answer(stream, request)
-            finally:
-                answer.scope = None
-                self._limiter.release(stream.peer_id)
-            if scope.cancelled_caught:  # the caller went away mid-answer
-                await stream.reset()
-                return
-            if not reusable:
-                return
-
-    @staticmethod
-    async def _receive(inbox: trio.MemoryReceiveChannel, timeout: float):
-        """Next item, or ``None`` after ``timeout``; a stream-ending reason is raised."""
-        with trio.move_on_after(timeout):
-            item = await inbox.receive()
-            if isinstance(item, Exception):
-                raise item
-            return item
-        return None
-
-    async def _read_request(self, inbox: trio.MemoryReceiveChannel, timeout: float) -> ProxyRequest | None:
-        """The next request, or ``None`` if none started within the idle timeout."""
-        head = await self._receive(inbox, self._idle_timeout)
-        if head is None:
-            return None
-        if not isinstance(head, frames.Request):
-            raise FrameError(f"expected Request, got {type(head).__name__}")
-        if self._allow is not None and not self._allow(head.method, head.path):
-            raise _Refused(f"{head.method} {head.path.split('?', 1)[0]} is not served to peers")
-        body = bytearray()
-        while True:
-            frame = await self._receive(inbox, timeout)
-            if frame is None:
-                raise P2PError(f"request body not finished within {timeout:.1f}s")
-            if isinstance(frame, frames.End):
-                break
-            if not isinstance(frame, frames.Data):
-                raise FrameError(f"expected Data or End, got {type(frame).__name__}")
-            body += frame.data
-            if len(body) > self._max_body:
-                raise FrameError(f"request body over {self._max_body} bytes")
-        return ProxyRequest(head.method, head.path, head.headers, bytes(body))
-
-    async def _answer(self, stream: Stream, request: ProxyRequest) -> bool:
-        """Answer one request; True when the stream is fit for the next one."""
-        started = ended = False
-        try:
-            async with self._backend.open(request) as resp, _read_ahead(resp.body) as pieces:
-                head = frames.encode(frames.Response(resp.status, forwardable(resp.headers) + content_length(resp.headers)))
-                # The head goes out with the first piece of body: one frame fewer per
-                # answer, and a backend failing before its first byte is still an
-                # "unavailable" the caller may retry elsewhere.
-                async for piece, last in pieces:
-                    end = frames.encode(frames.End()) if last else b""
-                    await _write(stream, head + frames.encode_data(piece) + end)
-                    head = b""
-                    started, ended = True, last
-                if not ended:
-                    await stream.write(head + frames.encode(frames.End()))
-                    ended = True
-            return True
-        except UpstreamError as exc:
-            if ended:
-                return await self._failed_after_end(stream, request, exc)
-            code = "busy" if isinstance(exc, UpstreamBusy) else "unavailable"
-            status = 503 if code == "busy" else 502
-            await self._send_error(stream, code if not started else "internal", str(exc), status)
-        except P2PError as exc:  # the caller went away or the link broke: nothing to tell
-            self._on_error(type(exc).__name__)
-            await stream.reset()
-        except Exception as exc:
-            if ended:
-                return await self._failed_after_end(stream, request, exc)
-            log.exception("backend failed answering %s %s", request.method, request.path)
-            await self._send_error(stream, "internal", f"internal error: {type(exc).__name__}", 500)
-        return False
-
-    @staticmethod
-    async def _failed_after_end(stream: Stream, request: ProxyRequest, exc: BaseException) -> bool:
-        """The answer was complete (End sent, the caller may have pooled the
-        stream) when the backend's cleanup failed: an Error frame now would be
-        read as the answer to the caller's next request. Reset instead; the
-        caller retries a reset pooled stream on a fresh one."""
-        log.warning("backend failed after answering %s %s: %r", request.method, request.path, exc)
-        await stream.reset()
-        return False
-
-    @staticmethod
-    async def _send_error(stream: Stream, code: str, message: str, status: int) -> None:
-        try:
-            await stream.write(frames.encode(frames.Error(code, message, status)))
-            await stream.close()
-        except P2PError:
-            await stream.reset()
