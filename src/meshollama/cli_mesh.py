@@ -126,7 +126,9 @@ def _set(args, key, client, policy, now: int) -> int:
         shown, entry = new_key(args.add_key, args.key_name)
         keys.append({"id": entry["id"], "name": entry.get("name", ""), "role": entry["role"],
                      "sha256": entry["sha256"]})
-    new = d.sign_policy(key, d.edited(policy, now=now, routing=routing, api_keys=tuple(keys)))
+    required = policy.keys_required or bool(args.add_key)
+    new = d.sign_policy(key, d.edited(policy, now=now, routing=routing, api_keys=tuple(keys),
+                                      keys_required=required))
     d.decode_policy(key.authority, new.token)  # the checks every node will apply
     where = client.publish(new)
     print(f"policy version {new.version} {where}")
@@ -177,6 +179,7 @@ def _init(args, data_dir: Path) -> int:
     cert = d.issue_certificate(key, me, "admin", now=now, serial=secrets.token_hex(8))
     policy = d.sign_policy(key, d.admit(d.Policy(), cert, now=now))
     write_private(trust_dir(data_dir) / "policy", policy.token)
+    write_private(Path(str(path) + ".policy"), policy.token)
     write_private(trust_dir(data_dir) / "certificate", cert.token)
     print(f"mesh authority: {key.authority.text}")
     print(f"secret key:     {path} (mode 0600; keep a copy offline, anyone holding it controls the mesh)")
@@ -224,39 +227,82 @@ class _Client:
         self.headers = {"Authorization": f"Bearer {args.api_key}"} if getattr(args, "api_key", None) else {}
         self.data_dir = data_dir
         self.authority = authority
+        # Beside the secret key: the newest policy this authority signed, whatever the node holds.
+        key = Path(getattr(args, "key", None) or data_dir / "authority.key").expanduser()
+        self.key_copy = Path(str(key) + ".policy") if key.exists() else None
 
     def current(self):
+        """The newest of: the running node's policy, the data dir's copy, and the copy
+        kept beside the authority key; with every revocation any of them holds, so
+        an edit made from a stale copy never brings a revoked peer back."""
         import httpx
 
-        from .trust.documents import Policy, decode_policy
+        from .trust.documents import newer
         from .trust.state import trust_dir
 
-        token = ""
+        tokens = []
         try:
             resp = httpx.get(self.url + "/api/mesh/policy", headers=self.headers, timeout=5.0, verify=self.verify)
-            if resp.status_code == 200:
-                token = resp.json().get("policy") or ""
-            elif resp.status_code in (401, 403):
-                raise MeshollamaError(f"{self.url} refused: {resp.text.strip()} (pass --api-key or MESHOLLAMA_API_KEY)")
-        except httpx.HTTPError:
-            path = trust_dir(self.data_dir) / "policy"
-            token = path.read_text() if path.exists() else ""
-        if not token:
+        except httpx.ConnectError:
+            resp = None  # no node running here: the copies on disk
+        except httpx.HTTPError as exc:
+            raise MeshollamaError(f"cannot read the policy from {self.url}: {exc}") from None
+        if resp is not None:
+            if resp.status_code != 200:
+                raise MeshollamaError(f"{self.url} answered {resp.status_code}: {resp.text.strip()[:200]}"
+                                      + (" (pass --api-key or MESHOLLAMA_API_KEY)" if resp.status_code in (401, 403) else ""))
+            body = resp.json()
+            if body.get("mode") == "open":
+                raise MeshollamaError(f"the node at {self.url} runs an open mesh: restart it after `mesh init`, "
+                                      "or start it with --authority")
+            tokens.append(body.get("policy") or "")
+        for path in (trust_dir(self.data_dir) / "policy", self.key_copy):
+            if path is not None and path.exists():
+                tokens.append(path.read_text())
+        found = []
+        for token in filter(None, (t.strip() for t in tokens)):
+            try:
+                found.append(self._decode(token))
+            except TrustError as exc:
+                print(f"meshollama: ignoring a policy that does not verify: {exc}", file=sys.stderr)
+        if not found:
+            from .trust.documents import Policy
+
             return Policy()
-        try:
-            return decode_policy(self.authority, token)
-        except TrustError as exc:
-            raise MeshollamaError(f"the node's policy does not verify with this authority key: {exc}") from None
+        best = found[0]
+        for p in found[1:]:
+            if newer(p, best):
+                best = p
+        return self._with_all_revocations(best, found)
+
+    def _decode(self, token: str):
+        from .trust.documents import decode_policy
+
+        return decode_policy(self.authority, token)
+
+    @staticmethod
+    def _with_all_revocations(best, found):
+        from dataclasses import replace
+
+        merged = {r.peer: r for r in best.revoked}
+        for p in found:
+            for r in p.revoked:
+                if r.peer not in merged or merged[r.peer].at < r.at:
+                    merged[r.peer] = r
+        certs = tuple(c for c in best.certs if c.peer not in merged or c.iat > merged[c.peer].at)
+        return replace(best, revoked=tuple(merged.values()), certs=certs)
 
     def publish(self, policy) -> str:
         import httpx
 
         from .trust.state import trust_dir, write_private
 
+        if self.key_copy is not None:
+            write_private(self.key_copy, policy.token)  # the authority's own record of the newest
         try:
             resp = httpx.post(self.url + "/api/mesh/policy", json={"policy": policy.token},
                               headers=self.headers, timeout=10.0, verify=self.verify)
-        except httpx.HTTPError:
+        except httpx.ConnectError:
             write_private(trust_dir(self.data_dir) / "policy", policy.token)
             return f"written to {trust_dir(self.data_dir) / 'policy'} (no node running at {self.url}: " \
                    "it spreads when the node starts)"

@@ -153,6 +153,9 @@ class Node:
         )
         self.mesh = mesh
         app = create_app(cfg, mesh, backend, self.registry)
+        if admission is not None:  # before the gateway serves: mesh-wide keys close it from the start
+            admission.on_policy = partial(apply_policy, app)
+            apply_policy(app, admission.state.policy)
 
         async with trio.open_nursery() as nursery:
             for service in selected.services:
@@ -161,9 +164,7 @@ class Node:
             tls = tls_from_config(cfg.gateway)
             bound = await nursery.start(partial(serve_gateway, app, cfg.gateway.listen, tls=tls))
             api_url = f"{'https' if tls else 'http'}://{bound}"
-            if admission is not None:
-                admission.on_policy = partial(apply_policy, app)
-                apply_policy(app, admission.state.policy)
+
             mesh.settings = dataclasses.replace(mesh.settings, api_url=api_url)
             addrs = await nursery.start(mesh.serve)
             nursery.start_soon(_peer_gauge_loop, mesh, mesh_metrics)
@@ -206,7 +207,7 @@ def apply_policy(app, policy) -> None:
     from .gateway.app import EXTENSION
 
     state = app.extensions[EXTENSION]
-    state.keystore.set_shared([dict(k) for k in policy.api_keys])
+    state.keystore.set_shared([dict(k) for k in policy.api_keys], required=policy.keys_required)
     strategy = policy.routing.get("strategy")
     if strategy:
         state.proxy.strategy = routing.Strategy(strategy)

@@ -38,13 +38,15 @@ async def test_credentials_never_reach_another_peer_or_its_backend(tmp_path):
             r = await c.client.post(a.api + "/api/chat", json={"model": "secretive", "stream": False,
                                                                "messages": [{"role": "user", "content": "hi"}]},
                                     headers={"Authorization": "Bearer sk-the-users-real-key",
-                                             "Cookie": "session=abc", "X-Meshollama-Peer": "forged"})
+                                             "Cookie": "session=abc", "X-Meshollama-Peer": "forged",
+                                             # not a credential of ours: the gateway passes it, the peer hop drops it
+                                             "X-Api-Key": "sk-ant-the-users-key"})
             assert r.status_code == 200, r.text
             chats = [q for q in fake.requests if q.path == "/api/chat"]
             assert chats, "the chat reached b's Ollama"
             for q in chats:
                 names = {k.lower() for k, _ in q.headers}
-                assert not names & {"authorization", "cookie", "x-meshollama-peer"}, q.headers
+                assert not names & {"authorization", "cookie", "x-meshollama-peer", "x-api-key"}, q.headers
                 assert b"sk-the-users-real-key" not in q.body
             fn.cancel_scope.cancel()
 

@@ -118,6 +118,11 @@ async def test_a_replayed_or_foreign_certificate_admits_nobody():
         async with mesh_of(a, thief, foreign):
             for m in (thief, foreign):
                 await m.host.connect(a.host.addrs())
+                try:  # and asks for a stream at once, before it is cut
+                    got = await echo(m, a)
+                except P2PError:
+                    got = None
+                assert not got
             await until(lambda: not ({thief.id, foreign.id} & a.host.connected_peers()))
             assert a.served == [] and a.admission.role(thief.id) is None and a.admission.role(foreign.id) is None
 
@@ -230,4 +235,60 @@ async def test_a_stranger_with_the_right_psk_is_still_refused():
                 got = None
             assert not got and a.served == []
             await until(lambda: stranger.id not in a.host.connected_peers())
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_stranger_speaking_the_admission_protocol_badly_harms_nothing():
+    """Attack: a stranger answers our exchange with a JSON bomb (deep nesting), opens
+    many exchange streams at once, and sends an oversized opening message. The node
+    keeps running and serving its members; the stranger is cut off."""
+    import struct
+
+    from meshollama.trust.admission import MAX_FIRST, PROTOCOL
+
+    key = d.SigningAuthority.generate()
+    a, b = Member(key.authority), Member(key.authority)
+    pol = policy_for(key, (a.id, "admin"), (b.id, "serve"))
+    give(a, pol)
+    give(b, pol)
+    bomb = b"[" * 200_000
+
+    async def evil_answer(stream):  # the stranger's side of OUR exchange
+        await stream.read(65536)
+        await stream.write(struct.pack(">I", len(bomb)) + bomb)
+        await trio.sleep(1)
+
+    stranger = Member(None)
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            for m in (a, b, stranger):
+                m.host = P2PHost(m.kp, settings(), admission=m.admission)
+                m.host.set_handler(ECHO, m.echo)
+                await nursery.start(m.host.serve)
+            stranger.host.set_handler(PROTOCOL, evil_answer)
+            stranger.host._host.set_stream_handler(PROTOCOL, lambda raw: evil_answer(
+                __import__("meshollama.p2p.stream", fromlist=["Stream"]).Stream(raw, a.id, timeout=5)))
+            a.admission.on_refused = lambda peer, why: nursery.start_soon(a.host.disconnect, peer)
+            await stranger.host.connect(a.host.addrs())
+            # Its own streams: many at once, one oversized.
+            results = []
+
+            async def opener(big: bool):
+                try:
+                    s = await stranger.host.open_stream(a.id, PROTOCOL, timeout=3)
+                    size = MAX_FIRST * 64 if big else 10
+                    await s.write(struct.pack(">I", size) + b"x" * min(size, 1 << 20))
+                    results.append(await s.read(100, timeout=3))
+                except P2PError:
+                    results.append(None)
+
+            async with trio.open_nursery() as flood:
+                for i in range(20):
+                    flood.start_soon(opener, i == 0)
+            assert not any(results), results  # nothing answered to any of them
+            await until(lambda: stranger.id not in a.host.connected_peers())
+            # The node is fine: a member connects and is served.
+            await b.host.connect(a.host.addrs())
+            await until(lambda: a.admission.role(b.id) == "serve")
+            assert await echo(b, a) == b"hi"
             nursery.cancel_scope.cancel()

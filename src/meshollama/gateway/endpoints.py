@@ -140,9 +140,14 @@ def peer_policy(admission):
     mesh (``admission`` None) nobody manages another node's models."""
 
     def allow(peer_id: str, method: str, path: str) -> bool:
+        # Every request, not just the connection: a stream kept alive from before a
+        # revocation serves nothing after it, even if the disconnect is slow.
+        role = admission.role(peer_id) if admission is not None else "serve"
+        if role is None:
+            return False
         if peer_may_call(method, path):
             return True
-        if admission is None or admission.role(peer_id) != "admin":
+        if role != "admin":
             return False
         found = match(path.split("?", 1)[0])
         return found is not None and method.upper() in found.methods

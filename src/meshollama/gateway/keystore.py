@@ -222,6 +222,7 @@ class KeyStore:
         )
         self._local: tuple[KeyEntry, ...] = ()
         self._shared: tuple[KeyEntry, ...] = ()
+        self._required = False  # the mesh policy says keys are required, even with none left
         self._file_present = False
         self._signature: object = None
         self._checked_at: float | None = None
@@ -236,12 +237,12 @@ class KeyStore:
 
     @property
     def configured(self) -> bool:
-        return bool(self._config or self._shared or self._file_present)
+        return bool(self._config or self._shared or self._file_present or self._required)
 
     def entries(self) -> tuple[KeyEntry, ...]:
         return self._config + self._local + self._shared
 
-    def set_shared(self, entries: Iterable[Mapping[str, Any]]) -> int:
+    def set_shared(self, entries: Iterable[Mapping[str, Any]], *, required: bool = False) -> int:
         """Replace the mesh-wide keys (``{"id","name","role","sha256"}`` each).
 
         An entry that does not validate is skipped with a warning, so one
@@ -255,6 +256,7 @@ class KeyStore:
             except ValueError as exc:
                 log.warning("shared API key skipped: %s", exc)
         self._shared = tuple(accepted)
+        self._required = required or bool(accepted)
         return len(accepted)
 
     def match(self, token: str) -> KeyEntry | None:

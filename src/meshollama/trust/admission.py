@@ -42,7 +42,8 @@ log = logging.getLogger("meshollama.trust")
 audit = logging.getLogger("meshollama.audit")
 
 PROTOCOL = "/meshollama/trust/1"
-MAX_MESSAGE = MAX_POLICY_BYTES + 16 * 1024
+MAX_MESSAGE = MAX_POLICY_BYTES + 16 * 1024  # a reply or last message may carry the policy
+MAX_FIRST = 8 * 1024  # the opening message carries a certificate only: a stranger sends at most this
 REFUSED_FOR = 60.0  # seconds a refused peer's new connections are closed without an exchange
 RECHECK_EVERY = 5.0  # seconds between checks for expired certificates
 
@@ -65,20 +66,23 @@ async def _send(stream, obj: dict) -> None:
     await stream.write(struct.pack(">I", len(data)) + data)
 
 
-async def _receive(stream, timeout: float) -> dict:
+async def _receive(stream, timeout: float, limit: int = MAX_MESSAGE) -> dict:
+    """One message; anything the peer can send wrong ends as TrustError (or a
+    P2PError from the stream), never as another exception: these bytes come
+    from a peer nobody has vouched for yet."""
     buf = b""
     with trio.fail_after(timeout):
         while len(buf) < 4 or len(buf) < 4 + struct.unpack(">I", buf[:4])[0]:
-            if len(buf) >= 4 and struct.unpack(">I", buf[:4])[0] > MAX_MESSAGE:
+            if len(buf) >= 4 and struct.unpack(">I", buf[:4])[0] > limit:
                 raise TrustError("admission message too large")
-            chunk = await stream.read(65536, timeout=timeout)
+            chunk = await stream.read(min(65536, limit + 4 - len(buf)) or 1, timeout=timeout)
             if not chunk:
                 raise TrustError("admission stream ended early")
             buf += chunk
     size = struct.unpack(">I", buf[:4])[0]
     try:
         obj = json.loads(buf[4:4 + size])
-    except (ValueError, UnicodeDecodeError):
+    except Exception:  # ValueError, UnicodeDecodeError, RecursionError (b"[" * 200000)
         raise TrustError("admission message is not JSON") from None
     if not isinstance(obj, dict):
         raise TrustError("admission message is not an object")
@@ -107,6 +111,7 @@ class Admission:
         self._open: Opener | None = None
         self._nursery: trio.Nursery | None = None
         self._connected: Callable[[], set[str]] = set
+        self._answering: set[str] = set()  # peers with an inbound exchange in progress
         # Set by the mesh service: cut a refused peer off, and take a new policy in.
         self.on_refused: Callable[[str, str], None] = lambda peer, why: None
         self.on_admitted: Callable[[str, str], None] = lambda peer, role: None
@@ -116,6 +121,8 @@ class Admission:
 
     def attach(self, open_stream: Opener, nursery: trio.Nursery, connected: Callable[[], set[str]]) -> None:
         self._open, self._nursery, self._connected = open_stream, nursery, connected
+        for peer in connected():  # connections that came up before we could start exchanges
+            self.connected(peer)
 
     def detach(self) -> None:
         self._open = self._nursery = None
@@ -194,8 +201,12 @@ class Admission:
         """Responder side; ``stream`` is our :class:`~meshollama.p2p.stream.Stream`."""
         peer = stream.peer_id
         now = self._clock()
+        if peer in self._answering:  # one exchange per peer at a time: no stream flood
+            await stream.reset()
+            return
+        self._answering.add(peer)
         try:
-            first = await _receive(stream, self.timeout)
+            first = await _receive(stream, self.timeout, MAX_FIRST)
             self.state.check_presented(peer, _text(first, "cert"), now)
             role = self.state.role_of(peer, now)
             if role is None:
@@ -217,6 +228,8 @@ class Admission:
         except (TrustError, P2PError, trio.TooSlowError) as exc:
             log.debug("admission exchange from %s failed: %r", peer, exc)
             await stream.reset()
+        finally:
+            self._answering.discard(peer)
 
     async def exchange(self, peer: str) -> str | None:
         """Initiator side: show our certificate, learn the peer's; returns its role."""
@@ -234,10 +247,11 @@ class Admission:
                 # Not a verdict on the peer (our certificate may be on its way): no memory of it.
                 self._decide(peer, None, "it does not admit us", remember=False)
                 return None
-            if _text(reply, "policy"):
-                self.offer_policy(_text(reply, "policy"), source=peer)
             self.state.check_presented(peer, _text(reply, "cert"), self._clock())
             role = self.state.role_of(peer, self._clock())
+            if role is not None and _text(reply, "policy"):  # policies from admitted peers only
+                self.offer_policy(_text(reply, "policy"), source=peer)
+                role = self.state.role_of(peer, self._clock())
             push = role is not None and self.state.policy.version > _version(reply) and self.state.policy.token
             await _send(stream, {"policy": self.state.policy.token} if push else {})
             await stream.close()
@@ -248,13 +262,25 @@ class Admission:
         return role
 
     async def _exchange_quietly(self, peer: str) -> None:
-        try:
-            await self.exchange(peer)
-        except (TrustError, P2PError, trio.TooSlowError) as exc:
-            if peer in self._connected() and not self._decisions.get(peer, _Decision()).decided:
-                # A failed exchange is no verdict (the link may have dropped): cut, but
-                # let the next connection try again.
-                self._decide(peer, None, f"no admission exchange: {exc}", remember=False)
+        """Run the exchange; whatever the peer does, the node goes on. A failure that
+        is not a verdict (two nodes dialling each other at once close one of the two
+        connections, and the exchange on it fails) is retried once while the peer is
+        still connected and undecided (its own exchange may decide it meanwhile)."""
+        for attempt in (1, 2):
+            try:
+                await self.exchange(peer)
+                return
+            except Exception as exc:
+                if not isinstance(exc, (TrustError, P2PError, trio.TooSlowError)):
+                    log.warning("admission exchange with %s failed: %r", peer, exc)
+                failure = exc
+            if attempt == 1:
+                await trio.sleep(0.5)
+            if peer not in self._connected() or self._decisions.get(peer, _Decision()).decided:
+                return
+        # A failed exchange is no verdict (the link may be bad): cut, but let the
+        # next connection try again.
+        self._decide(peer, None, f"no admission exchange: {failure}", remember=False)
 
     # --- policy ---------------------------------------------------------------------------
 
@@ -274,11 +300,18 @@ class Admission:
         return True
 
     def recheck(self) -> None:
-        """Re-decide every admitted peer against the documents now (revocation, expiry)."""
+        """Re-decide every admitted peer against the documents now (revocation, expiry);
+        cut again a refused peer that is somehow still connected (a disconnect that
+        timed out), so refusal never depends on one attempt succeeding."""
         now = self._clock()
+        connected = self._connected()
         for peer in list(self._decisions):
             d = self._decisions.get(peer)
-            if d is None or not d.decided or d.role is None:
+            if d is None or not d.decided:
+                continue
+            if d.role is None:
+                if peer in connected:
+                    self.on_refused(peer, d.reason)
                 continue
             role = self.state.role_of(peer, now)
             if role != d.role:

@@ -233,6 +233,9 @@ class Policy:
     revoked: tuple[Revocation, ...] = ()
     api_keys: tuple[dict[str, str], ...] = ()  # {"id","name","role","sha256"}: hashes only
     routing: dict[str, str] = field(default_factory=dict)  # {"strategy": ...}
+    # Set once mesh-wide keys were ever issued: every gateway stays closed even when
+    # the last one is withdrawn (never falls back to an open, anonymous-admin gateway).
+    keys_required: bool = False
     token: str = field(default="", compare=False, repr=False)
 
     def revoked_at(self, peer: str) -> int | None:
@@ -259,6 +262,7 @@ class Policy:
             "revoked": [{"peer": r.peer, "at": r.at} for r in self.revoked],
             "api_keys": [dict(k) for k in self.api_keys],
             "routing": dict(self.routing),
+            "keys_required": self.keys_required,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -267,9 +271,13 @@ class Policy:
             "version": self.version, "issued_at": self.iat,
             "admitted": [{"peer": c.peer, "role": c.role, "issued_at": c.iat, "expires_at": c.exp or None}
                          for c in self.certs],
-            "revoked": [{"peer": r.peer, "at": r.at} for r in self.revoked],
+            # A re-admission voids the peer's older certificates with a revocation entry
+            # too; a peer holding a newer certificate is not shown as revoked.
+            "revoked": [{"peer": r.peer, "at": r.at} for r in self.revoked
+                        if not any(c.peer == r.peer and c.iat > r.at for c in self.certs)],
             "api_keys": [{"id": k["id"], "name": k.get("name", ""), "role": k["role"]} for k in self.api_keys],
             "routing": dict(self.routing),
+            "keys_required": self.keys_required,
         }
 
 
@@ -318,8 +326,11 @@ def decode_policy(authority: Authority, token: str) -> Policy:
         raise TrustError("policy.routing: expected an object of strings")
     if routing.get("strategy", "least_loaded") not in _STRATEGIES:
         raise TrustError(f"policy.routing.strategy: one of {', '.join(_STRATEGIES)}")
+    required = o.get("keys_required", False)
+    if not isinstance(required, bool):
+        raise TrustError("policy.keys_required: expected true or false")
     return Policy(_int(o, "ver", "policy"), _int(o, "iat", "policy", 0), certs, tuple(revoked), keys,
-                  {k: v for k, v in routing.items() if k == "strategy"}, token=token.strip())
+                  {k: v for k, v in routing.items() if k == "strategy"}, required, token=token.strip())
 
 
 def _bad(what: str):
@@ -329,18 +340,48 @@ def _bad(what: str):
 # --- editing (the CLI's side) ---------------------------------------------------------
 
 
+def _revoked_until(policy: Policy, peer: str, at: int) -> tuple[Revocation, ...]:
+    return tuple(r for r in policy.revoked if r.peer != peer) + (Revocation(peer, at),)
+
+
 def admit(policy: Policy, cert: Certificate, *, now: int) -> Policy:
-    """``policy`` with ``cert`` replacing every other certificate of its peer."""
+    """``policy`` with ``cert`` replacing every other certificate of its peer, and
+    those older certificates voided: the peer still holds them, and a demoted admin
+    must not be an admin again by presenting its old one. (``cert.iat`` must be
+    later than any revocation of the peer: the CLI issues it so.)"""
     certs = tuple(c for c in policy.certs if c.peer != cert.peer) + (cert,)
-    return replace(policy, version=max(policy.version + 1, now), iat=now, certs=certs, token="")
+    revoked = _revoked_until(policy, cert.peer, cert.iat - 1)
+    return replace(policy, version=max(policy.version + 1, now), iat=now, certs=certs, revoked=revoked, token="")
 
 
 def revoke(policy: Policy, peer: str, *, now: int) -> Policy:
-    """``policy`` revoking ``peer`` now: its certificates are removed and voided."""
+    """``policy`` revoking ``peer``: its certificates are removed and voided, all of
+    them, whatever the clocks that issued them said (``at`` is at least the newest
+    ``iat`` the policy knows for the peer)."""
     check_peer_id(peer)
+    newest = max([c.iat for c in policy.certs if c.peer == peer] + [policy.revoked_at(peer) or 0, now])
     certs = tuple(c for c in policy.certs if c.peer != peer)
-    revoked = tuple(r for r in policy.revoked if r.peer != peer) + (Revocation(peer, now),)
-    return replace(policy, version=max(policy.version + 1, now), iat=now, certs=certs, revoked=revoked, token="")
+    return replace(policy, version=max(policy.version + 1, now), iat=now, certs=certs,
+                   revoked=_revoked_until(policy, peer, newest), token="")
+
+
+def newer(candidate: Policy, current: Policy) -> bool:
+    """Whether ``candidate`` wins over ``current``: a higher version, or the same
+    version and the larger digest, so two edits signed in the same second (the
+    version is a timestamp) converge on one everywhere instead of splitting the mesh."""
+    import hashlib
+
+    if candidate.version != current.version:
+        return candidate.version > current.version
+    if not current.token:
+        return bool(candidate.token)
+    return hashlib.sha256(candidate.token.encode()).digest() > hashlib.sha256(current.token.encode()).digest()
+
+
+def policy_version(authority: Authority, token: str) -> int:
+    """The version of a policy the authority signed, without checking what is inside
+    (one signature, not one per certificate): old news is dropped for the price of one."""
+    return _int(authority.verify(token, "policy", MAX_POLICY_BYTES), "ver", "policy")
 
 
 def edited(policy: Policy, *, now: int, **changes: Any) -> Policy:

@@ -14,12 +14,25 @@ a peer we are not connected to can be checked too.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 from ..errors import ConfigError, TrustError
-from .documents import Authority, Certificate, Policy, decode_certificate, decode_policy
+from dataclasses import replace
+
+from .documents import (
+    Authority,
+    Certificate,
+    Policy,
+    Revocation,
+    check_peer_id,
+    decode_certificate,
+    decode_policy,
+    newer,
+    policy_version,
+)
 
 log = logging.getLogger("meshollama.trust")
 audit = logging.getLogger("meshollama.audit")
@@ -82,6 +95,23 @@ class TrustState:
                 apply(path.read_text(), now, persist=False)
             except TrustError as exc:
                 log.warning("ignoring %s: %s", path, exc)
+        self._load_revoked(self._dir / "revoked")
+
+    def _load_revoked(self, path: Path) -> None:
+        """Revocations kept from earlier policies (see :meth:`offer_policy`)."""
+        try:
+            entries = json.loads(path.read_text()) if path.exists() else []
+            extra = [Revocation(check_peer_id(e["peer"]), int(e["at"])) for e in entries]
+        except (OSError, ValueError, TypeError, KeyError, TrustError) as exc:
+            log.warning("ignoring %s: %r", path, exc)
+            return
+        merged = {r.peer: r for r in self.policy.revoked}
+        for r in extra:
+            if r.peer not in merged or merged[r.peer].at < r.at:
+                merged[r.peer] = r
+        self.policy = replace(self.policy, revoked=tuple(merged.values()))
+        if self.own is not None and self.policy.voids(self.own):
+            self.own = None
 
     def _save(self, name: str, token: str) -> None:
         if self._dir is not None:
@@ -95,10 +125,22 @@ class TrustState:
     def offer_policy(self, token: str, now: float, *, persist: bool = True) -> bool:
         """Take ``token`` if it is a valid policy newer than ours; True if taken.
         An older or equal version is a replay (or old news) and changes nothing."""
+        if policy_version(self.authority, token) < self.policy.version:
+            return False  # cheap: certificates inside are not even checked
         policy = decode_policy(self.authority, token)
-        if policy.version <= self.policy.version:
+        if not newer(policy, self.policy):
             return False
+        # Revocations are for good: one a newer policy left out (an operator who
+        # edited a stale copy) still applies. Re-admission is a newer certificate.
+        for r in self.policy.revoked:
+            at = policy.revoked_at(r.peer)
+            if at is None or at < r.at:
+                log.warning("policy version %d leaves out the revocation of %s: kept", policy.version, r.peer)
+                kept = tuple(x for x in policy.revoked if x.peer != r.peer) + (r,)
+                policy = replace(policy, revoked=kept)
         self.policy = policy
+        if persist:  # the union, which the signed token alone may not carry
+            self._save("revoked", json.dumps([{"peer": r.peer, "at": r.at} for r in policy.revoked]))
         for peer, cert in list(self._presented.items()):
             if policy.voids(cert):
                 del self._presented[peer]
