@@ -265,6 +265,19 @@ async def phase_tokens(clients: dict, urls: dict, runs: int) -> dict:
 
 # --------------------------------------------------------------------------- main
 
+async def _close_mesh(tmp: Path) -> tuple[str, ...]:
+    """A closed mesh (docs/security.md): L holds the authority and admits G; G's flags."""
+    async def cli(*a: str) -> str:
+        r = await trio.run_process([sys.executable, "-m", "meshollama", *a], capture_stdout=True)
+        return r.stdout.decode()
+
+    out = await cli("mesh", "init", "--data-dir", str(tmp / "L"))
+    authority = out.split("mesh authority: ")[1].split()[0]
+    g = json.loads(await cli("id", "--json", "--data-dir", str(tmp / "G")))["peer_id"]
+    await cli("admit", g, "--data-dir", str(tmp / "L"), "--api", "http://127.0.0.1:9")
+    return ("--authority", authority)
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench_gateway_"))
@@ -281,9 +294,10 @@ async def main_async(args: argparse.Namespace) -> dict:
             c = Cluster(tmp, nursery)
             try:
                 await fake.start(token_delay=0.0, tokens=8)
+                closed = await _close_mesh(tmp) if args.closed else ()
                 local = await c.start("L", "--backend", "ollama", "--ollama-url", fake.url,
                                       heartbeat=args.heartbeat)
-                gw = await c.start("G", "--backend", "none", bootstrap=local, heartbeat=args.heartbeat)
+                gw = await c.start("G", "--backend", "none", *closed, bootstrap=local, heartbeat=args.heartbeat)
 
                 async def remote_ready():
                     r = await c.client.get(gw.api + "/api/tags")
@@ -406,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ttfb-n", type=int, default=60, help="sequential streaming requests per variant")
     p.add_argument("--ttfb-delay", type=float, default=0.02, help="stand-in token_delay for the TTFB phase")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--closed", action="store_true", help="a closed mesh: L admits G (docs/security.md)")
     p.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
     p.add_argument("--stream-tokens", type=int, default=200)
     p.add_argument("--token-runs", type=int, default=5)
