@@ -11,7 +11,9 @@ Messages APIs served.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,9 +22,24 @@ from .conftest import MODEL, REQUEST_TIMEOUT, needs_model
 pytestmark = [pytest.mark.slow, pytest.mark.embedded, needs_model]
 
 T = REQUEST_TIMEOUT
-N = 24  # tokens to generate
-QUESTION = "Why is the sky blue? Answer in one sentence."
-TOOL_QUESTION = "What is the weather in Paris? Use the tool."
+
+
+def _recorder():
+    """``scripts/clients/record.py``, which asked the same questions of real Ollama when
+    the recordings were made: one copy of the prompts and the tool (stdlib imports only)."""
+    spec = importlib.util.spec_from_file_location(
+        "meshollama_client_recorder", Path(__file__).resolve().parents[2] / "scripts" / "clients" / "record.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_rec = _recorder()
+N = _rec.N  # tokens to generate
+QUESTION = _rec.QUESTION
+TOOL_QUESTION = _rec.TOOL_QUESTION
+get_current_weather = _rec.get_current_weather
+WEATHER_TOOL = _rec.WEATHER_TOOL
 DIM = 576  # SmolLM2-135M's hidden size
 # A fixed seed wherever the API takes one: SmolLM2 sometimes ends its turn at
 # its first token, and an empty answer would say nothing about the node. The
@@ -30,32 +47,6 @@ DIM = 576  # SmolLM2-135M's hidden size
 # when the answer itself says the model stopped after at most one token.
 SEED = 7
 OPTS = {"num_predict": N, "seed": SEED}
-
-
-def get_current_weather(city: str) -> str:
-    """Get the current weather for a city.
-
-    Args:
-        city: The name of the city, e.g. Paris
-
-    Returns:
-        A short description of the weather
-    """
-    return f"It is 22 degrees and sunny in {city}."
-
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_current_weather",
-        "description": "Get the current weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "description": "The name of the city, e.g. Paris"}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 # --- ollama ---------------------------------------------------------------------
