@@ -32,6 +32,7 @@ from ..errors import TrustError
 
 ROLES = ("serve", "gateway", "admin")  # admin: serve + manage models over the mesh
 KEY_PREFIX = "ed25519:"
+SECRET_PREFIX = "ed25519-secret:"
 MAX_CERT_BYTES = 2048
 MAX_POLICY_BYTES = 1024 * 1024
 MAX_CERTS = 10_000
@@ -59,6 +60,17 @@ def _unb64(text: str, what: str) -> bytes:
 # --- keys ------------------------------------------------------------------------
 
 
+def _key_bytes(text: str, prefix: str, what: str) -> bytes:
+    """The 32 raw bytes of ``<prefix><base64url>``, or TrustError naming ``what``."""
+    text = text.strip()
+    if not text.startswith(prefix):
+        raise TrustError(f"{what} starts with {prefix!r}")
+    raw = _unb64(text[len(prefix):], what)
+    if len(raw) != 32:
+        raise TrustError(f"{what} is 32 bytes")
+    return raw
+
+
 @dataclass(frozen=True)
 class Authority:
     """The mesh authority's public key: what every node of a closed mesh trusts."""
@@ -67,13 +79,7 @@ class Authority:
 
     @classmethod
     def parse(cls, text: str) -> "Authority":
-        text = text.strip()
-        if not text.startswith(KEY_PREFIX):
-            raise TrustError(f"an authority key starts with {KEY_PREFIX!r}")
-        raw = _unb64(text[len(KEY_PREFIX):], "authority key")
-        if len(raw) != 32:
-            raise TrustError("an authority key is 32 bytes")
-        return cls(raw)
+        return cls(_key_bytes(text, KEY_PREFIX, "an authority key"))
 
     @property
     def text(self) -> str:
@@ -98,7 +104,7 @@ class Authority:
             raise TrustError(f"{kind}: signature does not verify with this mesh's authority") from None
         try:
             obj = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except Exception:  # ValueError, UnicodeDecodeError, RecursionError
             raise TrustError(f"{kind}: payload is not JSON") from None
         if not isinstance(obj, dict) or obj.get("typ") != kind:
             raise TrustError(f"{kind}: wrong document type")
@@ -121,18 +127,11 @@ class SigningAuthority:
 
     @classmethod
     def parse(cls, text: str) -> "SigningAuthority":
-        text = text.strip()
-        prefix = "ed25519-secret:"
-        if not text.startswith(prefix):
-            raise TrustError(f"an authority secret key starts with {prefix!r}")
-        raw = _unb64(text[len(prefix):], "authority secret key")
-        if len(raw) != 32:
-            raise TrustError("an authority secret key is 32 bytes")
-        return cls(raw)
+        return cls(_key_bytes(text, SECRET_PREFIX, "an authority secret key"))
 
     @property
     def text(self) -> str:
-        return "ed25519-secret:" + _b64(self.seed)
+        return SECRET_PREFIX + _b64(self.seed)
 
     @property
     def authority(self) -> Authority:
