@@ -30,6 +30,7 @@ class Member:
         self.kp = create_new_key_pair()
         self.id = peer_id_of(self.kp)
         self.served: list[str] = []
+        self.handlers: dict = {}  # more protocols to serve, set before mesh_of starts the host
         self.admission = None
         if authority is not None:
             state = TrustState(authority, self.id)
@@ -44,11 +45,14 @@ class Member:
 
 
 @asynccontextmanager
-async def mesh_of(*members: Member):
+async def mesh_of(*members: Member, psk: str | None = None):
+    """Each member's host on loopback, serving ECHO and its ``handlers``; a refused
+    peer is disconnected, as the mesh service does."""
     async with trio.open_nursery() as nursery:
         for m in members:
-            m.host = P2PHost(m.kp, settings(), admission=m.admission)
-            m.host.set_handler(ECHO, m.echo)
+            m.host = P2PHost(m.kp, settings(psk=psk), admission=m.admission)
+            for protocol, handler in {ECHO: m.echo, **m.handlers}.items():
+                m.host.set_handler(protocol, handler)
             if m.admission is not None:
                 def cut(peer, why, host=m.host):
                     nursery.start_soon(host.disconnect, peer)
@@ -194,13 +198,9 @@ async def test_model_management_over_the_mesh_needs_an_admin_grant():
     backend = ScriptedBackend()
     server = HttpStreamServer(backend, InboundLimiter(8, 4), max_request_bytes=1 << 20,
                               allow=peer_policy(node.admission))
+    node.handlers[PROTOCOL] = server.handle
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            for m in (node, server_peer, admin):
-                m.host = P2PHost(m.kp, settings(), admission=m.admission)
-                if m is node:
-                    m.host.set_handler(PROTOCOL, server.handle)
-                await nursery.start(m.host.serve)
+        async with mesh_of(node, server_peer, admin):
             for m in (server_peer, admin):
                 await m.host.connect(node.host.addrs())
             await until(lambda: node.admission.role(admin.id) == "admin" and node.admission.role(server_peer.id))
@@ -212,7 +212,6 @@ async def test_model_management_over_the_mesh_needs_an_admin_grant():
             up = PeerUpstream(StreamPool(admin.host.open_stream), node.id, PeerScopes())
             assert await fetch(up, delete) == b"a\nb\n"
             assert [r.method for r in backend.requests] == ["POST", "DELETE"]
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_stranger_with_the_right_psk_is_still_refused():
@@ -222,12 +221,7 @@ async def test_a_stranger_with_the_right_psk_is_still_refused():
     a, stranger = Member(key.authority), Member(None)
     give(a, policy_for(key, (a.id, "admin")))
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            for m in (a, stranger):
-                m.host = P2PHost(m.kp, settings(psk=psk), admission=m.admission)
-                m.host.set_handler(ECHO, m.echo)
-                await nursery.start(m.host.serve)
-            a.admission.on_refused = lambda peer, why: nursery.start_soon(a.host.disconnect, peer)
+        async with mesh_of(a, stranger, psk=psk):
             await stranger.host.connect(a.host.addrs())
             try:
                 got = await echo(stranger, a)
@@ -235,7 +229,6 @@ async def test_a_stranger_with_the_right_psk_is_still_refused():
                 got = None
             assert not got and a.served == []
             await until(lambda: stranger.id not in a.host.connected_peers())
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_stranger_speaking_the_admission_protocol_badly_harms_nothing():
@@ -259,16 +252,9 @@ async def test_a_stranger_speaking_the_admission_protocol_badly_harms_nothing():
         await trio.sleep(1)
 
     stranger = Member(None)
+    stranger.handlers[PROTOCOL] = evil_answer
     with trio.fail_after(40):
-        async with trio.open_nursery() as nursery:
-            for m in (a, b, stranger):
-                m.host = P2PHost(m.kp, settings(), admission=m.admission)
-                m.host.set_handler(ECHO, m.echo)
-                await nursery.start(m.host.serve)
-            stranger.host.set_handler(PROTOCOL, evil_answer)
-            stranger.host._host.set_stream_handler(PROTOCOL, lambda raw: evil_answer(
-                __import__("meshollama.p2p.stream", fromlist=["Stream"]).Stream(raw, a.id, timeout=5)))
-            a.admission.on_refused = lambda peer, why: nursery.start_soon(a.host.disconnect, peer)
+        async with mesh_of(a, b, stranger):
             await stranger.host.connect(a.host.addrs())
             # Its own streams: many at once, one oversized.
             results = []
@@ -291,4 +277,3 @@ async def test_a_stranger_speaking_the_admission_protocol_badly_harms_nothing():
             await b.host.connect(a.host.addrs())
             await until(lambda: a.admission.role(b.id) == "serve")
             assert await echo(b, a) == b"hi"
-            nursery.cancel_scope.cancel()
