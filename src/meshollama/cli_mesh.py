@@ -228,7 +228,7 @@ class _Client:
         self.data_dir = data_dir
         self.authority = authority
         # Beside the secret key: the newest policy this authority signed, whatever the node holds.
-        key = Path(getattr(args, "key", None) or data_dir / "authority.key").expanduser()
+        key = _key_path(args, data_dir)
         self.key_copy = Path(str(key) + ".policy") if key.exists() else None
 
     def current(self):
@@ -237,7 +237,7 @@ class _Client:
         an edit made from a stale copy never brings a revoked peer back."""
         import httpx
 
-        from .trust.documents import newer
+        from .trust.documents import keep_revocations, newer
         from .trust.state import trust_dir
 
         tokens = []
@@ -273,24 +273,14 @@ class _Client:
         for p in found[1:]:
             if newer(p, best):
                 best = p
-        return self._with_all_revocations(best, found)
+        for p in found:
+            best, _ = keep_revocations(best, p.revoked)
+        return best
 
     def _decode(self, token: str):
         from .trust.documents import decode_policy
 
         return decode_policy(self.authority, token)
-
-    @staticmethod
-    def _with_all_revocations(best, found):
-        from dataclasses import replace
-
-        merged = {r.peer: r for r in best.revoked}
-        for p in found:
-            for r in p.revoked:
-                if r.peer not in merged or merged[r.peer].at < r.at:
-                    merged[r.peer] = r
-        certs = tuple(c for c in best.certs if c.peer not in merged or c.iat > merged[c.peer].at)
-        return replace(best, revoked=tuple(merged.values()), certs=certs)
 
     def publish(self, policy) -> str:
         import httpx

@@ -364,6 +364,22 @@ def revoke(policy: Policy, peer: str, *, now: int) -> Policy:
                    revoked=_revoked_until(policy, peer, newest), token="")
 
 
+def keep_revocations(policy: Policy, revocations) -> tuple[Policy, list[Revocation]]:
+    """``policy`` with every revocation in ``revocations`` it lacks (or holds an older
+    one of), and without the certificates they void; plus the ones added. Revocations
+    are for good: a newer policy made from a stale copy must not bring a peer back."""
+    merged = {r.peer: r for r in policy.revoked}
+    added = []
+    for r in revocations:
+        if r.peer not in merged or merged[r.peer].at < r.at:
+            merged[r.peer] = r
+            added.append(r)
+    if not added:
+        return policy, []
+    certs = tuple(c for c in policy.certs if c.peer not in merged or c.iat > merged[c.peer].at)
+    return replace(policy, revoked=tuple(merged.values()), certs=certs), added
+
+
 def newer(candidate: Policy, current: Policy) -> bool:
     """Whether ``candidate`` wins over ``current``: a higher version, or the same
     version and the larger digest, so two edits signed in the same second (the

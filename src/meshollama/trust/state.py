@@ -20,8 +20,6 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, TrustError
-from dataclasses import replace
-
 from .documents import (
     Authority,
     Certificate,
@@ -30,6 +28,7 @@ from .documents import (
     check_peer_id,
     decode_certificate,
     decode_policy,
+    keep_revocations,
     newer,
     policy_version,
 )
@@ -105,11 +104,7 @@ class TrustState:
         except (OSError, ValueError, TypeError, KeyError, TrustError) as exc:
             log.warning("ignoring %s: %r", path, exc)
             return
-        merged = {r.peer: r for r in self.policy.revoked}
-        for r in extra:
-            if r.peer not in merged or merged[r.peer].at < r.at:
-                merged[r.peer] = r
-        self.policy = replace(self.policy, revoked=tuple(merged.values()))
+        self.policy, _ = keep_revocations(self.policy, extra)
         if self.own is not None and self.policy.voids(self.own):
             self.own = None
 
@@ -132,12 +127,9 @@ class TrustState:
             return False
         # Revocations are for good: one a newer policy left out (an operator who
         # edited a stale copy) still applies. Re-admission is a newer certificate.
-        for r in self.policy.revoked:
-            at = policy.revoked_at(r.peer)
-            if at is None or at < r.at:
-                log.warning("policy version %d leaves out the revocation of %s: kept", policy.version, r.peer)
-                kept = tuple(x for x in policy.revoked if x.peer != r.peer) + (r,)
-                policy = replace(policy, revoked=kept)
+        policy, kept = keep_revocations(policy, self.policy.revoked)
+        for r in kept:
+            log.warning("policy version %d leaves out the revocation of %s: kept", policy.version, r.peer)
         self.policy = policy
         if persist:  # the union, which the signed token alone may not carry
             self._save("revoked", json.dumps([{"peer": r.peer, "at": r.at} for r in policy.revoked]))
