@@ -54,3 +54,17 @@ def test_init_admit_revoke_and_a_stale_copy_never_undoes_a_revocation(tmp_path, 
     assert p.routing == {"strategy": "round_robin"} and p.keys_required and p.api_keys[0]["name"] == "ci"
     assert out.strip().splitlines()[-1].startswith("mo_")  # the key, shown once
     assert out.strip().splitlines()[-1] not in (dd / "trust" / "policy").read_text()
+
+
+def test_the_authority_tools_say_what_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MESHOLLAMA_CONFIG", raising=False)
+    dd = tmp_path / "node"
+    assert cli.main(["admit", B, "--data-dir", str(dd), "--api", NOBODY]) == 1
+    assert "no authority key" in capsys.readouterr().err
+    run(capsys, "mesh", "init", "--data-dir", str(dd))
+    assert cli.main(["mesh", "init", "--data-dir", str(dd)]) == 1  # never overwrites an authority
+    assert "already holds a mesh authority" in capsys.readouterr().err
+    assert cli.main(["admit", B, "--expires", "soon", "--data-dir", str(dd), "--api", NOBODY]) == 1
+    assert "--expires" in capsys.readouterr().err
+    assert cli.main(["admit", "not-a-peer", "--data-dir", str(dd), "--api", NOBODY]) == 1
+    assert "not a peer ID" in capsys.readouterr().err

@@ -471,11 +471,11 @@ class MeshService:
                 continue
             try:
                 await host.connect([addr])
-                # A closed mesh cuts a connection it does not admit right after the
-                # handshake: only one that lasts ends the back-off, or a node not yet
-                # admitted would redial in a tight loop.
-                await trio.sleep(0.5 if self.admission is not None else 0)
-                if target in host.connected_peers():
+                # In a closed mesh a connection counts once both sides admit each
+                # other: one cut right after the handshake must not end the back-off,
+                # or a node not yet admitted would redial in a tight loop.
+                admitted = self.admission is None or await self.admission.wait(target) is not None
+                if admitted and target in host.connected_peers():
                     log.info("connected to bootstrap peer %s", target)
                     backoff = 0.25
                     continue
