@@ -60,3 +60,24 @@ async def test_an_open_mesh_has_no_policy_to_set(tmp_path):
             assert (await client.get("/api/mesh/policy")).json() == {"mode": "open"}
             r = await client.post("/api/mesh/policy", json={"policy": _policy(key, 1, SELF).token})
             assert r.status_code == 400 and "open mesh" in r.json()["error"]
+
+
+def test_a_policy_sets_the_routing_strategy_and_the_mesh_wide_keys_of_a_gateway():
+    from prometheus_client import CollectorRegistry
+
+    from meshollama import routing
+    from meshollama.gateway.app import create_app
+    from meshollama.gateway.keystore import new_key
+    from meshollama.node import apply_policy
+
+    from .fakes import make_config
+
+    app = create_app(make_config(), FakeMesh(SELF), None, CollectorRegistry())
+    state = app.extensions["meshollama"]
+    assert not state.keystore.configured and state.proxy.strategy is routing.Strategy.ROUND_ROBIN
+    plaintext, entry = new_key("user", "shared")
+    apply_policy(app, d.Policy(version=1, routing={"strategy": "random"}, api_keys=(entry,), keys_required=True))
+    assert state.proxy.strategy is routing.Strategy.RANDOM
+    assert state.keystore.match(plaintext) is not None and state.keystore.configured
+    apply_policy(app, d.Policy(version=2, keys_required=True))  # the last shared key withdrawn
+    assert state.keystore.match(plaintext) is None and state.keystore.configured
