@@ -362,6 +362,17 @@ class GatewayConfig:
     sideline_seconds: float = _opt(_Num(float, 0), 10.0, "seconds a failed peer is tried last")
     # Matches p2p.stream_timeout: a slower connect is better retried elsewhere.
     connect_timeout: float = _opt(_positive(), 10.0, "seconds to reach an upstream")
+    # A cold model load on a slow disk takes minutes; past this the next peer is tried.
+    first_byte_timeout: float = _opt(_positive(), 300.0, "seconds an upstream has to send its first byte")
+    # Streamed tokens come many times a second; a minute of silence is a wedged peer.
+    stall_timeout: float = _opt(_positive(), 60.0, "longest silence between chunks of a streamed answer")
+    # A stream broken mid-way continues on another holder of the same model.
+    resume: bool = _opt(_Bool(), True, "continue a broken stream on another peer")
+    # Busy everywhere: wait in line rather than fail, but not without bound.
+    queue_size: int = _opt(_int(0), 64, "requests per model waiting for a free slot (0: none)")
+    queue_timeout: float = _opt(_positive(), 120.0, "seconds a request waits in the queue before a 503")
+    # Rolling restarts: in-flight work finishes here or moves elsewhere.
+    drain_timeout: float = _opt(_positive(), 120.0, "seconds in-flight requests get to finish on drain")
     # Browsers are refused unless their origins are listed.
     cors_origins: tuple[str, ...] = _opt(_List(_Str("'*' or an origin like https://example.com", _origin)),
                                          (), "allowed CORS origins")

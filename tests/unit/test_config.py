@@ -69,6 +69,8 @@ SPEC_DEFAULTS = {
     "gateway": {
         "listen": "127.0.0.1:11434", "api_keys": (), "api_key_file": None, "max_body_bytes": 32 * 1024 * 1024,
         "routing": "least_loaded", "retries": 2, "sideline_seconds": 10.0, "connect_timeout": 10.0,
+        "first_byte_timeout": 300.0, "stall_timeout": 60.0, "resume": True, "queue_size": 64,
+        "queue_timeout": 120.0, "drain_timeout": 120.0,
         "cors_origins": (), "max_concurrent": 256, "allowed_hosts": (), "tls_cert": None, "tls_key": None,
         "tls_client_ca": None, "jwt_secret_file": None, "jwt_public_key_file": None, "jwt_role_claim": "role",
         "jwt_audience": "", "jwt_issuer": "",
