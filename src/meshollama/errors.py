@@ -131,3 +131,12 @@ class NoCapacity(RequestError):
     """Peers serve the model but all are busy or failing (503)."""
 
     status = 503
+
+
+class Overloaded(NoCapacity):
+    """Every holder is busy and the gateway's queue for the model is full or
+    timed out (503 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))

@@ -336,3 +336,10 @@ def choose(
         rng.shuffle(bad_ids)
         return ok_ids + bad_ids
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def has_free_slot(snapshot: Snapshot, model_key: str, stats: RouteStats, now: float) -> bool:
+    """Some alive holder of ``model_key`` has a slot free by this gateway's
+    estimate (:func:`load_score` below 1: busy slots, queued included, under
+    capacity). False also when nobody holds it: the caller answers that."""
+    return any(load_score(p, stats.view(p.peer_id, now, model_key)) < 1.0 for p in candidates(snapshot, model_key))

@@ -124,7 +124,7 @@ async def test_listings_over_http():
             assert status["self_id"] == "peer-self"
             assert status["peers"] == {"total": 3, "alive": 2, "down": 1, "unreachable": 0}
             assert status["models"] == 3
-            assert status["mesh"] == {"listen_addrs": ["/ip4/127.0.0.1/tcp/4001"]}
+            assert status["mesh"] == {"listen_addrs": ["/ip4/127.0.0.1/tcp/4001"], "queue": {}, "gateway_in_flight": 0}
 
 
 async def test_tags_empty_mesh_is_an_empty_list():
@@ -423,7 +423,7 @@ async def test_graceful_shutdown_lets_in_flight_streams_finish():
     release = trio.Event()
     mesh = FakeMesh()
     up = mesh.add("peer-a", [model("llama3:latest")], FakeUpstream("a", Script(
-        body=[b'{"a":1}\n', Wait(release), b'{"b":2}\n'])))
+        body=[b'{"a":1}\n', Wait(release), b'{"b":2,"done":true}\n'])))
     app = create_app(make_config(), mesh, None, CollectorRegistry())
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -443,7 +443,7 @@ async def test_graceful_shutdown_lets_in_flight_streams_finish():
                         with pytest.raises(httpx.ConnectError):  # the listener closes at once
                             await other.get(f"http://{bound}/")
                     release.set()
-                    assert [json.loads(line) async for line in it] == [{"b": 2}]
+                    assert [json.loads(line) async for line in it] == [{"b": 2, "done": True}]
     assert up.exits == [None]
 
 

@@ -608,9 +608,9 @@ async def test_check_45_ps():
 
 
 async def test_check_46_concurrent_requests_on_one_model_both_succeed():
-    """§7 check 46: two concurrent long generates on the same model -> both 200, no 503. (That the
-    second's first token waits for the first is Ollama's scheduler, not the proxy's: here the first
-    is held inside the stand-in while the second goes through the same one-slot node.)"""
+    """§7 check 46: two concurrent long generates on the same model -> both 200, no 503. Ollama queues
+    the second in its scheduler; the gateway queues it first (gateway.queue_size): the node's one
+    slot is taken, so the second waits in the gateway's line and goes once the first is done."""
     results: dict[int, httpx.Response] = {}
     with trio.fail_after(10):
         async with stand_in() as env:
@@ -627,10 +627,12 @@ async def test_check_46_concurrent_requests_on_one_model_both_succeed():
                 await env.fake.wait_for(lambda: len(gens()) == 1)
                 assert env.backend.load().in_flight == 1  # the node's one slot is taken
                 nursery.start_soon(call, 2)
-                await env.fake.wait_for(lambda: len(gens()) == 2 and gens()[1].outcome == "ok")
-                assert gens()[0].outcome == "pending"
+                while env.gw.proxy.queues.total() != 1:
+                    await trio.sleep(0.01)
+                assert len(gens()) == 1  # waiting at the gateway, not sent
                 env.fake.set(hang_before_first_byte=False)  # let the first one go
     assert [results[i].status_code for i in (1, 2)] == [200, 200]
+    assert env.gw.metric("meshollama_queue_total", outcome="dispatched") == 1
 
 
 async def test_check_48_error_line_mid_stream_is_relayed_verbatim():

@@ -237,7 +237,8 @@ async def test_openai_route_failures_use_the_openai_envelope():
     mesh = FakeMesh()
     mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(fail=UpstreamBusy("full"))))
     with trio.fail_after(10):
-        async with running_gateway(mesh, retries=0) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+        async with running_gateway(mesh, retries=0, queue_size=0) as gw, \
+                httpx.AsyncClient(base_url=gw.url) as client:
             r = await client.post("/v1/chat/completions", content=b'{"model":"llama3","messages":[]}')
     assert r.status_code == 503
     assert r.json() == {"error": {"message": "all peers serving 'llama3' are busy or failing (tried 1)",
@@ -245,9 +246,9 @@ async def test_openai_route_failures_use_the_openai_envelope():
 
 
 async def test_upstream_hanging_after_5xx_head_does_not_wedge(monkeypatch):
-    from meshollama.gateway import proxy
+    from meshollama.gateway import attempt
 
-    monkeypatch.setattr(proxy, "ERROR_BODY_TIMEOUT", 0.05)
+    monkeypatch.setattr(attempt, "ERROR_BODY_TIMEOUT", 0.05)
     mesh = FakeMesh()
     mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(status=502, headers=JSON, body=[b'{"err', Hang()])))
     with trio.fail_after(10):
@@ -265,17 +266,36 @@ async def test_ndjson_broken_mid_stream_ends_with_an_error_line():
         b'{"response":"a","done":false}\n', b'{"response":"b","do', Break("connection reset")])))
     b = mesh.add("peer-b", [LLAMA])
     with trio.fail_after(10):
-        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+        async with running_gateway(mesh, resume=False) as gw, httpx.AsyncClient(base_url=gw.url) as client:
             r = await client.post("/api/generate", content=gen())
             await gw.proxy.wait_idle()
             assert gw.metric("meshollama_stream_errors_total") == 1
     assert r.status_code == 200
     got = r.text.split("\n")
     assert got[0] == '{"response":"a","done":false}'
-    assert got[1] == '{"response":"b","do'  # the half line is closed, not glued to the error
-    assert "connection reset" in json.loads(got[2])["error"]
-    assert got[3:] == [""]
+    assert "connection reset" in json.loads(got[1])["error"]  # the half line never went out
+    assert got[2:] == [""]
     assert b.requests == []  # bytes went out: no retry
+
+
+async def test_ndjson_broken_mid_stream_is_resumed_on_another_peer():
+    mesh = FakeMesh()
+    mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(body=[
+        b'{"model":"llama3","response":"a","done":false}\n', b'{"response":"b","do', Break("connection reset")])))
+    b = mesh.add("peer-b", [LLAMA])
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/generate", content=gen())
+            await gw.proxy.wait_idle()
+            assert gw.metric("meshollama_resumes_total", outcome="resumed") == 1
+    assert r.status_code == 200 and r.headers["x-meshollama-peer"] == "peer-a"
+    got = [json.loads(line) for line in r.text.splitlines()]
+    assert "".join(g["response"] for g in got) == "aHello"  # peer-b's canned "Hel", "lo" after "a"
+    assert [g["done"] for g in got] == [False, False, False, True]
+    assert got[-1]["meshollama"] == {"peers": ["peer-a", "peer-b"], "resumed": 1}
+    sent = json.loads(b.requests[0].body)
+    assert b.requests[0].path == "/api/chat"  # a generate continues as a chat with the text so far
+    assert sent["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]
 
 
 async def test_sse_broken_mid_stream_ends_with_an_error_event():
@@ -425,7 +445,8 @@ async def test_client_disconnect_before_the_answer_cancels_the_upstream():
 async def test_max_concurrent_answers_503():
     mesh = FakeMesh()
     release = trio.Event()
-    up = mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(body=[b'{"a":1}\n', Wait(release), b'{"b":2}\n'])))
+    up = mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(body=[b'{"a":1}\n', Wait(release),
+                                                                     b'{"b":2,"done":true}\n'])))
     with trio.fail_after(10):
         async with running_gateway(mesh, max_concurrent=1) as gw, httpx.AsyncClient(base_url=gw.url) as client:
             async with client.stream("POST", "/api/generate", content=gen()) as first:
@@ -436,7 +457,7 @@ async def test_max_concurrent_answers_503():
                 r = await client.post("/v1/completions", content=gen())
                 assert r.status_code == 503 and r.json()["error"]["type"] == "api_error"
                 release.set()
-                assert [line async for line in lines_in] == ['{"b":2}']
+                assert [line async for line in lines_in] == ['{"b":2,"done":true}']
             r = await client.post("/api/generate", content=gen())
             assert r.status_code == 200
     assert len(up.requests) == 2

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from tests.fakes.fake_ollama import serve_fake
+from tests.fakes.fake_ollama import INFERENCE_PATHS, serve_fake
 
 from .cluster import cluster
 
@@ -177,9 +177,9 @@ async def test_faults_retry_error_and_route_around(tmp_path):
                 assert await _stream_once(client, a.api, "shared") == cc.peer_id
             fb.clear_faults()
 
-            # 2. mid-stream failure: an explicit error line, not a hang
-            fc.set(fail_after_n_chunks={"n": 2, "mode": "close"})
-            fb.set(fail_after_n_chunks={"n": 2, "mode": "close"})
+            # 2. mid-stream failure on every holder (the continuation breaks too): an explicit error line, not a hang
+            fc.set(fail_after_n_chunks={"n": 2, "mode": "close"}, fault_paths=INFERENCE_PATHS)
+            fb.set(fail_after_n_chunks={"n": 2, "mode": "close"}, fault_paths=INFERENCE_PATHS)
             async with client.stream("POST", a.api + "/api/generate", content=b'{"model":"shared","prompt":"x"}') as r:
                 lines = [json.loads(x) async for x in r.aiter_lines() if x]
             assert r.status_code == 200

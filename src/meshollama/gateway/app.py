@@ -73,6 +73,8 @@ class GatewayState:
         # API keys of every source; the mesh policy feeds ``keystore.set_shared``.
         self.keystore = KeyStore.for_config(config)
         self.auth = Authenticator(self.keystore, JwtVerifier.from_config(self.gateway))
+        # Set by the node: start draining it (POST /api/mesh/drain); None where nothing can drain.
+        self.drain: Any = None
 
 
 class _HTTPConnection(TrioASGIHTTPConnection):
@@ -165,8 +167,15 @@ def _register_views(app: QuartTrio, state: GatewayState) -> None:
 
     @app.route("/api/mesh/status", methods=["GET"])
     async def mesh_status() -> Response:
-        extra = mesh.status()
+        extra = {**mesh.status(), "queue": state.proxy.queues.depths(), "gateway_in_flight": state.proxy.in_flight}
         return _respond(json_answer(listings.mesh_status(mesh.snapshot(), mesh.self_id, extra, __version__)))
+
+    @app.route("/api/mesh/drain", methods=["POST"])
+    async def mesh_drain() -> Response:
+        # Admin only (roles: every non-read /api/mesh/ route). Idempotent: a second call reports progress.
+        if state.drain is None:
+            return _respond(error_answer(400, "this gateway has no node to drain"))
+        return _respond(json_answer(state.drain(), 202))
 
     @app.route("/metrics", methods=["GET"])
     async def metrics() -> Response:

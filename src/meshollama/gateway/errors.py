@@ -134,7 +134,9 @@ def message_of(exc: BaseException) -> str:
 
 def answer_for(exc: BaseException, *, envelope: str = "ollama") -> Answer:
     """The answer for an exception raised before any response byte was sent."""
-    return error_answer(status_of(exc), message_of(exc), envelope=envelope)
+    answer = error_answer(status_of(exc), message_of(exc), envelope=envelope)
+    retry_after = getattr(exc, "retry_after", None)
+    return answer.with_headers(("retry-after", str(retry_after))) if retry_after else answer
 
 
 def ndjson_error_line(message: str) -> bytes:

@@ -75,6 +75,30 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        self.queue_depth = Gauge(
+            "meshollama_queue_depth",
+            "Requests waiting in the gateway's queue for a free slot on a holder of the model.",
+            ["model"],
+            registry=registry,
+        )
+        self.queue_outcomes = Counter(
+            "meshollama_queue_total",
+            "Requests that met the queue, by outcome (dispatched, full, timeout, gone).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.timeouts = Counter(
+            "meshollama_upstream_timeouts_total",
+            "Upstreams that went silent: before the first byte (first_byte) or between chunks (stall).",
+            ["kind"],
+            registry=registry,
+        )
+        self.resumes = Counter(
+            "meshollama_resumes_total",
+            "Streams broken mid-way, by outcome (resumed on another peer, refused, no_peer, failed).",
+            ["outcome"],
+            registry=registry,
+        )
 
 
 class MeshMetrics:

@@ -22,6 +22,15 @@ for ``http.disconnect`` and cancels the whole request, which closes the
 upstream context and so aborts the remote work. Each chunk is handed to
 Hypercorn as its own ``http.response.body`` message, which Hypercorn writes
 to the socket at once: nothing is buffered or re-chunked.
+
+What happens to a routed request, in order (the pieces live in their own
+modules): it waits its turn in the model's queue when every holder is busy
+(``queueing``); it is tried on up to ``1 + retries`` peers until one sends a
+first byte within ``first_byte_timeout`` (``attempt``); its answer passes
+through a sans-IO relay (``resume.StreamRelay``), and when the serving peer
+dies, freezes or stalls mid-stream the relay says how the answer continues
+on another holder of the same model digest, which this module then finds
+and opens (``_resume``), or how it ends with an explicit error.
 """
 
 from __future__ import annotations
@@ -29,30 +38,13 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from .. import names, routing
-from ..errors import (
-    ModelNotFound,
-    NoCapacity,
-    RequestError,
-    UpstreamBusy,
-    UpstreamError,
-    UpstreamUnavailable,
-)
-from ..httpmsg import (
-    Headers,
-    ProxyRequest,
-    ProxyResponse,
-    Upstream,
-    content_length,
-    error_text,
-    forwardable,
-    header,
-)
+from ..errors import ModelNotFound, NoCapacity, RequestError, UpstreamBusy, UpstreamError, UpstreamUnavailable
+from ..httpmsg import Headers, ProxyRequest, Upstream, error_text, forwardable
 from .asgi import (
     ASGIApp,
     BodyStream,
@@ -67,37 +59,17 @@ from .asgi import (
     scope_headers,
     send_answer,
 )
+from .attempt import PEER_HEADER, Attempts, Broken, Failure, Outcome
 from .endpoints import Endpoint, check_fields, match, model_of, parse_payload
-from .errors import (
-    METHOD_NOT_ALLOWED_PAGE,
-    Answer,
-    answer_for,
-    error_answer,
-    message_of,
-    ndjson_error_line,
-    sse_error_event,
-)
+from .errors import METHOD_NOT_ALLOWED_PAGE, answer_for, error_answer, message_of, ndjson_error_line, sse_error_event
 from .metrics import GatewayMetrics
+from .queueing import ModelQueues
+from .resume import Continuation, GiveUp, StreamRelay
 
 log = logging.getLogger(__name__)
 
-PEER_HEADER = "x-meshollama-peer"
-# Answers worth trying another peer for, if nothing reached the client yet.
-RETRY_STATUSES = frozenset({500, 502, 503, 504})
-# Of those, the ones that say something about the peer. Ollama also answers
-# 500 for request-specific mistakes (a bad ``format`` or ``options`` type,
-# spec §1.7, §1.9): sidelining on 500 would let one bad client sideline
-# every healthy peer.
-SIDELINE_STATUSES = frozenset({502, 503, 504})
-ERROR_BODY_LIMIT = 64 * 1024  # an upstream error answer kept for relaying
-ERROR_BODY_TIMEOUT = 10.0  # seconds to read it
 # Request headers that describe the client's hop, not the request.
 _DROP_REQUEST = frozenset({"origin", "referer", "cookie", "expect", PEER_HEADER})
-# Response headers Hypercorn writes itself, and ours.
-_DROP_RESPONSE = frozenset({"date", "server", PEER_HEADER})
-
-
-# --- pure helpers -----------------------------------------------------------
 
 
 def request_target(scope: Scope) -> str:
@@ -111,74 +83,6 @@ def request_target(scope: Scope) -> str:
 def request_headers(scope: Scope) -> Headers:
     """What travels to the upstream: end-to-end headers minus the client's hop."""
     return tuple((k, v) for k, v in forwardable(scope_headers(scope)) if k not in _DROP_REQUEST)
-
-
-def response_headers(headers: Headers) -> Headers:
-    return tuple((k, v) for k, v in forwardable(headers) if k not in _DROP_RESPONSE)
-
-
-def _streamed(content_type: str) -> bool:
-    ctype = content_type.lower()
-    return "ndjson" in ctype or "event-stream" in ctype
-
-
-def declared_length(status: int, headers: Headers) -> Headers:
-    """The upstream's Content-Length, relayed with a non-streamed body passed on
-    unchanged: the answer is then framed as Ollama framed it and goes out in
-    one write, where chunked framing costs the client more parsing and an
-    extra write. A body cut short still fails loudly (the connection closes
-    before the declared length). Streamed bodies (NDJSON, SSE) stay chunked,
-    so a wrong length from a peer can never cut a stream and an error line
-    can still end it."""
-    if status < 200 or status in (204, 304) or _streamed(header(headers, "content-type") or ""):
-        return ()
-    return content_length(headers)
-
-
-# --- bookkeeping ------------------------------------------------------------
-
-
-@dataclass
-class _Outcome:
-    """What one request did, for metrics and logs."""
-
-    started: float
-    model: str = ""
-    peer: str = ""
-    content_type: str = ""
-    client_gone: bool = False
-    body_unread: bool = False  # an answer now must close the connection
-    error: str = ""  # what an error answer said, for the log
-    envelope: str = "ollama"  # how a broken stream ends (see _end_broken)
-
-
-@dataclass
-class _Try:
-    """One attempt on one peer, for the router's stats."""
-
-    started: float
-    routed: bool = False  # feeds the router's stats
-    model_key: str = ""
-    warm: bool = False  # the snapshot said the model was loaded there: a first byte measures speed, not a load
-    ttfb: float | None = None
-    ok: bool = False
-    pieces: int = 0  # body lines relayed (streamed tokens, for NDJSON and SSE)
-
-    def relayed(self, chunk: bytes) -> None:
-        self.pieces += max(1, chunk.count(b"\n"))
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """An upstream attempt that failed before any byte reached the client."""
-
-    kind: str  # unavailable | busy | http_<status> | broken | error
-    message: str
-    answer: Answer | None = None  # the upstream's own answer, relayed if nobody does better
-    sideline: bool = True
-
-
-# --- the engine -------------------------------------------------------------
 
 
 class Proxy:
@@ -202,10 +106,19 @@ class Proxy:
         self.rng = rng if rng is not None else random.Random()
         self.strategy = routing.Strategy(getattr(g.routing, "value", g.routing))
         self.retries = max(0, int(g.retries))
-        self.sideline_seconds = float(g.sideline_seconds)
         self.max_body = int(g.max_body_bytes)
         self.max_concurrent = int(g.max_concurrent) if g.max_concurrent else 0
+        self.resume = bool(g.resume)
+        self.queues = ModelQueues(
+            g.queue_size, g.queue_timeout,
+            on_depth=lambda key, depth: metrics.queue_depth.labels(names.shortest(key)).set(depth),
+            on_outcome=lambda outcome: metrics.queue_outcomes.labels(outcome).inc(),
+        )
+        self.attempts = Attempts(mesh, self.stats, metrics, first_byte_timeout=float(g.first_byte_timeout),
+                                 stall_timeout=float(g.stall_timeout), sideline_seconds=float(g.sideline_seconds),
+                                 on_finished=self.queues.poke)
         self.in_flight = 0
+        self.draining = False  # the node drains for a restart: new requests go to another node
         self._rr = itertools.count()
         self._idle = trio.Event()
         self._idle.set()
@@ -217,12 +130,16 @@ class Proxy:
 
     async def serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one request completely; never raises except on cancellation."""
-        out = _Outcome(started=trio.current_time(), envelope=endpoint.envelope)
+        out = Outcome(started=trio.current_time(), envelope=endpoint.envelope)
         responder = Responder(send)
-        if self.max_concurrent and self.in_flight >= self.max_concurrent:
-            message = f"gateway busy: {self.in_flight} requests in flight (gateway.max_concurrent)"
-            answer = error_answer(503, message, envelope=endpoint.envelope)
-            await send_answer(send, answer, close=body_expected(scope))
+        refusal = ""
+        if self.draining:
+            refusal = "this node is draining for a restart: send the request to another node"
+        elif self.max_concurrent and self.in_flight >= self.max_concurrent:
+            refusal = f"gateway busy: {self.in_flight} requests in flight (gateway.max_concurrent)"
+        if refusal:
+            answer = error_answer(503, refusal, envelope=endpoint.envelope).with_headers(("retry-after", "1"))
+            await send_answer(send, answer, close=body_expected(scope) or self.draining)
             self._count(endpoint, out, 503)
             return
         self.in_flight += 1
@@ -246,23 +163,16 @@ class Proxy:
             if not self.in_flight:
                 self._idle.set()
 
-    def _count(self, endpoint: Endpoint, out: _Outcome, status: int) -> None:
+    def _count(self, endpoint: Endpoint, out: Outcome, status: int) -> None:
         self.metrics.requests.labels(endpoint.label, out.model, out.peer, str(status)).inc()
         self.metrics.duration.labels(endpoint.label).observe(trio.current_time() - out.started)
 
-    async def _serve(
-        self,
-        endpoint: Endpoint,
-        scope: Scope,
-        receive: Receive,
-        responder: Responder,
-        out: _Outcome,
-        nursery: trio.Nursery,
-    ) -> None:
+    async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, responder: Responder, out: Outcome,
+                     nursery: trio.Nursery) -> None:
         out.body_unread = body_expected(scope)
         try:
             if endpoint.stream_body and out.body_unread:
-                request = self._streamed_request(scope, receive, responder, out, nursery)
+                request = self._streamed_request(scope, receive, out, nursery)
             else:
                 body = await read_body(scope, receive, self.max_body)
                 out.body_unread = False
@@ -279,95 +189,112 @@ class Proxy:
                 log.exception("%s: unexpected error", endpoint.label)
             await self._fail(endpoint, responder, out, exc)
 
-    def _streamed_request(
-        self, scope: Scope, receive: Receive, responder: Responder, out: _Outcome, nursery: trio.Nursery
-    ) -> ProxyRequest:
+    def _streamed_request(self, scope: Scope, receive: Receive, out: Outcome, nursery: trio.Nursery) -> ProxyRequest:
         """A request whose body goes to the backend as it arrives (blob uploads):
         no size limit and no copy in memory; the backend (Ollama) checks the
         digest. The disconnect watcher starts once the body is read."""
 
         def body_read() -> None:
             out.body_unread = False
-            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, responder, out)
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope, None, out)
 
         declared = scope_header(scope, "content-length")
         length = int(declared) if declared is not None and declared.strip().isdigit() else None
-        return ProxyRequest(
-            scope["method"],
-            request_target(scope),
-            request_headers(scope),
-            stream=BodyStream(receive, body_read),
-            stream_length=length,
-        )
+        return ProxyRequest(scope["method"], request_target(scope), request_headers(scope),
+                            stream=BodyStream(receive, body_read), stream_length=length)
 
-    async def _fail(self, endpoint: Endpoint, responder: Responder, out: _Outcome, exc: Exception) -> None:
+    async def _fail(self, endpoint: Endpoint, responder: Responder, out: Outcome, exc: Exception) -> None:
         """Make sure the client gets an explicit error, however far we got."""
         out.error = message_of(exc)
         try:
             if not responder.started:
                 await responder.answer(answer_for(exc, envelope=endpoint.envelope), close=out.body_unread)
             elif not responder.finished:
-                await self._end_broken(responder, out, f"gateway error: {type(exc).__name__}")
+                await end_broken(responder, out, f"gateway error: {type(exc).__name__}")
         except ClientGone:
             out.client_gone = True
 
     @staticmethod
-    async def _watch_disconnect(
-        receive: Receive, scope: trio.CancelScope, responder: Responder, out: _Outcome
-    ) -> None:
-        """Cancel the request when the client goes away (Hypercorn sends ``http.disconnect``)."""
+    async def _watch_disconnect(receive: Receive, scope: trio.CancelScope, responder: Responder | None,
+                                out: Outcome) -> None:
+        """Cancel the request when the client goes away (Hypercorn sends
+        ``http.disconnect``). A failing ``receive`` means the same: the
+        server has nothing more to tell about this client, so the request's
+        remote work must stop rather than run on for nobody."""
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass
-        except Exception:  # the server's receive channel is gone: nothing to watch
-            return
+        except Exception as exc:
+            log.debug("receive failed while watching for a disconnect: %r", exc)
         # Hypercorn also reports the end of a completed exchange as a disconnect.
-        if not responder.ending:
+        if responder is None or not responder.ending:
             out.client_gone = True
             scope.cancel()
 
-    async def _routed(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: _Outcome) -> None:
+    # --- routed requests ---------------------------------------------------------
+
+    async def _routed(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome) -> None:
         payload = parse_payload(request.body, endpoint)
         model = model_of(payload, endpoint)
         key = names.key(model)
-        snapshot = self.mesh.snapshot()
-        now = trio.current_time()
-        self.stats.observe(snapshot)
-        order = routing.choose(
-            snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(), next(self._rr)
-        )
-        if not order:
-            # It exists, on peers we have no path to now: a 503, not a 404
-            # (which tells clients to pull it).
-            held = [f"{p.peer_id} ({p.state.value})" for p in snapshot.peers if p.serves(key)
-                    and p.state.value in ("down", "unreachable")]
-            if held:
-                raise NoCapacity(f"model '{model}' is only on peers this node cannot reach now: {', '.join(held)}; "
-                                 "see `meshollama peers`")
-            raise ModelNotFound(endpoint.not_found_message(model))
+        if not routing.candidates(self.mesh.snapshot(), key):
+            self._unservable(endpoint, model, key)
         out.model = names.shortest(model)
         check_fields(payload, endpoint)  # after the 404, as Ollama checks them after loading
-        tries = order[: 1 + self.retries]
-        last: tuple[str, Answer] | None = None
-        for n, peer in enumerate(tries, 1):
-            failure = await self._attempt(endpoint, peer, None, request, responder, out, retry_5xx=True,
-                                          model_key=key, warm=self._warm(snapshot, peer, key, now))
-            if failure is None:
+        relay = StreamRelay(request.path.split("?", 1)[0], payload, resume=self.resume, body=request.body)
+        deadline = trio.current_time() + self.queues.timeout
+        after_busy = False
+        while True:
+            await self.queues.wait(key, lambda: self._free(key), label=out.model, after_busy=after_busy,
+                                   deadline=deadline)
+            snapshot = self.mesh.snapshot()
+            now = trio.current_time()
+            self.stats.observe(snapshot)
+            order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(),
+                                   next(self._rr))
+            if not order:  # every holder went away while we waited
+                self._unservable(endpoint, model, key)
+            tries = order[: 1 + self.retries]
+            failures: list[tuple[str, Failure]] = []
+            for n, peer in enumerate(tries, 1):
+                result = await self.attempts.run(endpoint, peer, None, request, responder, out, relay, retry_5xx=True,
+                                                 model_key=key, warm=self._warm(snapshot, peer, key, now))
+                if result is None:
+                    return
+                if isinstance(result, Broken):
+                    await self._resume(endpoint, request, responder, out, relay, key, peer, result)
+                    return
+                log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, result.kind,
+                            result.message)
+                failures.append((peer, result))
+                if n < len(tries):
+                    self.metrics.retries.labels(result.kind).inc()
+            if self.queues.size and all(f.kind == "busy" for _, f in failures):
+                after_busy = True  # every holder said busy: back in line until a slot frees
+                continue
+            answered = [(peer, f.answer) for peer, f in failures if f.answer is not None]
+            if answered:
+                # Every try failed and the last word was an upstream's own answer:
+                # the client gets it unchanged (a 503 "server busy" stays a 503).
+                peer, answer = answered[-1]
+                out.peer = peer
+                out.error = error_text(answer.body)
+                await responder.answer(answer.with_headers((PEER_HEADER, peer)))
                 return
-            log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, failure.kind, failure.message)
-            if failure.answer is not None:
-                last = (peer, failure.answer)
-            if n < len(tries):
-                self.metrics.retries.labels(failure.kind).inc()
-        if last is not None:
-            # Every try failed and the last word was an upstream's own answer:
-            # the client gets it unchanged (a 503 "server busy" stays a 503).
-            peer, answer = last
-            out.peer = peer
-            out.error = error_text(answer.body)
-            await responder.answer(answer.with_headers((PEER_HEADER, peer)))
-            return
-        raise NoCapacity(f"all peers serving '{model}' are busy or failing (tried {len(tries)})")
+            raise NoCapacity(f"all peers serving '{model}' are busy or failing (tried {len(tries)})")
+
+    def _unservable(self, endpoint: Endpoint, model: str, key: str) -> None:
+        """Raise the right error for a model nobody alive serves: a 503 when it
+        exists on peers we cannot reach now (a 404 tells clients to pull it)."""
+        held = [f"{p.peer_id} ({p.state.value})" for p in self.mesh.snapshot().peers
+                if p.serves(key) and p.state.value not in ("alive",)]
+        if held:
+            raise NoCapacity(f"model '{model}' is only on peers this node cannot reach now: {', '.join(held)}; "
+                             "see `meshollama peers`")
+        raise ModelNotFound(endpoint.not_found_message(model))
+
+    def _free(self, key: str) -> bool:
+        return routing.has_free_slot(self.mesh.snapshot(), key, self.stats, trio.current_time())
 
     def _warm(self, snapshot: Any, peer_id: str, model_key: str, now: float) -> bool:
         """The model is loaded on the peer: its heartbeat says so, or it answered
@@ -376,204 +303,109 @@ class Proxy:
         model = view.model(model_key) if view is not None else None
         return bool(model is not None and model.loaded) or self.stats.recently_answered(peer_id, model_key, now)
 
-    async def _local(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: _Outcome) -> None:
+    async def _resume(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome,
+                      relay: StreamRelay, key: str, peer: str, broken: Broken) -> None:
+        """The answer broke mid-stream on ``peer``: continue it on another holder
+        of the same model digest, as often as it breaks and peers remain, or end
+        it with an explicit error."""
+        tried = {peer}
+        digest = self._digest(peer, key)
+        while True:
+            log.warning("%s %s: stream from %s broke after %d bytes: %s", endpoint.label, out.model, peer,
+                        responder.bytes_sent, broken.reason)
+            if relay.state == "waiting":  # never committed (an error answer, a pass-through): nothing to resume
+                await end_broken(responder, out, f"upstream {peer} failed mid-stream: {broken.reason}")
+                return
+            decision = relay.broke(broken.reason, broken.spent)
+            if not isinstance(decision, Continuation):
+                await self._end(responder, out, decision, broken.reason)
+                return
+            next_request = ProxyRequest("POST", decision.path, request.headers, decision.body)
+            result: Failure | Broken | None = Failure("none", "no other peer serves this model digest")
+            for candidate in self._resume_order(key, digest, tried):
+                tried.add(candidate)
+                result = await self.attempts.run(endpoint, candidate, None, next_request, responder, out, relay,
+                                                 retry_5xx=True, model_key=key)
+                if not isinstance(result, Failure):
+                    break
+                log.warning("%s %s: continuation on %s failed (%s): %s", endpoint.label, out.model, candidate,
+                            result.kind, result.message)
+            if result is None:
+                self.metrics.resumes.labels("resumed").inc()
+                return
+            if isinstance(result, Broken):
+                self.metrics.resumes.labels("resumed").inc()
+                peer, broken = relay.peers[-1], result
+                continue
+            self.metrics.resumes.labels("no_peer").inc()
+            out.error = f"stream broke on {peer} ({broken.reason}) and no peer could continue it: {result.message}"
+            await responder.end(relay.give_up(out.error))
+            return
+
+    async def _end(self, responder: Responder, out: Outcome, decision: Any, reason: str) -> None:
+        """End a stream the relay will not continue: its tail (an explicit error,
+        or the final object when the answer was already as long as asked)."""
+        if isinstance(decision, GiveUp):
+            self.metrics.resumes.labels("refused").inc()
+            out.error = decision.message
+            if not decision.tail:  # a pass-through body: end it the generic way
+                await end_broken(responder, out, decision.message)
+                return
+        await responder.end(decision.tail)
+
+    def _digest(self, peer: str, key: str) -> str:
+        view = self.mesh.snapshot().get(peer)
+        model = view.model(key) if view is not None else None
+        return model.digest if model is not None else ""
+
+    def _resume_order(self, key: str, digest: str, tried: set[str]) -> list[str]:
+        """Peers to continue on: alive holders of ``key`` with the same digest
+        (the same weights give the same continuation), best first."""
+        snapshot = self.mesh.snapshot()
+        now = trio.current_time()
+        order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(tried),
+                               next(self._rr))
+
+        def same(pid: str) -> bool:
+            view = snapshot.get(pid)
+            model = view.model(key) if view is not None else None
+            return not digest or (model is not None and model.digest == digest)
+
+        return [pid for pid in order if same(pid)][: 1 + self.retries]
+
+    # --- local requests ------------------------------------------------------------
+
+    async def _local(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome) -> None:
         if self.backend is None:
             raise UpstreamUnavailable("this node has no local backend")
-        peer = self.mesh.self_id
-        failure = await self._attempt(endpoint, peer, self.backend, request, responder, out, retry_5xx=False)
-        if failure is not None:
-            raise (UpstreamBusy if failure.kind == "busy" else UpstreamUnavailable)(failure.message)
-
-    async def _attempt(
-        self,
-        endpoint: Endpoint,
-        peer: str,
-        upstream: Upstream | None,
-        request: ProxyRequest,
-        responder: Responder,
-        out: _Outcome,
-        *,
-        retry_5xx: bool,
-        model_key: str = "",
-        warm: bool = False,
-    ) -> _Failure | None:
-        """One try on one peer. None: the client got a complete answer (or an
-        explicit mid-stream error). A :class:`_Failure`: nothing was sent, the
-        caller may try elsewhere. Raises :class:`ClientGone`."""
-        track = upstream is None  # routed tries feed the router's stats; local management does not
-        attempt = _Try(started=trio.current_time(), routed=track, model_key=model_key, warm=warm)
-        if track:
-            self.stats.started(peer, attempt.started)
-        failure: _Failure | None = None
-        try:
-            if upstream is None:
-                upstream = self.mesh.upstream(peer)
-            async with upstream.open(request) as resp:
-                if retry_5xx and resp.status in RETRY_STATUSES:
-                    answer = await self._read_error_answer(resp, endpoint)
-                    sideline = resp.status in SIDELINE_STATUSES
-                    failure = _Failure(f"http_{resp.status}", f"answered {resp.status}", answer, sideline)
-                    return failure
-                chunks = resp.body.__aiter__()
-                try:
-                    failure = await self._relay(endpoint, peer, resp, chunks, responder, out, attempt)
-                finally:
-                    # Close the body iterator here, before the upstream context
-                    # exits, rather than whenever the garbage collector gets to it.
-                    await _aclose(chunks)
-        except ClientGone:
-            out.client_gone = True
-            attempt.ok = True  # not the peer's fault
-            raise
-        except UpstreamBusy as exc:
-            failure = _Failure("busy", str(exc) or "busy")
-        except UpstreamUnavailable as exc:
-            failure = _Failure("unavailable", str(exc) or "unavailable")
-        except Exception as exc:
-            if responder.started:
-                # The upstream's context failed while closing, after we committed.
-                if not responder.ending:
-                    await self._stream_broken(endpoint, responder, out, peer, exc)
-                else:
-                    log.debug("%s: upstream %s failed on close: %r", endpoint.label, peer, exc)
-                return None
-            log.warning("%s: upstream %s raised %r before answering", endpoint.label, peer, exc)
-            failure = _Failure("error", f"{type(exc).__name__}: {exc}")
-        finally:
-            now = trio.current_time()
-            if track:
-                self.stats.finished(
-                    peer,
-                    now,
-                    ok=attempt.ok,
-                    latency=now - attempt.started,
-                    ttfb=attempt.ttfb,
-                    model=attempt.model_key,
-                    chunks=attempt.pieces,
-                    count_ttfb=False,  # taken at the first byte
-                )
-                if failure is not None and failure.sideline:
-                    self.stats.sideline(peer, now, self.sideline_seconds)
-            if failure is not None:
-                self.metrics.upstream_errors.labels(_kind_label(failure.kind)).inc()
-        return failure
-
-    async def _relay(
-        self,
-        endpoint: Endpoint,
-        peer: str,
-        resp: ProxyResponse,
-        chunks: Any,
-        responder: Responder,
-        out: _Outcome,
-        attempt: _Try,
-    ) -> _Failure | None:
-        """Relay an upstream answer. The head is held back until the first body
-        byte: an upstream that fails in between is still retryable."""
-        try:
-            first = await _first_chunk(chunks)
-        except Exception as exc:
-            return _Failure("broken", f"failed before the first byte: {exc}")
-        # Commit: from here on the answer is this peer's.
-        attempt.ttfb = trio.current_time() - attempt.started
-        out.peer = peer
-        out.content_type = header(resp.headers, "content-type", "") or ""
-        # The router learns the peer's speed at once, from streamed answers on a
-        # warm model only: a non-streamed first byte is the whole generation,
-        # and a cold one is a model load (COLD_PENALTY already counts those).
-        if attempt.routed and attempt.warm and _streamed(out.content_type):
-            self.stats.first_byte(peer, trio.current_time(), attempt.ttfb, model=attempt.model_key)
-        self.metrics.ttfb.labels(endpoint.label).observe(trio.current_time() - out.started)
-        closing = (("connection", "close"),) if out.body_unread else ()  # an upload the backend did not read
-        headers = response_headers(resp.headers) + declared_length(resp.status, resp.headers)
-        await responder.start(resp.status, headers + ((PEER_HEADER, peer),) + closing)
-        if first is not None:
-            if resp.status >= 400:
-                out.error = error_text(first)
-            attempt.relayed(first)
-            await responder.body(first)
-            try:
-                async for chunk in chunks:
-                    attempt.relayed(chunk)
-                    await responder.body(chunk)
-            except ClientGone:
-                raise
-            except Exception as exc:
-                await self._stream_broken(endpoint, responder, out, peer, exc)
-                return None
-        await responder.end()
-        attempt.ok = True
-        return None
-
-    async def _stream_broken(
-        self, endpoint: Endpoint, responder: Responder, out: _Outcome, peer: str, exc: BaseException
-    ) -> None:
-        self.metrics.stream_errors.inc()
-        self.metrics.upstream_errors.labels("broken").inc()
-        log.warning("%s %s: stream from %s broke after %d bytes: %r", endpoint.label, out.model, peer,
-                    responder.bytes_sent, exc)
-        await self._end_broken(responder, out, f"upstream {peer} failed mid-stream: {exc or type(exc).__name__}")
-
-    @staticmethod
-    async def _end_broken(responder: Responder, out: _Outcome, message: str) -> None:
-        """End a started response so the client sees an error, not a clean end.
-
-        NDJSON gets Ollama's own convention, one ``{"error": ...}`` line; SSE
-        an error event the OpenAI SDKs raise on. Any other body is left
-        unterminated: Hypercorn then closes the connection without the final
-        chunk, and the client reports an incomplete body instead of parsing a
-        truncated one as if it were whole.
-        """
-        ctype = out.content_type.lower()
-        if "ndjson" in ctype:
-            sep = b"" if responder.tail.endswith(b"\n") or not responder.tail else b"\n"
-            await responder.end(sep + ndjson_error_line(message))
-        elif "text/event-stream" in ctype:
-            sep = b"" if responder.tail.endswith(b"\n\n") or not responder.tail else b"\n\n"
-            await responder.end(sep + sse_error_event(message, out.envelope))
-
-    @staticmethod
-    async def _read_error_answer(resp: ProxyResponse, endpoint: Endpoint) -> Answer:
-        """The upstream's (small) error answer, byte for byte; a stand-in if it
-        is too big, too slow or broken."""
-        parts: list[bytes] = []
-        size = 0
-        complete = False
-        try:
-            with trio.move_on_after(ERROR_BODY_TIMEOUT):
-                async for chunk in resp.body:
-                    size += len(chunk)
-                    if size > ERROR_BODY_LIMIT:
-                        break
-                    parts.append(chunk)
-                else:
-                    complete = True
-        except Exception:
-            complete = False
-        if complete:
-            return Answer(resp.status, response_headers(resp.headers), b"".join(parts))
-        return error_answer(resp.status, f"upstream answered {resp.status}", envelope=endpoint.envelope)
+        relay = StreamRelay(request.path.split("?", 1)[0], {}, resume=False)
+        result = await self.attempts.run(endpoint, self.mesh.self_id, self.backend, request, responder, out, relay,
+                                         retry_5xx=False)
+        if isinstance(result, Failure):
+            raise (UpstreamBusy if result.kind == "busy" else UpstreamUnavailable)(result.message)
+        if isinstance(result, Broken):
+            log.warning("%s: local backend broke after %d bytes: %s", endpoint.label, responder.bytes_sent,
+                        result.reason)
+            await end_broken(responder, out, f"upstream {self.mesh.self_id} failed mid-stream: {result.reason}")
 
 
-def _kind_label(kind: str) -> str:
-    return "http_5xx" if kind.startswith("http_") else kind
+async def end_broken(responder: Responder, out: Outcome, message: str) -> None:
+    """End a started response so the client sees an error, not a clean end.
 
-
-async def _aclose(chunks: Any) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception as exc:  # a body that fails to close has nothing left to give us
-            log.debug("closing an upstream body failed: %r", exc)
-
-
-async def _first_chunk(chunks: Any) -> bytes | None:
-    """The first non-empty chunk, or None if the body is empty."""
-    async for chunk in chunks:
-        if chunk:
-            return chunk
-    return None
+    NDJSON gets Ollama's own convention, one ``{"error": ...}`` line; SSE
+    an error event the OpenAI SDKs raise on. Any other body is left
+    unterminated: Hypercorn then closes the connection without the final
+    chunk, and the client reports an incomplete body instead of parsing a
+    truncated one as if it were whole.
+    """
+    out.error = out.error or message
+    ctype = out.content_type.lower()
+    if "ndjson" in ctype:
+        sep = b"" if responder.tail.endswith(b"\n") or not responder.tail else b"\n"
+        await responder.end(sep + ndjson_error_line(message))
+    elif "text/event-stream" in ctype:
+        sep = b"" if responder.tail.endswith(b"\n\n") or not responder.tail else b"\n\n"
+        await responder.end(sep + sse_error_event(message, out.envelope))
 
 
 class ProxyRoutes:
