@@ -4,7 +4,13 @@ It answers the Ollama HTTP API (``shared/reference/ollama-api.md``) closely
 enough for routing, fault and conformance tests: the same paths, methods,
 status codes, content types, error texts and stream framing as Ollama, with
 canned text instead of a model. Generated text names the server
-(``"hello from NODE ..."``) so a test can tell which node answered.
+(``"hello from NODE ..."``) so a test can tell which node answered, unless the
+``text`` knob gives the words to generate instead: then every fake with the
+same ``text`` says the same thing, and a request that already holds the first
+k words (a chat whose last message is the assistant's partial answer, or a raw
+prompt ending with it) gets words k.. onward, as Ollama continues a final
+assistant message. That lets a test check that an answer resumed on another
+node has no duplicate or missing word.
 ``/api/generate`` and ``/api/chat`` also make Ollama's request checks
 (``keep_alive``, ``think``, base64 ``images``, ``raw``, ``top_logprobs``,
 ``tools`` on a model without that capability, ``format``) and answer
@@ -13,8 +19,10 @@ canned text instead of a model. Generated text names the server
 It is a small HTTP/1.1 server on trio sockets with ``h11`` rather than an
 ASGI app, because the faults it must inject live below ASGI: a stream that
 stops after N chunks *without* the terminating chunk, a connection closed
-mid-body, a client disconnect noticed while the handler sleeps. Every NDJSON
-line and SSE event is its own HTTP chunk, written when produced.
+mid-body, a stream that stalls with its connection open, a client disconnect
+noticed while the handler sleeps (counted in ``state()["aborted"]``, and the
+request logged with outcome ``aborted``). Every NDJSON line and SSE event is
+its own HTTP chunk, written when produced.
 
 In-process::
 
@@ -25,7 +33,8 @@ In-process::
 As a subprocess (``run_fake_process`` wraps this)::
 
     python -m tests.fakes.fake_ollama --port 0 --models llama3:latest,nomic-embed-text:latest \
-        --port-file F [--token-delay 0.01] [--tokens 8] [--name NODE] [--no-host-check]
+        --port-file F [--token-delay 0.01] [--tokens 8] [--name NODE] [--text "w01 w02 ..."] \
+        [--no-host-check]
 
 and steer it with ``POST /_fake/control`` (JSON of knobs, see :class:`Knobs`),
 ``GET /_fake/requests`` (the request log) and ``GET /_fake/state``.
@@ -51,7 +60,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,11 +247,26 @@ class Knobs:
       and a proper end (``error``), or drops the connection mid-body (``close``);
     * ``hang_before_first_byte``: requests wait, sending nothing, until it is
       switched off or the client leaves;
+    * ``stall_after_n_chunks``: a streamed answer writes N chunks, then sends
+      nothing more (the connection stays open) until the knob is set to None or
+      the client leaves; then it carries on to a proper end. A wedged backend
+      mid-stream. Non-streamed answers are not affected;
     * ``host_check``: answer 403 with an empty body unless ``Host`` is loopback,
       private, ``localhost`` or similar, as loopback-bound Ollama does;
-    * ``fault_paths``: which paths the three faults apply to;
+    * ``fault_paths``: which paths the four faults apply to;
     * ``fault_count``: faults apply to the next N matching requests and are then
-      cleared; None means until changed.
+      cleared; None means until changed. A request already hanging or stalled
+      stays so until its knob is switched off, or it leaves;
+    * ``text``: generate these words (split before each run of whitespace:
+      ``"a b c"`` -> ``"a", " b", " c"``) instead of ``"hello from NODE ..."``;
+      ``tokens`` still caps how many words the whole answer has. A chat (native
+      or ``/v1``) whose last message is ``{"role": "assistant", "content": C}``
+      with C the first k words continues with word k (C not such a prefix: from
+      word 0, recorded in the request log and ``state()``); a raw
+      ``/api/generate`` prompt that ends with the first k words (longest k)
+      continues likewise. ``num_predict`` / ``max_tokens`` limit the words of
+      this request; ``eval_count`` counts them and ``prompt_eval_count`` is
+      5 + k.
     """
 
     token_delay: float = 0.01
@@ -250,9 +274,11 @@ class Knobs:
     fail_before_first_byte: dict[str, Any] | None = None
     fail_after_n_chunks: dict[str, Any] | None = None
     hang_before_first_byte: bool = False
+    stall_after_n_chunks: int | None = None
     host_check: bool = True
     fault_paths: tuple[str, ...] = INFERENCE_PATHS
     fault_count: int | None = None
+    text: str | None = None
 
 
 @dataclass
@@ -264,6 +290,8 @@ class RecordedRequest:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     outcome: str = "pending"  # ok | aborted (client left) | fault | forbidden | error
+    continued: int | None = None  # with the text knob: words of the answer the request already held
+    mismatched_prefix: str | None = None  # an assistant prefix that is not a prefix of the text
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -279,6 +307,8 @@ class RecordedRequest:
             "headers": [list(h) for h in self.headers],
             "body": self.body.decode("utf-8", "replace"),
             "outcome": self.outcome,
+            "continued": self.continued,
+            "mismatched_prefix": self.mismatched_prefix,
         }
 
 
@@ -323,6 +353,32 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
 
 
+def split_text(text: str) -> list[str]:
+    """The ``text`` knob's tokens: one word each, with the whitespace before it."""
+    return re.findall(r"\s*\S+", text)
+
+
+def prefix_length(words: Sequence[str], content: str) -> int | None:
+    """k such that ``content`` is the first k ``words`` joined, or None."""
+    acc = ""
+    for k, word in enumerate(words):
+        if acc == content:
+            return k
+        if len(acc) >= len(content):
+            return None
+        acc += word
+    return len(words) if acc == content else None
+
+
+def _content_text(content: object) -> str | None:
+    """A message's text: a string, or (``/v1``) the text parts of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return None
+
+
 def _go_type(value: Any) -> str:
     """The JSON type name Go's encoding/json uses in its errors."""
     if isinstance(value, bool):
@@ -358,11 +414,19 @@ def host_allowed(host: str | None) -> bool:
 class _Writer:
     """Writes one HTTP response; streamed chunks go out one HTTP chunk each."""
 
-    def __init__(self, stream: trio.SocketStream, conn: h11.Connection, method: str, fault: dict | None) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        method: str,
+        fault: dict | None,
+        stall: tuple[int, Callable[[], Awaitable[None]]] | None = None,
+    ) -> None:
         self._stream = stream
         self._conn = conn
         self._method = method
         self._fault = fault
+        self._stall = stall  # (after this many chunks, wait for this)
         self.started = False
         self.chunks = 0
         self.error_chunk = b""
@@ -393,6 +457,10 @@ class _Writer:
         await self._send(self._head(status, content_type, ()))
 
     async def chunk(self, data: bytes) -> None:
+        if self._stall is not None and self.chunks >= self._stall[0]:
+            _, wait = self._stall
+            self._stall = None
+            await wait()
         fault = self._fault
         if fault is not None and self.chunks >= int(fault.get("n", 0)):
             if fault.get("mode", "error") == "close":
@@ -422,9 +490,10 @@ class FakeOllama:
         token_delay: float = 0.01,
         tokens: int = 8,
         host_check: bool = True,
+        text: str | None = None,
     ) -> None:
         self.name = name
-        self.knobs = Knobs(token_delay=token_delay, tokens=tokens, host_check=host_check)
+        self.knobs = Knobs(token_delay=token_delay, tokens=tokens, host_check=host_check, text=text)
         base = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.timezone.utc)
         self.models: dict[str, FakeModel] = {}
         for i, m in enumerate(models):
@@ -436,11 +505,13 @@ class FakeOllama:
         self.active = 0  # handlers running now
         self.aborted = 0  # handlers cut short because the client left
         self.completed = 0
+        self.mismatched_prefixes = 0  # assistant prefixes that did not match the text knob
         self.port = 0
         self.url = ""
         self._ids = itertools.count()
         self._event = trio.Event()
         self._hang_epoch = 0
+        self._stall_epoch = 0
 
     # -- knobs and waiting --
 
@@ -454,11 +525,19 @@ class FakeOllama:
                 v = tuple(v)
             if k == "hang_before_first_byte" and not v:
                 self._hang_epoch += 1  # releases requests hanging now
+            if k == "stall_after_n_chunks" and v is None:
+                self._stall_epoch += 1  # releases requests stalled now
             setattr(self.knobs, k, v)
         self._notify()
 
     def clear_faults(self) -> None:
-        self.set(fail_before_first_byte=None, fail_after_n_chunks=None, hang_before_first_byte=False, fault_count=None)
+        self.set(
+            fail_before_first_byte=None,
+            fail_after_n_chunks=None,
+            hang_before_first_byte=False,
+            stall_after_n_chunks=None,
+            fault_count=None,
+        )
 
     def add_model(self, name: str) -> FakeModel:
         model = make_model(name)
@@ -487,6 +566,7 @@ class FakeOllama:
             "active": self.active,
             "aborted": self.aborted,
             "completed": self.completed,
+            "mismatched_prefixes": self.mismatched_prefixes,
             "requests": len(self.requests),
             "models": [m.name for m in self.models.values()],
             "loaded": sorted(self.loaded),
@@ -558,7 +638,7 @@ class FakeOllama:
         handler = self._route(req)
         fault = self._take_fault(req) if handler is not None else None
         if fault is not None:
-            writer = _Writer(stream, conn, req.method, fault.get("fail_after_n_chunks"))
+            writer = _Writer(stream, conn, req.method, fault.get("fail_after_n_chunks"), self._stall(fault))
         left = eof = dropped = False
         self.active += 1
         self._notify()
@@ -637,9 +717,21 @@ class FakeOllama:
             if not w.started:
                 await w.json(500, {"error": f"fake bug: {e!r}"})
 
+    def _stall(self, fault: dict) -> tuple[int, Callable[[], Awaitable[None]]] | None:
+        n = fault.get("stall_after_n_chunks")
+        if n is None:
+            return None
+        epoch = self._stall_epoch  # taken now: a knob cleared before chunk N means no stall
+
+        async def wait() -> None:
+            await self.wait_for(lambda: self._stall_epoch != epoch)
+
+        return int(n), wait
+
     def _take_fault(self, req: _Req) -> dict | None:
         k = self.knobs
-        if not (k.fail_before_first_byte or k.fail_after_n_chunks or k.hang_before_first_byte):
+        stall = k.stall_after_n_chunks is not None
+        if not (k.fail_before_first_byte or k.fail_after_n_chunks or k.hang_before_first_byte or stall):
             return None
         if not any(req.path == p or req.path.startswith(p.rstrip("/") + "/") for p in k.fault_paths):
             return None
@@ -647,13 +739,15 @@ class FakeOllama:
             "fail_before_first_byte": k.fail_before_first_byte,
             "fail_after_n_chunks": k.fail_after_n_chunks,
             "hang_before_first_byte": k.hang_before_first_byte,
+            "stall_after_n_chunks": k.stall_after_n_chunks,
         }
         if k.fault_count is not None:
             k.fault_count -= 1
             if k.fault_count <= 0:
-                # Used up: later requests run normally; a request hanging now
-                # stays hung until hang_before_first_byte is set off or it leaves.
+                # Used up: later requests run normally; a request hanging (or
+                # stalled) now stays so until its knob is set off or it leaves.
                 k.fail_before_first_byte = k.fail_after_n_chunks = k.fault_count = None
+                k.stall_after_n_chunks = None
                 k.hang_before_first_byte = False
                 self._notify()
         return fault
@@ -726,10 +820,15 @@ class FakeOllama:
         key = _key(name)
         return self.models.get(key) if key else None
 
-    def _tokens(self, limit: object) -> tuple[list[str], str]:
+    def _words(self) -> list[str]:
+        """The whole answer's tokens: ``text``'s words, or ``hello from NAME token3 ...``; ``tokens`` of them."""
         n = max(0, int(self.knobs.tokens))
-        words = ["hello", " from", f" {self.name}"] + [f" token{i}" for i in range(3, n)]
-        words = words[:n]
+        if self.knobs.text is not None:
+            return split_text(self.knobs.text)[:n]
+        return (["hello", " from", f" {self.name}"] + [f" token{i}" for i in range(3, n)])[:n]
+
+    def _tokens(self, limit: object, start: int = 0) -> tuple[list[str], str]:
+        words = self._words()[start:]
         if isinstance(limit, int) and 0 <= limit < len(words):
             return words[:limit], "length"
         return words, "stop"
@@ -737,14 +836,15 @@ class FakeOllama:
     async def _delay(self) -> None:
         await trio.sleep(max(0.0, float(self.knobs.token_delay)))
 
-    def _metrics(self, count: int) -> dict[str, int]:
+    def _metrics(self, count: int, prefill: int = 0) -> dict[str, int]:
         gen = int(count * self.knobs.token_delay * 1e9) + 1000
         return {
             "total_duration": gen + 2_000_000,
             "load_duration": 1_000_000,
-            "prompt_eval_count": 5,
+            "prompt_eval_count": 5 + prefill,
             "prompt_eval_duration": 500_000,
-            "eval_count": max(count, 1),
+            # With text, exact, so a resumed answer's counts add up.
+            "eval_count": count if self.knobs.text is not None else max(count, 1),
             "eval_duration": gen,
         }
 
@@ -815,11 +915,41 @@ class FakeOllama:
         if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 20):
             raise _HTTPError(400, "top_logprobs must be between 0 and 20")
 
-    def _output(self, body: dict[str, Any], limit: object) -> tuple[list[str], str]:
-        """The tokens to send: canned words, or JSON text when ``format`` asks for structured output."""
+    def _continue_chat(self, req: _Req, messages: list[Any]) -> int:
+        """With ``text``: how many of its words a chat ending in an assistant message already holds."""
+        last = messages[-1] if messages else None
+        if self.knobs.text is None or not isinstance(last, dict) or last.get("role") != "assistant":
+            return 0
+        content = _content_text(last.get("content")) or ""
+        k = prefix_length(split_text(self.knobs.text), content)
+        if k is None:
+            req.record.mismatched_prefix = content
+            self.mismatched_prefixes += 1
+            self._notify()
+            k = 0
+        req.record.continued = k
+        return k
+
+    def _continue_raw(self, req: _Req, prompt: str) -> int:
+        """With ``text``: the most of its first words a raw prompt ends with."""
+        if self.knobs.text is None:
+            return 0
+        acc, best = "", 0
+        for k, word in enumerate(split_text(self.knobs.text), 1):
+            acc += word
+            if len(acc) > len(prompt):
+                break
+            if prompt.endswith(acc):
+                best = k
+        if best:
+            req.record.continued = best
+        return best
+
+    def _output(self, body: dict[str, Any], limit: object, start: int = 0) -> tuple[list[str], str]:
+        """The tokens to send: canned words from ``start``, or JSON text when ``format`` asks for structured output."""
         fmt = body.get("format")
         if fmt is None or fmt == "":
-            return self._tokens(limit)
+            return self._tokens(limit, start)
         if fmt == "json":
             value: Any = {"response": f"hello from {self.name}"}
         elif isinstance(fmt, dict):
@@ -940,14 +1070,15 @@ class FakeOllama:
         if body.get("think") not in (None, False):
             raise _HTTPError(400, f'"{name}" does not support thinking')
         self._mark_loaded(m, body.get("keep_alive"))
-        tokens, reason = self._output(body, (body.get("options") or {}).get("num_predict"))
+        start = self._continue_raw(req, prompt) if body.get("raw") else 0
+        tokens, reason = self._output(body, (body.get("options") or {}).get("num_predict"), start)
         final = {
             "model": name,
             "created_at": "",
             "response": "",
             "done": True,
             "done_reason": reason,
-            **self._metrics(len(tokens)),
+            **self._metrics(len(tokens), start),
         }
         if not body.get("raw"):
             final["context"] = list(range(1, len(tokens) + 6))
@@ -1000,13 +1131,14 @@ class FakeOllama:
         if body.get("think") not in (None, False):
             raise _HTTPError(400, f'"{name}" does not support thinking')
         self._mark_loaded(m, body.get("keep_alive"))
-        tokens, reason = self._output(body, (body.get("options") or {}).get("num_predict"))
+        start = self._continue_chat(req, messages)
+        tokens, reason = self._output(body, (body.get("options") or {}).get("num_predict"), start)
         final = {
             "model": name,
             "message": {"role": "assistant", "content": ""},
             "done": True,
             "done_reason": reason,
-            **self._metrics(len(tokens)),
+            **self._metrics(len(tokens), start),
         }
         if not stream:
             for _ in tokens:
@@ -1197,8 +1329,9 @@ class FakeOllama:
             raise _HTTPError(404, f"model '{name}' not found")
         return name, m
 
-    def _usage(self, count: int) -> dict[str, int]:
-        return {"prompt_tokens": 5, "completion_tokens": count, "total_tokens": 5 + count}
+    def _usage(self, count: int, prefill: int = 0) -> dict[str, int]:
+        prompt = 5 + prefill
+        return {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
 
     async def _v1_chat(self, req: _Req, w: _Writer) -> None:
         body = self._v1_body(req)
@@ -1209,7 +1342,8 @@ class FakeOllama:
         if m.embedding:
             raise _HTTPError(400, f'"{name}" does not support chat')
         self._mark_loaded(m)
-        tokens, reason = self._tokens(body.get("max_tokens"))
+        start = self._continue_chat(req, messages)
+        tokens, reason = self._tokens(body.get("max_tokens"), start)
         head = {
             "id": f"chatcmpl-{self._next_id()}",
             "created": int(time.time()),
@@ -1220,7 +1354,7 @@ class FakeOllama:
             for _ in tokens:
                 await self._delay()
             choice = {"index": 0, "message": {"role": "assistant", "content": "".join(tokens)}, "finish_reason": reason}
-            obj = {**head, "object": "chat.completion", "choices": [choice], "usage": self._usage(len(tokens))}
+            obj = {**head, "object": "chat.completion", "choices": [choice], "usage": self._usage(len(tokens), start)}
             await w.json(200, obj, JSON_PLAIN)
             return
         chunk = {**head, "object": "chat.completion.chunk"}
@@ -1234,7 +1368,7 @@ class FakeOllama:
             await w.chunk(_sse({**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
         await w.chunk(_sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}))
         if (body.get("stream_options") or {}).get("include_usage"):
-            await w.chunk(_sse({**chunk, "choices": [], "usage": self._usage(len(tokens))}))
+            await w.chunk(_sse({**chunk, "choices": [], "usage": self._usage(len(tokens), start)}))
         await w.chunk(b"data: [DONE]\n\n")
         await w.end()
 
@@ -1357,10 +1491,11 @@ async def serve_fake(
     tokens: int = 8,
     host: str = "127.0.0.1",
     host_check: bool = True,
+    text: str | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start a fresh :class:`FakeOllama` on ``host:port``; ``started()`` hands it over."""
-    fake = FakeOllama(models, name=name, token_delay=token_delay, tokens=tokens, host_check=host_check)
+    fake = FakeOllama(models, name=name, token_delay=token_delay, tokens=tokens, host_check=host_check, text=text)
     await fake.serve(port, host, task_status=task_status)
 
 
@@ -1403,6 +1538,7 @@ async def run_fake_process(
     port: int = 0,
     token_delay: float | None = None,
     tokens: int | None = None,
+    text: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> AsyncIterator[FakeProcess]:
     """Run ``python -m tests.fakes.fake_ollama`` and stop it (SIGTERM, then SIGKILL) on exit.
@@ -1415,6 +1551,8 @@ async def run_fake_process(
         cmd += ["--token-delay", str(token_delay)]
     if tokens is not None:
         cmd += ["--tokens", str(tokens)]
+    if text is not None:
+        cmd += ["--text", text]
     cmd += list(extra_args)
     proc = await trio.lowlevel.open_process(cmd, cwd=str(REPO_ROOT), stdout=subprocess.PIPE)
     try:
@@ -1450,6 +1588,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--token-delay", type=float, default=0.01)
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--name", default="fake", help="appears in generated text: 'hello from NAME'")
+    p.add_argument("--text", help="generate these words instead (see Knobs.text; --tokens still caps them)")
     p.add_argument("--no-host-check", action="store_true", help="accept any Host header")
     return p.parse_args(argv)
 
@@ -1457,7 +1596,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def _main(args: argparse.Namespace) -> None:
     models = [m for m in args.models.split(",") if m.strip()]
     fake = FakeOllama(
-        models, name=args.name, token_delay=args.token_delay, tokens=args.tokens, host_check=not args.no_host_check
+        models,
+        name=args.name,
+        token_delay=args.token_delay,
+        tokens=args.tokens,
+        host_check=not args.no_host_check,
+        text=args.text,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve, args.port, args.host)
