@@ -16,7 +16,12 @@ newer minor version can add fields; a higher ``v`` (schema) is rejected::
      "m":[{"n":"llama3:latest","d":"<64 hex>","s":4661224676,"l":true,
            "t":"2024-05-01T10:00:00Z","x":{"family":"llama"},"c":["completion"]}],
      "ld":{"f":1,"c":4,"q":0},
-     "a":["/ip4/10.0.0.2/tcp/4001/p2p/12D3..."],"u":"http://10.0.0.2:11434","bye":true,"r":true}
+     "a":["/ip4/10.0.0.2/tcp/4001/p2p/12D3..."],"u":"http://10.0.0.2:11434","bye":true,"r":true,"dr":true}
+
+``dr`` (draining) was added after ``bye`` and ``r``, the same way: left out
+when false, so an older node reads a draining node's heartbeat as an ordinary
+one (it ignores the key) and a newer node reads an older node's as not
+draining.
 
 Model names are normalised to :func:`meshollama.names.shortest` on decode
 (and on encode); an invalid model name rejects the whole announcement. Two
@@ -74,6 +79,7 @@ class Announcement:
     api_url: str = ""
     leaving: bool = False  # True in the final "I am shutting down" message
     relay: bool = False  # serves Circuit Relay v2 (HOP) for nodes behind NAT
+    draining: bool = False  # finishing its requests before a restart: route no new ones to it
     schema: int = SCHEMA_VERSION
 
 
@@ -120,6 +126,8 @@ def _to_obj(a: Announcement) -> dict[str, Any]:
         "m": [_model_obj(m) for m in a.models],
         "ld": {"f": a.load.in_flight, "c": a.load.capacity, "q": a.load.queued},
     }
+    if a.load.waiting:  # added later: left out when 0, so older nodes read the same bytes
+        o["ld"]["w"] = a.load.waiting
     if a.addrs:
         o["a"] = list(a.addrs)
     if a.api_url:
@@ -128,6 +136,8 @@ def _to_obj(a: Announcement) -> dict[str, Any]:
         o["bye"] = True
     if a.relay:
         o["r"] = True
+    if a.draining:
+        o["dr"] = True
     return o
 
 
@@ -331,6 +341,7 @@ def _from_obj(o: Any) -> Announcement:
         in_flight=min(_int(ld.get("f", 0), "ld.f"), MAX_LOAD),
         capacity=min(_int(ld.get("c", 1), "ld.c"), MAX_CAPACITY),
         queued=min(_int(ld.get("q", 0), "ld.q"), MAX_LOAD),
+        waiting=min(_int(ld.get("w", 0), "ld.w"), MAX_LOAD),
     )
     return Announcement(
         peer_id=_str(o["id"], "id", empty=False),
@@ -342,6 +353,7 @@ def _from_obj(o: Any) -> Announcement:
         api_url=_str(o.get("u", ""), "u"),
         leaving=_bool(o.get("bye", False), "bye"),
         relay=_bool(o.get("r", False), "r"),
+        draining=_bool(o.get("dr", False), "dr"),
         schema=schema,
     )
 

@@ -16,8 +16,12 @@ Rules:
   whether ALIVE or DOWN;
 * a ``leaving`` heartbeat removes the peer at once; its ``seq`` is remembered
   for the same expiry period so a late, older heartbeat cannot resurrect it;
-* our own node is set with :meth:`set_self`, is always ALIVE and never
-  expires; our own heartbeats echoed back by gossip are ignored (``SELF``);
+* a peer whose heartbeat says it is ``draining`` (finishing its requests
+  before a restart) is DRAINING instead of ALIVE while it is up: alive for
+  liveness and listings, never routed to (:meth:`Snapshot.serving`); a lost
+  connection makes it DOWN like any peer, and it comes back DRAINING;
+* our own node is set with :meth:`set_self`, is always ALIVE (or DRAINING)
+  and never expires; our own heartbeats echoed back by gossip are ignored (``SELF``);
 * at most ``max_peers`` remote peers are kept: a new one beyond that is
   refused (``FULL``) while known peers keep updating, so a flood of signed
   heartbeats from freshly made peer ids cannot grow the table (and every
@@ -40,6 +44,7 @@ from .announce import Announcement
 
 class PeerState(enum.Enum):
     ALIVE = "alive"
+    DRAINING = "draining"  # up, but finishing its requests before a restart: not routed to
     DOWN = "down"  # connection closed or liveness failed; kept for status, not routed to
     UNREACHABLE = "unreachable"  # heard of (gossip) but no path to it worked: not routed to
 
@@ -59,6 +64,7 @@ class PeerView:
     state: PeerState
     is_self: bool
     relay: bool = False  # offers Circuit Relay v2 service
+    draining: bool = False  # its last heartbeat said so; while up its state is DRAINING
 
     # cached_property writes the instance __dict__ directly, so it works on a
     # frozen dataclass without becoming a field (eq, repr, replace unaffected).
@@ -93,11 +99,16 @@ class Snapshot:
         return self._index.get(peer_id)
 
     def alive(self) -> tuple[PeerView, ...]:
-        return tuple(p for p in self.peers if p.state is PeerState.ALIVE)
+        """Peers that are up: ALIVE, and DRAINING ones (still in the mesh, not routed to)."""
+        return tuple(p for p in self.peers if p.state in UP)
 
     def serving(self, model_key: str) -> tuple[PeerView, ...]:
-        """Alive peers announcing a model with ``names.key(name) == model_key``."""
+        """Peers to route to for ``model_key``: ALIVE (not draining, down or
+        unreachable) and announcing a model with ``names.key(name) == model_key``."""
         return tuple(p for p in self.peers if p.state is PeerState.ALIVE and p.serves(model_key))
+
+
+UP = frozenset({PeerState.ALIVE, PeerState.DRAINING})  # states of a peer that answers
 
 
 class ApplyResult(enum.Enum):
@@ -119,10 +130,16 @@ def _view(ann: Announcement, now: float, *, is_self: bool) -> PeerView:
         load=ann.load,
         seq=ann.seq,
         last_seen=now,
-        state=PeerState.ALIVE,
+        state=_up(ann.draining),
         is_self=is_self,
         relay=ann.relay,
+        draining=ann.draining,
     )
+
+
+def _up(draining: bool) -> PeerState:
+    """The state of a peer that answers."""
+    return PeerState.DRAINING if draining else PeerState.ALIVE
 
 
 class PeerTable:
@@ -179,13 +196,13 @@ class PeerTable:
         return ApplyResult.NEW if old is None else ApplyResult.UPDATED
 
     def set_self(self, ann: Announcement, now: float) -> None:
-        """Our own entry, from what we announce; always ALIVE, never expires."""
+        """Our own entry, from what we announce; always ALIVE (or DRAINING), never expires."""
         if ann.peer_id != self.self_id:
             raise ValueError("set_self: announcement is not ours")
         self._self = _view(ann, now, is_self=True)
 
     def mark_down(self, peer_id: str, now: float) -> bool:
-        """Connection closed or liveness failed. True if the peer was ALIVE."""
+        """Connection closed or liveness failed. True if the peer was not DOWN already."""
         p = self._peers.get(peer_id)
         if p is None or p.state is PeerState.DOWN:
             return False
@@ -202,11 +219,12 @@ class PeerTable:
 
     def mark_up(self, peer_id: str, now: float) -> bool:
         """Connection back. Keeps models and ``last_seen``: it still needs a fresh
-        heartbeat before ``expire`` removes it. True if the peer was DOWN or UNREACHABLE."""
+        heartbeat before ``expire`` removes it; a draining peer comes back DRAINING.
+        True if the peer was DOWN or UNREACHABLE."""
         p = self._peers.get(peer_id)
-        if p is None or p.state is PeerState.ALIVE:
+        if p is None or p.state in UP:
             return False
-        self._peers[peer_id] = replace(p, state=PeerState.ALIVE)
+        self._peers[peer_id] = replace(p, state=_up(p.draining))
         return True
 
     def expire(self, now: float) -> list[str]:
@@ -227,5 +245,5 @@ class PeerTable:
         return Snapshot(peers=tuple(peers), taken_at=now)
 
     def __len__(self) -> int:
-        """Remote peers in the table (ALIVE or DOWN), not counting ourselves."""
+        """Remote peers in the table (whatever their state), not counting ourselves."""
         return len(self._peers)

@@ -19,8 +19,8 @@ import trio
 
 from ..errors import P2PError
 from ..p2p import addrs as addrs_mod
-from ..p2p.host import P2PHost
 from .peertable import PeerTable
+from .transport import Transport
 
 log = logging.getLogger("meshollama.mesh")
 
@@ -42,7 +42,7 @@ class Reach:
         self._inflight: dict[str, trio.Event] = {}  # peer -> set when the dial in progress ends
         self.retry: dict[str, tuple[float, float]] = {}  # unreachable peer -> (next try, backoff)
 
-    def maybe_dial(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...]) -> None:
+    def maybe_dial(self, host: Transport, peer_id: str, addrs: tuple[str, ...]) -> None:
         """Dial a peer we heard of, in the background, unless that is pointless now."""
         if peer_id == self.self_id or peer_id in self.dialing or len(self.dialing) >= MAX_DIALS:
             return
@@ -63,7 +63,7 @@ class Reach:
 
         self._spawn(dial)
 
-    async def reach(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...] = (), *,
+    async def reach(self, host: Transport, peer_id: str, addrs: tuple[str, ...] = (), *,
                     timeout: float | None = None) -> None:
         """Connect to a peer by every path we know: the addresses given (its
         announcement, mDNS), then those the DHT and identify stored, relays
@@ -85,7 +85,7 @@ class Reach:
             del self._inflight[peer_id]
             done.set()
 
-    async def _reach(self, host: P2PHost, peer_id: str, addrs: tuple[str, ...], *, timeout: float | None) -> None:
+    async def _reach(self, host: Transport, peer_id: str, addrs: tuple[str, ...], *, timeout: float | None) -> None:
         view = self.table.snapshot(trio.current_time()).get(peer_id)
         announced = tuple(addrs) + (view.addrs if view is not None else ())
         candidates = list(dict.fromkeys([*announced, *host.known_addrs(peer_id)]))
@@ -117,7 +117,7 @@ class Reach:
         for peer_id in [p for p, (due, _) in self.retry.items() if due <= now and snap.get(p) is None]:
             del self.retry[peer_id]
 
-    async def relay_loop(self, host: P2PHost, every: float) -> None:
+    async def relay_loop(self, host: Transport, every: float) -> None:
         """Behind NAT (or with ``relay_client: on``), hold reservations on
         connected peers that offer relay service, so that others can reach us
         through them (our announcements then carry ``/p2p-circuit`` addresses)."""

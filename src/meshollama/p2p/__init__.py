@@ -4,6 +4,7 @@ py-libp2p is young (see docs/architecture.md, "py-libp2p sharp edges"): every
 workaround for it lives here, every stream operation has a timeout, and its
 exceptions are mapped to :mod:`meshollama.errors` before they leave.
 
+* ``events``: connection events, coalesced per peer so none is ever dropped.
 * ``host``: build and run a Noise-only, Yamux, optionally PSK-protected host
   with GossipSub, the Kademlia DHT, mDNS and relay; connection events; publish.
 * ``addrs``: (pure) the addresses we advertise, which announced ones we keep,

@@ -19,7 +19,10 @@ Sharp edges handled here (see docs/architecture.md for the list):
 * the swarm dials only the first TCP address it holds for a peer (swarm.py
   ``MAX_ADDRS_PER_PEER``, one per transport class), so a peer whose first
   address is a docker bridge is never reached: :meth:`P2PHost.connect`
-  dials each address of :func:`addrs.dial_plan` in turn itself.
+  dials each address of :func:`addrs.dial_plan` in turn itself;
+* the swarm's notifee may not wait: connection events go to an
+  :class:`~meshollama.p2p.events.EventQueue`, which coalesces them per peer
+  instead of dropping them when the consumer falls behind.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import trio
 from ..errors import P2PError, PortInUseError
 from . import addrs as addrs_mod
 from . import patches
+from .events import Event, EventQueue
 from .mdns import start_mdns
 from .relay import Relay, RelaySettings
 from .stream import Stream
@@ -63,15 +67,6 @@ class HostSettings:
 
 
 @dataclass(frozen=True)
-class Event:
-    """Something happened on the network: ``kind`` is connected|disconnected|discovered."""
-
-    kind: str
-    peer_id: str
-    addrs: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class Message:
     """A pubsub message whose signature libp2p has verified against ``from_peer``."""
 
@@ -93,7 +88,7 @@ class P2PHost:
         self.settings = settings
         self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
         self._on_junk = on_junk or (lambda peer, why: None)
-        self._events_send, self.events = trio.open_memory_channel[Event](1024)
+        self.events = EventQueue()  # connected/disconnected/discovered, never blocking the swarm
         self._handlers: dict[str, Handler] = {}
         self._host = None
         self._pubsub = None
@@ -258,7 +253,7 @@ class P2PHost:
                 await host.close()
             except Exception as exc:
                 log.warning("error closing libp2p host: %r", exc)
-        self._events_send.close()
+        self.events.close()
 
     # --- services ----------------------------------------------------------
 
@@ -299,9 +294,9 @@ class P2PHost:
     # --- events ------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
-        try:
-            self._events_send.send_nowait(event)
-        except (trio.WouldBlock, trio.ClosedResourceError):
+        # Connection events are never dropped (coalesced per peer); only a
+        # discovery beyond the queue's bound, or anything after close, is.
+        if not self.events.emit(event):
             log.debug("dropping p2p event %s", event)
 
     def _wrap_handler(self, handler: Handler):

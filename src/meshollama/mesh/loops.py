@@ -1,0 +1,286 @@
+"""What runs on one libp2p host, for as long as that host lives.
+
+The mesh service builds a :class:`HostLoops` for every host it starts and
+runs :meth:`HostLoops.run` in the host's nursery, so a failure of any loop
+is a failure of the host (``mesh.supervisor`` rebuilds both):
+
+* publish our heartbeat every ``heartbeat_interval``, and at once when asked
+  (a backend change, a new connection, draining), at most one per 0.25 s;
+* apply verified heartbeats from others to the peer table, dropping and
+  counting the malformed, the forged, the stale and those of peers a closed
+  mesh has not admitted; of the addresses a peer announces only those that
+  end in its own ``/p2p/`` id are kept (the rest are counted), and a peer
+  heard of but not connected is dialled (``mesh.reach``);
+* connection events: a closed connection marks the peer down and releases
+  its streams; discovered peers are dialled (``mesh.reach``);
+* dial bootstrap peers with backoff (0.25 s doubling to
+  ``bootstrap_retry_max``, jittered by 0.5 to 1.5) until they answer, and
+  again whenever the connection is lost;
+* ask the DHT for peers now and then;
+* after a restart, dial the peers the table still holds (:meth:`HostLoops.rejoin`);
+* liveness pings (``mesh.liveness`` picks whom): a miss marks the peer down,
+  ``STREAM_ABORT_MISSES`` in a row cancel its streams.
+
+State that outlives a host (the peer table, sequence numbers, counters, the
+draining flag) is the service's; what dies with the host (ping streams,
+liveness misses) is kept here. This is the service's own internals, split
+out by role, so it reads the service's state directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..errors import AnnouncementError, P2PError, StreamReset
+from ..p2p import addrs as addrs_mod
+from ..p2p.events import Event
+from ..p2p.ping import Pinger
+from . import announce, liveness
+from .peertable import ApplyResult
+from .transport import Transport
+
+if TYPE_CHECKING:
+    from .service import MeshService
+
+log = logging.getLogger("meshollama.mesh")
+
+STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
+MIN_HEARTBEAT_GAP = 0.25  # rate limit of heartbeats published on request
+BOOTSTRAP_FIRST_RETRY = 0.25
+
+
+class HostLoops:
+    def __init__(self, mesh: MeshService, host: Transport) -> None:
+        self.mesh = mesh
+        self.host = host
+        self.settings = mesh.settings
+        self.table = mesh.table
+        self.pinger = Pinger(host.open_stream, timeout=mesh.settings.liveness_timeout)
+        self.misses: dict[str, int] = {}  # peer -> liveness misses in a row
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run every loop until one fails (or we are cancelled with the host)."""
+        self.rejoin()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.publish_loop)
+            nursery.start_soon(self.receive_loop)
+            nursery.start_soon(self.event_loop)
+            nursery.start_soon(self.liveness_loop)
+            for addr in self.settings.bootstrap:
+                nursery.start_soon(self.bootstrap_loop, addr)
+            if self.mesh.host_settings.dht:
+                nursery.start_soon(self.dht_loop)
+            nursery.start_soon(self.mesh.reach.relay_loop, self.host, min(1.0, self.settings.heartbeat_interval))
+            task_status.started()
+
+    def rejoin(self) -> None:
+        """Dial the peers the table still holds: after a restart they are down,
+        their connections gone with the old host, and a peer that only ever
+        dialled us would otherwise wait for its bootstrap loop or gossip to
+        find us again (at most ``mesh.reach.MAX_DIALS`` at once; gossip from
+        those brings the rest)."""
+        for peer in self.table.snapshot(trio.current_time()).peers:
+            if not peer.is_self:
+                self.mesh.reach.maybe_dial(self.host, peer.peer_id, peer.addrs)
+
+    # --- heartbeats ----------------------------------------------------------------
+
+    async def publish_loop(self) -> None:
+        mesh = self.mesh
+        interval = self.settings.heartbeat_interval
+        min_gap = min(interval, MIN_HEARTBEAT_GAP)
+        changed = mesh._changed()
+        async with trio.open_nursery() as nursery:
+
+            async def watch_backend() -> None:
+                nonlocal changed
+                while True:
+                    await changed.wait()
+                    changed = mesh._changed()
+                    mesh.request_heartbeat()
+
+            nursery.start_soon(watch_backend)
+            while True:
+                if mesh._leaving:
+                    return
+                ann = mesh.announcement()
+                self.table.set_self(ann, trio.current_time())
+                try:
+                    await self.host.publish(announce.encode(ann))
+                    mesh.counters.heartbeats_sent += 1
+                    mesh._on_counter("heartbeats_sent", "")
+                except P2PError as exc:
+                    log.debug("heartbeat publish failed: %s", exc)
+                except Exception as exc:
+                    log.warning("heartbeat publish failed: %r", exc)
+                last = trio.current_time()
+                mesh._publish_now = trio.Event()
+                with trio.move_on_after(interval):
+                    await mesh._publish_now.wait()
+                gap = trio.current_time() - last
+                if gap < min_gap:
+                    await trio.sleep(min_gap - gap)
+
+    async def receive_loop(self) -> None:
+        mesh, host = self.mesh, self.host
+        while True:
+            msg = await host.next_message()
+            try:
+                ann = announce.decode(msg.data)
+            except AnnouncementError as exc:
+                log.debug("dropping heartbeat from %s: %s", msg.from_peer, exc)
+                mesh._drop("malformed")
+                continue
+            if ann.peer_id != msg.from_peer:
+                # Signed by one peer, describing another: forged. Drop.
+                mesh._drop("signer_mismatch")
+                continue
+            if mesh.admission is not None:
+                role = mesh.admission.known_role(ann.peer_id)
+                if role is None:  # not admitted (or revoked): it does not exist for us
+                    mesh._drop("not_admitted")
+                    continue
+                if role == "gateway" and ann.models:  # sends requests, never serves them
+                    ann = dataclasses.replace(ann, models=())
+            checked = addrs_mod.check_announced(ann.addrs, ann.peer_id)
+            if checked.dropped:
+                mesh._count_n("addrs_dropped", "foreign_or_invalid", checked.dropped)
+            if checked.trimmed:
+                mesh._count_n("addrs_dropped", "over_limit", checked.trimmed)
+            if checked.kept != ann.addrs:
+                ann = dataclasses.replace(ann, addrs=checked.kept)
+            now = trio.current_time()
+            result = self.table.apply(ann, now)
+            if result is ApplyResult.STALE:
+                mesh._drop("stale")
+                continue
+            if result is ApplyResult.FULL:  # the table is at p2p.max_peers: a flood of new ids
+                mesh._drop("table_full")
+                continue
+            if result is ApplyResult.SELF:
+                continue
+            mesh.counters.heartbeats_received += 1
+            mesh._on_counter("heartbeats_received", "")
+            if result is ApplyResult.LEFT:
+                log.info("peer %s left the mesh", ann.peer_id)
+                mesh._abort_peer(ann.peer_id)
+                continue
+            if result is ApplyResult.NEW:
+                log.info("peer %s joined with %d model(s)%s", ann.peer_id, len(ann.models),
+                         " (draining)" if ann.draining else "")
+            if ann.peer_id not in host.connected_peers():
+                mesh.reach.maybe_dial(host, ann.peer_id, ann.addrs)
+
+    # --- connections -------------------------------------------------------------
+
+    async def event_loop(self) -> None:
+        async with trio.open_nursery() as nursery:
+            async for event in self.host.events:
+                self.on_event(event, nursery)
+
+    def on_event(self, event: Event, nursery: trio.Nursery) -> None:
+        now = trio.current_time()
+        host = self.host
+        if event.kind == "disconnected":
+            if event.peer_id not in host.connected_peers():
+                if self.table.mark_down(event.peer_id, now):
+                    log.info("peer %s disconnected", event.peer_id)
+                self.mesh._abort_peer(event.peer_id)
+                self.misses.pop(event.peer_id, None)
+                nursery.start_soon(self.pinger.forget, event.peer_id)
+        elif event.kind == "connected":
+            self.mesh.reach.connected(event.peer_id)
+            if self.table.mark_up(event.peer_id, now):
+                log.info("peer %s reachable", event.peer_id)
+            self.mesh.request_heartbeat()  # let the new peer learn about us now
+        elif event.kind == "discovered":
+            self.mesh.reach.maybe_dial(host, event.peer_id, event.addrs)
+
+    async def bootstrap_loop(self, addr: str) -> None:
+        """Dial a bootstrap peer until it answers; re-dial whenever it is lost."""
+        host, admission, rng = self.host, self.mesh.admission, self.mesh._rng
+        backoff = BOOTSTRAP_FIRST_RETRY
+        target = addr.rsplit("/p2p/", 1)[-1]
+        while True:
+            if target in host.connected_peers():
+                backoff = BOOTSTRAP_FIRST_RETRY
+                await trio.sleep(self.settings.heartbeat_interval)
+                continue
+            try:
+                await host.connect([addr])
+                # In a closed mesh a connection counts once both sides admit each
+                # other: one cut right after the handshake must not end the back-off,
+                # or a node not yet admitted would redial in a tight loop.
+                admitted = admission is None or await admission.wait(target) is not None
+                if admitted and target in host.connected_peers():
+                    log.info("connected to bootstrap peer %s", target)
+                    backoff = BOOTSTRAP_FIRST_RETRY
+                    continue
+                log.info("bootstrap peer %s closed the connection (not admitted?); retry in %.1fs", target, backoff)
+            except P2PError as exc:
+                log.debug("bootstrap %s not reachable (%s); retry in %.1fs", addr, exc, backoff)
+            await trio.sleep(backoff * (0.5 + rng.random()))
+            backoff = min(backoff * 2, self.settings.bootstrap_retry_max)
+
+    async def dht_loop(self) -> None:
+        await trio.sleep(min(self.settings.dht_refresh_first, 2 * self.settings.heartbeat_interval))
+        delay = self.settings.dht_refresh_first
+        while True:
+            for peer_id, addrs in await self.host.dht_refresh():
+                if peer_id not in self.host.connected_peers():
+                    self.mesh.reach.maybe_dial(self.host, peer_id, addrs)
+            await trio.sleep(delay)
+            delay = self.settings.dht_refresh_every
+
+    # --- liveness ----------------------------------------------------------------
+
+    async def liveness_loop(self) -> None:
+        """Ping, each interval, the peers :func:`liveness.peers_to_ping` picks:
+        those our callers wait on every round, idle ones every few rounds."""
+        round_no = 0
+        scopes = self.mesh.scopes
+        async with trio.open_nursery() as nursery:
+            while True:
+                snap = self.table.snapshot(trio.current_time())
+                for pid in liveness.peers_to_ping(
+                    snap,
+                    self.host.connected_peers(),
+                    round_no,
+                    urgent=lambda p: p in self.misses or scopes.count(p) > 0,
+                    busy=self.pinger.busy,
+                ):
+                    nursery.start_soon(self.check, pid)
+                round_no += 1
+                await trio.sleep(self.settings.liveness_interval)
+
+    async def check(self, peer_id: str) -> None:
+        """One liveness ping. A miss stops new requests to the peer at once;
+        its in-flight streams are cancelled only after ``STREAM_ABORT_MISSES``
+        misses in a row, so a peer that is merely slow to answer (a loaded
+        2-core box) does not lose the generations it is streaming."""
+        try:
+            try:
+                await self.pinger.ping(peer_id)
+            except StreamReset:
+                # The kept stream's connection closed under it while the peer is
+                # still connected by another (a relayed connection gone after hole
+                # punching moved us to a direct one): one more try on a fresh stream.
+                if peer_id not in self.host.connected_peers():
+                    raise
+                await self.pinger.ping(peer_id)
+            missed = self.misses.pop(peer_id, None)
+            if self.table.mark_up(peer_id, trio.current_time()) and missed:
+                # Slow, not gone (a CPU-starved box): route to it again now rather
+                # than after its next heartbeat; expiry still needs fresh ones.
+                log.info("peer %s answers its liveness check again: alive", peer_id)
+        except P2PError as exc:
+            misses = self.misses.get(peer_id, 0) + 1
+            self.misses[peer_id] = misses
+            if self.table.mark_down(peer_id, trio.current_time()):
+                log.warning("peer %s failed its liveness check (%s): marked down", peer_id, exc)
+            if misses >= STREAM_ABORT_MISSES:
+                self.mesh._abort_peer(peer_id)

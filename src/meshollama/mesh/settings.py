@@ -1,0 +1,40 @@
+"""The mesh service's settings (from ``Config.mesh`` and ``Config.p2p``) and its counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    heartbeat_interval: float = 2.0
+    miss_limit: int = 3
+    liveness_interval: float = 1.0
+    liveness_timeout: float = 2.0
+    bootstrap: tuple[str, ...] = ()
+    bootstrap_retry_max: float = 30.0
+    max_connections: int = 64
+    dht_refresh_first: float = 10.0
+    dht_refresh_every: float = 60.0
+    api_url: str = ""
+    connect_timeout: float = 10.0  # opening a request stream to a peer (gateway.connect_timeout)
+    max_peers: int = 4096  # peer table cap (p2p.max_peers)
+    unreachable_retry: float = 5.0  # first retry of a peer no path reached; doubles up to 60 s (mesh.reach)
+
+
+@dataclass
+class MeshCounters:
+    """Plain counters, mirrored into Prometheus by the node."""
+
+    heartbeats_sent: int = 0
+    heartbeats_received: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    stream_errors: dict[str, int] = field(default_factory=dict)
+    inbound_rejected: dict[str, int] = field(default_factory=dict)
+    request_streams: dict[str, int] = field(default_factory=dict)  # "opened" / "reused"
+    addrs_dropped: dict[str, int] = field(default_factory=dict)  # announced addresses not used, by reason
+    host_restarts: int = 0
+
+    @staticmethod
+    def bump(d: dict[str, int], key: str) -> None:
+        d[key] = d.get(key, 0) + 1

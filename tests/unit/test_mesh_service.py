@@ -1,0 +1,258 @@
+"""The mesh service's timers, on an in-memory transport, in virtual time.
+
+Every test runs under ``MockClock(autojump_threshold=0)`` (pytest-trio's
+``autojump_clock``): time only moves when every task waits, straight to the
+next deadline, so a minute of heartbeats takes milliseconds and every time
+below is exact. ``at(t)`` sleeps until ``t`` seconds after the service
+started; ``EPS`` either side of a deadline tells "not yet" from "done".
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from meshollama import names
+from meshollama.httpmsg import ProxyRequest
+from meshollama.mesh.loops import STREAM_ABORT_MISSES
+from meshollama.mesh.peertable import PeerState
+from meshollama.p2p.httpstream import Guard
+from tests.unit.test_mesh_transport import FakeNet, heartbeat, make_service
+
+EPS = 1e-6
+KEY = names.key("a:latest")
+PEER = "12D3KooWpeerA"
+BOOT = "12D3KooWbootstrap"
+
+
+class Running:
+    """A started service, its fake world, and virtual time since the start."""
+
+    def __init__(self, mesh, net: FakeNet, t0: float) -> None:
+        self.mesh, self.net, self.t0 = mesh, net, t0
+
+    async def at(self, t: float) -> None:
+        await trio.sleep_until(self.t0 + t)
+
+    def since(self, times: list[float]) -> list[float]:
+        return [t - self.t0 for t in times]
+
+    def state(self, peer_id: str) -> PeerState | None:
+        view = self.mesh.snapshot().get(peer_id)
+        return None if view is None else view.state
+
+
+async def run_mesh(nursery: trio.Nursery, net: FakeNet | None = None, *, seed: int | None = None, **settings) -> Running:
+    net = net or FakeNet()
+    mesh = make_service(net, **settings)
+    if seed is not None:
+        mesh._rng.seed(seed)
+    await nursery.start(mesh.serve)
+    return Running(mesh, net, trio.current_time())
+
+
+async def test_heartbeat_every_interval_and_at_once_on_request_at_most_every_quarter_second(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        host = r.net.host
+        await r.at(0.125)
+        r.mesh.request_heartbeat()  # 0.125 s after the last one: waits until 0.25
+        await r.at(0.1875)
+        r.mesh.request_heartbeat()  # folded into the same one
+        await r.at(1.0)
+        r.mesh.request_heartbeat()  # 0.75 s after the last one: at once
+        await r.at(3.5)
+        r.net.backend_changes()  # the backend's models or load changed
+        await r.at(6.0 - EPS)
+        assert r.since(host.publish_times()) == [0.0, 0.25, 1.0, 3.0, 3.5, 5.5]
+        seqs = [ann.seq for _, ann in host.published]
+        assert seqs == sorted(set(seqs))  # strictly increasing
+        assert r.mesh.counters.heartbeats_sent == 6
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_expires_after_miss_limit_intervals_without_a_heartbeat(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0, miss_limit=3)  # ttl 6 s, checked every 1 s
+        r.net.host.peer_connects(PEER)
+        await r.at(0.5)
+        r.net.host.hear(heartbeat(PEER, 1))
+        guard = Guard()
+        r.mesh.scopes.register(PEER, guard)  # a caller waiting on the peer
+        await r.at(4.0)
+        r.net.host.hear(heartbeat(PEER, 2))  # 6 s more: more than 6 s old at the check at 11 s
+        await r.at(11.0 - EPS)
+        assert r.state(PEER) is PeerState.ALIVE and not guard.down
+        await r.at(11.0 + EPS)
+        assert r.state(PEER) is None
+        assert guard.down  # its callers were released
+        nursery.cancel_scope.cancel()
+
+
+async def test_liveness_misses_mark_down_then_abort_streams_and_an_answer_brings_it_back(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        # Rounds at 0, 1, 2, ...; a ping not answered within 0.75 s is a miss.
+        r = await run_mesh(nursery, heartbeat_interval=10.0, liveness_interval=1.0, liveness_timeout=0.75)
+        r.net.host.peer_connects(PEER)
+        r.net.host.hear(heartbeat(PEER, 1))
+        guard = Guard()
+        r.mesh.scopes.register(PEER, guard)  # a request in flight: pinged every round
+        await r.at(2.5)
+        assert r.state(PEER) is PeerState.ALIVE
+        r.net.frozen.add(PEER)  # SIGSTOP
+        await r.at(3.75 - EPS)  # the ping of round 3 is still waiting
+        assert r.state(PEER) is PeerState.ALIVE
+        await r.at(3.75 + EPS)
+        assert r.state(PEER) is PeerState.DOWN  # no new requests to it...
+        assert not guard.down  # ...but its streams get one more chance
+        assert STREAM_ABORT_MISSES == 2
+        await r.at(4.75 - EPS)
+        assert not guard.down
+        await r.at(4.75 + EPS)
+        assert guard.down  # second miss in a row: its callers are released
+        r.net.frozen.discard(PEER)  # SIGCONT
+        await r.at(5.0 - EPS)
+        assert r.state(PEER) is PeerState.DOWN
+        await r.at(5.0 + EPS)
+        assert r.state(PEER) is PeerState.ALIVE  # round 5 answered at once
+        assert r.mesh._loops.misses == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_peer_is_pinged_only_every_few_rounds(autojump_clock):
+    from meshollama.mesh.liveness import IDLE_PING_EVERY, _stagger
+
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75)
+        r.net.host.peer_connects(PEER)
+        r.net.host.hear(heartbeat(PEER, 1))
+        await r.at(0.5)
+        r.net.frozen.add(PEER)  # nobody waits on it: noticed at its next idle ping
+        due = next(n for n in range(1, 1 + IDLE_PING_EVERY) if (n + _stagger(PEER)) % IDLE_PING_EVERY == 0)
+        await r.at(due + 0.75 - EPS)
+        assert r.state(PEER) is PeerState.ALIVE
+        await r.at(due + 0.75 + EPS)
+        assert r.state(PEER) is PeerState.DOWN
+        assert r.mesh._loops.misses == {PEER: 1}
+        await r.at(due + 1.75 + EPS)  # missed once: pinged every round now
+        assert r.mesh._loops.misses == {PEER: 2}
+        nursery.cancel_scope.cancel()
+
+
+def bootstrap_times(seed: int, failures: int, cap: float) -> list[float]:
+    """When the bootstrap loop dials: at once, then after 0.25 s doubling to
+    ``cap``, each pause times 0.5 to 1.5 drawn from the service's rng."""
+    rng = random.Random(seed)
+    t, backoff, out = 0.0, 0.25, [0.0]
+    for _ in range(failures):
+        t = t + backoff * (0.5 + rng.random())
+        out.append(t)
+        backoff = min(backoff * 2, cap)
+    return out
+
+
+async def test_bootstrap_is_dialled_with_jittered_doubling_backoff_reset_after_success(autojump_clock):
+    addr = f"/ip4/10.0.0.9/tcp/4001/p2p/{BOOT}"
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, seed=7, bootstrap=(addr,), bootstrap_retry_max=2.0, heartbeat_interval=2.0)
+        host = r.net.host
+        expected = bootstrap_times(7, 6, 2.0)  # pauses about 0.25, 0.5, 1, 2, 2, 2
+        await r.at(expected[5] + EPS)
+        assert r.since(host.dials) == expected[:6]
+        r.net.reachable.add(BOOT)  # it comes up: the next dial works
+        await r.at(expected[6] + EPS)
+        assert r.since(host.dials) == expected
+        assert BOOT in host.connected_peers()
+        connected_at = expected[6]
+        # Connected: looked at every heartbeat interval, not dialled.
+        await r.at(connected_at + 3.0)
+        assert len(host.dials) == 7
+        r.net.reachable.discard(BOOT)
+        host.peer_disconnects(BOOT)
+        # Noticed at the next look (connected_at + 4), dialled at once; the
+        # pauses after that failure start again from 0.25 s.
+        draws = random.Random(7)
+        draws = [draws.random() for _ in range(8)]  # one per failure: 6 before the success, then these
+        again = [connected_at + 4.0]
+        again.append(again[-1] + 0.25 * (0.5 + draws[6]))
+        again.append(again[-1] + 0.5 * (0.5 + draws[7]))
+        await r.at(again[-1] + EPS)
+        assert r.since(host.dials) == expected + again
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_disconnected_peer_is_down_at_once_and_its_callers_released(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        r.net.host.peer_connects(PEER)
+        r.net.host.hear(heartbeat(PEER, 1))
+        guard = Guard()
+        r.mesh.scopes.register(PEER, guard)
+        await r.at(1.0)
+        r.net.host.peer_disconnects(PEER)
+        await r.at(1.0 + EPS)
+        assert r.state(PEER) is PeerState.DOWN and guard.down
+        r.net.host.peer_connects(PEER)
+        await r.at(1.0 + 2 * EPS)
+        assert r.state(PEER) is PeerState.ALIVE
+        nursery.cancel_scope.cancel()
+
+
+async def test_set_draining_is_announced_at_once_and_in_every_later_heartbeat(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        host = r.net.host
+        me = r.mesh.self_id
+        assert r.mesh.status()["draining"] is False
+        assert [p.peer_id for p in r.mesh.snapshot().serving(KEY)] == [me]
+        await r.at(0.5)
+        r.mesh.set_draining(True)
+        # Our own entry says so at once: this node routes nothing new to itself either.
+        assert r.state(me) is PeerState.DRAINING
+        assert r.mesh.snapshot().serving(KEY) == ()
+        assert r.mesh.status()["draining"] is True
+        await r.at(4.5 + EPS)
+        assert [(t - r.t0, ann.draining) for t, ann in host.published] == [
+            (0.0, False), (0.5, True), (2.5, True), (4.5, True)]
+        r.mesh.set_draining(False)
+        await r.at(4.75 + EPS)  # rate limited: 0.25 s after the last one
+        assert host.published[-1] == (r.t0 + 4.75, host.published[-1][1])
+        assert host.published[-1][1].draining is False
+        assert r.state(me) is PeerState.ALIVE
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_draining_peer_is_not_routed_to_but_still_pinged_and_listed(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0, liveness_interval=1.0, liveness_timeout=0.75)
+        r.net.host.peer_connects(PEER)
+        r.net.host.hear(heartbeat(PEER, 1, draining=True))
+        await r.at(0.5)
+        snap = r.mesh.snapshot()
+        assert r.state(PEER) is PeerState.DRAINING
+        assert PEER not in [p.peer_id for p in snap.serving(KEY)]
+        assert PEER in [p.peer_id for p in snap.alive()]
+        guard = Guard()
+        r.mesh.scopes.register(PEER, guard)  # a request it is still finishing
+        r.net.frozen.add(PEER)
+        await r.at(1.75 + EPS)  # round 1's ping missed
+        assert r.state(PEER) is PeerState.DOWN
+        r.net.frozen.discard(PEER)
+        await r.at(3.0 + EPS)  # round 3 answered: back, and still draining
+        assert r.state(PEER) is PeerState.DRAINING
+        r.net.host.hear(heartbeat(PEER, 2))  # restarted, serving again
+        await r.at(3.0 + 2 * EPS)
+        assert r.state(PEER) is PeerState.ALIVE
+        nursery.cancel_scope.cancel()
+
+
+async def test_upstream_to_a_peer_fails_fast_before_the_first_host_is_up(autojump_clock):
+    from meshollama.errors import UpstreamUnavailable
+
+    net = FakeNet()
+    mesh = make_service(net)
+    with pytest.raises(UpstreamUnavailable, match="not running"):
+        async with mesh.upstream(PEER).open(ProxyRequest("GET", "/api/tags")):
+            pass
