@@ -55,4 +55,7 @@ class LoadInfo:
 
     in_flight: int = 0
     capacity: int = 1
-    queued: int = 0
+    queued: int = 0  # waiting in the node's backend for one of its slots (routing counts them as busy)
+    # Waiting in the node's gateway line for a slot on any holder of their model:
+    # not this node's load (routing ignores it), the mesh's unmet demand, shown in status.
+    waiting: int = 0

@@ -84,12 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     common(ident)
     ident.add_argument("--json", action="store_true")
 
-    for name, helptext in (("peers", "list the peers in the mesh"), ("status", "show this node's mesh status")):
+    for name, helptext in (("peers", "list the peers in the mesh"), ("status", "show this node's mesh status"),
+                           ("drain", "finish in-flight requests, take no new ones, then stop (rolling restarts)")):
         sp = sub.add_parser(name, help=helptext)
         common(sp)
         sp.add_argument("--api", default=S, metavar="URL", help="gateway URL (default: from node.json or config)")
         sp.add_argument("--api-key", default=os.environ.get("MESHOLLAMA_API_KEY"), help=S)
-        sp.add_argument("--json", action="store_true", help="raw JSON")
+        if name == "drain":
+            sp.add_argument("--no-wait", action="store_true", help="return once draining started")
+        else:
+            sp.add_argument("--json", action="store_true", help="raw JSON")
 
     conf = sub.add_parser("config", help="configuration tools")
     conf_sub = conf.add_subparsers(dest="config_command", required=True)
@@ -164,6 +168,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _id(args)
     if args.command in ("peers", "status"):
         return _query(args)
+    if args.command == "drain":
+        return _drain(args)
     if args.command == "config":
         from .config import check_file
 
@@ -290,6 +296,40 @@ def _query(args: argparse.Namespace) -> int:
     else:
         print(format_status(data))
     return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    """POST /api/mesh/drain, then wait until the node has stopped (it exits once drained)."""
+    import time
+
+    import httpx
+
+    config = _load(args)
+    url = _api_url(args, config)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    verify = http_verify(config)
+    try:
+        resp = httpx.post(url + "/api/mesh/drain", headers=headers, timeout=10.0, verify=verify)
+    except httpx.HTTPError as exc:
+        print(f"meshollama: cannot reach the node at {url}: {exc} (is `meshollama start` running?)", file=sys.stderr)
+        return 1
+    if resp.status_code != 202:
+        print(f"meshollama: {url}/api/mesh/drain answered {resp.status_code}: {resp.text.strip()}", file=sys.stderr)
+        return 1
+    limit = float(resp.json().get("drain_timeout", config.gateway.drain_timeout)) + 30.0
+    print(f"draining {url}: no new requests; waiting for those in flight (up to {limit - 30:g} s)", flush=True)
+    if args.no_wait:
+        return 0
+    give_up = time.monotonic() + limit
+    while time.monotonic() < give_up:
+        try:
+            httpx.get(url + "/api/version", headers=headers, timeout=2.0, verify=verify)
+        except httpx.HTTPError:
+            print("drained: the node has stopped")
+            return 0
+        time.sleep(0.2)
+    print(f"meshollama: the node at {url} is still running after {limit:g} s", file=sys.stderr)
+    return 1
 
 
 def format_peers(data: Any) -> str:

@@ -40,7 +40,8 @@ ENV_PREFIX = "MESHOLLAMA_"
 CONFIG_ENV = "MESHOLLAMA_CONFIG"  # the config file path, when --config is not given
 # MESHOLLAMA_ variables that are not config keys: the file path, and the key the
 # client commands (`meshollama peers/status`) send to a gateway.
-OTHER_ENV = frozenset({CONFIG_ENV, "MESHOLLAMA_API_KEY"})
+# MESHOLLAMA_TEST_FAULTS=1 arms the fault suite's hook (SIGUSR2 fails the libp2p host); never set in use.
+OTHER_ENV = frozenset({CONFIG_ENV, "MESHOLLAMA_API_KEY", "MESHOLLAMA_TEST_FAULTS"})
 
 
 # --- kinds: how one value is checked, typed (YAML, flags) or as env text -----

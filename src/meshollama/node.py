@@ -6,6 +6,14 @@ node.json), then the mesh. Shutdown (SIGINT/SIGTERM): the mesh announces
 that we leave, everything is cancelled, the libp2p host closes its
 connections (shielded, time-boxed), and the process exits 0 within a few
 seconds. A second signal exits at once.
+
+Drain (SIGUSR1, ``meshollama drain`` = ``POST /api/mesh/drain``), for
+rolling restarts: the node announces that it drains, so peers stop routing
+new requests to it; its gateway answers new requests 503 with
+``Retry-After`` (a load balancer moves them on); the requests in flight,
+ours and those peers sent us, finish, for up to ``gateway.drain_timeout``
+(streams still running then break, and the gateways that sent them resume
+them on another peer); then the node leaves as on SIGTERM and exits 0.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import __version__, identity
+from .catalog import LoadInfo
 from .config import Config
 from .gateway.endpoints import peer_policy
 from .limits import InboundLimiter
@@ -114,10 +123,15 @@ class Node:
         self.mesh: MeshService | None = None
         self.admission = None  # trust.admission.Admission in a closed mesh
         self.info: NodeInfo | None = None
+        self.drained = trio.Event()  # set once a drain has let the in-flight work finish
+        self._drain_since: float | None = None
+        self._nursery: trio.Nursery | None = None
+        self._idle: list = []  # () -> bool: no work in flight (gateway, backend, inbound streams)
+        self._gateway = None  # gateway.app.GatewayState
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .backends.select import select_backend
-        from .gateway.app import create_app
+        from .gateway.app import EXTENSION, create_app
         from .gateway.metrics import MeshMetrics
         from .gateway.server import serve_gateway, tls_from_config
 
@@ -139,12 +153,19 @@ class Node:
                                     on_reject=on_reject, on_error=on_error,
                                     allow=peer_policy(admission))
 
+        def load() -> LoadInfo:
+            # Requests waiting in our gateway's line go out as `waiting`: the mesh sees unmet demand.
+            base = backend.load()
+            waiting = app.extensions[EXTENSION].proxy.queues.total() if app is not None else 0
+            return dataclasses.replace(base, waiting=waiting) if waiting else base
+
+        app = None
         mesh = MeshService(
             key_pair,
             host_settings(cfg, psk),
             mesh_settings(cfg, ""),
             models=backend.models,
-            load=backend.load,
+            load=load,
             changed=backend.changed,
             local_upstream=backend,
             http_server_factory=http_server,
@@ -153,11 +174,16 @@ class Node:
         )
         self.mesh = mesh
         app = create_app(cfg, mesh, backend, self.registry)
+        self._gateway = gateway = app.extensions[EXTENSION]
+        gateway.drain = self.drain
+        self._idle = [lambda: gateway.proxy.in_flight == 0, lambda: backend.load().in_flight == 0,
+                      lambda: limiter.in_use == 0]
         if admission is not None:  # before the gateway serves: mesh-wide keys close it from the start
             admission.on_policy = partial(apply_policy, app)
             apply_policy(app, admission.state.policy)
 
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for service in selected.services:
                 await nursery.start(service.serve)
             await nursery.start(backend.serve)
@@ -172,6 +198,33 @@ class Node:
             write_node_file(data_dir, self.info)
             log.info("node %s up: backend=%s api=%s p2p=%s", mesh.self_id, backend.kind, api_url, " ".join(addrs))
             task_status.started(self.info)
+
+    def drain(self) -> dict:
+        """Start draining (idempotent); what it looks like now."""
+        mesh = self.mesh
+        if mesh is None or self._nursery is None:
+            raise RuntimeError("the node is not running")
+        if self._drain_since is None:
+            self._drain_since = trio.current_time()
+            log.warning("draining: no new requests; %d s for those in flight", self.config.gateway.drain_timeout)
+            mesh.set_draining(True)
+            if self._gateway is not None:
+                self._gateway.proxy.draining = True
+            self._nursery.start_soon(self._drain)
+        return {"draining": True, "since_seconds": round(trio.current_time() - self._drain_since, 3),
+                "idle": all(check() for check in self._idle), "drain_timeout": self.config.gateway.drain_timeout}
+
+    async def _drain(self) -> None:
+        with trio.move_on_after(self.config.gateway.drain_timeout) as timer:
+            # Let peers hear the draining heartbeat before judging idleness.
+            await trio.sleep(0.1)
+            while not all(check() for check in self._idle):
+                await trio.sleep(0.05)
+        if timer.cancelled_caught:
+            log.warning("drain timeout: leaving with work in flight (peers resume their streams elsewhere)")
+        else:
+            log.info("drained: nothing in flight")
+        self.drained.set()
 
     async def leave(self) -> None:
         """Announce that we leave; call before cancelling ``serve``."""
@@ -234,13 +287,15 @@ def _counter_sink(metrics):
             metrics.p2p_inbound_rejected.labels(label).inc()
         elif name == "request_streams":
             metrics.p2p_request_streams.labels(label).inc()
+        elif name == "host_restarts":
+            metrics.host_restarts.inc()
 
     return count
 
 
 async def _peer_gauge_loop(mesh: MeshService, metrics) -> None:
     while True:
-        counts = {"alive": 0, "down": 0, "unreachable": 0}
+        counts = {"alive": 0, "draining": 0, "down": 0, "unreachable": 0}
         for peer in mesh.snapshot().peers:
             if not peer.is_self:
                 counts[peer.state.value] = counts.get(peer.state.value, 0) + 1
@@ -252,7 +307,9 @@ async def _peer_gauge_loop(mesh: MeshService, metrics) -> None:
 async def run_until_signalled(config: Config, *, out=sys.stdout) -> int:
     """Run a node until SIGINT/SIGTERM; print how to reach it once it is up."""
     node = Node(config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    faults = os.environ.get("MESHOLLAMA_TEST_FAULTS") == "1"  # the fault suite's hook, never set in use
+    watched = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1] + ([signal.SIGUSR2] if faults else [])
+    with trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
             info: NodeInfo = await nursery.start(node.serve)
             print(f"meshollama {__version__} node {info.peer_id}", file=out)
@@ -262,7 +319,21 @@ async def run_until_signalled(config: Config, *, out=sys.stdout) -> int:
                 print(f"  p2p:     {addr}", file=out)
             print(f"  others join with: meshollama start --bootstrap {info.p2p_addrs[0]}", file=out)
             out.flush()
+
+            async def leave_when_drained() -> None:
+                await node.drained.wait()
+                await node.leave()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(leave_when_drained)
             async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    log.info("received SIGUSR1: draining")
+                    node.drain()
+                    continue
+                if signum == getattr(signal, "SIGUSR2", None):
+                    node.mesh.inject_host_failure()
+                    continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 await node.leave()
                 nursery.cancel_scope.cancel()

@@ -122,7 +122,7 @@ async def test_listings_over_http():
                 ("peer-b", "alive", False), ("peer-down", "down", False), ("peer-self", "alive", True)]
             status = (await client.get("/api/mesh/status")).json()
             assert status["self_id"] == "peer-self"
-            assert status["peers"] == {"total": 3, "alive": 2, "down": 1, "unreachable": 0}
+            assert status["peers"] == {"total": 3, "alive": 2, "draining": 0, "down": 1, "unreachable": 0}
             assert status["models"] == 3
             assert status["mesh"] == {"listen_addrs": ["/ip4/127.0.0.1/tcp/4001"], "queue": {}, "gateway_in_flight": 0}
 

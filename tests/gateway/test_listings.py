@@ -140,7 +140,7 @@ def test_mesh_peers():
                        "seconds_since_heartbeat", "state", "is_self", "relay"}
     assert me["is_self"] and me["state"] == "alive"
     assert me["models"] == [{"name": "a:latest", "digest": A64, "size": 100, "loaded": True}]
-    assert me["load"] == {"in_flight": 1, "capacity": 4, "queued": 2}
+    assert me["load"] == {"in_flight": 1, "capacity": 4, "queued": 2, "waiting": 0}
     assert p2["state"] == "down" and p2["seconds_since_heartbeat"] == 2.5
 
 
@@ -149,7 +149,7 @@ def test_mesh_status():
              peer("p3", m("c:latest"), state=PeerState.DOWN))
     got = listings.mesh_status(s, "me", {"uptime": 5}, "0.1.0")
     assert got["self_id"] == "me"
-    assert got["peers"] == {"total": 3, "alive": 2, "down": 1, "unreachable": 0}
+    assert got["peers"] == {"total": 3, "alive": 2, "draining": 0, "down": 1, "unreachable": 0}
     assert got["models"] == 2  # a:latest (twice) and b:1; the DOWN peer's c does not count
     assert got["mesh"] == {"uptime": 5}
 

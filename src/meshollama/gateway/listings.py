@@ -196,7 +196,8 @@ def peer_entry(peer: PeerView, now: float) -> dict[str, Any]:
             {"name": names.shortest(m.name), "digest": m.digest, "size": int(m.size), "loaded": m.loaded}
             for m in peer.models
         ],
-        "load": {"in_flight": peer.load.in_flight, "capacity": peer.load.capacity, "queued": peer.load.queued},
+        "load": {"in_flight": peer.load.in_flight, "capacity": peer.load.capacity, "queued": peer.load.queued,
+                 "waiting": peer.load.waiting},
         "seconds_since_heartbeat": round(max(0.0, now - peer.last_seen), 3),
         "state": peer.state.value,
         "is_self": peer.is_self,
@@ -217,7 +218,7 @@ def mesh_status(snapshot: Snapshot, self_id: str, extra: Mapping[str, Any], vers
     return {
         "self_id": self_id,
         "version": version,
-        "peers": {"total": len(snapshot.peers), **{s: by_state.get(s, 0) for s in ("alive", "down", "unreachable")}, **by_state},
+        "peers": {"total": len(snapshot.peers), **{s: by_state.get(s, 0) for s in ("alive", "draining", "down", "unreachable")}, **by_state},
         "models": models_count(snapshot),
         "mesh": dict(extra),
     }

@@ -139,6 +139,11 @@ class MeshMetrics:
             ["how"],
             registry=registry,
         )
+        self.host_restarts = Counter(
+            "meshollama_host_restarts_total",
+            "Times the libp2p host failed and was rebuilt (the gateway kept serving meanwhile).",
+            registry=registry,
+        )
         self.p2p_inbound_rejected = Counter(
             "meshollama_p2p_inbound_rejected_total",
             "Inbound libp2p streams refused, by reason.",
