@@ -253,6 +253,12 @@ class LlamaInstance:
         t0 = time.perf_counter_ns()
         t_first = 0
         if limit > 0:
+            if 0 < len(tokens) <= llm.n_tokens and list(llm.input_ids[: len(tokens)]) == list(tokens):
+                # The whole prompt is cached (the same request again): llama.cpp would
+                # re-decode its last token alone, whose logits differ in the last bits
+                # from the batch decode of a fresh prompt, and a greedy answer could
+                # then differ from the first one. Decode it afresh: same request, same answer.
+                llm.reset()
             gen = llm.generate(
                 tokens, top_k=samp.top_k, top_p=samp.top_p, min_p=samp.min_p,
                 typical_p=samp.typical_p, temp=samp.temperature, repeat_penalty=samp.repeat_penalty,

@@ -35,8 +35,13 @@ DEFAULT_TEMPLATE_FILE = "smollm2.gotmpl"
 
 @functools.cache
 def builtin_template(name: str = DEFAULT_TEMPLATE_FILE) -> str:
-    """A Go template shipped with meshollama (``backends/templates/``)."""
-    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+    """A Go template shipped with meshollama (``backends/templates/``).
+
+    Without the file's final newline: an editor's, not the template's. Kept,
+    it ended every prompt, so a fresh answer started after a blank line and
+    a prefilled assistant message (``Ollama continues a final assistant
+    message``, what mid-stream resume sends) was cut off by a line break."""
+    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8").removesuffix("\n")
 
 
 @dataclass(frozen=True)
