@@ -75,6 +75,16 @@ def test_round_trip_leaving() -> None:
     assert decode(encode(a)).leaving is True
 
 
+def test_gateway_line_depth_travels_as_waiting_and_is_left_out_when_zero() -> None:
+    from meshollama.catalog import LoadInfo
+
+    a = replace(minimal(), load=LoadInfo(in_flight=1, capacity=1, queued=0, waiting=3))
+    assert b'"ld":{"f":1,"c":1,"q":0,"w":3}' in encode(a)
+    assert decode(encode(a)) == a
+    # An older node's heartbeat (no "w") reads as nobody waiting.
+    assert decode(b'{"v":1,"id":"p","seq":7,"ver":"0.1.0","m":[],"ld":{"f":0,"c":1,"q":0}}').load.waiting == 0
+
+
 def test_literal_bytes_minimal() -> None:
     data = b'{"v":1,"id":"p","seq":7,"ver":"0.1.0","m":[],"ld":{"f":0,"c":1,"q":0}}'
     assert encode(minimal()) == data
