@@ -45,7 +45,7 @@ class MeshNode:
 
 
 async def start_fake(net: Net, host: Host, tmp: Path, models: list[str], name: str, *, port: int = 11435,
-                     token_delay: float = 0.0) -> None:
+                     token_delay: float = 0.0, extra: tuple[str, ...] = ()) -> None:
     """A stand-in Ollama on ``127.0.0.1:port`` inside ``host``, up when this returns."""
     port_file = tmp / f"{name}-fake.port"
     port_file.unlink(missing_ok=True)
@@ -53,6 +53,7 @@ async def start_fake(net: Net, host: Host, tmp: Path, models: list[str], name: s
             "--name", name, "--port-file", str(port_file)]
     if token_delay:
         args += ["--token-delay", str(token_delay)]
+    args += list(extra)
     proc = await net.spawn(host, args, log=tmp / f"{name}-fake.log")
     while not port_file.exists() or not port_file.read_text().strip():
         if proc.poll() is not None:
