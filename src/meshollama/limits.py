@@ -23,9 +23,10 @@ class InboundLimiter:
         self.per_peer = per_peer
         self._by_peer: Counter[str] = Counter()
         self._count = 0
+        self.closed = False  # the node drains: every new request is refused (busy), so peers go elsewhere
 
     def try_acquire(self, peer_id: str) -> bool:
-        if self._count >= self.total or self._by_peer[peer_id] >= self.per_peer:
+        if self.closed or self._count >= self.total or self._by_peer[peer_id] >= self.per_peer:
             return False
         self._count += 1
         self._by_peer[peer_id] += 1

@@ -128,6 +128,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._idle: list = []  # () -> bool: no work in flight (gateway, backend, inbound streams)
         self._gateway = None  # gateway.app.GatewayState
+        self._limiter: InboundLimiter | None = None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .backends.select import select_backend
@@ -176,6 +177,7 @@ class Node:
         app = create_app(cfg, mesh, backend, self.registry)
         self._gateway = gateway = app.extensions[EXTENSION]
         gateway.drain = self.drain
+        self._limiter = limiter
         self._idle = [lambda: gateway.proxy.in_flight == 0, lambda: backend.load().in_flight == 0,
                       lambda: limiter.in_use == 0]
         if admission is not None:  # before the gateway serves: mesh-wide keys close it from the start
@@ -210,6 +212,8 @@ class Node:
             mesh.set_draining(True)
             if self._gateway is not None:
                 self._gateway.proxy.draining = True
+            if self._limiter is not None:  # a peer whose view is stale hears "busy" and tries another
+                self._limiter.closed = True
             self._nursery.start_soon(self._drain)
         return {"draining": True, "since_seconds": round(trio.current_time() - self._drain_since, 3),
                 "idle": all(check() for check in self._idle), "drain_timeout": self.config.gateway.drain_timeout}

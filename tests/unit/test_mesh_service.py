@@ -256,3 +256,24 @@ async def test_upstream_to_a_peer_fails_fast_before_the_first_host_is_up(autojum
     with pytest.raises(UpstreamUnavailable, match="not running"):
         async with mesh.upstream(PEER).open(ProxyRequest("GET", "/api/tags")):
             pass
+
+
+async def test_draining_set_while_a_heartbeat_is_being_published_goes_out_right_after_it(autojump_clock):
+    # Found in review: the publish loop replaced its wake-up event after publishing,
+    # so a request made during a slow publish was lost until the next interval.
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=10.0)
+        host = r.net.host
+        original = host.publish
+
+        async def slow_publish(data):  # gossipsub fan-out to many peers takes a moment
+            await trio.sleep(0.5)
+            await original(data)
+
+        host.publish = slow_publish
+        await r.at(10.1)  # the heartbeat of t=10 is being published
+        r.mesh.set_draining(True)
+        await r.at(19.0)
+        times = [(round(t - r.t0, 2), a.draining) for t, a in host.published]
+        assert times[-1] == (11.25, True), times  # 10.5 + the 0.25 s gap + the 0.5 s publish, not 20.5
+        nursery.cancel_scope.cancel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import trio
 import trio.testing
@@ -115,11 +117,25 @@ async def test_a_deadline_bounds_every_return_to_the_line(autojump_clock):
     assert trio.current_time() == pytest.approx(deadline)
 
 
-async def test_zero_size_means_no_queue():
+async def test_zero_size_means_no_queue_every_request_goes_at_once():
     q = ModelQueues(0, 30.0)
-    await q.wait("m", lambda: True)
-    with pytest.raises(Overloaded):
-        await q.wait("m", lambda: False)
+    with trio.fail_after(1):
+        await q.wait("m", lambda: True)
+        await q.wait("m", lambda: False)  # the peers' own queues take it, as before the line existed
+    assert q.total() == 0
+
+
+async def test_a_waiter_leaves_at_once_when_nobody_holds_the_model_any_more(autojump_clock):
+    outcomes: list[str] = []
+    q = ModelQueues(4, 60.0, on_outcome=outcomes.append)
+    held = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(q.wait, "m", lambda: False, servable=lambda: held))
+        await trio.sleep(1.0)
+        held = False
+        await trio.sleep(2 * RECHECK)
+        assert q.total() == 0
+    assert outcomes == ["unservable"]
 
 
 async def test_a_cancelled_waiter_leaves_and_the_next_one_moves_up(autojump_clock):

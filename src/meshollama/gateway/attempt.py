@@ -52,6 +52,9 @@ RETRY_STATUSES = frozenset({500, 502, 503, 504})
 SIDELINE_STATUSES = frozenset({502, 503, 504})
 ERROR_BODY_LIMIT = 64 * 1024  # an upstream error answer kept for relaying
 ERROR_BODY_TIMEOUT = 10.0  # seconds to read it
+# A line (NDJSON) or event (SSE) the relay holds back until it is whole: past
+# this, the upstream is broken (a final object with a long ``context`` fits).
+MAX_HELD = 16 * 1024 * 1024
 # Response headers Hypercorn writes itself, and ours.
 _DROP_RESPONSE = frozenset({"date", "server", PEER_HEADER})
 
@@ -116,6 +119,7 @@ class Failure:
     message: str
     answer: Answer | None = None  # the upstream's own answer, relayed if nobody does better
     sideline: bool = True
+    retry: bool = True  # False: trying elsewhere would only repeat it (a whole answer too slow to come)
 
 
 @dataclass(frozen=True)
@@ -141,10 +145,18 @@ class Attempts:
 
     async def run(self, endpoint: Endpoint, peer: str, upstream: Upstream | None, request: ProxyRequest,
                   responder: Responder, out: Outcome, relay: StreamRelay, *, retry_5xx: bool,
-                  model_key: str = "", warm: bool = False) -> Failure | Broken | None:
+                  model_key: str = "", warm: bool = False, streaming: bool = True,
+                  timeouts: bool = True) -> Failure | Broken | None:
         """One try on one peer (see the module docstring). ``relay.state`` says
         whether this is the first upstream of the answer ("waiting") or a
-        continuation ("resuming"). Raises :class:`ClientGone`."""
+        continuation ("resuming"). ``streaming``: the client asked for a
+        streamed answer; a non-streamed one sends its first byte when the
+        whole answer is done, so the first-byte timeout then bounds the whole
+        generation, and a peer past it is not tried again elsewhere (that
+        would only repeat the work): the client gets a 504. ``timeouts``:
+        False for model management on this node's backend (a pull, a blob
+        upload: long and silent by nature). Raises :class:`ClientGone`."""
+        first_byte_timeout = self.first_byte_timeout if timeouts else math.inf
         track = upstream is None  # routed tries feed the router's stats; local management does not
         attempt = _Try(started=trio.current_time(), routed=track, model_key=model_key, warm=warm)
         if track:
@@ -153,7 +165,7 @@ class Attempts:
         try:
             if upstream is None:
                 upstream = self.mesh.upstream(peer)
-            with trio.CancelScope(deadline=attempt.started + self.first_byte_timeout) as first_byte:
+            with trio.CancelScope(deadline=attempt.started + first_byte_timeout) as first_byte:
                 async with upstream.open(request) as resp:
                     if resp.status in RETRY_STATUSES and (retry_5xx or relay.state == "resuming"):
                         answer = await _read_error_answer(resp, endpoint)
@@ -173,14 +185,20 @@ class Attempts:
                             return result
                         first_byte.deadline = math.inf  # committed: the stall timeout takes over
                         result = await self._relay(endpoint, peer, resp, first, chunks, responder, out, attempt,
-                                                   relay)
+                                                   relay, self.stall_timeout if timeouts else math.inf)
                     finally:
                         # Close the body iterator here, before the upstream context
                         # exits, rather than whenever the garbage collector gets to it.
                         await _aclose(chunks)
             if first_byte.cancelled_caught:
                 self.metrics.timeouts.labels("first_byte").inc()
-                result = Failure("timeout", f"no answer within {self.first_byte_timeout:g}s (gateway.first_byte_timeout)")
+                if streaming:
+                    result = Failure("timeout", f"no answer within {first_byte_timeout:g}s (gateway.first_byte_timeout)")
+                else:
+                    message = (f"no whole answer from {peer} within {first_byte_timeout:g}s (gateway.first_byte_timeout "
+                               "bounds a non-streamed answer: stream it, or raise the limit)")
+                    result = Failure("timeout", message, error_answer(504, message, envelope=endpoint.envelope),
+                                     sideline=False, retry=False)
         except ClientGone:
             out.client_gone = True
             attempt.ok = True  # not the peer's fault
@@ -219,7 +237,8 @@ class Attempts:
         self._on_finished()
 
     async def _relay(self, endpoint: Endpoint, peer: str, resp: ProxyResponse, first: bytes | None, chunks: Any,
-                     responder: Responder, out: Outcome, attempt: _Try, relay: StreamRelay) -> Failure | Broken | None:
+                     responder: Responder, out: Outcome, attempt: _Try, relay: StreamRelay,
+                     stall_timeout: float) -> Failure | Broken | None:
         """Relay a committed answer through ``relay``, chunk by chunk."""
         now = trio.current_time()
         attempt.ttfb = now - attempt.started
@@ -248,11 +267,17 @@ class Attempts:
                 out.error = error_text(first)
         passing = relay.state == "waiting"  # not committed (an error status): raw pass-through
         chunk = first
+        progress = trio.current_time()  # when the client last got bytes: a trickle without a whole line is a stall
         while chunk is not None:
             attempt.relayed(chunk)
-            await responder.body(chunk if passing else relay.feed(chunk))
+            data = chunk if passing else relay.feed(chunk)
+            if data:
+                progress = trio.current_time()
+                await responder.body(data)
+            elif not passing and relay.held > MAX_HELD:
+                return Broken(f"a line of over {MAX_HELD} bytes", trio.current_time() - attempt.started)
             broken = None
-            with trio.move_on_after(self.stall_timeout) as stall:
+            with trio.move_on_at(progress + stall_timeout) as stall:
                 try:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
@@ -263,7 +288,7 @@ class Attempts:
                     broken = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if stall.cancelled_caught:
                 self.metrics.timeouts.labels("stall").inc()
-                broken = f"no byte for {self.stall_timeout:g}s (gateway.stall_timeout)"
+                broken = f"nothing to relay for {stall_timeout:g}s (gateway.stall_timeout)"
             if broken is not None:
                 if not passing and relay.state in ("done", "failed"):
                     break  # the answer is whole (or ended by the backend's own error): only its close failed

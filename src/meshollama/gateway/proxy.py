@@ -241,12 +241,15 @@ class Proxy:
             self._unservable(endpoint, model, key)
         out.model = names.shortest(model)
         check_fields(payload, endpoint)  # after the 404, as Ollama checks them after loading
-        relay = StreamRelay(request.path.split("?", 1)[0], payload, resume=self.resume, body=request.body)
+        path = request.path.split("?", 1)[0]
+        relay = StreamRelay(path, payload, resume=self.resume, body=request.body)
+        streaming = _streaming(path, payload)
         deadline = trio.current_time() + self.queues.timeout
         after_busy = False
         while True:
             await self.queues.wait(key, lambda: self._free(key), label=out.model, after_busy=after_busy,
-                                   deadline=deadline)
+                                   deadline=deadline, servable=lambda: bool(routing.candidates(self.mesh.snapshot(),
+                                                                                               key)))
             snapshot = self.mesh.snapshot()
             now = trio.current_time()
             self.stats.observe(snapshot)
@@ -257,16 +260,22 @@ class Proxy:
             tries = order[: 1 + self.retries]
             failures: list[tuple[str, Failure]] = []
             for n, peer in enumerate(tries, 1):
+                # The weights the answer starts on: a continuation must use the same ones,
+                # known from now even if the peer has left the table when the stream breaks.
+                digest = _digest(snapshot, peer, key)
                 result = await self.attempts.run(endpoint, peer, None, request, responder, out, relay, retry_5xx=True,
-                                                 model_key=key, warm=self._warm(snapshot, peer, key, now))
+                                                 model_key=key, warm=self._warm(snapshot, peer, key, now),
+                                                 streaming=streaming)
                 if result is None:
                     return
                 if isinstance(result, Broken):
-                    await self._resume(endpoint, request, responder, out, relay, key, peer, result)
+                    await self._resume(endpoint, request, responder, out, relay, key, peer, digest, result)
                     return
                 log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, result.kind,
                             result.message)
                 failures.append((peer, result))
+                if not result.retry:
+                    break
                 if n < len(tries):
                     self.metrics.retries.labels(result.kind).inc()
             if self.queues.size and all(f.kind == "busy" for _, f in failures):
@@ -294,7 +303,9 @@ class Proxy:
         raise ModelNotFound(endpoint.not_found_message(model))
 
     def _free(self, key: str) -> bool:
-        return routing.has_free_slot(self.mesh.snapshot(), key, self.stats, trio.current_time())
+        snapshot = self.mesh.snapshot()
+        self.stats.observe(snapshot)  # a heartbeat that already counts our finished requests resets the correction
+        return routing.has_free_slot(snapshot, key, self.stats, trio.current_time())
 
     def _warm(self, snapshot: Any, peer_id: str, model_key: str, now: float) -> bool:
         """The model is loaded on the peer: its heartbeat says so, or it answered
@@ -304,12 +315,11 @@ class Proxy:
         return bool(model is not None and model.loaded) or self.stats.recently_answered(peer_id, model_key, now)
 
     async def _resume(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome,
-                      relay: StreamRelay, key: str, peer: str, broken: Broken) -> None:
+                      relay: StreamRelay, key: str, peer: str, digest: str, broken: Broken) -> None:
         """The answer broke mid-stream on ``peer``: continue it on another holder
-        of the same model digest, as often as it breaks and peers remain, or end
-        it with an explicit error."""
+        of the same model ``digest``, as often as it breaks and peers remain, or
+        end it with an explicit error."""
         tried = {peer}
-        digest = self._digest(peer, key)
         while True:
             log.warning("%s %s: stream from %s broke after %d bytes: %s", endpoint.label, out.model, peer,
                         responder.bytes_sent, broken.reason)
@@ -353,11 +363,6 @@ class Proxy:
                 return
         await responder.end(decision.tail)
 
-    def _digest(self, peer: str, key: str) -> str:
-        view = self.mesh.snapshot().get(peer)
-        model = view.model(key) if view is not None else None
-        return model.digest if model is not None else ""
-
     def _resume_order(self, key: str, digest: str, tried: set[str]) -> list[str]:
         """Peers to continue on: alive holders of ``key`` with the same digest
         (the same weights give the same continuation), best first."""
@@ -366,12 +371,7 @@ class Proxy:
         order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(tried),
                                next(self._rr))
 
-        def same(pid: str) -> bool:
-            view = snapshot.get(pid)
-            model = view.model(key) if view is not None else None
-            return not digest or (model is not None and model.digest == digest)
-
-        return [pid for pid in order if same(pid)][: 1 + self.retries]
+        return [pid for pid in order if _digest(snapshot, pid, key) == digest][: 1 + self.retries]
 
     # --- local requests ------------------------------------------------------------
 
@@ -380,13 +380,30 @@ class Proxy:
             raise UpstreamUnavailable("this node has no local backend")
         relay = StreamRelay(request.path.split("?", 1)[0], {}, resume=False)
         result = await self.attempts.run(endpoint, self.mesh.self_id, self.backend, request, responder, out, relay,
-                                         retry_5xx=False)
+                                         retry_5xx=False, timeouts=False)
         if isinstance(result, Failure):
             raise (UpstreamBusy if result.kind == "busy" else UpstreamUnavailable)(result.message)
         if isinstance(result, Broken):
             log.warning("%s: local backend broke after %d bytes: %s", endpoint.label, responder.bytes_sent,
                         result.reason)
             await end_broken(responder, out, f"upstream {self.mesh.self_id} failed mid-stream: {result.reason}")
+
+
+def _digest(snapshot: Any, peer: str, key: str) -> str | None:
+    """The digest of ``key`` on ``peer`` in ``snapshot``; None if it is not there."""
+    view = snapshot.get(peer)
+    model = view.model(key) if view is not None else None
+    return model.digest if model is not None else None
+
+
+def _streaming(path: str, payload: dict) -> bool:
+    """Whether the client asked for a streamed answer (Ollama's native
+    generation endpoints stream unless told not to; the others do not unless asked)."""
+    if path in ("/api/chat", "/api/generate"):
+        return payload.get("stream", True) is not False
+    if path.startswith("/v1/"):
+        return payload.get("stream") is True
+    return False
 
 
 async def end_broken(responder: Responder, out: Outcome, message: str) -> None:

@@ -60,7 +60,7 @@ class ModelQueues:
         return max(1, math.ceil(self.timeout / 10))
 
     async def wait(self, key: str, free: Callable[[], bool], *, label: str = "", after_busy: bool = False,
-                   deadline: float | None = None) -> None:
+                   deadline: float | None = None, servable: Callable[[], bool] = lambda: True) -> None:
         """Return when this request may be dispatched for ``key``.
 
         ``free()`` says whether a holder has a free slot now. Returns at once
@@ -69,12 +69,15 @@ class ModelQueues:
         :class:`Overloaded` when the line is full or the wait times out
         (``timeout`` from now, or ``deadline`` when a request comes back to
         the line after its peers answered busy: one budget per request).
+        Returns early, to let the caller say so, when ``servable()`` turns
+        False: nobody holds the model any more. ``size`` 0: no line at all,
+        every request is sent at once (the peers' own queues take it).
         """
         line = self._lines.get(key)
-        if not line and not after_busy and free():
+        if self.size == 0 or (not line and not after_busy and free()):
             return
         name = label or key
-        if self.size == 0 or (line is not None and len(line) >= self.size):
+        if line is not None and len(line) >= self.size:
             self._on_outcome("full")
             raise Overloaded(f"every peer serving '{name}' is busy and {self.depth(key)} requests wait already "
                              "(gateway.queue_size); retry later", self.retry_after(key))
@@ -88,6 +91,9 @@ class ModelQueues:
             with trio.move_on_at(deadline if deadline is not None else trio.current_time() + self.timeout):
                 first = True
                 while True:
+                    if not servable():
+                        outcome = "unservable"
+                        return
                     if line[0] is ticket and not (first and after_busy) and free():
                         outcome = "dispatched"
                         return

@@ -173,6 +173,11 @@ class StreamRelay:
         self._include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
 
     @property
+    def held(self) -> int:
+        """Bytes held back (a line or event not complete yet): the caller bounds it."""
+        return len(self._cut.buf)
+
+    @property
     def text(self) -> str:
         return "".join(self._texts)
 

@@ -107,6 +107,9 @@ class HostLoops:
             while True:
                 if mesh._leaving:
                     return
+                # A fresh event before the announcement is built: a request made while
+                # this one is being published (set_draining) gets its own heartbeat.
+                wake = mesh._publish_now = trio.Event()
                 ann = mesh.announcement()
                 self.table.set_self(ann, trio.current_time())
                 try:
@@ -118,9 +121,8 @@ class HostLoops:
                 except Exception as exc:
                     log.warning("heartbeat publish failed: %r", exc)
                 last = trio.current_time()
-                mesh._publish_now = trio.Event()
                 with trio.move_on_after(interval):
-                    await mesh._publish_now.wait()
+                    await wake.wait()
                 gap = trio.current_time() - last
                 if gap < min_gap:
                     await trio.sleep(min_gap - gap)
