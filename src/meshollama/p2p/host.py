@@ -231,6 +231,12 @@ class P2PHost:
             max_inbound_rpc_size=s.max_pubsub_message,
             allowed_topics={TOPIC},
         )
+        # py-libp2p numbers messages from int(time.time()), one more per publish, and
+        # peers drop a message id (sender + number) seen in the last 120 s. A node that
+        # published faster than once a second ran ahead of the clock, so after a restart
+        # (or a host rebuild) it reused its last run's ids and peers ignored its heartbeats
+        # for up to half its previous uptime. Nanoseconds never repeat across runs.
+        pubsub.counter = time.time_ns()
         host.get_network().register_notifee(_Notifee(self))
         for protocol, handler in self._handlers.items():
             host.set_stream_handler(protocol, self._wrap_handler(handler))
