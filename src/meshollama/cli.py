@@ -274,21 +274,12 @@ def http_verify(config):
 
 
 def _query(args: argparse.Namespace) -> int:
-    import httpx
 
-    config = _load(args)
-    url = _api_url(args, config)
     path = "/api/mesh/peers" if args.command == "peers" else "/api/mesh/status"
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    try:
-        resp = httpx.get(url + path, headers=headers, timeout=5.0, verify=http_verify(config))
-    except httpx.HTTPError as exc:
-        print(f"meshollama: cannot reach the node at {url}: {exc} (is `meshollama start` running?)", file=sys.stderr)
+    called = _call_node(args, "GET", path, 200, timeout=5.0)
+    if called is None:
         return 1
-    if resp.status_code != 200:
-        print(f"meshollama: {url}{path} answered {resp.status_code}: {resp.text.strip()}", file=sys.stderr)
-        return 1
-    data = resp.json()
+    data = called[0].json()
     if args.json:
         print(json.dumps(data, indent=2))
     elif args.command == "peers":
@@ -298,24 +289,37 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call_node(args: argparse.Namespace, method: str, path: str, expect: int, *, timeout: float):
+    """One request to the local node's gateway: ``(response, config, url)``, or None
+    after saying on stderr why it failed."""
+    import httpx
+
+    config = _load(args)
+    url = _api_url(args, config)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        resp = httpx.request(method, url + path, headers=headers, timeout=timeout, verify=http_verify(config))
+    except httpx.HTTPError as exc:
+        print(f"meshollama: cannot reach the node at {url}: {exc} (is `meshollama start` running?)", file=sys.stderr)
+        return None
+    if resp.status_code != expect:
+        print(f"meshollama: {url}{path} answered {resp.status_code}: {resp.text.strip()}", file=sys.stderr)
+        return None
+    return resp, config, url
+
+
 def _drain(args: argparse.Namespace) -> int:
     """POST /api/mesh/drain, then wait until the node has stopped (it exits once drained)."""
     import time
 
     import httpx
 
-    config = _load(args)
-    url = _api_url(args, config)
+    called = _call_node(args, "POST", "/api/mesh/drain", 202, timeout=10.0)
+    if called is None:
+        return 1
+    resp, config, url = called
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     verify = http_verify(config)
-    try:
-        resp = httpx.post(url + "/api/mesh/drain", headers=headers, timeout=10.0, verify=verify)
-    except httpx.HTTPError as exc:
-        print(f"meshollama: cannot reach the node at {url}: {exc} (is `meshollama start` running?)", file=sys.stderr)
-        return 1
-    if resp.status_code != 202:
-        print(f"meshollama: {url}/api/mesh/drain answered {resp.status_code}: {resp.text.strip()}", file=sys.stderr)
-        return 1
     limit = float(resp.json().get("drain_timeout", config.gateway.drain_timeout)) + 30.0
     print(f"draining {url}: no new requests; waiting for those in flight (up to {limit - 30:g} s)", flush=True)
     if args.no_wait:
