@@ -186,6 +186,27 @@ async def test_a_draining_gateway_sends_new_requests_elsewhere():
     assert "draining" in r.json()["error"]
 
 
+async def test_only_an_admin_may_drain_a_node_and_no_peer_can(tmp_path):
+    from meshollama.gateway.endpoints import peer_may_call
+
+    from .test_roles import A, R, U, _keys, bearer
+
+    asked: list[str] = []
+    keys = _keys(tmp_path)
+    with trio.fail_after(10):
+        async with running_gateway(FakeMesh(), data_dir=tmp_path) as gw, \
+                httpx.AsyncClient(base_url=gw.url) as client:
+            gw.app.extensions["meshollama"].drain = lambda: asked.append("drain") or {"draining": True}
+            assert (await client.post("/api/mesh/drain")).status_code == 401
+            for role in (U, R):
+                assert (await client.post("/api/mesh/drain", headers=bearer(keys[role]))).status_code == 403
+            assert asked == []  # refused before the node heard of it
+            r = await client.post("/api/mesh/drain", headers=bearer(keys[A]))
+            assert r.status_code == 202 and r.json() == {"draining": True} and asked == ["drain"]
+    # Over the mesh protocol the path is not even served to a peer.
+    assert not peer_may_call("POST", "/api/mesh/drain")
+
+
 async def test_a_client_that_leaves_cancels_the_upstream():
     mesh = FakeMesh()
     a = mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(body=[
@@ -305,3 +326,20 @@ async def test_a_stream_cut_short_without_its_final_object_is_not_passed_off_as_
             r = await client.post("/api/chat", json=CHAT)
     got = lines(r.text)
     assert "".join(g["message"]["content"] for g in got) == "one two" and got[-1]["done"] is True
+
+
+async def test_meshollama_drain_names_what_went_wrong(tmp_path, capsys):
+    from meshollama import cli
+
+    from .test_roles import U, _keys
+
+    keys = _keys(tmp_path)
+    nobody = "http://127.0.0.1:9"  # discard port: nothing listens
+    args = ["drain", "--data-dir", str(tmp_path)]
+    assert await trio.to_thread.run_sync(cli.main, [*args, "--api", nobody]) == 1
+    assert "cannot reach the node" in capsys.readouterr().err
+    with trio.fail_after(10):
+        async with running_gateway(FakeMesh(), data_dir=tmp_path) as gw:
+            gw.app.extensions["meshollama"].drain = lambda: {"draining": True, "drain_timeout": 1}
+            code = await trio.to_thread.run_sync(cli.main, [*args, "--api", gw.url, "--api-key", keys[U]])
+    assert code == 1 and "answered 403" in capsys.readouterr().err

@@ -33,7 +33,8 @@ CASES = [
     # management and mesh changes
     ("POST", "/api/pull", A), ("POST", "/api/push", A), ("POST", "/api/create", A), ("POST", "/api/copy", A),
     ("DELETE", "/api/delete", A), ("GET", "/api/delete", A), ("HEAD", "/api/blobs/sha256:abc", A),
-    ("POST", "/api/blobs/sha256:abc", A), ("POST", "/api/mesh/policy", A), ("DELETE", "/api/mesh/keys/x", A),
+    ("POST", "/api/blobs/sha256:abc", A), ("POST", "/api/mesh/policy", A), ("POST", "/api/mesh/drain", A),
+    ("DELETE", "/api/mesh/keys/x", A),
     ("PUT", "/api/mesh/anything", A),
     # unknown paths: user (they answer 404)
     ("GET", "/nope", U), ("POST", "/api/pull/", U), ("POST", "/API/PULL", U), ("GET", "/api/mesh", U),

@@ -85,6 +85,13 @@ def test_gateway_line_depth_travels_as_waiting_and_is_left_out_when_zero() -> No
     assert decode(b'{"v":1,"id":"p","seq":7,"ver":"0.1.0","m":[],"ld":{"f":0,"c":1,"q":0}}').load.waiting == 0
 
 
+def test_a_peer_cannot_claim_an_unbounded_line_either() -> None:
+    from meshollama.mesh.announce import MAX_LOAD
+
+    data = b'{"v":1,"id":"p","seq":7,"ver":"0.1.0","m":[],"ld":{"f":0,"c":1,"q":0,"w":1099511627776}}'
+    assert decode(data).load.waiting == MAX_LOAD
+
+
 def test_literal_bytes_minimal() -> None:
     data = b'{"v":1,"id":"p","seq":7,"ver":"0.1.0","m":[],"ld":{"f":0,"c":1,"q":0}}'
     assert encode(minimal()) == data
@@ -265,6 +272,9 @@ def test_with_helper_base_is_valid() -> None:
         ("ld.f", True),
         ("ld.c", 1.0),
         ("ld.q", "0"),
+        ("ld.w", -1),
+        ("ld.w", "3"),
+        ("ld.w", True),
         ("a", "addr"),
         ("a", [""]),
         ("a", [1]),
