@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -60,7 +60,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.faults.fates import Fate, Outcome, classify, discontinuity, numbered_text  # noqa: E402
+from tests.faults.fates import Fate, Outcome, discontinuity, numbered_text, send  # noqa: E402
 from tests.integration.cluster import Cluster, NodeProc  # noqa: E402
 
 from common import report  # noqa: E402
@@ -256,30 +256,22 @@ async def send_timed(client: httpx.AsyncClient, path: str, body: dict, *, deadli
     """``fates.send`` plus what a soak needs: time to the first body byte and the
     serving peer (``x-meshollama-peer``), reported through ``on_head`` as soon as
     the head arrives. Classification is ``fates.classify``'s, unchanged."""
-    status: int | None = None
-    content_type: str | None = None
     peer: str | None = None
-    body_bytes = bytearray()
-    transport_error: str | None = None
-    hung = True
     ttfb: float | None = None
     start = trio.current_time()
-    with trio.move_on_after(deadline):
-        try:
-            async with client.stream("POST", path, json=body) as r:
-                status, content_type, peer = r.status_code, r.headers.get("content-type"), r.headers.get(PEER_HEADER)
-                on_head(peer)
-                async for chunk in r.aiter_bytes():
-                    if ttfb is None and chunk:
-                        ttfb = trio.current_time() - start
-                    body_bytes += chunk
-            hung = False
-        except httpx.TimeoutException as e:
-            transport_error = f"{type(e).__name__}: {e}"
-        except httpx.TransportError as e:
-            hung, transport_error = False, f"{type(e).__name__}: {e}"
-    outcome = classify(path, status, content_type, bytes(body_bytes), hung=hung, transport_error=transport_error)
-    return replace(outcome, elapsed=trio.current_time() - start), ttfb, peer
+
+    def head(headers: httpx.Headers) -> None:
+        nonlocal peer
+        peer = headers.get(PEER_HEADER)
+        on_head(peer)
+
+    async def first(body_so_far: bytearray) -> None:
+        nonlocal ttfb
+        if ttfb is None and body_so_far:
+            ttfb = trio.current_time() - start
+
+    outcome = await send(client, path, body, deadline=deadline, on_head=head, on_chunk=first)
+    return outcome, ttfb, peer
 
 
 # --------------------------------------------------------------------------- the run

@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import enum
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -312,12 +312,18 @@ def _clip(value: str | bytes, n: int = 80) -> str | bytes:
 # --- send (I/O) --------------------------------------------------------------
 
 
-async def send(client: httpx.AsyncClient, path: str, payload: Any, *, deadline: float) -> Outcome:
+async def send(client: httpx.AsyncClient, path: str, payload: Any, *, deadline: float, url: str | None = None,
+               on_head: Callable[[httpx.Headers], None] | None = None,
+               on_chunk: Callable[[bytearray], Awaitable[None]] | None = None) -> Outcome:
     """POST ``payload`` to ``path``, read the whole answer within ``deadline`` seconds, and classify it.
 
     The answer is always read as a stream (whether the payload asks for
     streaming is the payload's business), so whatever arrived before a hang or
     a cut is kept. An ``httpx`` timeout counts as the client's deadline too.
+    ``url``: where to send it when the client has no base URL (``path`` still
+    names the format). ``on_head(headers)`` runs when the head arrives and
+    ``await on_chunk(body_so_far)`` after each chunk, for callers that time the
+    answer or act in the middle of it (kill the serving peer).
     """
     status: int | None = None
     content_type: str | None = None
@@ -327,10 +333,14 @@ async def send(client: httpx.AsyncClient, path: str, payload: Any, *, deadline: 
     start = trio.current_time()
     with trio.move_on_after(deadline):
         try:
-            async with client.stream("POST", path, json=payload) as r:
+            async with client.stream("POST", url or path, json=payload) as r:
                 status, content_type = r.status_code, r.headers.get("content-type")
+                if on_head is not None:
+                    on_head(r.headers)
                 async for chunk in r.aiter_bytes():
                     body += chunk
+                    if on_chunk is not None:
+                        await on_chunk(body)
             hung = False
         except httpx.TimeoutException as e:
             transport_error = f"{type(e).__name__}: {e}"

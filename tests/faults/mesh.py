@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import trio
 from tests.fakes.fake_ollama import FakeOllama, serve_fake
 from tests.integration.cluster import Cluster, NodeProc, cluster
 
-from .fates import Outcome, classify
+from .fates import Outcome, send
 
 PEER = "x-meshollama-peer"
 MODEL = "relay:latest"
@@ -194,30 +194,17 @@ async def send_watching(client: httpx.AsyncClient, api: str, path: str, body: An
     """POST ``body`` to ``api + path`` and classify the answer, as ``fates.send``
     does; once ``after_lines`` non-empty lines of the body arrived, await
     ``on_lines(headers)`` (the stream keeps being read afterwards)."""
-    status: int | None = None
-    content_type: str | None = None
-    headers: httpx.Headers | None = None
-    body_bytes = bytearray()
-    transport_error: str | None = None
-    hung = True
-    start = trio.current_time()
+    head: list[httpx.Headers] = []
     fired = on_lines is None
-    with trio.move_on_after(deadline):
-        try:
-            async with client.stream("POST", api + path, json=body) as r:
-                status, content_type, headers = r.status_code, r.headers.get("content-type"), r.headers
-                async for chunk in r.aiter_bytes():
-                    body_bytes += chunk
-                    if not fired and _lines(body_bytes) >= after_lines:
-                        fired = True
-                        await on_lines(headers)
-            hung = False
-        except httpx.TimeoutException as e:
-            transport_error = f"{type(e).__name__}: {e}"
-        except httpx.TransportError as e:
-            hung, transport_error = False, f"{type(e).__name__}: {e}"
-    outcome = classify(path, status, content_type, bytes(body_bytes), hung=hung, transport_error=transport_error)
-    outcome = replace(outcome, elapsed=trio.current_time() - start)
+
+    async def watch(body_so_far: bytearray) -> None:
+        nonlocal fired
+        if not fired and _lines(body_so_far) >= after_lines:
+            fired = True
+            await on_lines(head[0])
+
+    outcome = await send(client, path, body, deadline=deadline, url=api + path, on_head=head.append, on_chunk=watch)
+    headers = head[0] if head else None
     return Sent(outcome, headers, headers.get(PEER) if headers is not None else None)
 
 
