@@ -250,34 +250,9 @@ class Proxy:
             await self.queues.wait(key, lambda: self._free(key), label=out.model, after_busy=after_busy,
                                    deadline=deadline, servable=lambda: bool(routing.candidates(self.mesh.snapshot(),
                                                                                                key)))
-            snapshot = self.mesh.snapshot()
-            now = trio.current_time()
-            self.stats.observe(snapshot)
-            order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(),
-                                   next(self._rr))
-            if not order:  # every holder went away while we waited
-                self._unservable(endpoint, model, key)
-            tries = order[: 1 + self.retries]
-            failures: list[tuple[str, Failure]] = []
-            for n, peer in enumerate(tries, 1):
-                # The weights the answer starts on: a continuation must use the same ones,
-                # known from now even if the peer has left the table when the stream breaks.
-                digest = _digest(snapshot, peer, key)
-                result = await self.attempts.run(endpoint, peer, None, request, responder, out, relay, retry_5xx=True,
-                                                 model_key=key, warm=self._warm(snapshot, peer, key, now),
-                                                 streaming=streaming)
-                if result is None:
-                    return
-                if isinstance(result, Broken):
-                    await self._resume(endpoint, request, responder, out, relay, key, peer, digest, result)
-                    return
-                log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, result.kind,
-                            result.message)
-                failures.append((peer, result))
-                if not result.retry:
-                    break
-                if n < len(tries):
-                    self.metrics.retries.labels(result.kind).inc()
+            failures = await self._try_in_order(endpoint, request, responder, out, relay, model, key, streaming)
+            if failures is None:  # answered, or ended with an explicit error
+                return
             if self.queues.size and all(f.kind == "busy" for _, f in failures):
                 after_busy = True  # every holder said busy: back in line until a slot frees
                 continue
@@ -290,7 +265,41 @@ class Proxy:
                 out.error = error_text(answer.body)
                 await responder.answer(answer.with_headers((PEER_HEADER, peer)))
                 return
-            raise NoCapacity(f"all peers serving '{model}' are busy or failing (tried {len(tries)})")
+            raise NoCapacity(f"all peers serving '{model}' are busy or failing (tried {len(failures)})")
+
+    async def _try_in_order(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome,
+                            relay: StreamRelay, model: str, key: str,
+                            streaming: bool) -> list[tuple[str, Failure]] | None:
+        """Try up to ``1 + retries`` peers in the router's order until one answers
+        (None: the client has its answer or an explicit error, a broken stream
+        resumed or ended); else what each tried peer failed with, before its first byte."""
+        snapshot = self.mesh.snapshot()
+        now = trio.current_time()
+        self.stats.observe(snapshot)
+        order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(), next(self._rr))
+        if not order:  # every holder went away while we waited
+            self._unservable(endpoint, model, key)
+        tries = order[: 1 + self.retries]
+        failures: list[tuple[str, Failure]] = []
+        for n, peer in enumerate(tries, 1):
+            # The weights the answer starts on: a continuation must use the same ones,
+            # known from now even if the peer has left the table when the stream breaks.
+            digest = _digest(snapshot, peer, key)
+            result = await self.attempts.run(endpoint, peer, None, request, responder, out, relay, retry_5xx=True,
+                                             model_key=key, warm=self._warm(snapshot, peer, key, now),
+                                             streaming=streaming)
+            if result is None:
+                return None
+            if isinstance(result, Broken):
+                await self._resume(endpoint, request, responder, out, relay, key, peer, digest, result)
+                return None
+            log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, result.kind, result.message)
+            failures.append((peer, result))
+            if not result.retry:
+                break
+            if n < len(tries):
+                self.metrics.retries.labels(result.kind).inc()
+        return failures
 
     def _unservable(self, endpoint: Endpoint, model: str, key: str) -> None:
         """Raise the right error for a model nobody alive serves: a 503 when it
