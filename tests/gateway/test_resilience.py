@@ -57,6 +57,19 @@ async def test_a_head_without_a_first_byte_counts_as_silent_too():
     assert r.status_code == 200 and r.headers["x-meshollama-peer"] == "peer-b"
 
 
+async def test_a_non_streamed_answer_past_first_byte_timeout_is_a_504_and_not_rerun_elsewhere():
+    mesh = FakeMesh()
+    a = mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(hang_before_head=True)))
+    b = mesh.add("peer-b", [LLAMA], FakeUpstream("b", Script(hang_before_head=True)))
+    with trio.fail_after(10):
+        async with running_gateway(mesh, first_byte_timeout=0.2) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/generate", content=gen(stream=False))
+            o = await client.post("/v1/chat/completions", json={"model": "llama3", "messages": []})  # not streamed
+    assert r.status_code == 504 and "gateway.first_byte_timeout" in r.json()["error"]
+    assert o.status_code == 504 and "non-streamed" in o.json()["error"]["message"]
+    assert len(a.requests) + len(b.requests) == 2  # each tried once: the work is not repeated on every peer
+
+
 async def test_every_peer_silent_ends_in_an_explicit_503():
     mesh = FakeMesh()
     mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(hang_before_head=True)))
