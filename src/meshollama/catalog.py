@@ -59,3 +59,27 @@ class LoadInfo:
     # Waiting in the node's gateway line for a slot on any holder of their model:
     # not this node's load (routing ignores it), the mesh's unmet demand, shown in status.
     waiting: int = 0
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """Where a node keeps models, as it announces it (for placement): the store's
+    kind (``ollama`` or ``embedded``), its free bytes, and whether it takes
+    replicas other nodes ask the mesh for (``models.accept_replicas``)."""
+
+    kind: str = ""
+    free: int = 0
+    accepts: bool = False
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplicaTarget:
+    """A copy count for one model, as set by ``meshollama replicate`` (or config):
+    the newest ``stamp`` (ms since the epoch) wins everywhere; ``copies`` 0 clears it."""
+
+    model: str
+    copies: int
+    stamp: int = 0
+    labels: tuple[str, ...] = ()  # only nodes with every one of these labels hold copies
+

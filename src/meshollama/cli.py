@@ -103,10 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="create keys")
     keygen.add_argument("--psk", required=True, metavar="FILE", help="write a new private-network key to FILE")
 
-    from . import cli_keys, cli_mesh
+    from . import cli_keys, cli_mesh, cli_models
 
     cli_mesh.add_parsers(sub, common)
     cli_keys.add_parser(sub, common)
+    cli_models.add_parsers(sub, common)
     return p
 
 
@@ -184,6 +185,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import cli_mesh
 
         return cli_mesh.run(args, _load, _api_url)
+    if args.command in ("pull", "models", "replicate"):
+        from . import cli_models
+
+        return cli_models.run(args, _load, _api_url, http_verify)
     if args.command == "keygen":
         from .identity import write_psk
 

@@ -33,7 +33,7 @@ from .errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX", "CONFIG_ENV", "OTHER_ENV", "Config", "NodeConfig", "P2PConfig", "GatewayConfig",
-    "MeshConfig", "BackendConfig", "OllamaConfig", "EmbeddedConfig", "load_config", "check_file", "config_to_dict",
+    "MeshConfig", "BackendConfig", "OllamaConfig", "EmbeddedConfig", "ModelsConfig", "load_config", "check_file", "config_to_dict",
 ]
 
 ENV_PREFIX = "MESHOLLAMA_"
@@ -418,6 +418,9 @@ class OllamaConfig:
     refresh_interval: float = _opt(_positive(), 5.0, "seconds between model/load polls")
     # A local Ollama answers in milliseconds; a second of silence means it is not there.
     probe_timeout: float = _opt(_positive(), 1.0, "seconds to wait when probing Ollama")
+    # None: $OLLAMA_MODELS, else ~/.ollama/models (or Linux's service install), when Ollama is local.
+    models_dir: Path | None = _opt(_Path(optional=True), None,
+                                   "Ollama's models directory, where pulls from peers are stored")
 
 
 @dataclass(frozen=True)
@@ -438,6 +441,47 @@ class EmbeddedConfig:
     embedding: bool = _opt(_Bool(), True, "also serve embeddings from the model")
 
 
+def _replica(text: str) -> str:
+    name, sep, copies = text.rpartition("=")
+    if not sep or not copies.strip().isdigit() or not 0 <= int(copies) <= 64:
+        raise TypeError
+    from . import names
+    try:
+        names.parse(name.strip())
+    except Exception:
+        raise TypeError from None
+    return f"{name.strip()}={int(copies)}"
+
+
+def _label(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.:=-]{1,64}", text):
+        raise TypeError
+    return text
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    # Peers first: a model one node has is never downloaded from the internet again.
+    pull_from_peers: bool = _opt(_Bool(), True, "pull models from peers before the backend's registry")
+    # Serving is what makes the above work for others.
+    serve: bool = _opt(_Bool(), True, "serve the blobs of our models to admitted peers")
+    # 0: as fast as the link goes.
+    serve_rate: float = _opt(_Num(float, 0), 0.0, "bytes per second all blob uploads share (0 = no cap)")
+    # Reads from disk and Noise encryption cost CPU: a few at once saturate a link.
+    serve_streams: int = _opt(_int(1), 16, "blob requests served at once, all peers together")
+    serve_per_peer: int = _opt(_int(1), 4, "blob requests served at once to one peer")
+    # Copy counts set here weigh as an old `meshollama replicate` (stamp 0): any later one wins.
+    replicas: tuple[str, ...] = _opt(_List(_Str("MODEL=COPIES (0 to 64)", _replica)), (),
+                                     "copy counts, e.g. [llama3.2:1b=3]")
+    # A node volunteers only with room to spare.
+    accept_replicas: bool = _opt(_Bool(), True, "volunteer to hold copies the mesh asks for")
+    min_free_bytes: int = _opt(_int(0), 2 * 1024**3, "free bytes a replica must leave on the disk")
+    # A reboot is not a departure: wait before making another copy.
+    replica_grace: float = _opt(_positive(), 120.0, "seconds a holder may be gone before another node copies")
+    labels: tuple[str, ...] = _opt(_List(_Str("a label of letters, digits and _.:=-", _label)), (),
+                                   "labels of this node (replicate --label selects nodes by them)")
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     # Empty: an open mesh, as before (a warning when listening beyond loopback).
@@ -456,6 +500,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
 
 # Read off the dataclasses: section -> class, dotted key -> kind, env name -> dotted key.

@@ -129,6 +129,7 @@ class Node:
         self._idle: list = []  # () -> bool: no work in flight (gateway, backend, inbound streams)
         self._gateway = None  # gateway.app.GatewayState
         self._limiter: InboundLimiter | None = None
+        self.models = None  # models.service.ModelService
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .backends.select import select_backend
@@ -176,6 +177,8 @@ class Node:
         self.mesh = mesh
         app = create_app(cfg, mesh, backend, self.registry)
         self._gateway = gateway = app.extensions[EXTENSION]
+        self.models = models = _model_service(cfg, mesh, backend)
+        gateway.proxy.models = gateway.models = models
         gateway.drain = self.drain
         self._limiter = limiter
         self._idle = [lambda: gateway.proxy.in_flight == 0, lambda: backend.load().in_flight == 0,
@@ -189,6 +192,8 @@ class Node:
             for service in selected.services:
                 await nursery.start(service.serve)
             await nursery.start(backend.serve)
+            if models is not None:
+                await nursery.start(models.serve)
             tls = tls_from_config(cfg.gateway)
             bound = await nursery.start(partial(serve_gateway, app, cfg.gateway.listen, tls=tls))
             api_url = f"{'https' if tls else 'http'}://{bound}"
@@ -234,6 +239,25 @@ class Node:
         """Announce that we leave; call before cancelling ``serve``."""
         if self.mesh is not None:
             await self.mesh.leave()
+
+
+def _model_service(cfg: Config, mesh: MeshService, backend):
+    """Model distribution (models/): serve our blobs, pull from peers, keep copy counts."""
+    from .models.wire import PROTOCOL as BLOB_PROTOCOL
+    from .models.replicator import Replicator
+    from .models.service import ModelService, build_store
+
+    try:
+        store = build_store(cfg, backend)
+    except OSError as exc:
+        log.warning("models: no model store (%s): models are not shared over the mesh", exc)
+        store = None
+    models = ModelService(cfg, mesh, backend, store)
+    mesh.handlers[BLOB_PROTOCOL] = models.server.handle
+    mesh.store_info = models.store_info
+    models.replicator = Replicator(cfg.models, mesh, models, data_dir=Path(cfg.node.data_dir))
+    mesh.replica_targets = models.replicator.targets
+    return models
 
 
 def build_admission(cfg: Config, data_dir: Path, key_pair):

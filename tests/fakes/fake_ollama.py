@@ -34,7 +34,13 @@ As a subprocess (``run_fake_process`` wraps this)::
 
     python -m tests.fakes.fake_ollama --port 0 --models llama3:latest,nomic-embed-text:latest \
         --port-file F [--token-delay 0.01] [--tokens 8] [--name NODE] [--text "w01 w02 ..."] \
-        [--no-host-check]
+        [--no-host-check] [--models-dir DIR]
+
+``models_dir`` (``--models-dir``) makes it also hold every model whose manifest
+is in that Ollama models directory (``manifests/<host>/<ns>/<model>/<tag>``,
+``blobs/``), rescanned on every request: listed with the manifest's sha256 as
+digest and the sum of its blob sizes as size, served like the other models, and
+``/api/delete`` removes its manifest file.
 
 and steer it with ``POST /_fake/control`` (JSON of knobs, see :class:`Knobs`),
 ``GET /_fake/requests`` (the request log) and ``GET /_fake/state``.
@@ -182,6 +188,7 @@ class FakeModel:
     modified: dt.datetime
     embedding: bool = False
     digest: str = ""
+    disk_size: int = 0  # a model from ``models_dir``: the sum of its blob sizes
 
     def __post_init__(self) -> None:
         if not self.digest:
@@ -189,7 +196,7 @@ class FakeModel:
 
     @property
     def size(self) -> int:
-        return 100_000_000 + int(self.digest[:6], 16)
+        return self.disk_size or 100_000_000 + int(self.digest[:6], 16)
 
     @property
     def family(self) -> str:
@@ -491,8 +498,11 @@ class FakeOllama:
         tokens: int = 8,
         host_check: bool = True,
         text: str | None = None,
+        models_dir: str | Path | None = None,
     ) -> None:
         self.name = name
+        self.models_dir = Path(models_dir) if models_dir is not None else None
+        self._dir_keys: set[str] = set()  # keys of self.models that came from models_dir
         self.knobs = Knobs(token_delay=token_delay, tokens=tokens, host_check=host_check, text=text)
         base = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.timezone.utc)
         self.models: dict[str, FakeModel] = {}
@@ -551,6 +561,41 @@ class FakeOllama:
         self.loaded.pop(key or "", None)
         self._notify()
 
+    def sync_models_dir(self) -> None:
+        """Make ``self.models`` hold exactly the models of ``models_dir`` (besides the others)."""
+        if self.models_dir is None:
+            return
+        # imported only here, so the fake's names stay independent of meshollama's otherwise
+        from meshollama.models.ollama_dir import OllamaDir
+
+        store = OllamaDir(self.models_dir)
+        found: dict[str, FakeModel] = {}
+        for name, manifest in store.models():
+            path = store.find_manifest(name)
+            try:
+                mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc) if path else None
+                model = make_model(name, mtime, manifest.digest.removeprefix("sha256:"))
+            except (OSError, ValueError):
+                continue
+            if mtime is None:
+                continue
+            model.disk_size = manifest.total_size()
+            found[model.name.lower()] = model
+        changed = False
+        for key in self._dir_keys - found.keys():
+            self.models.pop(key, None)
+            self.loaded.pop(key, None)
+            changed = True
+        for key, model in found.items():
+            old = self.models.get(key)
+            if old is None or (old.name, old.digest, old.size, old.modified) != (
+                    model.name, model.digest, model.size, model.modified):
+                self.models[key] = model
+                changed = True
+        self._dir_keys = set(found)
+        if changed:
+            self._notify()
+
     def _notify(self) -> None:
         self._event.set()
         self._event = trio.Event()
@@ -561,6 +606,7 @@ class FakeOllama:
             await self._event.wait()
 
     def state(self) -> dict[str, Any]:
+        self.sync_models_dir()
         return {
             "name": self.name,
             "active": self.active,
@@ -626,6 +672,7 @@ class FakeOllama:
     async def _dispatch(self, stream: trio.SocketStream, conn: h11.Connection, req: _Req) -> bool:
         """Answer one request; returns whether the connection may be reused."""
         writer = _Writer(stream, conn, req.method, None)
+        self.sync_models_dir()
         if req.path.startswith("/_fake/"):
             await self._control(req, writer)
             return True
@@ -1295,6 +1342,13 @@ class FakeOllama:
             raise _HTTPError(400, "model is required")
         if self._find(name) is None:
             raise _HTTPError(404, f"model '{name}' not found")
+        if self.models_dir is not None and _key(name) in self._dir_keys:
+            from meshollama.models.ollama_dir import OllamaDir
+
+            path = OllamaDir(self.models_dir).find_manifest(name)
+            if path is not None:
+                path.unlink(missing_ok=True)
+            self._dir_keys.discard(_key(name) or "")
         self.remove_model(name)
         await w.respond(200)
 
@@ -1492,10 +1546,12 @@ async def serve_fake(
     host: str = "127.0.0.1",
     host_check: bool = True,
     text: str | None = None,
+    models_dir: str | Path | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start a fresh :class:`FakeOllama` on ``host:port``; ``started()`` hands it over."""
-    fake = FakeOllama(models, name=name, token_delay=token_delay, tokens=tokens, host_check=host_check, text=text)
+    fake = FakeOllama(models, name=name, token_delay=token_delay, tokens=tokens, host_check=host_check, text=text,
+                      models_dir=models_dir)
     await fake.serve(port, host, task_status=task_status)
 
 
@@ -1539,6 +1595,7 @@ async def run_fake_process(
     token_delay: float | None = None,
     tokens: int | None = None,
     text: str | None = None,
+    models_dir: str | Path | None = None,
     extra_args: Sequence[str] = (),
 ) -> AsyncIterator[FakeProcess]:
     """Run ``python -m tests.fakes.fake_ollama`` and stop it (SIGTERM, then SIGKILL) on exit.
@@ -1553,6 +1610,8 @@ async def run_fake_process(
         cmd += ["--tokens", str(tokens)]
     if text is not None:
         cmd += ["--text", text]
+    if models_dir is not None:
+        cmd += ["--models-dir", str(models_dir)]
     cmd += list(extra_args)
     proc = await trio.lowlevel.open_process(cmd, cwd=str(REPO_ROOT), stdout=subprocess.PIPE)
     try:
@@ -1590,6 +1649,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default="fake", help="appears in generated text: 'hello from NAME'")
     p.add_argument("--text", help="generate these words instead (see Knobs.text; --tokens still caps them)")
     p.add_argument("--no-host-check", action="store_true", help="accept any Host header")
+    p.add_argument("--models-dir", help="also hold the models of this Ollama models directory (rescanned per request)")
     return p.parse_args(argv)
 
 
@@ -1602,6 +1662,7 @@ async def _main(args: argparse.Namespace) -> None:
         tokens=args.tokens,
         host_check=not args.no_host_check,
         text=args.text,
+        models_dir=args.models_dir,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(fake.serve, args.port, args.host)

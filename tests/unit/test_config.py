@@ -78,11 +78,16 @@ SPEC_DEFAULTS = {
     "backend": {"kind": "auto"},
     "ollama": {
         "url": "http://127.0.0.1:11435", "num_parallel": 1, "spawn": False, "binary": "ollama",
-        "refresh_interval": 5.0, "probe_timeout": 1.0,
+        "refresh_interval": 5.0, "probe_timeout": 1.0, "models_dir": None,
     },
     "embedded": {
         "model_dir": None, "default_model": True, "parallel": 1, "max_queue": 8, "n_ctx": 8192,
         "n_threads": 0, "embedding": True,
+    },
+    "models": {
+        "pull_from_peers": True, "serve": True, "serve_rate": 0.0, "serve_streams": 16, "serve_per_peer": 4,
+        "replicas": (), "accept_replicas": True, "min_free_bytes": 2 * 1024**3, "replica_grace": 120.0,
+        "labels": (),
     },
 }
 

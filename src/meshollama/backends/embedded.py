@@ -172,6 +172,14 @@ class EmbeddedBackend(ChangeNotifier):
     def models(self) -> tuple[ModelInfo, ...]:
         return self._snapshot
 
+    def store_entries(self) -> list[model_store.StoreEntry]:
+        """The models served now, as the store describes them (model distribution serves their files)."""
+        return [m.entry for m in self._models.values()]
+
+    @property
+    def digests(self) -> gguf.DigestCache:
+        return self._digests
+
     def load(self) -> LoadInfo:
         return LoadInfo(in_flight=self._in_flight, capacity=self.settings.parallel, queued=self._queued)
 

@@ -75,6 +75,7 @@ class GatewayState:
         self.auth = Authenticator(self.keystore, JwtVerifier.from_config(self.gateway))
         # Set by the node: start draining it (POST /api/mesh/drain); None where nothing can drain.
         self.drain: Any = None
+        self.models: Any = None  # models.service.ModelService, set by the node
 
 
 class _HTTPConnection(TrioASGIHTTPConnection):
@@ -177,9 +178,44 @@ def _register_views(app: QuartTrio, state: GatewayState) -> None:
             return _respond(error_answer(400, "this gateway has no node to drain"))
         return _respond(json_answer(state.drain(), 202))
 
+    @app.route("/api/mesh/models", methods=["GET"])
+    async def mesh_models() -> Response:
+        if state.models is None:
+            return _respond(json_answer({"models": listings.tags(mesh.snapshot())["models"], "store": None}))
+        return _respond(json_answer(state.models.mesh_models()))
+
+    @app.route("/api/mesh/replicate", methods=["POST"])
+    async def mesh_replicate() -> Response:
+        # Admin only, like every non-read /api/mesh/ route.
+        replicator = getattr(state.models, "replicator", None)
+        if replicator is None:
+            return _respond(error_answer(400, "this gateway has no node to keep copies on"))
+        body = await request.get_json(force=True, silent=True)
+        problem = _replicate_problem(body)
+        if problem:
+            return _respond(error_answer(400, problem))
+        target = replicator.set_target(body["model"], body["copies"], tuple(body.get("labels") or ()))
+        return _respond(json_answer({"model": target.model, "copies": target.copies, "labels": list(target.labels),
+                                     "stamp": target.stamp}))
+
     @app.route("/metrics", methods=["GET"])
     async def metrics() -> Response:
         return Response(generate_latest(state.registry), status=200, content_type=CONTENT_TYPE_LATEST)
+
+
+def _replicate_problem(body: Any) -> str:
+    """What is wrong with a ``POST /api/mesh/replicate`` body, or ``""``."""
+    if not isinstance(body, dict):
+        return "expected a JSON object: {\"model\": NAME, \"copies\": N}"
+    model, copies, labels = body.get("model"), body.get("copies"), body.get("labels", [])
+    if not isinstance(model, str) or not names.is_valid(model):
+        return "model: expected a valid model name"
+    if not isinstance(copies, int) or isinstance(copies, bool) or not 0 <= copies <= 64:
+        return "copies: expected an integer from 0 to 64"
+    if not isinstance(labels, list) or len(labels) > 16 or not all(
+            isinstance(x, str) and 0 < len(x) <= 64 for x in labels):
+        return "labels: expected a list of at most 16 short strings"
+    return ""
 
 
 def _openai_json(obj: object) -> Answer:

@@ -119,6 +119,7 @@ class Proxy:
                                  on_finished=self.queues.poke)
         self.in_flight = 0
         self.draining = False  # the node drains for a restart: new requests go to another node
+        self.models: Any = None  # models.service.ModelService: /api/pull from peers first
         self._rr = itertools.count()
         self._idle = trio.Event()
         self._idle.set()
@@ -385,10 +386,13 @@ class Proxy:
     # --- local requests ------------------------------------------------------------
 
     async def _local(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome) -> None:
-        if self.backend is None:
+        upstream = self.backend
+        if endpoint.path == "/api/pull" and self.models is not None:
+            upstream = self.models.pull_upstream(request) or upstream  # a peer has it: no registry download
+        if upstream is None:
             raise UpstreamUnavailable("this node has no local backend")
         relay = StreamRelay(request.path.split("?", 1)[0], {}, resume=False)
-        result = await self.attempts.run(endpoint, self.mesh.self_id, self.backend, request, responder, out, relay,
+        result = await self.attempts.run(endpoint, self.mesh.self_id, upstream, request, responder, out, relay,
                                          retry_5xx=False, timeouts=False)
         if isinstance(result, Failure):
             raise (UpstreamBusy if result.kind == "busy" else UpstreamUnavailable)(result.message)

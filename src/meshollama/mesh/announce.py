@@ -18,6 +18,11 @@ newer minor version can add fields; a higher ``v`` (schema) is rejected::
      "ld":{"f":1,"c":4,"q":0},
      "a":["/ip4/10.0.0.2/tcp/4001/p2p/12D3..."],"u":"http://10.0.0.2:11434","bye":true,"r":true,"dr":true}
 
+``st`` (the node's model store: ``k`` kind, ``f`` bytes free for replicas,
+``a`` accepts replicas, ``lb`` labels) and ``rp`` (copy-count targets:
+``[[model, copies, stamp, labels?], ...]``, newest stamp wins) came with model distribution, left out
+when empty like ``dr``.
+
 ``dr`` (draining) was added after ``bye`` and ``r``, the same way: left out
 when false, so an older node reads a draining node's heartbeat as an ordinary
 one (it ignores the key) and a newer node reads an older node's as not
@@ -42,7 +47,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import names
-from ..catalog import LoadInfo, ModelInfo
+from ..catalog import LoadInfo, ModelInfo, ReplicaTarget, StoreInfo
 from ..errors import AnnouncementError
 
 SCHEMA_VERSION = 1
@@ -63,6 +68,9 @@ MAX_DETAIL_LIST = 32  # items in one list-valued detail
 # llama.cpp's slots are single digits to tens), so an honest node is never
 # clamped, and a liar gets what an honest 128-slot node would.
 MAX_CAPACITY = 128
+MAX_REPLICAS = 64  # copy-count targets one heartbeat carries
+MAX_COPIES = 64  # a target above it is clamped: nobody can ask every node of a big mesh for a copy
+MAX_LABELS = 16
 MAX_LOAD = 1 << 20  # in_flight and queued: far above any real queue; keeps routing arithmetic small
 
 
@@ -80,6 +88,8 @@ class Announcement:
     leaving: bool = False  # True in the final "I am shutting down" message
     relay: bool = False  # serves Circuit Relay v2 (HOP) for nodes behind NAT
     draining: bool = False  # finishing its requests before a restart: route no new ones to it
+    store: StoreInfo | None = None  # where it keeps models; None: it cannot take any
+    replicas: tuple[ReplicaTarget, ...] = ()  # copy-count targets it knows (it relays the newest)
     schema: int = SCHEMA_VERSION
 
 
@@ -138,6 +148,16 @@ def _to_obj(a: Announcement) -> dict[str, Any]:
         o["r"] = True
     if a.draining:
         o["dr"] = True
+    if a.store is not None:
+        st: dict[str, Any] = {"k": a.store.kind, "f": a.store.free}
+        if a.store.accepts:
+            st["a"] = True
+        if a.store.labels:
+            st["lb"] = list(a.store.labels)
+        o["st"] = st
+    if a.replicas:
+        o["rp"] = [[names.shortest(r.model), r.copies, r.stamp] + ([list(r.labels)] if r.labels else [])
+                   for r in a.replicas]
     return o
 
 
@@ -319,6 +339,32 @@ def _model(v: Any, i: int) -> ModelInfo:
     )
 
 
+def _store(v: Any) -> StoreInfo:
+    st = _obj(v, "st")
+    labels = _list(st.get("lb", []), "st.lb", MAX_LABELS)
+    return StoreInfo(kind=_str(st.get("k", ""), "st.k"), free=_int(st.get("f", 0), "st.f"),
+                     accepts=_bool(st.get("a", False), "st.a"),
+                     labels=tuple(_str(x, "st.lb[]") for x in labels))
+
+
+def _replicas(v: Any) -> tuple[ReplicaTarget, ...]:
+    out: dict[str, ReplicaTarget] = {}
+    for i, item in enumerate(_list(v, "rp", MAX_REPLICAS)):
+        entry = _list(item, f"rp[{i}]", 4)
+        if len(entry) < 3:
+            raise _fail(f"rp[{i}]: expected [model, copies, stamp, labels?]")
+        labels = _list(entry[3], f"rp[{i}][3]", MAX_LABELS) if len(entry) == 4 else []
+        name = _str(entry[0], f"rp[{i}][0]", empty=False)
+        try:
+            name = names.parse(name).shortest()
+        except Exception:
+            raise _fail(f"rp[{i}][0]: invalid model name") from None
+        target = ReplicaTarget(name, min(_int(entry[1], f"rp[{i}][1]"), MAX_COPIES), _int(entry[2], f"rp[{i}][2]"),
+                               tuple(_str(x, f"rp[{i}][3][]") for x in labels))
+        out.setdefault(names.key(name), target)
+    return tuple(out.values())
+
+
 def _from_obj(o: Any) -> Announcement:
     o = _obj(o, "announcement")
     if "v" not in o or "id" not in o or "seq" not in o:
@@ -344,6 +390,8 @@ def _from_obj(o: Any) -> Announcement:
         waiting=min(_int(ld.get("w", 0), "ld.w"), MAX_LOAD),
     )
     return Announcement(
+        store=_store(o["st"]) if "st" in o else None,
+        replicas=_replicas(o.get("rp", [])),
         peer_id=_str(o["id"], "id", empty=False),
         seq=_int(o["seq"], "seq"),
         version=_str(o.get("ver", ""), "ver"),

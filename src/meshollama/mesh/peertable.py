@@ -38,7 +38,7 @@ from functools import cached_property
 from types import MappingProxyType
 
 from .. import names
-from ..catalog import LoadInfo, ModelInfo
+from ..catalog import LoadInfo, ModelInfo, ReplicaTarget, StoreInfo
 from .announce import Announcement
 
 
@@ -65,6 +65,8 @@ class PeerView:
     is_self: bool
     relay: bool = False  # offers Circuit Relay v2 service
     draining: bool = False  # its last heartbeat said so; while up its state is DRAINING
+    store: StoreInfo | None = None  # where it keeps models (model distribution)
+    replicas: tuple[ReplicaTarget, ...] = ()  # copy-count targets it relays
 
     # cached_property writes the instance __dict__ directly, so it works on a
     # frozen dataclass without becoming a field (eq, repr, replace unaffected).
@@ -134,6 +136,8 @@ def _view(ann: Announcement, now: float, *, is_self: bool) -> PeerView:
         is_self=is_self,
         relay=ann.relay,
         draining=ann.draining,
+        store=ann.store,
+        replicas=ann.replicas,
     )
 
 

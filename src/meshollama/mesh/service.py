@@ -37,6 +37,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 from functools import partial
 
 import trio
@@ -118,6 +119,11 @@ class MeshService:
         self._test_faults = os.environ.get(TEST_FAULTS_ENV) == "1"
         self._nursery: trio.Nursery | None = None  # the running host's, for background work
         self.admission = admission  # trust.admission.Admission, or None: an open mesh
+        # Set by the node for model distribution (models/): more protocols to
+        # serve on every host built, and what the heartbeat says of the store.
+        self.handlers: dict[str, Any] = {}
+        self.store_info: Callable[[], Any] = lambda: None
+        self.replica_targets: Callable[[], tuple] = lambda: ()
         if admission is not None:
             admission.on_refused = self._refused
             admission.on_admitted = self._admitted
@@ -259,6 +265,8 @@ class MeshService:
                 leaving=leaving,
                 relay=self.host_settings.relay.service,
                 draining=self._draining,
+                store=self.store_info(),
+                replicas=tuple(self.replica_targets())[: announce.MAX_REPLICAS],
             )
         )
 
@@ -309,6 +317,8 @@ class MeshService:
             lambda kind: self._count("stream_errors", kind),
         )
         host.set_handler(HTTP_PROTOCOL, server.handle)
+        for protocol, handler in self.handlers.items():
+            host.set_handler(protocol, handler)
         self._host = host
         self._loops = loops = HostLoops(self, host)
         try:
@@ -383,6 +393,10 @@ class MeshService:
                 log.info("peer %s expired (no heartbeat for %d intervals)", peer_id, self.settings.miss_limit)
                 self._abort_peer(peer_id)
             self.reach.prune(now)
+
+    async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None):
+        """A stream to an admitted peer on ``protocol`` (dialled if need be); P2PError if not."""
+        return await self._open_stream(peer_id, protocol, timeout=timeout)
 
     async def _open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None):
         host = self._host

@@ -1,0 +1,250 @@
+"""A node's part in moving models: its store, its blob server, pulls through the gateway.
+
+:class:`ModelService` is built by the node from the backend it serves:
+
+* **Store.** The embedded engine's ``model_dir``, or Ollama's models
+  directory when Ollama runs on this machine (``ollama.models_dir``, the
+  ``OLLAMA_MODELS`` environment, Ollama's default); none otherwise, and then
+  the node neither serves nor pulls models over the mesh.
+* **Serving.** ``/meshollama/blob/1`` (:mod:`.blob_server`) for peers the mesh
+  admits, bounded and optionally rate-capped (``models.serve_*``).
+* **Pulling.** The gateway asks :meth:`ModelService.pull_upstream` before it
+  sends ``/api/pull`` to the backend: when a peer holds the model, the pull is
+  answered here (:mod:`.pull`) and the backend never sees it; otherwise the
+  backend pulls from its registry as before. After a pull the backend
+  rescans at once and the next heartbeat announces the model.
+* **Heartbeat facts.** Free bytes of the store (for placement) and copy-count
+  targets (:mod:`.replicator`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+from .. import names
+from ..catalog import StoreInfo
+from ..errors import BadRequest
+from ..httpmsg import ProxyRequest, ProxyResponse
+from .blob_fetch import PullError
+from .blob_server import BlobServer
+from .pull import NotInMesh, pull
+from .sources import MeshSources
+from .store import Store
+
+log = logging.getLogger("meshollama.models")
+
+NDJSON = (("content-type", "application/x-ndjson"),)
+FREE_REFRESH = 10.0  # seconds between looks at the store's free space
+
+
+def build_store(config: Any, backend: Any) -> Store | None:
+    """The store the node's backend reads models from, or None."""
+    kind = getattr(backend, "kind", "")
+    if kind == "embedded":
+        from .embedded_dir import EmbeddedDir
+
+        model_dir = backend.settings.model_dir
+        if model_dir is None:
+            return None
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
+        return EmbeddedDir(Path(model_dir), backend.store_entries, backend.digests)
+    if kind == "ollama":
+        from .ollama_dir import OllamaDir, find_models_dir
+
+        configured = config.ollama.models_dir
+        host = urlsplit(config.ollama.url).hostname or ""
+        if configured is None and host not in ("127.0.0.1", "localhost", "::1") and not config.ollama.spawn:
+            log.info("models: Ollama at %s is not on this machine: set ollama.models_dir to share its models",
+                     config.ollama.url)
+            return None
+        root = find_models_dir(str(configured) if configured else None, os.environ)
+        if not root.is_dir():
+            log.info("models: no Ollama models directory at %s: models are not shared over the mesh", root)
+            return None
+        return OllamaDir(root)
+    return None
+
+
+class ModelService:
+    def __init__(self, config: Any, mesh: Any, backend: Any, store: Store | None) -> None:
+        self.config = config.models
+        self.mesh = mesh
+        self.backend = backend
+        self.store = store
+        self.sources = MeshSources(mesh)
+        self.server = BlobServer(
+            lambda: self.store if self.config.serve else None,
+            allow=self._may_fetch,
+            max_streams=self.config.serve_streams,
+            max_per_peer=self.config.serve_per_peer,
+            rate=self.config.serve_rate,
+        )
+        self._free = 0
+        self._locks: dict[str, trio.Lock] = {}
+        self.pulls: dict[str, dict] = {}  # model key -> progress of a pull running now (status API)
+        self.replicator = None  # .replicator.Replicator, set by the node
+
+    def _may_fetch(self, peer_id: str) -> bool:
+        admission = getattr(self.mesh, "admission", None)
+        return admission is None or admission.role(peer_id) is not None
+
+    # --- heartbeat facts ----------------------------------------------------------------------
+
+    def store_info(self) -> StoreInfo | None:
+        if self.store is None:
+            return None
+        # Free room as others may count on it: less what this node keeps free.
+        return StoreInfo(kind=self.store.kind, free=max(0, self._free - self.config.min_free_bytes),
+                         accepts=self.config.accept_replicas and self.config.pull_from_peers,
+                         labels=tuple(self.config.labels))
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the free-space figure fresh (and run the replicator, if any)."""
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            if self.replicator is not None:
+                nursery.start_soon(self.replicator.run)
+            while self.store is not None:
+                try:
+                    self._free = await trio.to_thread.run_sync(self.store.free_bytes)
+                except OSError as exc:
+                    log.warning("models: cannot read free space of %s: %s", self.store.root, exc)
+                await trio.sleep(FREE_REFRESH)
+
+    # --- the status API ------------------------------------------------------------------------
+
+    def mesh_models(self) -> dict:
+        """``GET /api/mesh/models``: every model in the mesh, its holders and copy count."""
+        snapshot = self.mesh.snapshot()
+        now = trio.current_time()
+        rows: dict[str, dict] = {}
+        for peer in snapshot.peers:
+            for model in peer.models:
+                key = names.key(model.name)
+                row = rows.setdefault(key, {"model": names.shortest(model.name), "size": model.size,
+                                            "holders": [], "digests": {}})
+                row["holders"].append({"peer": peer.peer_id, "state": peer.state.value, "self": peer.is_self,
+                                       "digest": model.digest, "loaded": model.loaded})
+                row["digests"].setdefault(model.digest, 0)
+                row["digests"][model.digest] += 1
+                row["size"] = max(row["size"], model.size)
+        replicator = self.replicator
+        if replicator is not None:
+            for target in replicator.targets():
+                key = names.key(target.model)
+                if target.copies > 0:
+                    rows.setdefault(key, {"model": target.model, "size": 0, "holders": [], "digests": {}})
+            for key, row in rows.items():
+                row.update(replicator.status(key, now))
+                row["copies"] = len(replicator.holders(key, now)) or len(row["holders"])
+        for key, row in rows.items():
+            row.setdefault("copies", len(row["holders"]))
+            if key in self.pulls:
+                row["pulling"] = dict(self.pulls[key], started=None)
+        store = self.store_info()
+        return {"models": sorted(rows.values(), key=lambda r: r["model"]),
+                "store": None if store is None else {"kind": store.kind, "root": str(self.store.root),
+                                                     "free": self._free, "accepts_replicas": store.accepts}}
+
+    # --- pulls --------------------------------------------------------------------------------
+
+    def pull_upstream(self, request: ProxyRequest) -> Any | None:
+        """An upstream answering this ``/api/pull`` from peers, or None: the backend's job."""
+        if self.store is None or not self.config.pull_from_peers or request.method.upper() != "POST":
+            return None
+        try:
+            body = json.loads(request.body or b"{}")
+            name = body.get("model") or body.get("name")
+            if not isinstance(name, str) or not names.is_valid(name):
+                return None  # the backend answers with Ollama's own error
+        except (ValueError, AttributeError):
+            return None
+        if not self.sources.holders(name):
+            return None
+        return _PullUpstream(self, name, body.get("stream", True) is not False)
+
+    async def pull(self, name: str, emit) -> None:
+        """Pull ``name`` from peers (one pull per model at a time); raises NotInMesh, PullError, BadRequest."""
+        key = names.key(name)
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            state = self.pulls[key] = {"model": names.shortest(name), "status": "starting", "started": trio.current_time()}
+
+            async def tracked(obj: dict) -> None:
+                state.update({k: v for k, v in obj.items() if k in ("status", "digest", "total", "completed")})
+                await emit(obj)
+
+            try:
+                await pull(name, self.store, self.sources, tracked)
+            finally:
+                self.pulls.pop(key, None)
+        await self.refreshed()
+
+    async def refreshed(self) -> None:
+        """The backend rescans at once and the mesh hears of the new model."""
+        try:
+            await self.backend.refresh()
+        except Exception as exc:  # the periodic rescan will catch up
+            log.warning("models: backend refresh after a pull failed: %r", exc)
+        self.mesh.request_heartbeat()
+
+
+class _PullUpstream:
+    """``/api/pull`` answered from peers, in Ollama's shapes (an Upstream for the gateway)."""
+
+    def __init__(self, service: ModelService, name: str, stream: bool) -> None:
+        self.service = service
+        self.name = name
+        self.stream = stream
+
+    @asynccontextmanager
+    async def open(self, request: ProxyRequest) -> AsyncIterator[ProxyResponse]:
+        send, receive = trio.open_memory_channel[bytes](64)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run, send)
+            if self.stream:
+                yield ProxyResponse(200, NDJSON, _lines(receive))
+            else:
+                last = b""
+                async for line in _lines(receive):
+                    last = line
+                status = 500 if "error" in json.loads(last or b"{}") else 200
+                yield ProxyResponse(status, (("content-type", "application/json; charset=utf-8"),),
+                                    _once(last.rstrip(b"\n")))
+            nursery.cancel_scope.cancel()
+
+    async def _run(self, send: trio.MemorySendChannel) -> None:
+        async with send:
+            async def emit(obj: dict) -> None:
+                await send.send(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+            try:
+                await self.service.pull(self.name, emit)
+                await emit({"status": "success"})
+            except (PullError, BadRequest, NotInMesh) as exc:
+                message = f"{names.shortest(self.name)} is no longer on any peer" if isinstance(exc, NotInMesh) \
+                    else str(exc)
+                log.warning("pull of %s from peers failed: %s", names.shortest(self.name), message)
+                await emit({"error": message})
+            except OSError as exc:
+                log.warning("pull of %s from peers failed: %r", names.shortest(self.name), exc)
+                await emit({"error": f"pull failed: {exc.strerror or exc}"})
+
+
+async def _lines(receive: trio.MemoryReceiveChannel) -> AsyncIterator[bytes]:
+    async with receive:
+        async for line in receive:
+            yield line
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
