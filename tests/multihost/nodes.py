@@ -61,7 +61,7 @@ async def start_fake(net: Net, host: Host, tmp: Path, models: list[str], name: s
         await trio.sleep(0.05)
 
 
-async def start_node(net: Net, host: Host, tmp: Path, name: str, *extra: str) -> MeshNode:
+async def start_node(net: Net, host: Host, tmp: Path, name: str, *extra: str, env: dict | None = None) -> MeshNode:
     """``meshollama start`` in ``host`` with default ports and flags plus ``extra``;
     returns once it wrote node.json."""
     data_dir = tmp / name
@@ -70,7 +70,7 @@ async def start_node(net: Net, host: Host, tmp: Path, name: str, *extra: str) ->
     log = tmp / f"{name}.log"
     args = [sys.executable, "-m", "meshollama", "start", "--data-dir", str(data_dir),
             "--heartbeat-interval", HEARTBEAT, "--log-level", "info", *extra]
-    proc = await net.spawn(host, args, log=log, env={"MESHOLLAMA_CONFIG": ""})
+    proc = await net.spawn(host, args, log=log, env={"MESHOLLAMA_CONFIG": "", **(env or {})})
     node = MeshNode(host, name, data_dir, log, proc)
     while True:
         if proc.poll() is not None:
