@@ -177,7 +177,7 @@ class Node:
         self.mesh = mesh
         app = create_app(cfg, mesh, backend, self.registry)
         self._gateway = gateway = app.extensions[EXTENSION]
-        self.models = models = _model_service(cfg, mesh, backend)
+        self.models = models = _model_service(cfg, mesh, backend, self.registry)
         gateway.proxy.models = gateway.models = models
         gateway.drain = self.drain
         self._limiter = limiter
@@ -241,7 +241,7 @@ class Node:
             await self.mesh.leave()
 
 
-def _model_service(cfg: Config, mesh: MeshService, backend):
+def _model_service(cfg: Config, mesh: MeshService, backend, registry):
     """Model distribution (models/): serve our blobs, pull from peers, keep copy counts."""
     from .models.wire import PROTOCOL as BLOB_PROTOCOL
     from .models.replicator import Replicator
@@ -252,7 +252,7 @@ def _model_service(cfg: Config, mesh: MeshService, backend):
     except OSError as exc:
         log.warning("models: no model store (%s): models are not shared over the mesh", exc)
         store = None
-    models = ModelService(cfg, mesh, backend, store)
+    models = ModelService(cfg, mesh, backend, store, registry)
     mesh.handlers[BLOB_PROTOCOL] = models.server.handle
     mesh.store_info = models.store_info
     models.replicator = Replicator(cfg.models, mesh, models, data_dir=Path(cfg.node.data_dir))

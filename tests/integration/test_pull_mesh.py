@@ -248,3 +248,33 @@ async def test_replication_converges_to_n_copies_and_heals_after_a_holder_is_rem
 
                 await c.wait_until(healed)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_model_no_heartbeat_carries_is_found_through_dht_provider_records(tmp_path):
+    """A holder with more models than one heartbeat carries (announce.MAX_MODELS):
+    the ones left out are still found, through the DHT's provider records."""
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery, cluster(tmp_path) as c:
+            for i in range(280):
+                write_model(tmp_path / "a-models", f"m{i:03d}:1b", 1024)
+            a, _ = await ollama_node(c, nursery, "a", tmp_path / "a-models")
+            puller, fake = await ollama_node(c, nursery, "p", tmp_path / "p-models", bootstrap=a)
+
+            async def heard() -> set[str]:
+                return {m["name"] for m in (await c.view(puller)).get(a.peer_id, {}).get("models", [])}
+
+            async def a_announced() -> bool:
+                return len(await heard()) >= 200
+
+            await c.wait_until(a_announced)
+            hidden = sorted({f"m{i:03d}:1b" for i in range(280)} - await heard())
+            assert hidden, "every model fit in the heartbeat"
+            async with httpx.AsyncClient(timeout=30) as client:
+                r = await client.post(puller.api + "/api/pull", json={"model": hidden[0], "stream": False})
+                assert r.status_code == 200 and r.json() == {"status": "success"}, r.text
+                tags = (await client.get(fake.url + "/api/tags")).json()["models"]
+            assert hidden[0] in [m["name"] for m in tags]
+            # From a's store over the mesh (not the stand-in's own registry pull): the same manifest on disk.
+            assert manifest_of(tmp_path / "p-models", hidden[0]) == manifest_of(tmp_path / "a-models", hidden[0])
+            assert "pulling " + hidden[0] in puller.log()
+            nursery.cancel_scope.cancel()

@@ -388,7 +388,7 @@ class Proxy:
     async def _local(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome) -> None:
         upstream = self.backend
         if endpoint.path == "/api/pull" and self.models is not None:
-            upstream = self.models.pull_upstream(request) or upstream  # a peer has it: no registry download
+            upstream = await self.models.pull_upstream(request) or upstream  # a peer has it: no registry download
         if upstream is None:
             raise UpstreamUnavailable("this node has no local backend")
         relay = StreamRelay(request.path.split("?", 1)[0], {}, resume=False)

@@ -394,6 +394,17 @@ class MeshService:
                 self._abort_peer(peer_id)
             self.reach.prune(now)
 
+    async def provide(self, key: str) -> bool:
+        """A DHT provider record for ``key`` (hex multihash); False without a host or DHT."""
+        host = self._host
+        provide = getattr(host, "provide", None) if self._host_ready.is_set() else None
+        return bool(await provide(key)) if provide is not None else False
+
+    async def find_providers(self, key: str) -> list[str]:
+        host = self._host
+        find = getattr(host, "find_providers", None) if self._host_ready.is_set() else None
+        return list(await find(key)) if find is not None else []
+
     async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None):
         """A stream to an admitted peer on ``protocol`` (dialled if need be); P2PError if not."""
         return await self._open_stream(peer_id, protocol, timeout=timeout)

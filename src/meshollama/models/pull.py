@@ -47,6 +47,10 @@ class MeshSources(Protocol):
         """(peer id, announced digest) of the peers, not us, that serve ``name``; best first."""
         ...
 
+    async def dht_holders(self, name: str) -> list[tuple[str, str]]: ...
+
+    async def providers(self, digest: str) -> list[str]: ...
+
     async def open(self, peer_id: str): ...
 
     def label(self, peer_id: str) -> str: ...
@@ -63,7 +67,7 @@ def _groups(holders: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
 async def fetch_manifest(name: str, sources: MeshSources) -> tuple[Manifest, list[str]]:
     """The manifest of ``name`` from a holder, and the holders of that digest.
     Raises NotInMesh when nobody holds it, PullError when no holder gave a good one."""
-    holders = sources.holders(name)
+    holders = sources.holders(name) or await sources.dht_holders(name)
     if not holders:
         raise NotInMesh(name)
     problems: list[str] = []
@@ -75,7 +79,7 @@ async def fetch_manifest(name: str, sources: MeshSources) -> tuple[Manifest, lis
             except (P2PError, BadRequest, trio.TooSlowError) as exc:
                 problems.append(f"{sources.label(peer)}: {exc or 'timed out'}")
                 continue
-            if not manifest.matches(digest):
+            if digest and not manifest.matches(digest):  # "": found in the DHT, no digest announced
                 problems.append(f"{sources.label(peer)}: its manifest is not the digest it announces")
                 continue
             return manifest, peers
@@ -118,8 +122,9 @@ async def pull(name: str, store: Store, sources: MeshSources, emit: Emit) -> Man
         async def progress(done: int, by_peer: dict[str, int], status: dict = status) -> None:
             await emit({**status, "completed": done, "meshollama": {"from": by_peer}})
 
+        extra = [p for p in await sources.providers(layer.digest) if p not in peers]
         await BlobFetch(store, layer, sources).run(
-            peers, progress, more_peers=lambda: [p for p, d in sources.holders(name) if manifest.matches(d)])
+            peers + extra, progress, more_peers=lambda: [p for p, d in sources.holders(name) if manifest.matches(d)])
     await emit({"status": "verifying sha256 digest"})
     await emit({"status": "writing manifest"})
     await trio.to_thread.run_sync(store.install, name, manifest)

@@ -37,13 +37,14 @@ from ..httpmsg import ProxyRequest, ProxyResponse
 from .blob_fetch import PullError
 from .blob_server import BlobServer
 from .pull import NotInMesh, pull
-from .sources import MeshSources
+from .sources import MeshSources, blob_key, name_key
 from .store import Store
 
 log = logging.getLogger("meshollama.models")
 
 NDJSON = (("content-type", "application/x-ndjson"),)
 FREE_REFRESH = 10.0  # seconds between looks at the store's free space
+REPROVIDE = 1800.0  # seconds between re-announcing every DHT provider record (new models: at once)
 
 
 def build_store(config: Any, backend: Any) -> Store | None:
@@ -75,8 +76,9 @@ def build_store(config: Any, backend: Any) -> Store | None:
 
 
 class ModelService:
-    def __init__(self, config: Any, mesh: Any, backend: Any, store: Store | None) -> None:
+    def __init__(self, config: Any, mesh: Any, backend: Any, store: Store | None, registry: Any = None) -> None:
         self.config = config.models
+        self.metrics = _Metrics(registry)
         self.mesh = mesh
         self.backend = backend
         self.store = store
@@ -87,6 +89,8 @@ class ModelService:
             max_streams=self.config.serve_streams,
             max_per_peer=self.config.serve_per_peer,
             rate=self.config.serve_rate,
+            on_served=lambda peer, n: self.metrics.bytes.labels("served").inc(n),
+            on_refused=lambda reason: self.metrics.refused.labels(reason).inc(),
         )
         self._free = 0
         self._locks: dict[str, trio.Lock] = {}
@@ -113,12 +117,46 @@ class ModelService:
         async with trio.open_nursery() as nursery:
             if self.replicator is not None:
                 nursery.start_soon(self.replicator.run)
+            if self.store is not None and self.config.serve:
+                nursery.start_soon(self._provide_loop)
             while self.store is not None:
                 try:
                     self._free = await trio.to_thread.run_sync(self.store.free_bytes)
                 except OSError as exc:
                     log.warning("models: cannot read free space of %s: %s", self.store.root, exc)
                 await trio.sleep(FREE_REFRESH)
+
+    async def _provide_loop(self) -> None:
+        """Provider records in the DHT for every model name and blob we hold."""
+        provided: set[str] = set()
+        last_full = -REPROVIDE
+        while True:
+            try:
+                keys = await trio.to_thread.run_sync(self._held_keys)
+            except OSError as exc:
+                log.warning("models: cannot list the store for the DHT: %s", exc)
+                keys = set()
+            if trio.current_time() - last_full >= REPROVIDE:
+                last_full, provided = trio.current_time(), set()
+            for key in sorted(keys - provided):
+                if await self.mesh.provide(key):
+                    provided.add(key)
+            provided &= keys
+            with trio.move_on_after(FREE_REFRESH * 3):
+                await self._models_changed().wait()
+
+    def _models_changed(self) -> trio.Event:
+        changed = getattr(self.backend, "changed", None)
+        return changed() if changed is not None else trio.Event()
+
+    def _held_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for model in self.backend.models():
+            manifest = self.store.manifest(model.name)
+            if manifest is not None:
+                keys.add(name_key(model.name))
+                keys.update(blob_key(layer.digest) for layer in manifest.blobs())
+        return keys
 
     # --- the status API ------------------------------------------------------------------------
 
@@ -157,7 +195,7 @@ class ModelService:
 
     # --- pulls --------------------------------------------------------------------------------
 
-    def pull_upstream(self, request: ProxyRequest) -> Any | None:
+    async def pull_upstream(self, request: ProxyRequest) -> Any | None:
         """An upstream answering this ``/api/pull`` from peers, or None: the backend's job."""
         if self.store is None or not self.config.pull_from_peers or request.method.upper() != "POST":
             return None
@@ -168,7 +206,7 @@ class ModelService:
                 return None  # the backend answers with Ollama's own error
         except (ValueError, AttributeError):
             return None
-        if not self.sources.holders(name):
+        if not self.sources.holders(name) and not await self.sources.dht_holders(name):
             return None
         return _PullUpstream(self, name, body.get("stream", True) is not False)
 
@@ -180,13 +218,23 @@ class ModelService:
             state = self.pulls[key] = {"model": names.shortest(name), "status": "starting", "started": trio.current_time()}
 
             async def tracked(obj: dict) -> None:
+                if obj.get("digest") and obj.get("completed") == obj.get("total") and "meshollama" not in obj:
+                    state["skipped"] = state.get("skipped", 0) + obj["total"]  # already here: not fetched
                 state.update({k: v for k, v in obj.items() if k in ("status", "digest", "total", "completed")})
                 await emit(obj)
 
+            outcome = "error"
             try:
-                await pull(name, self.store, self.sources, tracked)
+                manifest = await pull(name, self.store, self.sources, tracked)
+                outcome = "success"
+            except NotInMesh:
+                outcome = "not_in_mesh"
+                raise
             finally:
                 self.pulls.pop(key, None)
+                self.metrics.pulls.labels(outcome).inc()
+            fetched = sum(la.size for la in manifest.blobs()) - state.get("skipped", 0)
+            self.metrics.bytes.labels("pulled").inc(max(0, fetched))
         await self.refreshed()
 
     async def refreshed(self) -> None:
@@ -196,6 +244,20 @@ class ModelService:
         except Exception as exc:  # the periodic rescan will catch up
             log.warning("models: backend refresh after a pull failed: %r", exc)
         self.mesh.request_heartbeat()
+
+
+class _Metrics:
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import CollectorRegistry, Counter
+
+        registry = registry if registry is not None else CollectorRegistry()
+        self.bytes = Counter("meshollama_model_bytes", "Model blob bytes served to peers and pulled from them",
+                             ["direction"], registry=registry)
+        self.pulls = Counter("meshollama_model_pulls", "Pulls from peers by outcome (success, error, not_in_mesh)",
+                             ["outcome"], registry=registry)
+        self.refused = Counter("meshollama_blob_requests_refused",
+                               "Blob requests from peers refused (busy, forbidden, not_found, bad_request, ...)",
+                               ["reason"], registry=registry)
 
 
 class _PullUpstream:

@@ -1,10 +1,33 @@
-"""The mesh as a source of models: who holds what (heartbeats) and a blob stream to them."""
+"""The mesh as a source of models: who holds what and a blob stream to them.
+
+Holders are known from heartbeats first. Where heartbeats do not carry every
+model (a node with more than ``announce.MAX_MODELS``, or a mesh where not
+everyone hears everyone), the DHT has provider records: every node provides
+a key per model name it holds (:func:`name_key`) and per blob (:func:`blob_key`,
+the blob's sha256 as a multihash), refreshed by :class:`~.service.ModelService`.
+"""
 
 from __future__ import annotations
+
+import hashlib
+
+import trio
 
 from .. import names
 from ..mesh.peertable import PeerState
 from .wire import PROTOCOL
+
+DHT_WAIT = 3.0  # seconds a pull waits for provider records before deciding nobody has the model
+
+
+def blob_key(digest: str) -> str:
+    """``sha256:<hex>`` as a hex multihash (sha2-256 is code 0x12, 32 bytes long)."""
+    return "1220" + digest.removeprefix("sha256:")
+
+
+def name_key(name: str) -> str:
+    return "1220" + hashlib.sha256(b"meshollama/model/" + names.key(name).encode()).hexdigest()
+
 
 _ORDER = {PeerState.ALIVE: 0, PeerState.DRAINING: 1}  # a draining node still serves blobs, last
 
@@ -22,6 +45,19 @@ class MeshSources:
                 continue
             found.append((_ORDER[peer.state], peer.peer_id, model.digest))
         return [(pid, digest) for _, pid, digest in sorted(found)]
+
+    async def dht_holders(self, name: str) -> list[tuple[str, str]]:
+        """(peer id, "") of the peers the DHT says hold ``name`` (the digest they hold is unknown)."""
+        with trio.move_on_after(DHT_WAIT):
+            return [(pid, "") for pid in await self.mesh.find_providers(name_key(name))
+                    if pid != self.mesh.self_id]
+        return []
+
+    async def providers(self, digest: str) -> list[str]:
+        """Peers the DHT says hold this blob."""
+        with trio.move_on_after(DHT_WAIT):
+            return [pid for pid in await self.mesh.find_providers(blob_key(digest)) if pid != self.mesh.self_id]
+        return []
 
     async def open(self, peer_id: str):
         return await self.mesh.open_stream(peer_id, PROTOCOL)

@@ -460,6 +460,38 @@ class P2PHost:
             log.debug("DHT refresh failed: %r", exc)
         return list(found.items())
 
+    async def provide(self, key: str) -> bool:
+        """Announce in the DHT that we hold ``key`` (a hex multihash); False if there is no DHT."""
+        if self._dht is None:
+            return False
+        try:
+            with trio.move_on_after(self.settings.stream_timeout * 3):
+                return bool(await self._dht.provide(key))
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            log.debug("DHT provide(%s) failed: %r", key[:16], exc)
+        return False
+
+    async def find_providers(self, key: str, count: int = 20) -> list[str]:
+        """Peer ids the DHT says hold ``key``, each once (py-libp2p repeats them), not us."""
+        if self._dht is None:
+            return []
+        found: dict[str, None] = {}
+        try:
+            with trio.move_on_after(self.settings.stream_timeout):
+                for info in await self._dht.find_providers(key, count) or ():
+                    pid = info.peer_id.to_base58()
+                    if pid != self.peer_id:
+                        found.setdefault(pid)
+                        if info.addrs:
+                            self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            log.debug("DHT find_providers(%s) failed: %r", key[:16], exc)
+        return list(found)
+
     def dht_size(self) -> int:
         if self._dht is None:
             return 0
