@@ -204,7 +204,7 @@ class BlobFetch:
             plan.failed(peer, request.index, busy=busy, now=trio.current_time(), why=why)
             return
         if plan.received(peer, request.index, hasher.digest()):
-            await trio.to_thread.run_sync(self._write, request, bytes(buf))
+            await trio.to_thread.run_sync(self._write, request, buf)
             self._written.add(request.index)
         elif peer not in plan.usable():
             log.warning("%s sent a corrupt piece of %s: dropped from this pull", self.sources.label(peer),
@@ -287,7 +287,7 @@ class BlobFetch:
                 good.add(index)
         return good
 
-    def _write(self, request: Request, data: bytes) -> None:
+    def _write(self, request: Request, data: bytearray) -> None:
         view = memoryview(data)
         offset = request.offset
         try:
