@@ -71,6 +71,7 @@ class StoreInfo:
     free: int = 0
     accepts: bool = False
     labels: tuple[str, ...] = ()
+    pulling: tuple[str, ...] = ()  # models it is pulling now (placement counts them as copies)
 
 
 @dataclass(frozen=True)

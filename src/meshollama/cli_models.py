@@ -78,6 +78,7 @@ def _pull(client: _Client, model: str) -> int:
     import httpx
 
     bar = ProgressBar(sys.stdout)
+    succeeded = False
     try:
         with httpx.stream("POST", client.url + "/api/pull", json={"model": model}, headers=client.headers,
                           timeout=httpx.Timeout(30.0, read=None), verify=client.verify) as resp:
@@ -93,12 +94,16 @@ def _pull(client: _Client, model: str) -> int:
                     bar.done()
                     print(f"Error: {event['error']}", file=sys.stderr)
                     return 1
+                succeeded = succeeded or event.get("status") == "success"
                 bar.update(event)
     except httpx.HTTPError as exc:
         bar.done()
         print(f"meshollama: pull failed: {exc}", file=sys.stderr)
         return 1
     bar.done()
+    if not succeeded:
+        print("meshollama: the pull ended without success (the node stopped?)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -101,3 +101,24 @@ def test_closed_mesh_takes_targets_from_admins_only_and_targets_persist(tmp_path
     assert {t.model: t.copies for t in again.targets()} == {"x:1b": 2, "z:1b": 1}
     cleared = again.set_target("x:1b", 0)
     assert cleared.stamp > 9 and again.target("x:1b") is None
+
+
+def test_a_node_pulling_a_copy_counts_as_a_holder_so_no_second_node_starts_one():
+    peers = ["a", "b", "c", "d", "e"]
+    me_rank = [p for p in ranked("m:1b", peers) if p != "a"]
+    puller, second = me_rank[0], me_rank[1]
+    r = replicator(second, replicas=("m:1b=2",))
+    low = StoreInfo("ollama", 0, True, pulling=("m:1b",))  # its claimed space: no room left to announce
+    snap = Snapshot(tuple(view(p, ["m:1b"] if p == "a" else [], me=(p == second),
+                               store=low if p == puller else ROOMY) for p in peers), 0.0)
+    assert r.decide(snap, 0.0) == []
+
+
+def test_a_volunteer_that_never_becomes_a_holder_is_skipped_after_the_patience():
+    peers = ["a", "b", "c", "d"]
+    order = [p for p in ranked("m:1b", peers) if p != "a"]
+    r = replicator(order[1], replicas=("m:1b=2",))
+    snap = Snapshot(tuple(view(p, ["m:1b"] if p == "a" else [], me=(p == order[1])) for p in peers), 0.0)
+    assert r.decide(snap, 0.0) == []  # order[0] is expected to pull
+    assert r.decide(snap, r.patience - 1) == []
+    assert r.decide(snap, r.patience + 1) == [names.key("m:1b")]  # it never did: the next one goes

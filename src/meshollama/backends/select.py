@@ -26,6 +26,8 @@ spawned (a second one could not bind the port and would restart forever).
 
 from __future__ import annotations
 
+import os
+
 import importlib
 import logging
 from dataclasses import dataclass
@@ -198,7 +200,11 @@ def _build(config: Any, kind: str, spawn: bool, ollama_up: bool | None, embedded
     services: tuple[Service, ...] = ()
     if decision.spawn:
         _, host_port = split_url(url)
-        managed = ManagedOllama(str(getattr(ollama, "binary", "ollama")), host_port, num_parallel=num_parallel)
+        env = dict(os.environ)
+        if getattr(ollama, "models_dir", None):  # the spawned Ollama reads the store pulls write into
+            env["OLLAMA_MODELS"] = str(ollama.models_dir)
+        managed = ManagedOllama(str(getattr(ollama, "binary", "ollama")), host_port, num_parallel=num_parallel,
+                                env=env)
         managed.resolve()  # a missing binary is a start-up error, reported before anything runs
         services = (managed,)
     return Selected(backend, services, decision.reason)

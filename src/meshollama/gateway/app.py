@@ -14,6 +14,7 @@ on ``app.asgi_app``, Quart's supported middleware hook.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Protocol
 
@@ -190,6 +191,10 @@ def _register_views(app: QuartTrio, state: GatewayState) -> None:
         replicator = getattr(state.models, "replicator", None)
         if replicator is None:
             return _respond(error_answer(400, "this gateway has no node to keep copies on"))
+        admission = getattr(mesh, "admission", None)
+        if admission is not None and admission.known_role(mesh.self_id) != "admin":
+            return _respond(error_answer(409, "this node is not admitted as admin: other nodes take copy counts "
+                                              "only from admins; run meshollama replicate on an admin node"))
         body = await request.get_json(force=True, silent=True)
         problem = _replicate_problem(body)
         if problem:
@@ -213,8 +218,8 @@ def _replicate_problem(body: Any) -> str:
     if not isinstance(copies, int) or isinstance(copies, bool) or not 0 <= copies <= 64:
         return "copies: expected an integer from 0 to 64"
     if not isinstance(labels, list) or len(labels) > 16 or not all(
-            isinstance(x, str) and 0 < len(x) <= 64 for x in labels):
-        return "labels: expected a list of at most 16 short strings"
+            isinstance(x, str) and re.fullmatch(r"[A-Za-z0-9_.:=-]{1,64}", x) for x in labels):
+        return "labels: expected at most 16 labels of letters, digits and _.:=- (64 characters each)"
     return ""
 
 

@@ -19,7 +19,7 @@ newer minor version can add fields; a higher ``v`` (schema) is rejected::
      "a":["/ip4/10.0.0.2/tcp/4001/p2p/12D3..."],"u":"http://10.0.0.2:11434","bye":true,"r":true,"dr":true}
 
 ``st`` (the node's model store: ``k`` kind, ``f`` bytes free for replicas,
-``a`` accepts replicas, ``lb`` labels) and ``rp`` (copy-count targets:
+``a`` accepts replicas, ``lb`` labels, ``p`` models it is pulling) and ``rp`` (copy-count targets:
 ``[[model, copies, stamp, labels?], ...]``, newest stamp wins) came with model distribution, left out
 when empty like ``dr``.
 
@@ -154,6 +154,8 @@ def _to_obj(a: Announcement) -> dict[str, Any]:
             st["a"] = True
         if a.store.labels:
             st["lb"] = list(a.store.labels)
+        if a.store.pulling:
+            st["p"] = [names.shortest(m) for m in a.store.pulling]
         o["st"] = st
     if a.replicas:
         o["rp"] = [[names.shortest(r.model), r.copies, r.stamp] + ([list(r.labels)] if r.labels else [])
@@ -191,6 +193,8 @@ def fit(a: Announcement) -> Announcement:
     """
     models = [_clipped(m) for m in a.models if _model_ok(m)]
     out = replace(a, models=tuple(models))
+    while out.replicas and _size(out) > MAX_ANNOUNCEMENT_BYTES // 2:  # targets never crowd out models
+        out = replace(out, replicas=out.replicas[:-1])
     if len(models) <= MAX_MODELS and _size(out) <= MAX_ANNOUNCEMENT_BYTES:
         return out
     models.sort(key=lambda m: not m.loaded)  # stable: otherwise keeps the order
@@ -342,9 +346,17 @@ def _model(v: Any, i: int) -> ModelInfo:
 def _store(v: Any) -> StoreInfo:
     st = _obj(v, "st")
     labels = _list(st.get("lb", []), "st.lb", MAX_LABELS)
+    pulling = []
+    for x in _list(st.get("p", []), "st.p", MAX_LABELS):
+        try:
+            pulling.append(names.parse(_str(x, "st.p[]", empty=False)).shortest())
+        except AnnouncementError:
+            raise
+        except Exception:
+            raise _fail("st.p[]: invalid model name") from None
     return StoreInfo(kind=_str(st.get("k", ""), "st.k"), free=_int(st.get("f", 0), "st.f"),
                      accepts=_bool(st.get("a", False), "st.a"),
-                     labels=tuple(_str(x, "st.lb[]") for x in labels))
+                     labels=tuple(_str(x, "st.lb[]") for x in labels), pulling=tuple(pulling))
 
 
 def _replicas(v: Any) -> tuple[ReplicaTarget, ...]:

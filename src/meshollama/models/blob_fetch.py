@@ -33,6 +33,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -50,13 +51,35 @@ log = logging.getLogger("meshollama.models")
 DEPTH = 2  # pieces in flight per holder
 MIN_RATE = 256 * 1024  # bytes/s below which a piece is given up (a trickling holder)
 PIECE_GRACE = 15.0  # seconds added to every piece's deadline
-LIST_TIMEOUT = 60.0  # a holder hashing a big blob for its piece list may take a while
+LIST_TIMEOUT = 60.0  # plus LIST_RATE: a holder hashes the whole blob for its first piece list
+LIST_RATE = 100 * 1000 * 1000  # bytes/s of hashing a holder is given (a SATA SSD's read rate)
+LIST_TRIES = 30  # a holder answering "busy" to a piece-list request is asked again, 1 s apart
+NO_PROGRESS = 300.0  # seconds without a verified byte before a blob's fetch gives up
 SAVE_EVERY = 1.0
 HASH_CHUNK = 4 * 1024 * 1024
 
 
 class PullError(Exception):
     """Ends a pull with ``{"error": message}``."""
+
+
+def leaf(exc: BaseException) -> BaseException:
+    """The one error inside nested single-error groups (trio wraps what leaves a nursery)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+@contextmanager
+def one_error():
+    """Re-raise a nursery's lone error as itself, so callers catch PullError, OSError, ClientGone."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        single = leaf(group)
+        if isinstance(single, BaseExceptionGroup):
+            raise
+        raise single from None
 
 
 class Sources(Protocol):
@@ -68,6 +91,14 @@ class Sources(Protocol):
 
 
 Progress = Callable[[int, dict[str, int]], Awaitable[None]]  # completed bytes, bytes by peer
+
+
+def _cancelled() -> bool:
+    """Whether we are unwinding because of a cancellation (keep the partial blob to resume)."""
+    import sys
+
+    exc = sys.exc_info()[1]
+    return exc is not None and isinstance(leaf(exc), trio.Cancelled)
 
 
 def _no_space(exc: OSError, root: Path) -> PullError:
@@ -93,12 +124,17 @@ class BlobFetch:
     async def run(self, peers: Sequence[str], progress: Progress,
                   more_peers: Callable[[], Sequence[str]] = lambda: ()) -> None:
         """Fetch, verify and commit the blob, or raise :class:`PullError`."""
-        await self._ask_lists(peers)
+        with one_error():
+            await self._ask_lists(peers)
+        if self.plan.count and self.plan.hashes is None:
+            raise PullError(f"cannot fetch {self.layer.digest}: {self.plan.stuck() or 'no holder could list it'}")
         await trio.to_thread.run_sync(self._open_file)
+        failed = True
         try:
             await self._resume()
             while True:
-                await self._fetch(progress, more_peers)
+                with one_error():
+                    await self._fetch(progress, more_peers)
                 await progress(self.plan.completed_bytes, self._by_peer())
                 if await trio.to_thread.run_sync(self._whole_digest) == self.layer.digest:
                     break
@@ -108,11 +144,16 @@ class BlobFetch:
                 if self.plan.hashes is None:
                     raise PullError(f"digest mismatch for {self.layer.digest}: every holder sent bad data")
             self._save_state()
+            failed = False
         finally:
             if self._fd >= 0:
                 self._save_state()
                 os.close(self._fd)
                 self._fd = -1
+            if failed and not self._written and not _cancelled():
+                # Nothing verified to resume from: give the claimed space back.
+                self.data_path.unlink(missing_ok=True)
+                self.state_path.unlink(missing_ok=True)
         await trio.to_thread.run_sync(self._commit)
 
     async def _ask_lists(self, peers: Sequence[str]) -> None:
@@ -125,15 +166,22 @@ class BlobFetch:
         async def ask(peer: str) -> None:
             async with limiter:
                 hashes: list[bytes] | None = None
-                try:
-                    with trio.fail_after(LIST_TIMEOUT):
-                        size, hashes = await get_pieces(await self.sources.open(peer), self.layer.digest)
-                    if size != self.layer.size:
-                        self.plan.drop(peer, f"has a blob of {size} bytes, the manifest says {self.layer.size}")
-                        return
-                except (P2PError, trio.TooSlowError) as exc:
-                    log.info("%s could not list the pieces of %s: %s", self.sources.label(peer),
-                             self.layer.digest[:19], exc)
+                for attempt in range(LIST_TRIES):
+                    try:
+                        with trio.fail_after(LIST_TIMEOUT + self.layer.size / LIST_RATE):
+                            size, hashes = await get_pieces(await self.sources.open(peer), self.layer.digest)
+                        if size != self.layer.size:
+                            self.plan.drop(peer, f"has a blob of {size} bytes, the manifest says {self.layer.size}")
+                            return
+                        break
+                    except (P2PError, trio.TooSlowError) as exc:
+                        busy = isinstance(exc, BlobError) and exc.code == "busy"
+                        if busy and attempt + 1 < LIST_TRIES:
+                            await trio.sleep(1.0)
+                            continue
+                        log.info("%s could not list the pieces of %s: %s", self.sources.label(peer),
+                                 self.layer.digest[:19], exc or "timed out")
+                        break
                 self.plan.add_peer(peer, hashes)
 
         async with trio.open_nursery() as nursery:
@@ -152,6 +200,13 @@ class BlobFetch:
                 nursery.cancel_scope.cancel()
             if self.plan.finished:
                 return
+            if self.plan.unservable() and self.plan.live_alternative() and self.plan.reject_hashes():
+                self._written &= self.plan.done
+                # The list we chose is held only by holders now gone (a 1-1 tie lost to a
+                # corrupt or vanished one): the live holders' list is the one to follow.
+                log.warning("blob %s: the piece list in use has no live holder left: switching lists",
+                            self.layer.digest[:19])
+                continue
             fresh = [p for p in more_peers() if p not in self.plan.peers]
             if not fresh:
                 raise PullError(f"cannot fetch {self.layer.digest}: {self.plan.stuck() or 'no holder left'}")
@@ -203,20 +258,25 @@ class BlobFetch:
                      self.sources.label(peer), why)
             plan.failed(peer, request.index, busy=busy, now=trio.current_time(), why=why)
             return
+        was_usable = peer in plan.usable()
         if plan.received(peer, request.index, hasher.digest()):
             await trio.to_thread.run_sync(self._write, request, buf)
             self._written.add(request.index)
-        elif peer not in plan.usable():
+        elif was_usable and peer not in plan.usable():
             log.warning("%s sent a corrupt piece of %s: dropped from this pull", self.sources.label(peer),
                         self.layer.digest[:19])
 
     async def _report(self, progress: Progress) -> None:
         last, saved = -1, trio.current_time()
+        moved = trio.current_time()
         while True:
             done = self.plan.completed_bytes
             if done != last:
-                last = done
+                last, moved = done, trio.current_time()
                 await progress(done, self._by_peer())
+            elif trio.current_time() - moved > NO_PROGRESS:
+                raise PullError(f"no verified byte of {self.layer.digest} for {NO_PROGRESS:.0f} s "
+                                f"({len(self.plan.usable())} holder(s) left, all busy or stalled)")
             if trio.current_time() - saved >= SAVE_EVERY:
                 saved = trio.current_time()
                 self._save_state()

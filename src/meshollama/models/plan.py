@@ -226,5 +226,15 @@ class BlobPlan:
             return "no holder left to fetch from" + (f" ({'; '.join(reasons)})" if reasons else "")
         return None
 
+    def unservable(self) -> bool:
+        """Some missing piece no usable peer may fetch (they all claim another hash for it)."""
+        alive = [self.peers[p] for p in self.usable()]
+        return any(i not in self.done and not any(self._eligible(p, i) for p in alive) for i in range(self.count))
+
+    def live_alternative(self) -> bool:
+        """A usable peer claims a list other than the chosen one."""
+        chosen = self.hashes
+        return any(self.peers[p].hashes not in (None, chosen) for p in self.usable())
+
     def in_flight(self) -> int:
         return len(self._holders)

@@ -21,7 +21,8 @@ is written in one rename (:meth:`~.store.Store.install`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 import trio
@@ -86,19 +87,37 @@ async def fetch_manifest(name: str, sources: MeshSources) -> tuple[Manifest, lis
     raise PullError(f"no peer could send the manifest of {names.shortest(name)} ({'; '.join(problems)})")
 
 
-def _check_space(store: Store, missing: list[Layer]) -> None:
+_BLOB_LOCKS: dict[tuple[str, str], trio.Lock] = {}
+
+
+@asynccontextmanager
+async def _blob_lock(store: Store, digest: str) -> AsyncIterator[None]:
+    """One fetch of a blob per store at a time: two models can share one (``llama3.2`` and
+    ``llama3.2:3b`` are the same manifest), and two fetches would share its partial file."""
+    key = (str(store.root), digest)
+    lock = _BLOB_LOCKS.setdefault(key, trio.Lock())
+    try:
+        async with lock:
+            yield
+    finally:
+        if not lock.locked() and lock.statistics().tasks_waiting == 0:
+            _BLOB_LOCKS.pop(key, None)
+
+
+def _check_space(store: Store, missing: list[Layer], reserve: int) -> None:
     partial = store.partial_dir()
     need = 0
     for layer in missing:
         have = partial / layer.digest.replace(":", "-", 1)
         need += max(0, layer.size - (have.stat().st_size if have.is_file() else 0))
     free = store.free_bytes()
-    if need > free:
+    if need > free - reserve:
+        kept = f", {reserve / 1e9:.2f} GB of which models.min_free_bytes keeps free" if reserve else ""
         raise PullError(f"no space left on device: the model needs {need / 1e9:.2f} GB more, "
-                        f"{free / 1e9:.2f} GB free in {store.root}")
+                        f"{free / 1e9:.2f} GB free in {store.root}{kept}")
 
 
-async def pull(name: str, store: Store, sources: MeshSources, emit: Emit) -> Manifest:
+async def pull(name: str, store: Store, sources: MeshSources, emit: Emit, *, reserve: int = 0) -> Manifest:
     """Pull ``name`` from peers into ``store``; progress goes to ``emit``.
     Raises NotInMesh before emitting anything if no peer holds it."""
     manifest, peers = await fetch_manifest(name, sources)
@@ -109,7 +128,7 @@ async def pull(name: str, store: Store, sources: MeshSources, emit: Emit) -> Man
     blobs = manifest.blobs()
     present = {la.digest for la in blobs if await trio.to_thread.run_sync(store.has_blob, la.digest)}
     missing = [la for la in blobs if la.digest not in present]
-    await trio.to_thread.run_sync(_check_space, store, missing)
+    await trio.to_thread.run_sync(_check_space, store, missing, reserve)
     log.info("pulling %s (%s) from %d peer(s): %d of %d blobs to fetch", names.shortest(name),
              manifest.digest[:19], len(peers), len(missing), len(blobs))
     for layer in blobs:
@@ -122,9 +141,15 @@ async def pull(name: str, store: Store, sources: MeshSources, emit: Emit) -> Man
         async def progress(done: int, by_peer: dict[str, int], status: dict = status) -> None:
             await emit({**status, "completed": done, "meshollama": {"from": by_peer}})
 
-        extra = [p for p in await sources.providers(layer.digest) if p not in peers]
-        await BlobFetch(store, layer, sources).run(
-            peers + extra, progress, more_peers=lambda: [p for p, d in sources.holders(name) if manifest.matches(d)])
+        async with _blob_lock(store, layer.digest):
+            if await trio.to_thread.run_sync(store.has_blob, layer.digest):  # another pull fetched it meanwhile
+                await emit({**status, "completed": layer.size})
+                continue
+            # The DHT only when heartbeats name few holders: it costs up to a few seconds.
+            extra = [p for p in await sources.providers(layer.digest) if p not in peers] if len(peers) < 2 else []
+            await BlobFetch(store, layer, sources).run(
+                peers + extra, progress,
+                more_peers=lambda: [p for p, d in sources.holders(name) if manifest.matches(d)])
     await emit({"status": "verifying sha256 digest"})
     await emit({"status": "writing manifest"})
     await trio.to_thread.run_sync(store.install, name, manifest)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ log = logging.getLogger("meshollama.models")
 
 INTERVAL = 2.0
 RETRY = 60.0
+PATIENCE = 600.0  # seconds a volunteer may take to become a holder before the next one is asked
+MAX_TARGETS = 256  # targets kept; past it cleared ones go first, then the oldest
+FUTURE = 24 * 3600 * 1000  # ms: a stamp further ahead than this is a forgery (it would win for ever)
+_LABEL = re.compile(r"[A-Za-z0-9_.:=-]{1,64}\Z")
 STATE_FILE = "replicas.json"
 
 
@@ -59,6 +64,8 @@ class Replicator:
         self._seen: dict[str, dict[str, float]] = {}  # model key -> peer -> last seen holding it
         self._retry_at: dict[str, float] = {}
         self._pulling: set[str] = set()
+        self._expected: dict[tuple[str, str], float] = {}  # (model key, volunteer) -> since when
+        self.patience = max(PATIENCE, 5 * self.grace)
         self.last_error: dict[str, str] = {}
 
     # --- targets ------------------------------------------------------------------------------
@@ -76,7 +83,12 @@ class Replicator:
         old = self._known.get(key)
         stamp = max(int(time.time() * 1000), (old.stamp + 1) if old else 0)
         target = ReplicaTarget(names.shortest(name), copies, stamp, tuple(labels))
+        if not _valid(target):
+            from ..errors import BadRequest
+
+            raise BadRequest("copies must be 0 to 64 and labels letters, digits and _.:=- (64 characters at most)")
         self._known[key] = target
+        self._bound()
         self._retry_at.pop(key, None)
         self._save()
         self.mesh.request_heartbeat()
@@ -92,19 +104,31 @@ class Replicator:
                 continue
             if admission is not None and admission.known_role(peer.peer_id) != "admin":
                 continue  # a closed mesh takes copy counts from its admins only
-            heard.extend(peer.replicas)
+            heard.extend(t for t in peer.replicas if _valid(t))
         merged = merge([*self._known.values(), *heard], names.key)
         if merged != self._known:
             self._known = merged
+            self._bound()
             self._save()
+
+    def _bound(self) -> None:
+        if len(self._known) > MAX_TARGETS:
+            keep = sorted(self._known.items(), key=lambda kv: (kv[1].copies > 0, kv[1].stamp), reverse=True)
+            self._known = dict(keep[:MAX_TARGETS])
 
     def _load(self) -> list[ReplicaTarget]:
         if self._path is None:
             return []
         try:
             data = json.loads(self._path.read_text())
-            return [ReplicaTarget(names.shortest(t["model"]), int(t["copies"]), int(t["stamp"]),
-                                  tuple(t.get("labels", ()))) for t in data["targets"]]
+            out = []
+            for t in data["targets"]:
+                if isinstance(t.get("model"), str) and names.is_valid(t["model"]):
+                    target = ReplicaTarget(names.shortest(t["model"]), int(t["copies"]), int(t["stamp"]),
+                                           tuple(t.get("labels", ())))
+                    if _valid(target):
+                        out.append(target)
+            return out
         except FileNotFoundError:
             return []
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -132,8 +156,11 @@ class Replicator:
         for peer in snapshot.peers:
             if peer.state not in UP:
                 continue
-            for model in peer.models:
-                self._seen.setdefault(names.key(model.name), {})[peer.peer_id] = now
+            # A node pulling a copy counts as holding it: its claimed space lowers the free
+            # room it announces, and the next node in the ranking must not start one too.
+            pulling = peer.store.pulling if peer.store is not None else ()
+            for name in [m.name for m in peer.models] + list(pulling):
+                self._seen.setdefault(names.key(name), {})[peer.peer_id] = now
 
     def decide(self, snapshot, now: float) -> list[str]:
         """Models this node should pull now (and not already pulling or backing off)."""
@@ -148,7 +175,15 @@ class Replicator:
             size = max((m.size for p in snapshot.peers if (m := p.model(key)) is not None), default=-1)
             if size < 0:
                 continue  # nobody holds it: nothing to copy from
-            if me in volunteers(key, target, size, self.holders(key, now), candidates):
+            holders = self.holders(key, now)
+            slow = {pid for (k, pid), since in self._expected.items() if k == key and now - since > self.patience}
+            chosen = volunteers(key, target, size, holders, [c for c in candidates if c.peer_id not in slow])
+            for pid in chosen:  # a volunteer that never becomes a holder is skipped after PATIENCE
+                self._expected.setdefault((key, pid), now)
+            for pair in [p for p in self._expected if p[0] == key and (p[1] in holders or not chosen)]:
+                if pair[1] not in slow or pair[1] in holders:
+                    del self._expected[pair]
+            if me in chosen:
                 out.append(key)
         return out
 
@@ -175,12 +210,21 @@ class Replicator:
             pass
 
         try:
-            await self.service.pull(target.model, quiet)
+            await self.service.pull(target.model, quiet, reserve=self.config.min_free_bytes)
             self.last_error.pop(key, None)
             log.info("replicated %s", target.model)
         except Exception as exc:  # PullError, NotInMesh, BadRequest, OSError: try again later
-            self.last_error[key] = str(exc) or type(exc).__name__
+            from .blob_fetch import leaf
+
+            err = leaf(exc)
+            self.last_error[key] = str(err) or type(err).__name__
             self._retry_at[key] = trio.current_time() + RETRY
             log.warning("replicating %s failed (retry in %d s): %s", target.model, RETRY, exc)
         finally:
             self._pulling.discard(key)
+
+
+def _valid(t: ReplicaTarget) -> bool:
+    """A target we may keep and repeat: bounded, not stamped in the future, plain labels."""
+    return (0 <= t.copies <= 64 and 0 <= t.stamp <= time.time() * 1000 + FUTURE
+            and len(t.labels) <= 16 and all(isinstance(x, str) and _LABEL.match(x) for x in t.labels))

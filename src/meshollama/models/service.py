@@ -34,7 +34,7 @@ from .. import names
 from ..catalog import StoreInfo
 from ..errors import BadRequest
 from ..httpmsg import ProxyRequest, ProxyResponse
-from .blob_fetch import PullError
+from .blob_fetch import MIN_RATE, PullError, leaf, one_error
 from .blob_server import BlobServer
 from .pull import NotInMesh, pull
 from .sources import MeshSources, blob_key, name_key
@@ -44,6 +44,8 @@ log = logging.getLogger("meshollama.models")
 
 NDJSON = (("content-type", "application/x-ndjson"),)
 FREE_REFRESH = 10.0  # seconds between looks at the store's free space
+MAX_PULLING = 8  # pulls in progress a heartbeat names (placement counts them as copies)
+STALE_PARTIAL = 7 * 24 * 3600.0  # seconds after which an abandoned partial blob is deleted at start
 REPROVIDE = 1800.0  # seconds between re-announcing every DHT provider record (new models: at once)
 
 
@@ -83,11 +85,14 @@ class ModelService:
         self.backend = backend
         self.store = store
         self.sources = MeshSources(mesh)
+        streams = self.config.serve_streams
+        if self.config.serve_rate > 0:  # each stream must still get the rate a puller waits for
+            streams = min(streams, max(1, int(self.config.serve_rate // (2 * MIN_RATE))))
         self.server = BlobServer(
             lambda: self.store if self.config.serve else None,
             allow=self._may_fetch,
-            max_streams=self.config.serve_streams,
-            max_per_peer=self.config.serve_per_peer,
+            max_streams=streams,
+            max_per_peer=min(self.config.serve_per_peer, streams),
             rate=self.config.serve_rate,
             on_served=lambda peer, n: self.metrics.bytes.labels("served").inc(n),
             on_refused=lambda reason: self.metrics.refused.labels(reason).inc(),
@@ -96,6 +101,10 @@ class ModelService:
         self._locks: dict[str, trio.Lock] = {}
         self.pulls: dict[str, dict] = {}  # model key -> progress of a pull running now (status API)
         self.replicator = None  # .replicator.Replicator, set by the node
+        self.writable = store is not None and os.access(store.root, os.W_OK)
+        if store is not None and not self.writable:
+            log.warning("models: %s is not writable by this node: it serves its models to peers, "
+                        "but pulls go to the backend and it takes no replicas", store.root)
 
     def _may_fetch(self, peer_id: str) -> bool:
         admission = getattr(self.mesh, "admission", None)
@@ -108,8 +117,9 @@ class ModelService:
             return None
         # Free room as others may count on it: less what this node keeps free.
         return StoreInfo(kind=self.store.kind, free=max(0, self._free - self.config.min_free_bytes),
-                         accepts=self.config.accept_replicas and self.config.pull_from_peers,
-                         labels=tuple(self.config.labels))
+                         accepts=self.config.accept_replicas and self.config.pull_from_peers and self.writable,
+                         labels=tuple(self.config.labels),
+                         pulling=tuple(p["model"] for p in list(self.pulls.values())[:MAX_PULLING]))
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep the free-space figure fresh (and run the replicator, if any)."""
@@ -119,12 +129,26 @@ class ModelService:
                 nursery.start_soon(self.replicator.run)
             if self.store is not None and self.config.serve:
                 nursery.start_soon(self._provide_loop)
+            if self.writable:
+                await trio.to_thread.run_sync(self._prune_partials)
             while self.store is not None:
                 try:
                     self._free = await trio.to_thread.run_sync(self.store.free_bytes)
                 except OSError as exc:
                     log.warning("models: cannot read free space of %s: %s", self.store.root, exc)
                 await trio.sleep(FREE_REFRESH)
+
+    def _prune_partials(self) -> None:
+        """Partial blobs of pulls abandoned a week ago: nobody will resume them."""
+        import time
+
+        try:
+            for path in self.store.partial_dir().iterdir():
+                if path.is_file() and time.time() - path.stat().st_mtime > STALE_PARTIAL:
+                    log.info("models: removing abandoned partial blob %s", path.name)
+                    path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("models: cannot prune partial blobs: %s", exc)
 
     async def _provide_loop(self) -> None:
         """Provider records in the DHT for every model name and blob we hold."""
@@ -197,7 +221,7 @@ class ModelService:
 
     async def pull_upstream(self, request: ProxyRequest) -> Any | None:
         """An upstream answering this ``/api/pull`` from peers, or None: the backend's job."""
-        if self.store is None or not self.config.pull_from_peers or request.method.upper() != "POST":
+        if not self.writable or not self.config.pull_from_peers or request.method.upper() != "POST":
             return None
         try:
             body = json.loads(request.body or b"{}")
@@ -210,7 +234,7 @@ class ModelService:
             return None
         return _PullUpstream(self, name, body.get("stream", True) is not False)
 
-    async def pull(self, name: str, emit) -> None:
+    async def pull(self, name: str, emit, *, reserve: int = 0) -> None:
         """Pull ``name`` from peers (one pull per model at a time); raises NotInMesh, PullError, BadRequest."""
         key = names.key(name)
         lock = self._locks.setdefault(key, trio.Lock())
@@ -225,7 +249,7 @@ class ModelService:
 
             outcome = "error"
             try:
-                manifest = await pull(name, self.store, self.sources, tracked)
+                manifest = await pull(name, self.store, self.sources, tracked, reserve=reserve)
                 outcome = "success"
             except NotInMesh:
                 outcome = "not_in_mesh"
@@ -271,18 +295,19 @@ class _PullUpstream:
     @asynccontextmanager
     async def open(self, request: ProxyRequest) -> AsyncIterator[ProxyResponse]:
         send, receive = trio.open_memory_channel[bytes](64)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run, send)
-            if self.stream:
-                yield ProxyResponse(200, NDJSON, _lines(receive))
-            else:
-                last = b""
-                async for line in _lines(receive):
-                    last = line
-                status = 500 if "error" in json.loads(last or b"{}") else 200
-                yield ProxyResponse(status, (("content-type", "application/json; charset=utf-8"),),
-                                    _once(last.rstrip(b"\n")))
-            nursery.cancel_scope.cancel()
+        with one_error():  # a client gone is ClientGone to the gateway, not a group around it
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run, send)
+                if self.stream:
+                    yield ProxyResponse(200, NDJSON, _lines(receive))
+                else:
+                    last = b""
+                    async for line in _lines(receive):
+                        last = line
+                    status = 500 if "error" in json.loads(last or b"{}") else 200
+                    yield ProxyResponse(status, (("content-type", "application/json; charset=utf-8"),),
+                                        _once(last.rstrip(b"\n")))
+                nursery.cancel_scope.cancel()
 
     async def _run(self, send: trio.MemorySendChannel) -> None:
         async with send:
@@ -297,9 +322,17 @@ class _PullUpstream:
                     else str(exc)
                 log.warning("pull of %s from peers failed: %s", names.shortest(self.name), message)
                 await emit({"error": message})
-            except OSError as exc:
-                log.warning("pull of %s from peers failed: %r", names.shortest(self.name), exc)
-                await emit({"error": f"pull failed: {exc.strerror or exc}"})
+            except Exception as exc:  # OSError, or anything unforeseen: still one explicit error line
+                err = leaf(exc)
+                if isinstance(err, (PullError, BadRequest)):
+                    message = str(err)
+                elif isinstance(err, OSError):
+                    message = f"pull failed: {err.strerror or err}"
+                else:
+                    log.exception("pull of %s from peers failed", names.shortest(self.name))
+                    message = f"pull failed: {type(err).__name__}: {err}"
+                log.warning("pull of %s from peers failed: %s", names.shortest(self.name), message)
+                await emit({"error": message})
 
 
 async def _lines(receive: trio.MemoryReceiveChannel) -> AsyncIterator[bytes]:

@@ -17,7 +17,7 @@ from .. import names
 from ..mesh.peertable import PeerState
 from .wire import PROTOCOL
 
-DHT_WAIT = 3.0  # seconds a pull waits for provider records before deciding nobody has the model
+DHT_WAIT = 2.0  # seconds a pull waits for provider records before deciding nobody has the model
 
 
 def blob_key(digest: str) -> str:
