@@ -101,6 +101,10 @@ async def test_homes_behind_two_nats_answer_each_others_models_through_a_relay(n
         assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == n1.peer_id, r
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "not yet: once the relay is gone, home2's heartbeats never reach home1 over the hole-punched "
+    "connection (gossip stayed on the relayed one and py-libp2p 0.8.1 pubsub does not move it), so "
+    "home2 expires after 3 heartbeats; requests sent within that window pass, hence this was flaky"))
 async def test_a_hole_punched_connection_outlives_the_relay(nat_net, tmp_path):
     net = nat_net
     with trio.fail_after(180):
@@ -112,6 +116,18 @@ async def test_a_hole_punched_connection_outlives_the_relay(nat_net, tmp_path):
 
         await wait_for(direct, step=0.5)
         await net.stop(relay.proc)
+
+        # The mesh must keep hearing home2 over the direct connection (a heartbeat
+        # newer than the relay's end), not only answer before it expires.
+        stopped = trio.current_time()
+
+        async def heard_directly():  # a heartbeat from home2 newer than the relay's end, and alive
+            view = (await peers(net, home1)).get(n2.peer_id, {})
+            age = view.get("seconds_since_heartbeat")
+            return view.get("state") == "alive" and age is not None and age < trio.current_time() - stopped - 0.5
+
+        with trio.fail_after(20):
+            await wait_for(heard_directly)
         for stream in (False, True):
             r = await _ask(net, home1, "gamma", stream=stream)
             assert r["status"] == 200 and r["headers"]["x-meshollama-peer"] == n2.peer_id, r

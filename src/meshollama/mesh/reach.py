@@ -73,11 +73,18 @@ class Reach:
         that just dropped) share one dial."""
         running = self._inflight.get(peer_id)
         if running is not None:
+            started = trio.current_time()
             with trio.move_on_after(timeout if timeout is not None else MAX_BACKOFF):
                 await running.wait()
-            if peer_id not in host.connected_peers():
+            if peer_id in host.connected_peers():
+                return
+            left = None if timeout is None else timeout - (trio.current_time() - started)
+            if peer_id in self._inflight or (left is not None and left < 0.5):
                 raise P2PError(f"cannot reach {peer_id} (another dial to it just failed or is still running)")
-            return
+            # That dial failed, but it began with the addresses known then: a relay
+            # address announced since (a peer behind NAT just got its reservation)
+            # may work. One more try with what we know now, in the time left.
+            timeout = left
         done = self._inflight[peer_id] = trio.Event()
         try:
             await self._reach(host, peer_id, addrs, timeout=timeout)
