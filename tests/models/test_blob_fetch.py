@@ -157,3 +157,14 @@ async def test_a_layer_claiming_all_our_space_is_refused_before_any_is_claimed(t
                 await pullmod.pull("bait:latest", OllamaDir(tmp_path / "p"), sources, nothing)
             nursery.cancel_scope.cancel()
     assert not list((tmp_path / "p" / ".meshollama" / "partial").iterdir())
+
+
+def test_leaf_finds_the_error_inside_nested_groups():
+    from meshollama.models.blob_fetch import leaf
+
+    full = PullError("no space left on device")
+    two = ExceptionGroup("outer", [ExceptionGroup("workers", [full, PullError("no space left on device")])])
+    assert leaf(two) is full  # two workers hit one full disk: the first error, bare
+    mixed = ExceptionGroup("g", [PullError("x"), OSError("y")])
+    assert leaf(mixed) is mixed  # different errors: kept as a group
+    assert leaf(ExceptionGroup("g", [ValueError("only")])).args == ("only",)

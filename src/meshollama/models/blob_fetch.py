@@ -63,10 +63,20 @@ class PullError(Exception):
     """Ends a pull with ``{"error": message}``."""
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [x for sub in exc.exceptions for x in _leaves(sub)]
+    return [exc]
+
+
 def leaf(exc: BaseException) -> BaseException:
-    """The one error inside nested single-error groups (trio wraps what leaves a nursery)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    """The error inside nested groups (trio wraps what leaves a nursery): the only
+    one that is not a cancellation, or the first when all are the same kind (two
+    workers hitting one full disk); else the group itself."""
+    leaves = _leaves(exc)
+    real = [x for x in leaves if not isinstance(x, trio.Cancelled)] or leaves
+    if len(real) == 1 or len({type(x) for x in real}) == 1:
+        return real[0]
     return exc
 
 
