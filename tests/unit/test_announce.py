@@ -490,3 +490,29 @@ def test_fuzz_only_announcement_error() -> None:
         assert all(isinstance(m, ModelInfo) for m in a.models)
         assert decode(encode(a)) == a
     assert accepted > 0  # the mutations do not only produce garbage
+
+
+# --- model distribution: st (store facts) and rp (copy counts) from a hostile peer -----------
+
+def _with(extra: dict) -> bytes:
+    import json as _json
+
+    return _json.dumps({"v": 1, "id": "p", "seq": 1, **extra}).encode()
+
+
+def test_forged_store_facts_and_copy_counts_are_bounded_or_refused():
+    import pytest as _pytest
+
+    from meshollama.errors import AnnouncementError
+    from meshollama.mesh import announce as _a
+
+    ok = _a.decode(_with({"st": {"k": "ollama", "f": 5, "a": True, "lb": ["gpu"], "p": ["m"]},
+                          "rp": [["m", 10**6, 7], ["m", 1, 9], ["n", 2, 3, ["gpu"]]]}))
+    assert ok.store.free == 5 and ok.store.pulling == ("m:latest",)
+    assert [(r.model, r.copies) for r in ok.replicas] == [("m:latest", _a.MAX_COPIES), ("n:latest", 2)]
+    for bad in ({"st": {"f": -1}}, {"st": {"a": 1}}, {"st": {"lb": "gpu"}}, {"st": {"p": ["Bad Name!"]}},
+                {"st": {"p": ["m"] * 17}}, {"st": []}, {"rp": [["m", 1]]}, {"rp": [["m", "1", 2]]},
+                {"rp": [["Bad Name!", 1, 2]]}, {"rp": [["m", 1, -2]]}, {"rp": [["m", 1, 2]] * 65},
+                {"rp": [["m", 1, 2, ["x"], 5]]}, {"rp": [["m", 1, 2, [3]]]}):
+        with _pytest.raises(AnnouncementError):
+            _a.decode(_with(bad))
