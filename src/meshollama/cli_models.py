@@ -107,6 +107,10 @@ def _pull(client: _Client, model: str) -> int:
     return 0
 
 
+def _peer(peer_id: str) -> str:
+    return f"{peer_id[:8]}…{peer_id[-6:]}"
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -151,7 +155,7 @@ class ProgressBar:
             self._print(self.last_line, final=True)
             elapsed = max(time.monotonic() - self.started, 1e-6)
             for peer, n in sorted(self.sources.items(), key=lambda kv: -kv[1]):
-                self._print(f"    {peer[:8]}…{peer[-6:]}  {_size(n):>9}  {_size(n / elapsed)}/s", final=True)
+                self._print(f"    {_peer(peer)}  {_size(n):>9}  {_size(n / elapsed)}/s", final=True)
         self.digest = ""
 
     def _print(self, text: str, final: bool = False) -> None:
@@ -172,7 +176,7 @@ def format_models(data: dict) -> str:
     for m in data.get("models", []):
         target = m.get("copies_target")
         copies = f"{m.get('copies', len(m['holders']))}/{target}" if target else str(len(m["holders"]))
-        holders = ", ".join(f"{h['peer'][:8]}…{h['peer'][-6:]}{' (self)' if h.get('self') else ''}"
+        holders = ", ".join(f"{_peer(h['peer'])}{' (self)' if h.get('self') else ''}"
                             f"{'' if h.get('state') == 'alive' else ' ' + h.get('state', '')}" for h in m["holders"])
         extra = " replicating" if m.get("replicating") else ""
         if m.get("last_error"):

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,8 +106,6 @@ Progress = Callable[[int, dict[str, int]], Awaitable[None]]  # completed bytes, 
 
 def _cancelled() -> bool:
     """Whether we are unwinding because of a cancellation (keep the partial blob to resume)."""
-    import sys
-
     exc = sys.exc_info()[1]
     return exc is not None and isinstance(leaf(exc), trio.Cancelled)
 
@@ -289,7 +288,7 @@ class BlobFetch:
                                 f"({len(self.plan.usable())} holder(s) left, all busy or stalled)")
             if trio.current_time() - saved >= SAVE_EVERY:
                 saved = trio.current_time()
-                self._save_state()
+                await trio.to_thread.run_sync(self._save_state)
             await trio.sleep(0.2)
 
     def _by_peer(self) -> dict[str, int]:

@@ -31,7 +31,7 @@ from .. import names
 from ..errors import BadRequest, P2PError
 from .blob_client import get_manifest
 from .blob_fetch import BlobFetch, PullError
-from .manifest import Layer, Manifest, parse
+from .manifest import Layer, Manifest, blob_filename, parse
 from .store import Store
 
 log = logging.getLogger("meshollama.models")
@@ -108,7 +108,7 @@ def _check_space(store: Store, missing: list[Layer], reserve: int) -> None:
     partial = store.partial_dir()
     need = 0
     for layer in missing:
-        have = partial / layer.digest.replace(":", "-", 1)
+        have = partial / blob_filename(layer.digest)
         need += max(0, layer.size - (have.stat().st_size if have.is_file() else 0))
     free = store.free_bytes()
     if need > free - reserve:

@@ -180,9 +180,9 @@ class Replicator:
             chosen = volunteers(key, target, size, holders, [c for c in candidates if c.peer_id not in slow])
             for pid in chosen:  # a volunteer that never becomes a holder is skipped after PATIENCE
                 self._expected.setdefault((key, pid), now)
-            for pair in [p for p in self._expected if p[0] == key and (p[1] in holders or not chosen)]:
-                if pair[1] not in slow or pair[1] in holders:
-                    del self._expected[pair]
+            for k, pid in list(self._expected):  # done: it holds the model, or nobody is needed
+                if k == key and (pid in holders or (not chosen and pid not in slow)):
+                    del self._expected[(k, pid)]
             if me in chosen:
                 out.append(key)
         return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -140,8 +141,6 @@ class ModelService:
 
     def _prune_partials(self) -> None:
         """Partial blobs of pulls abandoned a week ago: nobody will resume them."""
-        import time
-
         try:
             for path in self.store.partial_dir().iterdir():
                 if path.is_file() and time.time() - path.stat().st_mtime > STALE_PARTIAL:
