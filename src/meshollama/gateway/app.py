@@ -29,7 +29,7 @@ from .. import __version__, names
 from ..backends.ollama_api import OLLAMA_VERSION
 from ..httpmsg import Upstream
 from ..mesh.peertable import Snapshot
-from . import listings, policy_routes
+from . import listings, panel_routes, policy_routes
 from .auth import Authenticator
 from .cors import CorsPolicy
 from .errors import METHOD_NOT_ALLOWED_PAGE, Answer, not_found_answer, error_answer, json_answer, text_answer
@@ -39,6 +39,7 @@ from .keystore import KeyStore
 from .metrics import GatewayMetrics
 from .middleware import Gate
 from .proxy import Proxy, ProxyRoutes
+from .traffic import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,17 @@ class GatewayState:
         self.registry = registry
         self.metrics = GatewayMetrics(registry)
         self.proxy = Proxy(self.gateway, mesh, backend, self.metrics)
+        self.traffic = self.proxy.traffic = Traffic()  # the panel's charts and last requests
         # API keys of every source; the mesh policy feeds ``keystore.set_shared``.
         self.keystore = KeyStore.for_config(config)
         self.auth = Authenticator(self.keystore, JwtVerifier.from_config(self.gateway))
         # Set by the node: start draining it (POST /api/mesh/drain); None where nothing can drain.
         self.drain: Any = None
         self.models: Any = None  # models.service.ModelService, set by the node
+        # Set by the node: () -> {"ready": bool, "checks": {name: {"ok": bool, "detail": str}}} for /readyz.
+        self.readiness: Any = None
+        # Set when the server begins to shut down: endless answers (the panel's event stream) end then.
+        self.closing = trio.Event()
 
 
 class _HTTPConnection(TrioASGIHTTPConnection):
@@ -121,6 +127,7 @@ def create_app(config: Any, mesh: MeshView, backend: Upstream | None, registry: 
     app.extensions[EXTENSION] = state
     _register_views(app, state)
     policy_routes.register(app, mesh, _respond)
+    panel_routes.register(app, state, _respond)
     _register_errors(app)
     app.asgi_app = Gate(  # type: ignore[method-assign]
         ProxyRoutes(state.proxy, app.asgi_app),
@@ -138,6 +145,20 @@ def _register_views(app: QuartTrio, state: GatewayState) -> None:
     @app.route("/", methods=["GET", "HEAD"])
     async def root() -> Response:
         return _respond(text_answer(200, "Ollama is running"))
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    async def healthz() -> Response:
+        # Liveness: the process answers. Also what `--bootstrap http://HOST:PORT` reads to learn
+        # the peer id and addresses to dial (public anyway: any dialler of the p2p port learns them).
+        status = mesh.status()
+        return _respond(json_answer({"status": "ok", "peer_id": mesh.self_id, "version": __version__,
+                                     "p2p_addrs": list(status.get("p2p_addrs", ()))}))
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    async def readyz() -> Response:
+        # Readiness: the mesh is joined and the backend answers (503 with the failing check otherwise).
+        report = state.readiness() if state.readiness is not None else {"ready": True, "checks": {}}
+        return _respond(json_answer(report, 200 if report["ready"] else 503))
 
     @app.route("/api/version", methods=["GET", "HEAD"])
     async def version() -> Response:

@@ -93,6 +93,7 @@ class Outcome:
     body_unread: bool = False  # an answer now must close the connection
     error: str = ""  # what an error answer said, for the log
     envelope: str = "ollama"
+    ttfb: float | None = None  # seconds from the request to the first byte relayed (None: no answer relayed)
 
 
 @dataclass
@@ -259,6 +260,8 @@ class Attempts:
             # and a cold one is a model load (COLD_PENALTY already counts those).
             if attempt.routed and attempt.warm and streamed(ctype):
                 self.stats.first_byte(peer, now, attempt.ttfb, model=attempt.model_key)
+            if out.ttfb is None:
+                out.ttfb = now - out.started
             self.metrics.ttfb.labels(endpoint.label).observe(now - out.started)
             closing = (("connection", "close"),) if out.body_unread else ()  # an upload the backend did not read
             headers = response_headers(resp.headers) + declared_length(resp.status, resp.headers)

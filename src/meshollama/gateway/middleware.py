@@ -47,6 +47,7 @@ if audit.level == logging.NOTSET:
     audit.setLevel(logging.INFO)
 
 CREDENTIALS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+CALLER_KEY = "meshollama.caller"  # the scope key holding the authenticated auth.Caller
 HOST_REFUSED = "forbidden: this Host is not allowed (see gateway.allowed_hosts)"
 
 
@@ -123,6 +124,7 @@ class Gate:
             await self._refuse(scope, send, refusal)
             return
         assert isinstance(caller, Caller)
+        scope = {**scope, CALLER_KEY: caller}  # who asked, for views such as /api/mesh/whoami
         if self.metrics is not None:
             self.metrics.requests_by_key.labels(caller.label, str(caller.role)).inc()
         if not audited:

@@ -118,6 +118,8 @@ class Proxy:
                                  stall_timeout=float(g.stall_timeout), sideline_seconds=float(g.sideline_seconds),
                                  on_finished=self.queues.poke)
         self.in_flight = 0
+        # gateway.traffic.Traffic (the panel's charts and last requests), set by the app; None: not kept.
+        self.traffic: Any = None
         self.draining = False  # the node drains for a restart: new requests go to another node
         self.models: Any = None  # models.service.ModelService: /api/pull from peers first
         self._rr = itertools.count()
@@ -165,8 +167,12 @@ class Proxy:
                 self._idle.set()
 
     def _count(self, endpoint: Endpoint, out: Outcome, status: int) -> None:
+        duration = trio.current_time() - out.started
         self.metrics.requests.labels(endpoint.label, out.model, out.peer, str(status)).inc()
-        self.metrics.duration.labels(endpoint.label).observe(trio.current_time() - out.started)
+        self.metrics.duration.labels(endpoint.label).observe(duration)
+        if self.traffic is not None:
+            self.traffic.record(endpoint=endpoint.label, model=out.model, peer=out.peer, status=status,
+                                ttfb=out.ttfb, duration=duration)
 
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, responder: Responder, out: Outcome,
                      nursery: trio.Nursery) -> None:

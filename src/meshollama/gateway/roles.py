@@ -43,8 +43,11 @@ class Role(enum.IntEnum):
 _BY_NAME = {str(r): r for r in Role}
 ROLE_NAMES = tuple(str(r) for r in sorted(Role, reverse=True))  # ("admin", "user", "readonly")
 
-# The liveness probe and the metrics scrape answer without credentials.
-EXEMPT = frozenset({("GET", "/"), ("HEAD", "/"), ("GET", "/metrics"), ("HEAD", "/metrics")})
+# The liveness probe, the orchestrator probes and the metrics scrape answer without credentials.
+EXEMPT = frozenset({(m, p) for m in ("GET", "HEAD") for p in ("/", "/metrics", "/healthz", "/readyz")})
+# The panel's page, script and style: static files that hold no data. Everything
+# the page shows comes from /api/mesh/* with the user's own credential.
+UI_PREFIX = "/ui"
 
 _READS = frozenset({"GET", "HEAD"})
 _LISTINGS = frozenset({"/api/tags", "/api/ps", "/api/version", "/v1/models"})
@@ -55,6 +58,8 @@ def required_role(method: str, path: str) -> Role | None:
     """The least role that may send ``method path``; None: no credential needed."""
     method = method.upper()
     if (method, path) in EXEMPT:
+        return None
+    if method in _READS and (path == UI_PREFIX or path.startswith(UI_PREFIX + "/")):
         return None
     reads = method in _READS
     if path.startswith(MESH_PREFIX):

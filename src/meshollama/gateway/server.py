@@ -238,4 +238,7 @@ async def _serve(app: Any, listen: str, task_status: trio.TaskStatus[str], grace
             await trio.sleep_forever()
         finally:
             shutdown.set()
+            closing = getattr(getattr(app, "extensions", {}).get("meshollama"), "closing", None)
+            if closing is not None:  # endless answers (the panel's event stream) end now, not at the deadline
+                closing.set()
             server_scope.deadline = trio.current_time() + grace_period + _SLACK

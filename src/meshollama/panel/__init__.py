@@ -1,0 +1,1 @@
+"""The web panel's static files (served at /ui by gateway.panel_routes)."""
