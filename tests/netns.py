@@ -80,6 +80,7 @@ def sweep() -> None:
             except (ProcessLookupError, ValueError):
                 pass
         sh("ip", "netns", "del", name, check=False)
+        shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -173,6 +174,15 @@ class Net:
                 sh("ip", "netns", "exec", router, "nft", *rule)
         return Host(home, f"{lan_subnet}.10")
 
+    def hosts_file(self, host: Host, names: dict[str, str]) -> None:
+        """Give ``host`` an /etc/hosts of its own mapping ``names`` to IPs (``ip netns
+        exec`` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts), as a container's
+        DNS would; removed with the namespace."""
+        folder = Path("/etc/netns") / host.name
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", "::1 localhost"] + [f"{ip} {name}" for name, ip in names.items()]
+        (folder / "hosts").write_text("\n".join(lines) + "\n")
+
     async def spawn(self, host: Host, args: list[str], *, log: Path, env: dict | None = None) -> trio.Process:
         """Start ``args`` inside ``host``; stdout and stderr go to ``log``."""
         out = open(log, "wb")  # noqa: SIM115 (the process owns it)
@@ -220,4 +230,5 @@ class Net:
                     pass
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self.namespaces.clear()

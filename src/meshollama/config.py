@@ -30,6 +30,7 @@ import multiaddr
 import yaml
 
 from .errors import ConfigError
+from .mesh import bootstrap_url
 
 __all__ = [
     "ENV_PREFIX", "CONFIG_ENV", "OTHER_ENV", "Config", "NodeConfig", "P2PConfig", "GatewayConfig",
@@ -197,6 +198,8 @@ def _listen_addr(text: str) -> str:
 
 
 def _bootstrap_addr(text: str) -> str:
+    if bootstrap_url.is_url(text):  # a node's API: its /healthz says whom to dial
+        return bootstrap_url.check_url(text)
     names = _multiaddr(text)
     if len(names) < 2 or names[-1] != "p2p" or names.count("p2p") > 1:
         raise TypeError
@@ -261,7 +264,8 @@ def _announce_addr(text: str) -> str:
 
 _LISTEN = _List(_Str("a multiaddr /ip4/<address>/tcp/<port> or /ip6/<address>/tcp/<port>", _listen_addr), 1)
 _ANNOUNCE = _List(_Str("a multiaddr /ip4|ip6|dns4|dns6/<host>/tcp/<port> (no /p2p/: ours is added)", _announce_addr))
-_BOOTSTRAP = _List(_Str("a multiaddr ending in /p2p/<peer id>", _bootstrap_addr))
+_BOOTSTRAP = _List(_Str("a multiaddr ending in /p2p/<peer id>, or a node's API URL http(s)://HOST:PORT",
+                        _bootstrap_addr))
 _API_KEY = _Str("an API key without whitespace", _api_key)
 
 

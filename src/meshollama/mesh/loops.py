@@ -37,6 +37,7 @@ import trio
 
 from ..errors import AnnouncementError, P2PError, StreamReset
 from ..p2p import addrs as addrs_mod
+from . import bootstrap_url
 from ..p2p.events import Event
 from ..p2p.ping import Pinger
 from . import announce, liveness
@@ -206,14 +207,23 @@ class HostLoops:
         """Dial a bootstrap peer until it answers; re-dial whenever it is lost."""
         host, admission, rng = self.host, self.mesh.admission, self.mesh._rng
         backoff = BOOTSTRAP_FIRST_RETRY
-        target = addr.rsplit("/p2p/", 1)[-1]
+        by_url = bootstrap_url.is_url(addr)
+        target = "" if by_url else addr.rsplit("/p2p/", 1)[-1]
         while True:
-            if target in host.connected_peers():
+            if target and target in host.connected_peers():
                 backoff = BOOTSTRAP_FIRST_RETRY
                 await trio.sleep(self.settings.heartbeat_interval)
                 continue
             try:
-                await host.connect([addr])
+                dial = [addr]
+                if by_url:  # asked again at every attempt: a rebuilt pod comes back with a new id
+                    target, dial = await bootstrap_url.resolve(addr)
+                    if target == self.mesh.self_id:
+                        log.info("bootstrap %s is this node; not dialling it", addr)
+                        return
+                    if target in host.connected_peers():
+                        continue
+                await host.connect(dial)
                 # In a closed mesh a connection counts once both sides admit each
                 # other: one cut right after the handshake must not end the back-off,
                 # or a node not yet admitted would redial in a tight loop.
