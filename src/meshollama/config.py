@@ -34,7 +34,7 @@ from .mesh import bootstrap_url
 
 __all__ = [
     "ENV_PREFIX", "CONFIG_ENV", "OTHER_ENV", "Config", "NodeConfig", "P2PConfig", "GatewayConfig",
-    "MeshConfig", "BackendConfig", "OllamaConfig", "EmbeddedConfig", "ModelsConfig", "load_config", "check_file", "config_to_dict",
+    "MeshConfig", "BackendConfig", "OllamaConfig", "EmbeddedConfig", "ModelsConfig", "TracingConfig", "load_config", "check_file", "config_to_dict",
 ]
 
 ENV_PREFIX = "MESHOLLAMA_"
@@ -495,6 +495,26 @@ class MeshConfig:
     admission_timeout: float = _opt(_positive(), 10.0, "seconds a new connection has to present a certificate")
 
 
+def _otlp_header(text: str) -> str:
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name.strip()) or re.search(r"[\x00-\x1f\x7f]", value):
+        raise TypeError
+    return f"{name.strip().lower()}={value.strip()}"
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    # Off unless asked: a collector is something the operator runs. A client's traceparent is passed on anyway.
+    otlp_endpoint: str = _opt(_Str("an http:// or https:// URL, or empty", _http_url, empty=True), "",
+                              "OTLP/HTTP collector URL; spans are POSTed as JSON to <url>/v1/traces (empty: off)")
+    service_name: str = _opt(_Str(), "meshollama", "service.name on this node's spans")
+    # Every trace by default: a mesh's request rate is low next to a collector's capacity.
+    sample_ratio: float = _opt(_Num(float, 0, 1), 1.0, "fraction of new traces recorded (a caller's flag wins)")
+    # A hosted collector wants a key: `authorization=Bearer ...`, `x-honeycomb-team=...`.
+    headers: tuple[str, ...] = _opt(_List(_Str("NAME=VALUE (an HTTP header)", _otlp_header)), (),
+                                    "HTTP headers sent with every export")
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -505,6 +525,7 @@ class Config:
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 # Read off the dataclasses: section -> class, dotted key -> kind, env name -> dotted key.
@@ -689,6 +710,8 @@ def config_to_dict(cfg: Config, *, redact: bool = True) -> dict[str, dict[str, A
         values = dataclasses.asdict(getattr(cfg, section))
         if redact and "api_keys" in values:
             values["api_keys"] = ["***"] * len(values["api_keys"])
+        if redact and section == "tracing":  # collector credentials
+            values["headers"] = [h.split("=", 1)[0] + "=***" for h in values["headers"]]
         out[section] = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
                         for k, v in values.items()}
     return out

@@ -89,6 +89,7 @@ SPEC_DEFAULTS = {
         "replicas": (), "accept_replicas": True, "min_free_bytes": 2 * 1024**3, "replica_grace": 120.0,
         "labels": (),
     },
+    "tracing": {"otlp_endpoint": "", "service_name": "meshollama", "sample_ratio": 1.0, "headers": ()},
 }
 
 

@@ -29,6 +29,7 @@ from .. import __version__, names
 from ..backends.ollama_api import OLLAMA_VERSION
 from ..httpmsg import Upstream
 from ..mesh.peertable import Snapshot
+from ..tracing import for_app as tracer_for_app
 from . import listings, panel_routes, policy_routes
 from .auth import Authenticator
 from .cors import CorsPolicy
@@ -125,6 +126,7 @@ def create_app(config: Any, mesh: MeshView, backend: Upstream | None, registry: 
         PROVIDE_AUTOMATIC_OPTIONS=False,  # OPTIONS is CORS's business (middleware)
     )
     app.extensions[EXTENSION] = state
+    state.tracer = state.proxy.tracer = tracer_for_app(app, config, mesh, registry)  # docs/tracing.md
     _register_views(app, state)
     policy_routes.register(app, mesh, _respond)
     panel_routes.register(app, state, _respond)

@@ -34,6 +34,7 @@ import trio
 from .. import routing
 from ..errors import UpstreamBusy, UpstreamUnavailable
 from ..httpmsg import Headers, ProxyRequest, ProxyResponse, Upstream, content_length, error_text, forwardable, header
+from ..tracing import CLIENT, NO_SPAN, TRACE_ID_HEADER, with_context
 from .asgi import ClientGone, Responder
 from .endpoints import Endpoint
 from .errors import Answer, error_answer
@@ -56,7 +57,7 @@ ERROR_BODY_TIMEOUT = 10.0  # seconds to read it
 # this, the upstream is broken (a final object with a long ``context`` fits).
 MAX_HELD = 16 * 1024 * 1024
 # Response headers Hypercorn writes itself, and ours.
-_DROP_RESPONSE = frozenset({"date", "server", PEER_HEADER})
+_DROP_RESPONSE = frozenset({"date", "server", PEER_HEADER, TRACE_ID_HEADER})
 
 
 def response_headers(headers: Headers) -> Headers:
@@ -94,6 +95,8 @@ class Outcome:
     error: str = ""  # what an error answer said, for the log
     envelope: str = "ollama"
     ttfb: float | None = None  # seconds from the request to the first byte relayed (None: no answer relayed)
+    span: Any = NO_SPAN  # tracing: the request's ``gateway`` span
+    route: Any = None  # tracing: its ``route`` span, parent of each try's ``peer stream`` span (None: not routed)
 
 
 @dataclass
@@ -107,6 +110,7 @@ class _Try:
     ttfb: float | None = None
     ok: bool = False
     pieces: int = 0  # body lines relayed (streamed tokens, for NDJSON and SSE)
+    span: Any = NO_SPAN  # tracing: this try's ``peer stream`` span
 
     def relayed(self, chunk: bytes) -> None:
         self.pieces += max(1, chunk.count(b"\n"))
@@ -160,6 +164,11 @@ class Attempts:
         first_byte_timeout = self.first_byte_timeout if timeouts else math.inf
         track = upstream is None  # routed tries feed the router's stats; local management does not
         attempt = _Try(started=trio.current_time(), routed=track, model_key=model_key, warm=warm)
+        # The try's span: its context, not the client's, is the parent the next hop sees.
+        local = upstream is not None or peer == getattr(self.mesh, "self_id", None)
+        attempt.span = (out.route or out.span).child("peer stream", CLIENT,
+                                                     {"meshollama.peer": peer, "meshollama.local": local})
+        request = with_context(request, attempt.span.context)
         if track:
             self.stats.started(peer, attempt.started)
         result: Failure | Broken | None = None
@@ -168,6 +177,7 @@ class Attempts:
                 upstream = self.mesh.upstream(peer)
             with trio.CancelScope(deadline=attempt.started + first_byte_timeout) as first_byte:
                 async with upstream.open(request) as resp:
+                    attempt.span.set("http.response.status_code", resp.status)
                     if resp.status in RETRY_STATUSES and (retry_5xx or relay.state == "resuming"):
                         answer = await _read_error_answer(resp, endpoint)
                         result = Failure(f"http_{resp.status}", f"answered {resp.status}", answer,
@@ -220,6 +230,7 @@ class Attempts:
                 result = Failure("error", f"{type(exc).__name__}: {exc}")
         finally:
             self._finished(peer, attempt, result)
+            _end_span(attempt.span, result, "client_gone" if out.client_gone else "ok" if attempt.ok else "cancelled")
         return result
 
     def _finished(self, peer: str, attempt: _Try, result: Failure | Broken | None) -> None:
@@ -243,6 +254,7 @@ class Attempts:
         """Relay a committed answer through ``relay``, chunk by chunk."""
         now = trio.current_time()
         attempt.ttfb = now - attempt.started
+        attempt.span.event("first byte")
         ctype = header(resp.headers, "content-type", "") or ""
         continuing = relay.state == "resuming"
         if continuing:
@@ -306,6 +318,20 @@ class Attempts:
         await responder.end(tail)
         attempt.ok = True
         return None
+
+
+def _end_span(span: Any, result: Failure | Broken | None, otherwise: str) -> None:
+    if not span.recording:
+        return
+    if isinstance(result, Failure):
+        span.set("meshollama.outcome", result.kind)
+        span.end(result.message)
+    elif isinstance(result, Broken):
+        span.set("meshollama.outcome", "broken")
+        span.end(result.reason)
+    else:
+        span.set("meshollama.outcome", otherwise)
+        span.end()
 
 
 def _kind_label(kind: str) -> str:

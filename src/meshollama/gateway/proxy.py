@@ -45,6 +45,7 @@ import trio
 from .. import names, routing
 from ..errors import ModelNotFound, NoCapacity, RequestError, UpstreamBusy, UpstreamError, UpstreamUnavailable
 from ..httpmsg import Headers, ProxyRequest, Upstream, error_text, forwardable
+from ..tracing import OFF, SERVER, end_request, ending, from_scope, send_trace_id
 from .asgi import (
     ASGIApp,
     BodyStream,
@@ -68,8 +69,9 @@ from .resume import Continuation, GiveUp, StreamRelay
 
 log = logging.getLogger(__name__)
 
-# Request headers that describe the client's hop, not the request.
-_DROP_REQUEST = frozenset({"origin", "referer", "cookie", "expect", PEER_HEADER})
+# Request headers that describe the client's hop, not the request. The client's
+# trace context goes on as the parent of each try's span (``attempt``), re-formatted.
+_DROP_REQUEST = frozenset({"origin", "referer", "cookie", "expect", PEER_HEADER, "traceparent", "tracestate"})
 
 
 def request_target(scope: Scope) -> str:
@@ -120,6 +122,7 @@ class Proxy:
         self.in_flight = 0
         # gateway.traffic.Traffic (the panel's charts and last requests), set by the app; None: not kept.
         self.traffic: Any = None
+        self.tracer: Any = OFF  # tracing.Tracer, set by the app: spans, and the trace context each try carries
         self.draining = False  # the node drains for a restart: new requests go to another node
         self.models: Any = None  # models.service.ModelService: /api/pull from peers first
         self._rr = itertools.count()
@@ -133,7 +136,11 @@ class Proxy:
 
     async def serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one request completely; never raises except on cancellation."""
-        out = Outcome(started=trio.current_time(), envelope=endpoint.envelope)
+        span = self.tracer.start("gateway", from_scope(scope), SERVER, {
+            "http.request.method": scope.get("method", ""), "url.path": scope.get("path", ""),
+            "meshollama.endpoint": endpoint.label})
+        send = send_trace_id(send, span.context)  # X-Meshollama-Trace-Id on every answer of a traced request
+        out = Outcome(started=trio.current_time(), envelope=endpoint.envelope, span=span)
         responder = Responder(send)
         refusal = ""
         if self.draining:
@@ -173,6 +180,7 @@ class Proxy:
         if self.traffic is not None:
             self.traffic.record(endpoint=endpoint.label, model=out.model, peer=out.peer, status=status,
                                 ttfb=out.ttfb, duration=duration)
+        end_request(out.span, status, model=out.model, peer=out.peer, error=out.error)
 
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, responder: Responder, out: Outcome,
                      nursery: trio.Nursery) -> None:
@@ -241,12 +249,18 @@ class Proxy:
     # --- routed requests ---------------------------------------------------------
 
     async def _routed(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome) -> None:
+        out.route = out.span.child("route")  # the decision: tries are its children, retries its events
+        with ending(out.route):
+            await self._route(endpoint, request, responder, out)
+
+    async def _route(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome) -> None:
         payload = parse_payload(request.body, endpoint)
         model = model_of(payload, endpoint)
         key = names.key(model)
         if not routing.candidates(self.mesh.snapshot(), key):
             self._unservable(endpoint, model, key)
         out.model = names.shortest(model)
+        out.route.set("meshollama.model", out.model)
         check_fields(payload, endpoint)  # after the 404, as Ollama checks them after loading
         path = request.path.split("?", 1)[0]
         relay = StreamRelay(path, payload, resume=self.resume, body=request.body)
@@ -254,9 +268,12 @@ class Proxy:
         deadline = trio.current_time() + self.queues.timeout
         after_busy = False
         while True:
+            queued = trio.current_time()
             await self.queues.wait(key, lambda: self._free(key), label=out.model, after_busy=after_busy,
                                    deadline=deadline, servable=lambda: bool(routing.candidates(self.mesh.snapshot(),
                                                                                                key)))
+            if (waited := trio.current_time() - queued) > 0.001:  # it waited in line (a free slot returns at once)
+                out.route.event("queued", seconds=round(waited, 3))
             failures = await self._try_in_order(endpoint, request, responder, out, relay, model, key, streaming)
             if failures is None:  # answered, or ended with an explicit error
                 return
@@ -287,6 +304,8 @@ class Proxy:
         if not order:  # every holder went away while we waited
             self._unservable(endpoint, model, key)
         tries = order[: 1 + self.retries]
+        if out.route.recording:
+            out.route.event("order", candidates=list(order), tries=list(tries))
         failures: list[tuple[str, Failure]] = []
         for n, peer in enumerate(tries, 1):
             # The weights the answer starts on: a continuation must use the same ones,
@@ -301,6 +320,7 @@ class Proxy:
                 await self._resume(endpoint, request, responder, out, relay, key, peer, digest, result)
                 return None
             log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, result.kind, result.message)
+            out.route.event("attempt failed", peer=peer, kind=result.kind, message=result.message)
             failures.append((peer, result))
             if not result.retry:
                 break
@@ -343,6 +363,7 @@ class Proxy:
                 await end_broken(responder, out, f"upstream {peer} failed mid-stream: {broken.reason}")
                 return
             decision = relay.broke(broken.reason, broken.spent)
+            out.route.event("broken", peer=peer, reason=broken.reason, resumed=isinstance(decision, Continuation))
             if not isinstance(decision, Continuation):
                 await self._end(responder, out, decision, broken.reason)
                 return
