@@ -252,6 +252,9 @@ async def test_cors_over_http():
                                   json={"model": "llama3", "stream": False})
             assert r.status_code == 200
             assert r.headers["access-control-allow-origin"] == "https://app.example.com"
+            # The allowed page may read which peer answered (and the trace id).
+            assert "x-meshollama-peer" in r.headers["access-control-expose-headers"].lower()
+            assert r.headers["x-meshollama-peer"]
 
             r = await client.options("/api/chat", headers={
                 "origin": "http://localhost:3000", "access-control-request-method": "POST",

@@ -50,6 +50,9 @@ def _pattern(origin: str) -> re.Pattern[str]:
     return re.compile(".*".join(parts) + r"\Z", re.IGNORECASE)
 
 
+EXPOSE_HEADERS = "X-Meshollama-Peer, X-Meshollama-Trace-Id"
+
+
 class CorsPolicy:
     """Ollama's local origins plus the configured ones."""
 
@@ -71,7 +74,9 @@ class CorsPolicy:
 
     @staticmethod
     def response_headers(origin: str) -> Headers:
-        return (("access-control-allow-origin", origin), ("vary", "Origin"))
+        # An allowed web app (Open WebUI in another origin) may read which peer answered and the trace id.
+        return (("access-control-allow-origin", origin), ("vary", "Origin"),
+                ("access-control-expose-headers", EXPOSE_HEADERS))
 
     @staticmethod
     def preflight_headers(origin: str, requested_headers: str | None) -> Headers:
