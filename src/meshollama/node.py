@@ -150,7 +150,9 @@ class Node:
 
         def http_server(on_reject, on_error) -> HttpStreamServer:
             p2p = cfg.p2p
-            return HttpStreamServer(backend, limiter, max_request_bytes=p2p.max_request_bytes,
+            from .tracing import OFF, ServedBackend  # peers' requests: serve/backend spans, traceparent to the backend
+            served = ServedBackend(backend, app.extensions[EXTENSION].tracer if app is not None else OFF)
+            return HttpStreamServer(served, limiter, max_request_bytes=p2p.max_request_bytes,
                                     max_buffered_bytes=p2p.max_buffered_bytes, request_timeout=p2p.request_timeout,
                                     on_reject=on_reject, on_error=on_error,
                                     allow=peer_policy(admission))
@@ -180,6 +182,7 @@ class Node:
         self.models = models = _model_service(cfg, mesh, backend, self.registry)
         gateway.proxy.models = gateway.models = models
         gateway.drain = self.drain
+        gateway.readiness = partial(readiness, cfg, mesh, backend)
         self._limiter = limiter
         self._idle = [lambda: gateway.proxy.in_flight == 0, lambda: backend.load().in_flight == 0,
                       lambda: limiter.in_use == 0]
@@ -239,6 +242,35 @@ class Node:
         """Announce that we leave; call before cancelling ``serve``."""
         if self.mesh is not None:
             await self.mesh.leave()
+
+
+def readiness(cfg: Config, mesh: MeshService, backend) -> dict:
+    """What ``GET /readyz`` answers: ready once the mesh is joined and the backend answers.
+
+    Joined: the libp2p host runs and, when bootstrap peers are configured, at
+    least one peer is connected (a node with no bootstrap is a mesh of its own
+    until others dial it). A draining node is not ready: orchestrators stop
+    sending it requests while it finishes those in flight.
+    """
+    status = mesh.status()
+    connected = len(status["connected_peers"])
+    if status["host"] != "running":
+        joined = (False, f"libp2p host {status['host']}")
+    elif status["draining"]:
+        joined = (False, "draining for a restart")
+    elif cfg.p2p.bootstrap and not connected:
+        joined = (False, f"no peer connected yet ({len(cfg.p2p.bootstrap)} bootstrap entries)")
+    else:
+        joined = (True, f"{connected} peers connected")
+    up = getattr(backend, "up", True)
+    if backend.kind == "none":
+        answering = (True, "no backend: this node routes to peers only")
+    elif up is None:
+        answering = (False, f"{backend.kind} backend not probed yet")
+    else:
+        answering = (bool(up), f"{backend.kind} backend {'answers' if up else 'does not answer'}")
+    checks = {name: {"ok": ok, "detail": detail} for name, (ok, detail) in (("mesh", joined), ("backend", answering))}
+    return {"ready": all(c["ok"] for c in checks.values()), "checks": checks}
 
 
 def _model_service(cfg: Config, mesh: MeshService, backend, registry):
@@ -317,18 +349,16 @@ def _counter_sink(metrics):
             metrics.p2p_request_streams.labels(label).inc()
         elif name == "host_restarts":
             metrics.host_restarts.inc()
+        elif name == "addrs_dropped":
+            metrics.addrs_dropped.labels(label).inc()
 
     return count
 
 
 async def _peer_gauge_loop(mesh: MeshService, metrics) -> None:
+    """Every second: peers by state, each peer's state and load, copies of each model, this node's state."""
     while True:
-        counts = {"alive": 0, "draining": 0, "down": 0, "unreachable": 0}
-        for peer in mesh.snapshot().peers:
-            if not peer.is_self:
-                counts[peer.state.value] = counts.get(peer.state.value, 0) + 1
-        for state, n in counts.items():
-            metrics.peers.labels(state).set(n)
+        metrics.observe(mesh.snapshot(), mesh.status(), mesh.replica_targets())
         await trio.sleep(1.0)
 
 

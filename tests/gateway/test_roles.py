@@ -21,6 +21,10 @@ CASES = [
     # exempt
     ("GET", "/", None), ("HEAD", "/", None), ("GET", "/metrics", None), ("HEAD", "/metrics", None),
     ("POST", "/", U), ("POST", "/metrics", U),
+    ("GET", "/healthz", None), ("HEAD", "/readyz", None), ("POST", "/healthz", U), ("GET", "/healthz/x", U),
+    # the panel's static files; its data comes from /api/mesh/* with the user's credential
+    ("GET", "/ui", None), ("GET", "/ui/", None), ("GET", "/ui/panel.js", None), ("HEAD", "/ui/panel.css", None),
+    ("POST", "/ui/", U), ("GET", "/uix", U), ("GET", "/ui.js", U),
     # listings
     ("GET", "/api/tags", R), ("HEAD", "/api/tags", R), ("GET", "/api/ps", R), ("GET", "/api/version", R),
     ("GET", "/v1/models", R), ("GET", "/v1/models/llama3", R), ("POST", "/api/show", R),

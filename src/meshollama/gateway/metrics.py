@@ -4,14 +4,25 @@ Both are created on a registry passed in, never the global one, so several
 nodes can run in one test process. The gateway increments
 :class:`GatewayMetrics`; the mesh service (written elsewhere) increments
 :class:`MeshMetrics`, defined here so every metric name lives in one file.
+The model service's three counters (``meshollama_model_bytes_total``,
+``meshollama_model_pulls_total``, ``meshollama_blob_requests_refused_total``)
+are the exception: they live in ``models/service.py``.
+docs/observability.md describes every metric, the alerts built on them and
+the dashboard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .. import names
 
 # Generation streams last from milliseconds (embeddings) to minutes.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+LOAD_KINDS = ("in_flight", "capacity", "queued", "waiting")  # meshollama_peer_load{kind}: catalog.LoadInfo's fields
 TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -107,7 +118,7 @@ class MeshMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.peers = Gauge(
             "meshollama_peers",
-            "Peers in the table, by state (alive, down).",
+            "Peers in the table (this node not counted), by state (alive, draining, down, unreachable).",
             ["state"],
             registry=registry,
         )
@@ -150,3 +161,126 @@ class MeshMetrics:
             ["reason"],
             registry=registry,
         )
+        self.addrs_dropped = Counter(
+            "meshollama_announced_addrs_dropped_total",
+            "Addresses in peers' heartbeats not used, by reason (foreign_or_invalid, over_limit).",
+            ["reason"],
+            registry=registry,
+        )
+        # Set once a second from the peer table (observe): per-peer series so that
+        # an alert can name the peer, not only count them.
+        self.peer_state = Gauge(
+            "meshollama_peer_state",
+            "Each peer in the table (this node not included): 1 for its state now, 0 for the"
+            " other states (alive, draining, down, unreachable).",
+            ["peer", "state"],
+            registry=registry,
+        )
+        self.peer_load = Gauge(
+            "meshollama_peer_load",
+            "What each peer (this node included) last announced: requests in_flight, slot"
+            " capacity, queued in its backend, waiting in its gateway's queue.",
+            ["peer", "kind"],
+            registry=registry,
+        )
+        self.model_copies = Gauge(
+            "meshollama_model_copies",
+            "Peers up (alive or draining, this node included) that announce each model; 0 for a"
+            " model with a copy-count target and no holder.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_copies_target = Gauge(
+            "meshollama_model_copies_target",
+            "Copy count set for a model (meshollama replicate), as this node knows it.",
+            ["model"],
+            registry=registry,
+        )
+        self.node_info = Gauge(
+            "meshollama_node_info",
+            "Always 1: this node's peer id and version (join on instance to name a node by peer).",
+            ["peer", "version"],
+            registry=registry,
+        )
+        self.node_draining = Gauge(
+            "meshollama_node_draining",
+            "1 while this node drains for a restart (meshollama drain, SIGUSR1).",
+            registry=registry,
+        )
+        self.p2p_host_up = Gauge(
+            "meshollama_p2p_host_up",
+            "1 while the libp2p host runs, 0 while a failed one is rebuilt (or the first starts).",
+            registry=registry,
+        )
+        self.p2p_connected_peers = Gauge(
+            "meshollama_p2p_connected_peers",
+            "Peers with an open libp2p connection to this node.",
+            registry=registry,
+        )
+        self.start_time = Gauge(
+            "meshollama_node_start_time_seconds",
+            "When this node started, in Unix time (a restart shows as a change).",
+            registry=registry,
+        )
+        self.start_time.set_to_current_time()
+        self._shown: dict[str, set] = {"peers": set(), "loads": set(), "models": set(), "targets": set()}
+        self._info: tuple[str, str] | None = None
+
+    def observe(self, snapshot: Any, status: dict, targets: Iterable[Any] = ()) -> None:
+        """Set the gauges from a peer table snapshot (``mesh.Snapshot``), the mesh
+        service's ``status()`` and the copy-count targets it knows. Series of
+        peers and models no longer there are removed, so a peer that left does
+        not stay "down" on a dashboard for ever."""
+        states = ("alive", "draining", "down", "unreachable")
+        counts = dict.fromkeys(states, 0)
+        peers, loads, copies = set(), set(), {}
+        for peer in snapshot.peers:
+            pid = peer.peer_id
+            load = peer.load
+            for kind in LOAD_KINDS:
+                self.peer_load.labels(pid, kind).set(getattr(load, kind))
+            loads.add(pid)
+            if peer.state.value in ("alive", "draining"):
+                for model in {names.shortest(m.name) for m in peer.models}:
+                    copies[model] = copies.get(model, 0) + 1
+            if peer.is_self:
+                continue
+            state = peer.state.value
+            counts[state] = counts.get(state, 0) + 1
+            for s in states:
+                self.peer_state.labels(pid, s).set(1 if s == state else 0)
+            peers.add(pid)
+        for state, n in counts.items():
+            self.peers.labels(state).set(n)
+        wanted = {}
+        for target in targets:
+            if target.copies > 0:
+                wanted[names.shortest(target.model)] = target.copies
+        for model, n in wanted.items():
+            self.model_copies_target.labels(model).set(n)
+            copies.setdefault(model, 0)
+        for model, n in copies.items():
+            self.model_copies.labels(model).set(n)
+        self._forget("peers", peers, self.peer_state, states)
+        self._forget("loads", loads, self.peer_load, LOAD_KINDS)
+        self._forget("models", set(copies), self.model_copies)
+        self._forget("targets", set(wanted), self.model_copies_target)
+
+        self_id, version = status.get("peer_id", ""), status.get("version", "")
+        if self._info != (self_id, version):
+            self.node_info.clear()
+            self.node_info.labels(self_id, version).set(1)
+            self._info = (self_id, version)
+        self.node_draining.set(1 if status.get("draining") else 0)
+        self.p2p_host_up.set(1 if status.get("host") == "running" else 0)
+        self.p2p_connected_peers.set(len(status.get("connected_peers", ())))
+
+    def _forget(self, kind: str, now: set, gauge: Gauge, second: tuple[str, ...] = ()) -> None:
+        """Remove the series of ``gauge`` whose first label was shown last time and is gone now."""
+        for gone in self._shown[kind] - now:
+            for labels in [(gone, x) for x in second] or [(gone,)]:
+                try:
+                    gauge.remove(*labels)
+                except KeyError:  # never set under those labels
+                    pass
+        self._shown[kind] = now
