@@ -1,9 +1,142 @@
-"""Placeholder, replaced by the panel work."""
+"""The web control panel: its static files at ``/ui/`` and the JSON and events it reads.
+
+* ``GET /ui`` redirects to ``/ui/``, which is ``index.html``; ``GET /ui/<name>``
+  is one of the files shipped in ``meshollama/panel/static``. The set of
+  names is read once at import into memory: a request path is looked up in
+  that table, never joined to a filesystem path, so no spelling of ``..``
+  reaches a file outside it. The gate lets these through without a
+  credential (:mod:`.roles`): they hold no data.
+* ``GET /api/mesh/whoami``: the caller's role (the panel hides what the role
+  may not do); ``GET /api/mesh/traffic``: :meth:`.traffic.Traffic.snapshot`;
+  ``GET /api/mesh/events``: the live updates (:mod:`.panel_events`). These
+  need the readonly role, like every ``GET /api/mesh/*``.
+
+Every panel answer carries a strict Content-Security-Policy (no inline
+script or style, nothing from another origin, not frameable), ``nosniff``
+and ``no-referrer``. Cross-origin pages are refused by the gate's CORS check.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from quart import Response, request
+
+from .middleware import CALLER_KEY
+from .errors import error_answer, json_answer
+from .panel_events import Feeds, hello_payload, whoami
+
+log = logging.getLogger(__name__)
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+SECURITY_HEADERS = (
+    ("content-security-policy", CSP),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("x-frame-options", "DENY"),
+)
+TYPES = {
+    "html": "text/html; charset=utf-8",
+    "js": "text/javascript; charset=utf-8",
+    "css": "text/css; charset=utf-8",
+    "svg": "image/svg+xml",
+    "png": "image/png",
+    "json": "application/json",
+    "txt": "text/plain; charset=utf-8",
+}
+_SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\.([a-z]+)\Z")
+STREAMS_BUSY_RETRY = 10  # seconds, in Retry-After when the event streams are all taken
+
+
+@dataclass(frozen=True)
+class Asset:
+    body: bytes
+    content_type: str
+    etag: str
+
+
+def load_assets(package: str = "meshollama.panel", folder: str = "static") -> dict[str, Asset]:
+    """Every servable file of the panel's static folder, by name (flat, known types only)."""
+    out: dict[str, Asset] = {}
+    try:
+        root = resources.files(package) / folder
+        entries = list(root.iterdir())
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        log.warning("the panel's static files are missing: /ui answers 404")
+        return out
+    for entry in entries:
+        found = _SAFE_NAME.match(entry.name)
+        if found is None or found.group(1) not in TYPES or not entry.is_file():
+            continue
+        body = entry.read_bytes()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
+        out[entry.name] = Asset(body, TYPES[found.group(1)], etag)
+    return out
+
+
+ASSETS = load_assets()
+
+
+def _panel_response(body: bytes, status: int, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(body, status=status, headers=list(SECURITY_HEADERS + headers))
+
+
+def asset_response(name: str, if_none_match: str | None) -> Response:
+    asset = ASSETS.get(name)
+    if asset is None:
+        return _panel_response(b"404 page not found", 404, (("content-type", TYPES["txt"]),))
+    headers = (("content-type", asset.content_type), ("etag", asset.etag), ("cache-control", "no-cache"))
+    if if_none_match and asset.etag in {t.strip() for t in if_none_match.split(",")}:
+        return _panel_response(b"", 304, headers[1:])
+    return _panel_response(asset.body, 200, headers)
 
 
 def register(app: Any, state: Any, respond: Callable) -> None:
-    pass
+    feeds = Feeds(state)
+    state.panel_feeds = feeds  # for tests and the node's own status, if it wants the stream count
+
+    @app.route("/ui", methods=["GET"])
+    async def ui_root() -> Response:
+        return _panel_response(b"", 308, (("location", "/ui/"),))
+
+    @app.route("/ui/", methods=["GET"])
+    async def ui_index() -> Response:
+        return asset_response("index.html", request.headers.get("if-none-match"))
+
+    @app.route("/ui/<path:name>", methods=["GET"], merge_slashes=False)  # "//x": 404, not a redirect
+    async def ui_asset(name: str) -> Response:
+        return asset_response(name, request.headers.get("if-none-match"))
+
+    @app.route("/api/mesh/whoami", methods=["GET"])
+    async def mesh_whoami() -> Response:
+        return respond(json_answer(whoami(request.scope.get(CALLER_KEY))))
+
+    @app.route("/api/mesh/traffic", methods=["GET"])
+    async def mesh_traffic() -> Response:
+        return respond(json_answer(state.traffic.snapshot()))
+
+    @app.route("/api/mesh/events", methods=["GET"])
+    async def mesh_events() -> Response:
+        if request.method == "HEAD":  # the head alone: no stream to hold open
+            return Response(b"", 200, headers=[("content-type", "text/event-stream; charset=utf-8")])
+        caller = request.scope.get(CALLER_KEY)
+        hello = hello_payload(state.mesh.self_id, caller, not state.auth.configured, feeds.heartbeat)
+        stream = feeds.stream(hello, state.closing)
+        if stream is None:
+            answer = error_answer(503, f"too many event streams open (at most {feeds.max_streams}); retry later")
+            return respond(answer.with_headers(("retry-after", str(STREAMS_BUSY_RETRY))))
+        response = Response(stream, status=200, headers=[
+            ("content-type", "text/event-stream; charset=utf-8"),
+            ("cache-control", "no-cache, no-transform"),
+            ("x-accel-buffering", "no"),  # a reverse proxy in front must not hold events back
+            ("x-content-type-options", "nosniff"),
+        ])
+        response.timeout = None  # endless: ends when the client leaves or the server closes
+        return response

@@ -1,0 +1,1 @@
+"""Browser tests of the web panel (Playwright driving the system Chromium)."""
