@@ -605,3 +605,27 @@ async def test_error_answers_are_logged_with_their_message(caplog):
                     "system, or context") in logged
     assert ("WARNING", 'POST /api/generate llama3:latest -> 500: option "stop" must be of type array') in logged
     assert ("INFO", "POST /api/generate - -> 404: model 'nobody-has-it' not found") in logged
+
+
+async def test_a_client_that_closes_once_it_has_every_declared_byte_is_not_counted_as_gone():
+    """A non-streamed answer: the client reads Content-Length bytes and closes
+    before the empty last ASGI message goes out; that is a 200, not a 499
+    (found in the panel's last-requests table)."""
+    from meshollama.gateway.asgi import Responder
+    from meshollama.gateway.attempt import Outcome
+    from meshollama.gateway.proxy import Proxy
+
+    async def send(message):
+        pass
+
+    async def disconnect():
+        return {"type": "http.disconnect"}
+
+    for body, gone in ((b"{}", False), (b"{", True)):
+        responder = Responder(send)
+        await responder.start(200, (("content-type", "application/json"), ("content-length", "2")))
+        await responder.body(body)
+        out = Outcome(started=0.0)
+        with trio.CancelScope() as scope:
+            await Proxy._watch_disconnect(disconnect, scope, responder, out)
+        assert out.client_gone is gone and scope.cancel_called is gone

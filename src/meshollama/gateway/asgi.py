@@ -138,7 +138,14 @@ class Responder:
         self.finished = False
         self.status = 0
         self.bytes_sent = 0
+        self.declared: int | None = None  # the answer's Content-Length, when it has one
         self.tail = b""  # last bytes sent, to close a half-written line cleanly
+
+    @property
+    def delivered(self) -> bool:
+        """Everything is on its way: the last message, or every declared byte (a
+        client that has them all may close before the empty last message)."""
+        return self.ending or (self.declared is not None and self.bytes_sent >= self.declared)
 
     async def _out(self, message: Message) -> None:
         try:
@@ -149,6 +156,9 @@ class Responder:
     async def start(self, status: int, headers: Headers) -> None:
         self.started = True
         self.status = status
+        for name, value in headers:
+            if name.lower() == "content-length" and value.strip().isdigit():
+                self.declared = int(value)
         await self._out({"type": "http.response.start", "status": status, "headers": encode_headers(headers)})
 
     async def body(self, data: bytes) -> None:

@@ -242,7 +242,7 @@ class Proxy:
         except Exception as exc:
             log.debug("receive failed while watching for a disconnect: %r", exc)
         # Hypercorn also reports the end of a completed exchange as a disconnect.
-        if responder is None or not responder.ending:
+        if responder is None or not responder.delivered:
             out.client_gone = True
             scope.cancel()
 
