@@ -51,6 +51,14 @@ class GatewayMetrics:
             buckets=TTFB_BUCKETS,
             registry=registry,
         )
+        self.peer_ttfb = Histogram(
+            "meshollama_peer_time_to_first_byte_seconds",
+            "Time from sending a request to a peer (or this node's backend) to its first byte, by"
+            " answering peer and model: each peer's latency per model, retries and resumes included.",
+            ["peer", "model"],
+            buckets=TTFB_BUCKETS,
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "meshollama_in_flight_requests",
             "Proxied requests being served now.",
