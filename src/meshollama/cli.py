@@ -103,11 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="create keys")
     keygen.add_argument("--psk", required=True, metavar="FILE", help="write a new private-network key to FILE")
 
-    from . import cli_keys, cli_mesh, cli_models
+    from . import cli_keys, cli_mesh, cli_models, cli_run
 
     cli_mesh.add_parsers(sub, common)
     cli_keys.add_parser(sub, common)
     cli_models.add_parsers(sub, common)
+    cli_run.add_parser(sub, common)
     return p
 
 
@@ -189,6 +190,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import cli_models
 
         return cli_models.run(args, _load, _api_url, http_verify)
+    if args.command == "run":
+        from . import cli_run
+
+        return cli_run.run(args, _load, _api_url, http_verify)
     if args.command == "keygen":
         from .identity import write_psk
 
