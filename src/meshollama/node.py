@@ -247,19 +247,21 @@ class Node:
 def readiness(cfg: Config, mesh: MeshService, backend) -> dict:
     """What ``GET /readyz`` answers: ready once the mesh is joined and the backend answers.
 
-    Joined: the libp2p host runs and, when bootstrap peers are configured, at
-    least one peer is connected (a node with no bootstrap is a mesh of its own
-    until others dial it). A draining node is not ready: orchestrators stop
+    Joined: the libp2p host runs and, when bootstrap peers other than this
+    node are configured, at least one peer is connected (a node with no
+    bootstrap is a mesh of its own until others dial it). A draining node is not ready: orchestrators stop
     sending it requests while it finishes those in flight.
     """
     status = mesh.status()
     connected = len(status["connected_peers"])
+    # A bootstrap URL that leads back to this node (pod 0 of a StatefulSet) is no one to wait for.
+    others = [b for b in cfg.p2p.bootstrap if b not in status.get("bootstrap_self", ())]
     if status["host"] != "running":
         joined = (False, f"libp2p host {status['host']}")
     elif status["draining"]:
         joined = (False, "draining for a restart")
-    elif cfg.p2p.bootstrap and not connected:
-        joined = (False, f"no peer connected yet ({len(cfg.p2p.bootstrap)} bootstrap entries)")
+    elif others and not connected:
+        joined = (False, f"no peer connected yet ({len(others)} bootstrap entries)")
     else:
         joined = (True, f"{connected} peers connected")
     up = getattr(backend, "up", True)

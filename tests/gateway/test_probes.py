@@ -67,6 +67,13 @@ def test_a_node_with_bootstrap_peers_is_ready_once_one_is_connected():
     assert _ready(_Mesh(peers=["12D3KooWx"]), _backend(), [BOOT])["ready"]
 
 
+def test_a_bootstrap_url_that_leads_back_to_this_node_is_no_one_to_wait_for():
+    mesh = _Mesh()
+    mesh._status["bootstrap_self"] = ["http://meshollama-0.meshollama:11434"]
+    assert _ready(mesh, _backend(), ["http://meshollama-0.meshollama:11434"])["ready"]
+    assert not _ready(mesh, _backend(), ["http://meshollama-0.meshollama:11434", BOOT])["ready"]
+
+
 def test_not_ready_while_the_host_restarts_or_the_node_drains():
     assert _ready(_Mesh(host="restarting"), _backend())["checks"]["mesh"] == {"ok": False,
                                                                              "detail": "libp2p host restarting"}

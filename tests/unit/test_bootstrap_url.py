@@ -139,4 +139,5 @@ async def test_a_url_that_leads_to_this_node_is_not_dialled(autojump_clock, monk
         started.set()
         await r.at(30.0)
         assert calls == ["http://meshollama-0.meshollama:11434"] and not r.net.host.dials
+        assert r.mesh.status()["bootstrap_self"] == ["http://meshollama-0.meshollama:11434"]  # /readyz waits for no one
         nursery.cancel_scope.cancel()

@@ -218,8 +218,9 @@ class HostLoops:
                 dial = [addr]
                 if by_url:  # asked again at every attempt: a rebuilt pod comes back with a new id
                     target, dial = await bootstrap_url.resolve(addr)
-                    if target == self.mesh.self_id:
+                    if target == self.mesh.self_id:  # every pod of a StatefulSet may name pod 0
                         log.info("bootstrap %s is this node; not dialling it", addr)
+                        self.mesh.bootstrap_self.add(addr)
                         return
                     if target in host.connected_peers():
                         continue

@@ -116,6 +116,7 @@ class MeshService:
         self._addrs: list[str] = []
         self._leaving = False
         self._draining = False
+        self.bootstrap_self: set[str] = set()  # bootstrap URLs that led back to this node (not dialled)
         self._test_faults = os.environ.get(TEST_FAULTS_ENV) == "1"
         self._nursery: trio.Nursery | None = None  # the running host's, for background work
         self.admission = admission  # trust.admission.Admission, or None: an open mesh
@@ -178,6 +179,7 @@ class MeshService:
             "version": __version__,
             "host": self._host_state,
             "draining": self._draining,
+            "bootstrap_self": sorted(self.bootstrap_self),
             "p2p_addrs": list(self.addrs),
             "api_url": self.settings.api_url,
             "uptime_seconds": round(trio.current_time() - self._started_at, 3),
