@@ -629,3 +629,20 @@ async def test_a_client_that_closes_once_it_has_every_declared_byte_is_not_count
         with trio.CancelScope() as scope:
             await Proxy._watch_disconnect(disconnect, scope, responder, out)
         assert out.client_gone is gone and scope.cancel_called is gone
+
+
+async def test_one_model_is_one_label_whatever_its_spelling():
+    """Routing ignores case, so metrics must too: each spelling a client
+    invents would otherwise be new series (a cardinality bomb)."""
+    mesh = FakeMesh()
+    mesh.add("peer-a", [model("llama3:latest")])
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            for spelling in ("llama3", "Llama3", "LLAMA3:LATEST", "library/llama3:latest"):
+                r = await client.post("/api/generate", json={"model": spelling, "prompt": "x", "stream": False})
+                assert r.status_code == 200
+            await gw.proxy.wait_idle()
+            assert gw.metric("meshollama_requests_total", endpoint="/api/generate", model="llama3:latest",
+                             peer="peer-a", status="200") == 4
+            models = {s.labels["model"] for m in gw.registry.collect() for s in m.samples if "model" in s.labels}
+            assert models == {"llama3:latest"}

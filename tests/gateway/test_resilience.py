@@ -324,10 +324,22 @@ async def test_no_holder_left_ends_the_stream_with_an_explicit_error():
         async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
             r = await client.post("/api/chat", json=CHAT)
             await gw.proxy.wait_idle()
-            assert gw.metric("meshollama_resumes_total", outcome="no_peer") == 1
+            assert gw.metric("meshollama_resumes_total", outcome="failed") == 1  # b was tried and failed
     got = lines(r.text)
     assert [g.get("message", {}).get("content") for g in got[:-1]] == ["one"]
     assert "could not be resumed" in got[-1]["error"]
+
+
+async def test_a_break_with_no_other_holder_counts_as_no_peer():
+    mesh = FakeMesh()
+    mesh.add("peer-a", [LLAMA], FakeUpstream("a", Script(body=[chat_line("one"), Break("reset")])))
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/chat", json=CHAT)
+            await gw.proxy.wait_idle()
+            assert gw.metric("meshollama_resumes_total", outcome="no_peer") == 1
+            assert gw.metric("meshollama_resumes_total", outcome="failed") == 0
+    assert "error" in lines(r.text)[-1]
 
 
 async def test_a_stream_cut_short_without_its_final_object_is_not_passed_off_as_whole():

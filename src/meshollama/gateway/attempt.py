@@ -254,7 +254,8 @@ class Attempts:
         """Relay a committed answer through ``relay``, chunk by chunk."""
         now = trio.current_time()
         attempt.ttfb = now - attempt.started
-        self.metrics.peer_ttfb.labels(peer, out.model).observe(attempt.ttfb)
+        if attempt.routed:  # inference only: not pulls, creates or uploads on this node
+            self.metrics.peer_ttfb.labels(peer, out.model).observe(attempt.ttfb)
         attempt.span.event("first byte")
         ctype = header(resp.headers, "content-type", "") or ""
         continuing = relay.state == "resuming"

@@ -249,7 +249,7 @@ class MeshMetrics:
                 self.peer_load.labels(pid, kind).set(getattr(load, kind))
             loads.add(pid)
             if peer.state.value in ("alive", "draining"):
-                for model in {names.shortest(m.name) for m in peer.models}:
+                for model in {names.shortest(names.key(m.name)) for m in peer.models}:
                     copies[model] = copies.get(model, 0) + 1
             if peer.is_self:
                 continue
@@ -263,7 +263,7 @@ class MeshMetrics:
         wanted = {}
         for target in targets:
             if target.copies > 0:
-                wanted[names.shortest(target.model)] = target.copies
+                wanted[names.shortest(names.key(target.model))] = target.copies
         for model, n in wanted.items():
             self.model_copies_target.labels(model).set(n)
             copies.setdefault(model, 0)

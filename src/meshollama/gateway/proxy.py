@@ -259,7 +259,9 @@ class Proxy:
         key = names.key(model)
         if not routing.candidates(self.mesh.snapshot(), key):
             self._unservable(endpoint, model, key)
-        out.model = names.shortest(model)
+        # One spelling per model in metrics and traffic: the routing key's, not the client's
+        # (llama3, Llama3 and LLAMA3:latest route alike; each would be new series).
+        out.model = names.shortest(key)
         out.route.set("meshollama.model", out.model)
         check_fields(payload, endpoint)  # after the 404, as Ollama checks them after loading
         path = request.path.split("?", 1)[0]
@@ -369,8 +371,10 @@ class Proxy:
                 return
             next_request = ProxyRequest("POST", decision.path, request.headers, decision.body)
             result: Failure | Broken | None = Failure("none", "no other peer serves this model digest")
+            tried_any = False
             for candidate in self._resume_order(key, digest, tried):
                 tried.add(candidate)
+                tried_any = True
                 result = await self.attempts.run(endpoint, candidate, None, next_request, responder, out, relay,
                                                  retry_5xx=True, model_key=key)
                 if not isinstance(result, Failure):
@@ -384,7 +388,7 @@ class Proxy:
                 self.metrics.resumes.labels("resumed").inc()
                 peer, broken = relay.peers[-1], result
                 continue
-            self.metrics.resumes.labels("no_peer").inc()
+            self.metrics.resumes.labels("failed" if tried_any else "no_peer").inc()  # others tried and failed, or none
             out.error = f"stream broke on {peer} ({broken.reason}) and no peer could continue it: {result.message}"
             await responder.end(relay.give_up(out.error))
             return
