@@ -156,6 +156,7 @@ else
         "${PIP[@]}" install -q -e "$TARGET"
         say "packages: installed meshollama$([[ -n $EXTRAS ]] && echo "[$EXTRAS]") (editable), no embedded engine"
     fi
+    mkdir -p "$(dirname "$STAMP")"
     fingerprint >"$STAMP"
 fi
 
