@@ -646,3 +646,33 @@ async def test_one_model_is_one_label_whatever_its_spelling():
                              peer="peer-a", status="200") == 4
             models = {s.labels["model"] for m in gw.registry.collect() for s in m.samples if "model" in s.labels}
             assert models == {"llama3:latest"}
+
+
+async def test_a_client_that_resets_while_the_whole_body_is_being_sent_is_gone():
+    """The declared bytes count as delivered only once the server took them: a
+    client that resets while a large send blocks is a 499, not a 200."""
+    from meshollama.gateway.asgi import Responder
+    from meshollama.gateway.attempt import Outcome
+    from meshollama.gateway.proxy import Proxy
+
+    sending = trio.Event()
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            sending.set()
+            await trio.sleep_forever()  # the socket is full: the client stopped reading
+
+    async def disconnect():
+        await sending.wait()
+        return {"type": "http.disconnect"}
+
+    responder = Responder(send)
+    out = Outcome(started=0.0)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await responder.start(200, (("content-length", "4"),))
+            nursery.start_soon(responder.body, b"abcd")
+            with trio.CancelScope() as scope:
+                await Proxy._watch_disconnect(disconnect, scope, responder, out)
+            nursery.cancel_scope.cancel()
+    assert out.client_gone

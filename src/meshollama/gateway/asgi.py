@@ -143,8 +143,10 @@ class Responder:
 
     @property
     def delivered(self) -> bool:
-        """Everything is on its way: the last message, or every declared byte (a
-        client that has them all may close before the empty last message)."""
+        """Everything is on its way: the last message, or every declared byte handed
+        to the server (a client that has them all may close before the empty last
+        message). ASGI cannot prove delivery: bytes the server accepted may still
+        be lost with the socket, so this errs towards a 200 only after the send."""
         return self.ending or (self.declared is not None and self.bytes_sent >= self.declared)
 
     async def _out(self, message: Message) -> None:
@@ -164,9 +166,9 @@ class Responder:
     async def body(self, data: bytes) -> None:
         if not data:
             return
-        self.bytes_sent += len(data)
         self.tail = (self.tail + data)[-2:]
         await self._out({"type": "http.response.body", "body": data, "more_body": True})
+        self.bytes_sent += len(data)  # after the send: a client reset while it blocks has not had them
 
     async def end(self, data: bytes = b"") -> None:
         self.bytes_sent += len(data)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import re
+import ssl
 
 import httpx
 import trio
@@ -51,6 +52,8 @@ def check_url(text: str) -> str:
         raise ValueError("expected http://HOST:PORT or https://HOST:PORT")
     if parts.username is not None or parts.password is not None:
         raise ValueError("no credentials in a bootstrap URL: /healthz needs none")
+    if "%" in parts.hostname:
+        raise ValueError("no zoned IPv6 address (fe80::...%eth0): it cannot be dialled; use a routable address")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError("a bootstrap URL is a node's API root: no path, query or fragment")
     try:
@@ -71,20 +74,21 @@ async def resolve(url: str, *, get: Callable | None = None, getaddrinfo: Callabl
     try:
         with trio.fail_after(timeout):
             status, body = await fetch(url.rstrip("/") + "/healthz")
+            if status != 200:
+                raise P2PError(f"bootstrap {url}: /healthz answered {status}")
+            peer_id, announced = parse_health(body)
+            own = [a for a in await _own_view(url, announced, peer_id, getaddrinfo) if a not in announced]
     except (httpx.HTTPError, OSError, trio.TooSlowError) as exc:
         raise P2PError(f"bootstrap {url}: {type(exc).__name__}: {exc}") from None
-    if status != 200:
-        raise P2PError(f"bootstrap {url}: /healthz answered {status}")
-    peer_id, announced = parse_health(body)
-    dial = [a for a in await _own_view(url, announced, peer_id, getaddrinfo) if a not in announced] + announced
-    return peer_id, dial[:MAX_ADDRS]
+    # Our view of the URL's host first, but never at the expense of every announced address.
+    return peer_id, own[:MAX_ADDRS // 2] + announced[:MAX_ADDRS - min(len(own), MAX_ADDRS // 2)]
 
 
 def parse_health(body: bytes) -> tuple[str, list[str]]:
     """The peer id and the dialable addresses a /healthz answer claims (P2PError if malformed)."""
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[..." within the size cap is a RecursionError
         raise P2PError("bootstrap: /healthz did not answer JSON (is this a meshollama node?)") from None
     peer_id = doc.get("peer_id") if isinstance(doc, dict) else None
     raw = doc.get("p2p_addrs") if isinstance(doc, dict) else None
@@ -123,12 +127,19 @@ async def _own_view(url: str, announced: list[str], peer_id: str, getaddrinfo: C
 
 
 async def _http_get(url: str) -> tuple[int, bytes]:
-    async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False, trust_env=False) as client:
-        async with client.stream("GET", url, headers={"accept": "application/json"}) as resp:
-            body = b""
-            async for chunk in resp.aiter_bytes():
+    # The system's CAs (and SSL_CERT_FILE / SSL_CERT_DIR) verify https://, so a LAN gateway
+    # with a private CA works once that CA is installed; no proxies from the environment.
+    verify = ssl.create_default_context()
+    async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False, trust_env=False, verify=verify) as client:
+        # Raw bytes only: a compressed answer could expand to gigabytes before any cap on decoded bytes.
+        headers = {"accept": "application/json", "accept-encoding": "identity"}
+        async with client.stream("GET", url, headers=headers) as resp:
+            if resp.headers.get("content-encoding", "identity").lower() != "identity":
+                raise P2PError(f"bootstrap {url}: compressed answer refused")
+            body = bytearray()
+            async for chunk in resp.aiter_raw():
                 body += chunk
                 if len(body) > MAX_ANSWER_BYTES:
                     raise P2PError(f"bootstrap {url}: answer over {MAX_ANSWER_BYTES} bytes")
-            return resp.status_code, body
+            return resp.status_code, bytes(body)
 

@@ -218,10 +218,15 @@ class HostLoops:
                 dial = [addr]
                 if by_url:  # asked again at every attempt: a rebuilt pod comes back with a new id
                     target, dial = await bootstrap_url.resolve(addr)
-                    if target == self.mesh.self_id:  # every pod of a StatefulSet may name pod 0
-                        log.info("bootstrap %s is this node; not dialling it", addr)
+                    if target == self.mesh.self_id:
+                        # Every pod of a StatefulSet may name pod 0; a load-balanced name may
+                        # lead elsewhere next time: ask again, slowly.
+                        if addr not in self.mesh.bootstrap_self:
+                            log.info("bootstrap %s is this node; not dialling it", addr)
                         self.mesh.bootstrap_self.add(addr)
-                        return
+                        await trio.sleep(self.settings.bootstrap_retry_max)
+                        continue
+                    self.mesh.bootstrap_self.discard(addr)
                     if target in host.connected_peers():
                         continue
                 await host.connect(dial)
@@ -236,6 +241,8 @@ class HostLoops:
                 log.info("bootstrap peer %s closed the connection (not admitted?); retry in %.1fs", target, backoff)
             except P2PError as exc:
                 log.debug("bootstrap %s not reachable (%s); retry in %.1fs", addr, exc, backoff)
+            except Exception as exc:  # a stranger's answer must never take the host down
+                log.warning("bootstrap %s: unexpected %s: %s; retry in %.1fs", addr, type(exc).__name__, exc, backoff)
             await trio.sleep(backoff * (0.5 + rng.random()))
             backoff = min(backoff * 2, self.settings.bootstrap_retry_max)
 
