@@ -495,23 +495,77 @@ class MeshConfig:
     admission_timeout: float = _opt(_positive(), 10.0, "seconds a new connection has to present a certificate")
 
 
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?")  # visible ASCII, inner spaces
+
+
 def _otlp_header(text: str) -> str:
+    """``NAME=VALUE`` as an HTTP header. Errors name the header, never its value (a collector key)."""
     name, sep, value = text.partition("=")
-    if not sep or not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name.strip()) or re.search(r"[\x00-\x1f\x7f]", value):
+    name, value = name.strip(), value.strip()
+    if not sep:
+        raise ValueError("expected NAME=VALUE (an HTTP header), found no '=' (value not shown); in "
+                         "MESHOLLAMA_TRACING_HEADERS entries are split at commas, so a value with a comma "
+                         "must be set in the config file")
+    if not _HTTP_TOKEN.fullmatch(name):
+        raise ValueError("expected NAME=VALUE with NAME an HTTP header name (letters, digits and "
+                         "!#$%&'*+-.^_`|~), value not shown")
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ValueError(f"the value of header {name.lower()!r} must be printable ASCII: no other "
+                         "characters, tabs or line breaks (value not shown)")
+    return f"{name.lower()}={value}"
+
+
+class _OtlpHeader(_Str):
+    """One ``NAME=VALUE`` header; unlike :class:`_Str`, a refusal never echoes what was given."""
+
+    def __init__(self) -> None:
+        super().__init__("NAME=VALUE (an HTTP header)", _otlp_header)
+
+    def check(self, raw: Any) -> str:
+        if not isinstance(raw, str) or not raw.strip():
+            raise ValueError(f"expected {self.expected} as a string, got {type(raw).__name__} (value not shown)")
+        return super().check(raw)
+
+
+class _OtlpHeaders(_List):
+    """The ``tracing.headers`` list; a value that is not a list is not echoed either."""
+
+    def value(self, key: str, raw: Any, *, from_text: bool = False) -> tuple[Any, ...]:
+        if not from_text and not isinstance(raw, (list, tuple)):
+            raise ConfigError(key, f"expected {self.expected}, got {type(raw).__name__} (value not shown)")
+        return super().value(key, raw, from_text=from_text)
+
+
+def _otlp_endpoint(text: str) -> str:
+    """A collector's base URL: no credentials in it (they would be logged), no query or fragment."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ValueError("expected an http:// or https:// URL (not a valid URL; value not shown)") from None
+    if "@" in parts.netloc:
+        raise ValueError("a user name or password in the URL is not allowed (it would be logged); send "
+                         "credentials with tracing.headers, e.g. [authorization=Basic ...]")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise TypeError
-    return f"{name.strip().lower()}={value.strip()}"
+    if re.search(r"[\x00-\x20\x7f]", text):
+        raise ValueError("expected an http:// or https:// URL without spaces or control characters")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError("expected a URL without a query (?...) or fragment (#...)")
+    return text.rstrip("/")  # paths are joined onto it
 
 
 @dataclass(frozen=True)
 class TracingConfig:
     # Off unless asked: a collector is something the operator runs. A client's traceparent is passed on anyway.
-    otlp_endpoint: str = _opt(_Str("an http:// or https:// URL, or empty", _http_url, empty=True), "",
+    otlp_endpoint: str = _opt(_Str("an http:// or https:// URL, or empty", _otlp_endpoint, empty=True), "",
                               "OTLP/HTTP collector URL; spans are POSTed as JSON to <url>/v1/traces (empty: off)")
     service_name: str = _opt(_Str(), "meshollama", "service.name on this node's spans")
     # Every trace by default: a mesh's request rate is low next to a collector's capacity.
     sample_ratio: float = _opt(_Num(float, 0, 1), 1.0, "fraction of new traces recorded (a caller's flag wins)")
     # A hosted collector wants a key: `authorization=Bearer ...`, `x-honeycomb-team=...`.
-    headers: tuple[str, ...] = _opt(_List(_Str("NAME=VALUE (an HTTP header)", _otlp_header)), (),
+    headers: tuple[str, ...] = _opt(_OtlpHeaders(_OtlpHeader()), (),
                                     "HTTP headers sent with every export")
 
 
@@ -712,6 +766,8 @@ def config_to_dict(cfg: Config, *, redact: bool = True) -> dict[str, dict[str, A
             values["api_keys"] = ["***"] * len(values["api_keys"])
         if redact and section == "tracing":  # collector credentials
             values["headers"] = [h.split("=", 1)[0] + "=***" for h in values["headers"]]
+            # Refused by the loader; a TracingConfig built in code may still carry one.
+            values["otlp_endpoint"] = re.sub(r"(?<=//)[^/?#]*@", "***@", values["otlp_endpoint"])
         out[section] = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
                         for k, v in values.items()}
     return out

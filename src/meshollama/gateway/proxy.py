@@ -139,7 +139,7 @@ class Proxy:
         span = self.tracer.start("gateway", from_scope(scope), SERVER, {
             "http.request.method": scope.get("method", ""), "url.path": scope.get("path", ""),
             "meshollama.endpoint": endpoint.label})
-        send = send_trace_id(send, span.context)  # X-Meshollama-Trace-Id on every answer of a traced request
+        send = send_trace_id(send, span.context)  # X-Meshollama-Trace-Id on every answer of a proxied, traced request
         out = Outcome(started=trio.current_time(), envelope=endpoint.envelope, span=span)
         responder = Responder(send)
         refusal = ""

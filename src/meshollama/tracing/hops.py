@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mutabl
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import trio
+
 from ..httpmsg import ProxyRequest, ProxyResponse, Upstream
 from .context import SpanContext, extract, inject, without
 from .spans import CLIENT, SERVER, AnySpan, Tracer
@@ -63,13 +65,24 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _only_cancelled(exc: BaseException) -> bool:
+    """``exc`` is a cancellation, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
 @contextmanager
 def ending(span: AnySpan) -> Iterator[AnySpan]:
-    """End ``span`` on leaving; an exception (not a cancellation) marks it failed."""
+    """End ``span`` on leaving; an exception marks it failed, a cancellation only
+    sets ``meshollama.cancelled`` (status unset: being cancelled is not an error)."""
     try:
         yield span
-    except Exception as exc:
-        span.end(describe(exc))
+    except BaseException as exc:
+        if _only_cancelled(exc):
+            span.set("meshollama.cancelled", True)
+        else:
+            span.end(describe(exc))
         raise
     finally:
         span.end()
@@ -107,6 +120,7 @@ class ServedBackend:
         serve = self.tracer.start("serve", parent, SERVER, {"http.request.method": request.method, "url.path": path})
         call = serve.child("backend", CLIENT, {"meshollama.backend": self.kind, "url.path": path})
         error: str | None = None
+        cancelled = False
         body: _Watched | None = None
         try:
             async with self.backend.open(with_context(request, call.context)) as resp:
@@ -117,13 +131,18 @@ class ServedBackend:
                 body = _Watched(resp.body, call)
                 yield ProxyResponse(resp.status, resp.headers, body)
         except BaseException as exc:
-            error = describe(exc)
+            if _only_cancelled(exc):  # not an error, as in ending(): the caller went away or we shut down
+                cancelled = True
+            else:
+                error = describe(exc)
             raise
         finally:
             if body is not None:
                 call.set("meshollama.response_bytes", body.size)
-            call.end(error)
-            serve.end(error)
+            for span in (call, serve):
+                if cancelled:
+                    span.set("meshollama.cancelled", True)
+                span.end(error)  # a 5xx answer before the cancellation still counts
 
 
 class _Watched:

@@ -10,7 +10,11 @@ bounded queue (a full queue drops the span and counts it: a slow or absent
 collector never slows a request), and :meth:`OtlpExporter.serve`, a
 background task, POSTs batches to ``{endpoint}/v1/traces`` every
 ``interval`` seconds or as soon as a batch is full. When it is cancelled or
-closed it sends what is left, shielded, for at most ``flush_timeout``.
+closed, a POST in progress is abandoned at once and what is left (that
+batch included) is sent, shielded, for at most ``flush_timeout``; spans that
+could not be sent by then are counted as failed. A batch that fails for any
+reason (the collector, the network, a header httpx cannot encode) is counted
+as failed and the exporter goes on: it never takes the app down with it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import trio
@@ -37,9 +42,23 @@ FLUSH_TIMEOUT = 3.0  # seconds the final flush may take on shutdown
 
 
 def traces_url(endpoint: str) -> str:
-    """``http://collector:4318`` -> ``http://collector:4318/v1/traces`` (a full URL is kept)."""
-    endpoint = endpoint.rstrip("/")
-    return endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces"
+    """``http://collector:4318`` -> ``http://collector:4318/v1/traces`` (a full URL is kept).
+
+    The path is joined onto the URL's path, before any query (the config refuses one).
+    """
+    parts = urlsplit(endpoint.strip())
+    path = parts.path.rstrip("/")
+    if not path.endswith("/v1/traces"):
+        path += "/v1/traces"
+    return urlunsplit(parts._replace(path=path, fragment=""))
+
+
+def shown_url(url: str) -> str:
+    """``url`` for a log line: a ``user:password@`` in it reads ``***@``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def encode(spans: Iterable[Span], resource: Attributes) -> dict[str, Any]:
@@ -101,6 +120,7 @@ class OtlpExporter:
                  transport: httpx.AsyncBaseTransport | None = None,
                  on_count: Callable[[str, int], None] | None = None) -> None:
         self.url = traces_url(endpoint)
+        self.shown_url = shown_url(self.url)
         self.resource = dict(resource)
         self.headers = [("content-type", "application/json"), *headers]
         self.queue_size, self.batch_size = queue_size, batch_size
@@ -110,7 +130,8 @@ class OtlpExporter:
         self._transport = transport
         self._queue: deque[Span] = deque()
         self._wake = trio.Event()
-        self._closing = False
+        self._stop = trio.CancelScope()  # around the export loop; close() cancels it
+        self._sending: list[Span] = []  # the batch being POSTed (resent by the flush if cut off)
         self._running = False
         self._done = trio.Event()
         self._failing = False  # log a failing collector once, not per batch
@@ -131,50 +152,61 @@ class OtlpExporter:
             async with httpx.AsyncClient(timeout=self.timeout, transport=self._transport) as client:
                 task_status.started()
                 try:
-                    while not self._closing:
-                        with trio.move_on_after(self.interval):
-                            await self._wake.wait()
-                        self._wake = trio.Event()
-                        await self._send_queued(client)
+                    with self._stop:
+                        while True:
+                            with trio.move_on_after(self.interval):
+                                await self._wake.wait()
+                            self._wake = trio.Event()
+                            await self._send_queued(client)
                 finally:
                     with trio.CancelScope(shield=True) as scope:
                         scope.deadline = trio.current_time() + self.flush_timeout
                         await self._send_queued(client)
         finally:
+            # What the flush could not send in time (or a client that would not even open).
+            lost = len(self._sending) + len(self._queue)
+            self._sending = []
+            self._queue.clear()
+            if lost:
+                self._count("failed", lost)
+                log.warning("tracing: %d spans not exported to %s before shutdown", lost, self.shown_url)
             self._running = False
             self._done.set()
 
     async def close(self) -> None:
-        """Stop :meth:`serve` after a last flush, and wait for it (bounded)."""
-        self._closing = True
-        self._wake.set()
+        """Stop :meth:`serve` (a POST in progress is cut off), let it flush, and wait (bounded)."""
+        self._stop.cancel()
         if self._running:
             with trio.move_on_after(self.flush_timeout + 1.0):
                 await self._done.wait()
 
     async def _send_queued(self, client: httpx.AsyncClient) -> None:
+        if self._sending:  # cut off by close() or a cancellation: its spans were never counted
+            await self._post(client, self._sending)
         while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-            await self._post(client, batch)
+            self._sending = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+            await self._post(client, self._sending)
 
     async def _post(self, client: httpx.AsyncClient, batch: list[Span]) -> None:
-        body = json.dumps(encode(batch, self.resource), separators=(",", ":")).encode()
+        """POST ``batch`` and count it; any failure but a cancellation counts it as failed."""
         problem = ""
         try:
+            body = json.dumps(encode(batch, self.resource), separators=(",", ":")).encode()
             response = await client.post(self.url, content=body, headers=self.headers)
             if response.status_code >= 300:
-                problem = f"HTTP {response.status_code}: {response.text[:200]}"
-        except (httpx.HTTPError, OSError) as exc:
+                problem = f"HTTP {response.status_code}: {response.text[:200]!r}"
+        except Exception as exc:  # noqa: BLE001 - httpx, the network, a header or span it cannot encode
             problem = f"{type(exc).__name__}: {exc}"
+        self._sending = []
         if problem:
             self._count("failed", len(batch))
             if not self._failing:
                 log.warning("tracing: cannot export spans to %s (%s); dropping them until it answers",
-                            self.url, problem)
+                            self.shown_url, problem)
             self._failing = True
             return
         if self._failing:
-            log.info("tracing: exporting spans to %s again", self.url)
+            log.info("tracing: exporting spans to %s again", self.shown_url)
         self._failing = False
         self._count("exported", len(batch))
 

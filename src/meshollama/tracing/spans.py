@@ -21,6 +21,11 @@ Sampling is parent-based: a caller's sampled flag decides (the trace is
 already recorded upstream, or not); a new trace is sampled when its trace
 id falls within ``sample_ratio`` (deterministic in the id, as
 OpenTelemetry's ``TraceIdRatioBased``, so every node decides alike).
+
+Ids come from the operating system's CSPRNG (:class:`random.SystemRandom`):
+trace ids are returned to clients in ``X-Meshollama-Trace-Id``, and a
+Mersenne Twister's state can be rebuilt from a few hundred of its outputs,
+which would make other requests' ids predictable.
 """
 
 from __future__ import annotations
@@ -124,7 +129,8 @@ class Tracer:
     """Makes spans for one node; ``exporter`` None turns recording off.
 
     ``clock`` gives Unix time in nanoseconds (spans are compared across
-    machines, so this is the wall clock, read only here); ``rng`` makes ids.
+    machines, so this is the wall clock, read only here); ``rng`` makes ids
+    (the OS's CSPRNG unless a test passes a seeded one).
     """
 
     def __init__(self, exporter: Exporter | None = None, *, sample_ratio: float = 1.0,
@@ -135,7 +141,7 @@ class Tracer:
         self.sample_ratio = sample_ratio
         self._bound = int(sample_ratio * (1 << 64))  # sampled: the trace id's low 64 bits below this
         self.clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng if rng is not None else random.SystemRandom()
 
     @property
     def enabled(self) -> bool:

@@ -32,7 +32,8 @@ def tracer_from_config(tracing: Any, node_id: str, registry: CollectorRegistry |
     headers = [tuple(h.split("=", 1)) for h in tracing.headers]
     exporter = OtlpExporter(endpoint, resource=resource, headers=headers,  # type: ignore[arg-type]
                             on_count=lambda outcome, n: counter.labels(outcome).inc(n))
-    log.info("tracing: exporting spans to %s (sampling %g of new traces)", exporter.url, tracing.sample_ratio)
+    log.info("tracing: exporting spans to %s (sampling %g of new traces)", exporter.shown_url,
+             tracing.sample_ratio)
     return Tracer(exporter, sample_ratio=tracing.sample_ratio)
 
 
