@@ -16,7 +16,8 @@
 #
 #   0. system packages the tests need (iproute2, nftables, chromium, prometheus,
 #      systemd-analyze): installed with apt-get, non-interactively, only when
-#      missing and only as root; otherwise those tests skip and say what is missing;
+#      missing, only as root and only with the "test" extra (the default);
+#      otherwise those tests skip and say what is missing;
 #
 # Environment: PYTHON (interpreter for a new .venv), LLAMA_CMAKE_ARGS (extra
 # CMake flags, e.g. -DGGML_BLAS=ON), MESHOLLAMA_SKIP_SMOKE=1, MESHOLLAMA_EXTRAS (the
@@ -42,6 +43,10 @@ EMBEDDED=0
 [[ ",$EXTRAS," == *",embedded,"* ]] && EMBEDDED=1
 TARGET="."
 [[ -n "$EXTRAS" ]] && TARGET=".[$EXTRAS]"
+# System packages are for the test suite: only with the "test" extra (a server
+# installed with MESHOLLAMA_EXTRAS=embedded gets no chromium or prometheus).
+TESTS=0
+[[ ",$EXTRAS," == *",test,"* ]] && TESTS=1
 started=$SECONDS
 
 say() { printf 'install: %s\n' "$*"; }
@@ -55,6 +60,9 @@ version_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) el
 # panel's browser tests; prometheus (with promtool): the dashboards' test;
 # systemd: `systemd-analyze verify` of the shipped unit.
 need=()
+if (( ! TESTS )); then
+    say "system packages: none (MESHOLLAMA_EXTRAS=$EXTRAS has no test: the test tools are not needed)"
+else
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
@@ -76,11 +84,16 @@ if (( ${#need[@]} )); then
             apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null 2>&1 \
                 || say "warning: could not install $pkg: the tests that need it will skip"
         done
+        if [[ " ${need[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+            # Installed for its binaries: the tests run their own; no server at the next boot.
+            systemctl disable prometheus >/dev/null 2>&1 || true
+        fi
     else
         say "system packages: ${need[*]} missing (not root or no apt-get): the tests that need them will skip"
     fi
 else
     say "system packages: iproute2, nftables, chromium, prometheus and systemd-analyze present"
+fi
 fi
 
 # 1. virtual environment ------------------------------------------------------
