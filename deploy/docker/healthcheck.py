@@ -5,7 +5,9 @@ library only, so a check costs a few milliseconds of CPU. The port comes from
 ``MESHOLLAMA_GATEWAY_LISTEN`` as the node reads it (``--api-listen`` on the
 command line is not visible here: keep the two on the same port); with
 ``MESHOLLAMA_GATEWAY_TLS_CERT`` set it speaks HTTPS to itself without verifying
-(it is its own loopback).
+(it is its own loopback). ``HTTP(S)_PROXY`` in the container's environment
+(set for the node's own downloads, say) is not used: a proxy cannot reach this
+container's loopback, and a check through it would fail a healthy node.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ def main(argv: list[str]) -> int:
     path = "/readyz" if "--ready" in argv else "/healthz"
     target = url(dict(os.environ), path)
     context = ssl._create_unverified_context() if target.startswith("https") else None
+    # No ProxyHandler from the environment: an empty one means "no proxy, ever".
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
     try:
-        with urllib.request.urlopen(target, timeout=4, context=context) as resp:
+        with opener.open(target, timeout=4) as resp:
             return 0 if resp.status == 200 else 1
     except (OSError, urllib.error.URLError) as exc:
         print(f"{target}: {exc}", file=sys.stderr)

@@ -5,11 +5,18 @@ node's gateway, which routes to whichever node holds the model); the
 conversation is kept and sent with every turn. Interactive: ``/bye`` or
 Ctrl-D ends, Ctrl-C stops an answer (closing the stream, so the gateway cancels
 the generation) and keeps the session, ``\"\"\"`` opens and closes a multi-line
-message, ``/clear`` forgets the conversation. With PROMPT, or with a prompt on
-standard input when it is not a terminal (both: stdin first), one answer and
-exit. The node is found as for the other commands: ``--api`` (or ``--host``),
-else node.json in the data dir, else the config; the key from ``--api-key`` or
-``MESHOLLAMA_API_KEY``. Exit codes: 0 ok, 1 an error (printed as ``Error: ...``).
+message, ``/clear`` forgets the conversation. With PROMPT, one answer and exit;
+standard input that is not a terminal (UTF-8) comes first in the prompt, then
+the PROMPT words, as with ``ollama run``. The node is found as for the
+other commands: ``--api`` (or ``--host``), else node.json in the data dir, else
+the config; the key from ``--api-key`` or ``MESHOLLAMA_API_KEY``. Exit codes:
+0 ok, 1 an error (printed as ``Error: ...``), 130 Ctrl-C, 141 standard output
+closed by its reader (``| head``: quietly, like a process killed by SIGPIPE).
+
+What peers send is not trusted: an answer line that is not the expected shape
+is an error (never a traceback), and control characters in an answer (when
+standard output is a terminal) or in an error text (always) are not written
+raw, so a peer cannot drive the user's terminal with escape sequences.
 
 The input side (:class:`LineReader`, :class:`Conversation`) is pure and
 tested without a terminal; :class:`Session` does the I/O through a ``chat``
@@ -19,8 +26,10 @@ callable, so interrupts are tested with a fake stream.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -125,6 +134,49 @@ class RunError(Exception):
     """An error to print as ``Error: ...`` (Ollama's wording) and exit 1."""
 
 
+INVALID_LINE = "the node sent an invalid answer line"
+ENDED_EARLY = "the answer ended early"
+
+# C0 controls but \t and \n, DEL, and the C1 controls (0x80-0x9f: CSI, OSC, ... on some terminals).
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_controls(text: str) -> str:
+    r"""``text`` without terminal control characters (``\n`` and ``\t`` kept): for tokens on a terminal."""
+    return _CONTROLS.sub("", text)
+
+
+def escape_controls(text: str) -> str:
+    r"""``text`` with terminal control characters shown as ``\xNN`` (``\n``, ``\t`` kept): for error texts."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
+def parse_line(line: str | bytes) -> dict[str, Any]:
+    """One line of the streamed answer, checked for the shape :meth:`Session.turn` reads:
+    a JSON object; ``message`` absent, null or an object whose ``content`` is absent,
+    null or a string. Anything else (or JSON nested too deep to parse) is a RunError."""
+    try:
+        event = json.loads(line)
+    except (ValueError, RecursionError):
+        raise RunError(INVALID_LINE) from None
+    if not isinstance(event, dict):
+        raise RunError(INVALID_LINE)
+    message = event.get("message")
+    if message is not None and not (isinstance(message, dict)
+                                    and isinstance(message.get("content"), (str, type(None)))):
+        raise RunError(INVALID_LINE)
+    return event
+
+
+def _number(value: Any) -> float:
+    """A timing or count of the final line (absent: 0); not a number: the line is invalid."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RunError(INVALID_LINE)
+    return value
+
+
 def explain(status: int, body: str, model: str) -> str:
     """One readable line for an error answer of the gateway (Ollama's ``{"error": ...}``)."""
     try:
@@ -148,31 +200,64 @@ Chat = Callable[[list[dict[str, str]]], Iterator[dict[str, Any]]]
 
 
 class Session:
-    """One conversation: read, send, print the answer as it streams."""
+    """One conversation: read, send, print the answer as it streams.
 
-    def __init__(self, chat: Chat, out: TextIO, *, verbose: bool = False, err: TextIO | None = None) -> None:
+    On a terminal (``out.isatty()``) the answer's control characters are dropped
+    (:func:`strip_controls`); the conversation keeps the text as the model sent it."""
+
+    def __init__(self, chat: Chat, out: TextIO, *, verbose: bool = False, err: TextIO | None = None,
+                 terminal: bool | None = None) -> None:
         self.chat, self.out, self.verbose = chat, out, verbose
         self.err = err or sys.stderr
+        self.terminal = _isatty(out) if terminal is None else terminal
         self.conversation = Conversation()
+        self.mid_line = False  # something was written to out since its last newline
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.mid_line = not text.endswith("\n")
+
+    def error(self, message: str) -> None:
+        """``Error: ...`` on err, on a line of its own, control characters escaped."""
+        if self.mid_line:
+            self._write("\n")
+        self.out.flush()
+        self.err.write(f"Error: {escape_controls(message)}\n")
+        self.err.flush()
 
     def turn(self, text: str) -> str:
         """Send ``text`` with the history, print the answer as it comes; returns it.
-        KeyboardInterrupt stops it (re-raised after the partial answer is kept)."""
+        KeyboardInterrupt stops it (re-raised after the partial answer is kept).
+        An error line, an invalid line, or a stream that ends without ``done``: RunError."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RunError("the message is not valid UTF-8 text") from None
         shown: list[str] = []
         events = self.chat(self.conversation.ask(text))
         try:
             for event in events:
+                if not isinstance(event, dict):
+                    raise RunError(INVALID_LINE)
                 if "error" in event:
                     raise RunError(str(event["error"]))
-                piece = (event.get("message") or {}).get("content") or ""
+                message = event.get("message")
+                if message is not None and not isinstance(message, dict):
+                    raise RunError(INVALID_LINE)
+                piece = (message or {}).get("content") or ""
+                if not isinstance(piece, str):
+                    raise RunError(INVALID_LINE)
                 if piece:
                     shown.append(piece)
-                    self.out.write(piece)
+                    self._write(strip_controls(piece) if self.terminal else piece)
                     self.out.flush()
                 if event.get("done"):
                     if self.verbose:
                         self._stats(event)
                     break
+            else:
+                raise RunError(ENDED_EARLY)
         finally:
             close = getattr(events, "close", None)
             if close is not None:
@@ -181,22 +266,24 @@ class Session:
         return "".join(shown)
 
     def _stats(self, event: dict[str, Any]) -> None:
-        def rate(count: Any, ns: Any) -> str:
+        def rate(count: float, ns: float) -> str:
             return f"{count / (ns / 1e9):.2f} tokens/s" if count and ns else "-"
 
+        total, prompt = _number(event.get("total_duration")), _number(event.get("prompt_eval_count"))
+        count, duration = _number(event.get("eval_count")), _number(event.get("eval_duration"))
         node = event.get("_peer")
         self.err.write(
-            f"\n\ntotal duration:       {event.get('total_duration', 0) / 1e9:.3f}s\n"
-            f"prompt eval count:    {event.get('prompt_eval_count', 0)} token(s)\n"
-            f"eval count:           {event.get('eval_count', 0)} token(s)\n"
-            f"eval rate:            {rate(event.get('eval_count'), event.get('eval_duration'))}\n"
-            + (f"answered by:          {node}\n" if node else ""))
+            f"\n\ntotal duration:       {total / 1e9:.3f}s\n"
+            f"prompt eval count:    {prompt:g} token(s)\n"
+            f"eval count:           {count:g} token(s)\n"
+            f"eval rate:            {rate(count, duration)}\n"
+            + (f"answered by:          {escape_controls(str(node))}\n" if node else ""))
         self.err.flush()
 
     def one_shot(self, text: str) -> int:
-        answer = self.turn(text)
-        if answer and not answer.endswith("\n"):
-            self.out.write("\n")
+        self.turn(text)
+        if self.mid_line:
+            self._write("\n")
         self.out.flush()
         return 0
 
@@ -204,6 +291,7 @@ class Session:
         """``read(prompt)`` is ``input``: EOFError is Ctrl-D, KeyboardInterrupt is Ctrl-C."""
         reader = LineReader()
         while True:
+            self.mid_line = False  # input() echoed the user's newline
             try:
                 line = read("... " if reader.continuing else ">>> ")
             except EOFError:
@@ -225,18 +313,24 @@ class Session:
                 elif item.name == "help":
                     self.out.write(HELP + "\n")
                 else:
-                    self.out.write(f"Unknown command '{item.name}'. Type /? for help\n")
+                    self.out.write(f"Unknown command '{escape_controls(item.name)}'. Type /? for help\n")
                 continue
             try:
                 self.turn(item.text)
             except KeyboardInterrupt:
                 pass  # the answer stops, the session goes on
             except RunError as exc:
-                self.out.write("\n")
-                self.err.write(f"Error: {exc}\n")
-                self.err.flush()
-            self.out.write("\n\n")
+                self.error(str(exc))
+            self.out.write("\n" if self.mid_line else "")
+            self.out.write("\n")
             self.out.flush()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 # -- HTTP ------------------------------------------------------------------------------
@@ -247,6 +341,11 @@ class Gateway:
 
     def __init__(self, url: str, model: str, headers: dict[str, str], verify: Any) -> None:
         self.url, self.model, self.headers, self.verify = url, model, headers, verify
+        # HTTP(S)_PROXY, ALL_PROXY: not for this machine's own node. A proxy cannot reach
+        # the caller's loopback (a dead or remote proxy would turn every run into an error),
+        # and Ollama's Go client skips the proxy for loopback hosts too. A node on another
+        # machine (--host) may need the proxy the environment names, so it keeps them.
+        self.trust_env = not is_loopback_url(url)
 
     def _unreachable(self, exc: Exception) -> RunError:
         return RunError(f"cannot reach the node at {self.url}: {exc} (is `meshollama start` running?)")
@@ -257,7 +356,7 @@ class Gateway:
 
         try:
             resp = httpx.post(self.url + "/api/show", json={"model": self.model}, headers=self.headers,
-                              timeout=30.0, verify=self.verify)
+                              timeout=30.0, verify=self.verify, trust_env=self.trust_env)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
         if resp.status_code != 200:
@@ -270,13 +369,14 @@ class Gateway:
         try:
             # The stream is closed on any exit, Ctrl-C included: the gateway then cancels the generation.
             with httpx.stream("POST", self.url + "/api/chat", json=body, headers=self.headers,
-                              timeout=httpx.Timeout(30.0, read=None), verify=self.verify) as resp:
+                              timeout=httpx.Timeout(30.0, read=None), verify=self.verify,
+                              trust_env=self.trust_env) as resp:
                 if resp.status_code != 200:
                     raise RunError(explain(resp.status_code, resp.read().decode(errors="replace"), self.model))
                 peer = resp.headers.get("x-meshollama-peer")
                 for line in resp.iter_lines():
                     if line.strip():
-                        event = json.loads(line)
+                        event = parse_line(line)
                         if event.get("done") and peer:
                             event["_peer"] = peer
                         yield event
@@ -286,19 +386,40 @@ class Gateway:
             raise RunError(f"the answer broke off: {exc}") from None
 
 
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this machine: localhost, a loopback or an unspecified address."""
+    from urllib.parse import urlsplit
+
+    try:
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    return address.is_loopback or address.is_unspecified
+
+
 def prompt_text(args_prompt: Iterable[str], stdin: TextIO) -> str | None:
-    """The one-shot prompt: piped stdin first, then the PROMPT words; None: interactive."""
-    parts = []
-    if not stdin.isatty():
-        piped = stdin.read()
-        if piped.strip():
-            parts.append(piped.rstrip("\n"))
+    """The one-shot prompt, as ``ollama run`` builds it: all of stdin when it is not a
+    terminal, then the PROMPT words, joined by a space (``cat notes | meshollama run m
+    summarise:``); None: interactive. Like ollama, a stdin that never ends (ssh without
+    -t) is waited for: give it ``</dev/null``. Stdin that is not UTF-8 is a RunError."""
     words = " ".join(args_prompt).strip()
-    if words:
-        parts.append(words)
-    if parts or not stdin.isatty():
-        return "\n".join(parts)
-    return None
+    if _isatty(stdin):
+        return words or None
+    raw = getattr(stdin, "buffer", None)
+    try:
+        piped = raw.read().decode("utf-8") if raw is not None else stdin.read()
+    except UnicodeDecodeError:
+        raise RunError("standard input is not UTF-8 text") from None
+    piped = piped.rstrip("\n")
+    return " ".join(part for part in (piped, words) if part)
 
 
 def run(args: argparse.Namespace, load, api_url, verify_for) -> int:
@@ -320,9 +441,20 @@ def run(args: argparse.Namespace, load, api_url, verify_for) -> int:
             pass
         return session.interactive(input)
     except RunError as exc:
-        sys.stdout.flush()
-        print(f"Error: {exc}", file=sys.stderr)
+        session.error(str(exc))
         return 1
+    except BrokenPipeError:
+        # The reader went away (`| head -c 10`): stop quietly, as a process killed by SIGPIPE
+        # does (Ollama). Standard output goes to /dev/null so that the interpreter's final
+        # flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(devnull)
+        return 141
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         return 130

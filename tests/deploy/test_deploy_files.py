@@ -86,6 +86,10 @@ def test_unit_hardening_and_lifecycle():
         "PrivateTmp": "yes", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX AF_NETLINK",
         "MemoryDenyWriteExecute": "yes", "DynamicUser": "yes", "StateDirectory": "meshollama",
         "Restart": "on-failure", "KillSignal": "SIGUSR1", "KillMode": "mixed",
+        # a stop before the node handles SIGUSR1 (during start-up) is a clean stop, not a failure
+        "SuccessExitStatus": "SIGUSR1",
+        # a configuration or usage error (exit 2) is not retried
+        "RestartPreventExitStatus": "2",
     }
     for key, value in want.items():
         assert df.unit_value(u, "Service", key) == value, key
@@ -104,6 +108,49 @@ def test_unit_hardening_and_lifecycle():
     assert argv[0] == "/opt/meshollama/.venv/bin/meshollama"
     args = _parser().parse_args(argv[1:])
     assert args.command == "start" and args.data_dir == "%S/meshollama"
+    # the install line in the header installs no test tools on a server
+    assert "MESHOLLAMA_EXTRAS=embedded make -C /opt/meshollama install" in text
+
+
+def _credentials_uncommented(text: str) -> str:
+    """The unit with its commented LoadCredential= and matching Environment= lines live."""
+    return re.sub(r"^#((?:LoadCredential|Environment)=)", r"\1", text, flags=re.MULTILINE)
+
+
+def test_secrets_reach_the_dynamic_user_as_credentials(systemd_analyze, unit_copy, tmp_path):
+    """DynamicUser cannot own a secret in /etc: the unit's example loads them with
+    LoadCredential= and points the node at $CREDENTIALS_DIRECTORY (%d). Uncommented,
+    the unit still verifies clean (a bad specifier would be reported), and the
+    variables are the node's own settings."""
+    text = _credentials_uncommented(unit_copy.read_text())
+    unit_copy.write_text(text)
+    u = df.unit_entries(unit_copy)
+    creds = dict(v.split(":", 1) for k, v in u["Service"] if k == "LoadCredential")
+    assert creds == {"api-keys": "/etc/meshollama/api-keys", "tls-key": "/etc/meshollama/tls.key",
+                     "psk": "/etc/meshollama/psk"}
+    env = dict(v.split("=", 1) for k, v in u["Service"] if k == "Environment")
+    assert env["MESHOLLAMA_GATEWAY_API_KEY_FILE"] == "%d/api-keys"
+    assert env["MESHOLLAMA_GATEWAY_TLS_KEY"] == "%d/tls-key"
+    assert env["MESHOLLAMA_P2P_PSK_FILE"] == "%d/psk"
+    r = subprocess.run([systemd_analyze, "verify", str(unit_copy)], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    about_us = [line for line in r.stderr.splitlines() if "meshollama" in line]
+    assert not about_us, "\n".join(about_us)
+    # %d as systemd expands it: the variables are valid settings of the node
+    creds_dir = tmp_path / "credentials"
+    creds_dir.mkdir()
+    (creds_dir / "api-keys").write_text("a-long-random-key-1\n")
+    (creds_dir / "tls-key").write_text("")
+    (creds_dir / "psk").write_text("")
+    (tmp_path / "tls.crt").write_text("")
+    expanded = {k: v.replace("%d", str(creds_dir)).replace("/etc/meshollama/tls.crt", str(tmp_path / "tls.crt"))
+                for k, v in env.items()}
+    cfg = load_config(None, expanded, {})
+    assert cfg.gateway.api_keys == ("a-long-random-key-1",)
+    # the env file's example names the same private copy (%d of a system unit)
+    example = re.search(r"^#MESHOLLAMA_GATEWAY_API_KEY_FILE=(.*)$", df.ENV_FILE.read_text(), re.MULTILINE)
+    assert example and example[1] == "/run/credentials/meshollama.service/api-keys"
 
 
 def test_env_file_is_a_valid_configuration():
@@ -206,6 +253,21 @@ def test_dockerfile():
     assert df.exec_form(final.last("CMD")) == ["start"]
     # its ENV is a valid configuration
     load_config(None, {k: v for k, v in env.items() if k.startswith("MESHOLLAMA_")}, {})
+    # the user and its group have fixed ids in every stage that creates them (bind mounts: chown 10001)
+    for stage in stages:
+        for run in stage.all("RUN"):
+            if "useradd" in run:
+                assert "groupadd" in run and "--gid 10001 meshollama" in run, run
+                assert re.search(r"useradd .*--uid 10001 --gid 10001", run), run
+    # bytecode is compiled at build time and shipped (read-only root at run time), not deleted
+    assert not any("__pycache__" in r for s in stages for r in s.all("RUN"))
+    assert "PYTHONDONTWRITEBYTECODE" not in env
+    compiles = [r for r in build.all("RUN") if "compileall" in r]
+    assert len(compiles) == 1 and ".venv src" in compiles[0], compiles
+    assert build.all("RUN").index(compiles[0]) > build.all("RUN").index(installs[0])
+    # the documented run with an Ollama elsewhere chooses kind ollama (auto asks only once, at start)
+    header = df.DOCKERFILE.read_text()
+    assert "-e MESHOLLAMA_BACKEND_KIND=ollama -e MESHOLLAMA_OLLAMA_URL=" in header
 
 
 def test_healthcheck_script_targets_the_gateway_port():
@@ -221,6 +283,50 @@ def test_healthcheck_script_targets_the_gateway_port():
     r = subprocess.run([sys.executable, str(df.HEALTHCHECK)], capture_output=True, text=True, timeout=30,
                        env={"MESHOLLAMA_GATEWAY_LISTEN": "127.0.0.1:9"})
     assert r.returncode == 1 and "127.0.0.1:9/healthz" in r.stderr
+
+
+def test_healthcheck_ignores_proxy_variables():
+    """HTTP(S)_PROXY in the container (for downloads) must not send the check to a proxy:
+    with a dead proxy named, a healthy node still passes, and /readyz is asked too."""
+    import http.server
+    import threading
+
+    asked = []
+
+    class Node(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Node)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dead = "http://127.0.0.1:9"
+    env = {"MESHOLLAMA_GATEWAY_LISTEN": f"0.0.0.0:{server.server_address[1]}", "NO_PROXY": "", "no_proxy": "",
+           **{name: dead for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy")}}
+    try:
+        for argv in ([], ["--ready"]):
+            r = subprocess.run([sys.executable, str(df.HEALTHCHECK), *argv], capture_output=True, text=True,
+                               timeout=30, env=env, check=False)
+            assert r.returncode == 0, r.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["/healthz", "/readyz"]
+
+
+def test_docs_install_no_test_tools_on_a_server():
+    """docs/deploy.md installs servers with the embedded extra (or none), never the test extra."""
+    text = (df.ROOT / "docs" / "deploy.md").read_text()
+    installs = [line for line in text.splitlines() if "make -C /opt/meshollama install" in line]
+    assert installs
+    for line in installs:
+        assert "MESHOLLAMA_EXTRAS=" in line and "test" not in line.split("#")[0], line
 
 
 def test_dockerignore_keeps_the_venv_out_and_the_install_in():
@@ -267,6 +373,14 @@ def test_compose_topology():
         assert f"{name}:{DATA_DIR}" in svc["volumes"]
         assert svc["healthcheck"]["test"] == ["CMD", "python", "/opt/meshollama/healthcheck.py"]
         assert svc["stop_signal"] == "SIGUSR1" and seconds(svc["stop_grace_period"]) > DRAIN
+        # a node in front of the ollama service says kind ollama: auto asks once, at start, and
+        # depends_on does not wait for Ollama to answer; nodes on auto only ask their own loopback,
+        # where no Ollama runs in their container, so their choice does not hang on timing
+        if "ollama:" in cfg.ollama.url:
+            assert cfg.backend.kind == "ollama", name
+        else:
+            assert cfg.backend.kind in ("auto", "embedded", "none"), name
+            assert cfg.ollama.url.startswith("http://127.0.0.1:"), name
         if name == "node1":
             assert cfg.p2p.bootstrap == () and cfg.ollama.url == "http://ollama:11434"
         else:
@@ -282,6 +396,53 @@ def _container(sts: dict) -> dict:
     return next(c for c in sts["spec"]["template"]["spec"]["containers"] if c["name"] == "meshollama")
 
 
+def _uncomment_block(text: str, name: str) -> str:
+    """``text`` with the lines between ``# BEGIN name`` and ``# END name`` uncommented as a
+    user would: one ``# `` removed after the indentation (``# # x`` stays a comment)."""
+    lines, inside, seen = [], False, False
+    for line in text.splitlines():
+        if line.strip() == f"# BEGIN {name}":
+            inside = seen = True
+            continue
+        if line.strip() == f"# END {name}":
+            inside = False
+            continue
+        lines.append(re.sub(r"^(\s*)# ?", r"\1", line, count=1) if inside else line)
+    assert seen and not inside, f"no complete {name} block"
+    return "\n".join(lines) + "\n"
+
+
+def _sidecar_statefulset() -> dict:
+    return yaml.safe_load(_uncomment_block((df.KUBE / "statefulset.yaml").read_text(), "ollama sidecar"))
+
+
+def _sidecar_config_text() -> str:
+    """The ConfigMap's node configuration with its sidecar lines (backend.kind: ollama, models_dir) live."""
+    cm = df.kube_kind(df.kube_docs(), "ConfigMap")
+    text = cm["data"]["meshollama.yaml"]
+    text = re.sub(r"^(\s*)kind: auto\n", "", text, flags=re.MULTILINE)
+    return re.sub(r"^(\s*)# ((?:kind: ollama|models_dir: )[^\n]*)$", r"\1\2", text, flags=re.MULTILINE)
+
+
+def _restricted(sc: dict, pod_sc: dict) -> list[str]:
+    """What a container breaks of the restricted Pod Security profile (the fields it checks here)."""
+    problems = []
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.append("allowPrivilegeEscalation must be false")
+    if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+        problems.append("capabilities must drop ALL")
+    if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+        problems.append("runAsNonRoot must be true")
+    if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+        problems.append("runAsUser must not be 0")
+    seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile")) or {}
+    if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+        problems.append("seccompProfile must be RuntimeDefault")
+    if sc.get("privileged"):
+        problems.append("privileged")
+    return problems
+
+
 def test_kubernetes_objects_pass_the_kubernetes_schemas():
     kv = pytest.importorskip("kubernetes_validate",
                              reason="needs kubernetes-validate (pip install kubernetes-validate): Kubernetes schemas")
@@ -292,7 +453,9 @@ def test_kubernetes_objects_pass_the_kubernetes_schemas():
             continue  # a CRD: checked by hand below
         kv.validate(doc, "1.30.0", strict=True)
         checked += 1
-    assert checked >= 6
+    assert checked >= 7
+    # the commented Ollama sidecar, uncommented, is a valid StatefulSet too
+    kv.validate(_sidecar_statefulset(), "1.30.0", strict=True)
     broken = yaml.safe_load((df.KUBE / "statefulset.yaml").read_text())
     _container(broken)["livenessProbe"]["httpGet"]["paht"] = "/healthz"
     with pytest.raises(kv.ValidationError):
@@ -385,6 +548,51 @@ def test_kubernetes_wiring():
     assert endpoint["path"] == "/metrics" and endpoint["port"] in {p["name"] for p in api["spec"]["ports"]}
 
 
+def test_the_ollama_sidecar_once_uncommented(tmp_path):
+    """The sidecar in statefulset.yaml works if uncommented: a native sidecar (it outlives
+    the node's drain), restricted Pod Security, HOME and models on the data volume, and the
+    ConfigMap's commented lines point the node at it with kind ollama."""
+    sts = _sidecar_statefulset()
+    pod = sts["spec"]["template"]["spec"]
+    node = _container(sts)
+    [sidecar] = pod["initContainers"]
+    assert sidecar["name"] == "ollama" and sidecar["restartPolicy"] == "Always"
+    for container in (node, sidecar):
+        assert not _restricted(container["securityContext"], pod["securityContext"]), container["name"]
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    assert mounts["data"] == DATA_DIR
+    assert env["HOME"].startswith(DATA_DIR + "/") and env["OLLAMA_MODELS"].startswith(DATA_DIR + "/")
+    if sidecar["securityContext"].get("readOnlyRootFilesystem"):
+        assert mounts.get("tmp") == "/tmp"
+    path = tmp_path / "meshollama.yaml"
+    path.write_text(_sidecar_config_text())
+    cfg = check_file(path)
+    assert cfg.backend.kind == "ollama"
+    assert str(cfg.ollama.models_dir) == env["OLLAMA_MODELS"]
+    assert cfg.ollama.url == f"http://{env['OLLAMA_HOST']}"
+    # and the files as shipped have neither
+    assert "initContainers" not in df.kube_kind(df.kube_docs(), "StatefulSet")["spec"]["template"]["spec"]
+
+
+def test_kubernetes_network_policy():
+    docs = df.kube_docs()
+    sts = df.kube_kind(docs, "StatefulSet")
+    policy = df.kube_kind(docs, "NetworkPolicy")
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    rules = {tuple(p["port"] for p in rule["ports"]): rule["from"] for rule in spec["ingress"]}
+    assert set(rules) == {("p2p",), ("http",)}
+    # p2p only from the StatefulSet's own pods; the API from any pod of the namespace
+    [peers] = rules[("p2p",)]
+    assert set(peers) == {"podSelector"} and peers["podSelector"]["matchLabels"].items() <= labels.items()
+    assert rules[("http",)] == [{"podSelector": {}}]
+    ports = {p["name"] for p in _container(sts)["ports"]}
+    assert {"p2p", "http"} <= ports
+
+
 def test_kubernetes_config_file_is_valid_and_matches_the_pod(tmp_path):
     cm = df.kube_kind(df.kube_docs(), "ConfigMap")
     path = tmp_path / "meshollama.yaml"
@@ -404,6 +612,6 @@ def test_kustomize_renders_everything():
     assert r.returncode == 0, r.stderr
     rendered = [d for d in yaml.safe_load_all(r.stdout) if d]
     kinds = sorted(d["kind"] for d in rendered)
-    assert kinds == ["ConfigMap", "Namespace", "Service", "Service", "StatefulSet"]
+    assert kinds == ["ConfigMap", "Namespace", "NetworkPolicy", "Service", "Service", "StatefulSet"]
     assert all(d["metadata"].get("namespace", "meshollama") == "meshollama" for d in rendered)
 

@@ -5,18 +5,23 @@ stand-in Ollama (tests/fakes/fake_ollama.py) as its backend; the command is
 the installed console script, found through node.json exactly as a user's
 would be (``--data-dir``), or through ``--host``. The interactive session runs
 on a pseudo-terminal, so readline, the prompt and Ctrl-C are the terminal's.
-One test uses the real embedded SmolLM2 model.
+One test uses the real embedded SmolLM2 model. What a misbehaving node or
+peer could send (malformed lines, escape sequences, a stream cut short) comes
+from a scripted stand-in gateway (:func:`fake_gateway`).
 """
 
 from __future__ import annotations
 
-import os
 import fcntl
+import http.server
+import json
+import os
 import pty
 import subprocess
 import sys
 import termios
-from contextlib import asynccontextmanager
+import threading
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -76,11 +81,11 @@ async def test_one_shot_prompt_found_through_node_json(tmp_path):
 async def test_piped_stdin_is_the_prompt(tmp_path):
     with trio.fail_after(60):
         async with node_with_fake(tmp_path) as (node, fake):
-            r = await run_cli("--host", node.api, MODEL, "summarise:", stdin=b"line one\nline two\n")
+            r = await run_cli("--host", node.api, MODEL, stdin=b"line one\nline two\n")
             assert r.returncode == 0, r.stderr.decode()
             assert "hello from F" in r.stdout.decode()
             sent = [q for q in fake.requests if q.path == "/api/chat"][-1].json()["messages"]
-            assert sent == [{"role": "user", "content": "line one\nline two\nsummarise:"}]
+            assert sent == [{"role": "user", "content": "line one\nline two"}]
 
 
 async def test_missing_model_says_pull_and_exits_1(tmp_path):
@@ -209,3 +214,155 @@ async def test_real_embedded_model_answers(tmp_path):
             err = r.stderr.decode()
             assert "eval rate:" in err and "answered by:" in err, err
 
+
+
+# -- a stand-in gateway that answers what a test scripts ---------------------------------------
+
+
+@contextmanager
+def fake_gateway(lines: list[bytes]):
+    """A gateway on 127.0.0.1 whose ``/api/show`` says yes and whose ``/api/chat`` streams
+    ``lines`` (chunked NDJSON), whatever they are. Yields its URL and the chat bodies."""
+    bodies: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            if self.path == "/api/show":
+                self.send_response(200)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+                return
+            bodies.append(json.loads(body))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-ndjson")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            try:
+                for line in lines:
+                    data = line + b"\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass  # the client went away (| head)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def line(**event) -> bytes:
+    return json.dumps(event).encode()
+
+
+HELLO = [line(message={"role": "assistant", "content": "hello"}, done=False), line(done=True)]
+
+
+@pytest.mark.parametrize("lines, verbose", [
+    ([line(message={"content": "hi "}), b"<html>oops</html>"], False),
+    ([b"[1,2]"], False),
+    ([b'{"message":"hello"}'], False),
+    ([b'{"message":{"content":5}}'], False),
+    ([b"[" * 200_000 + b"]" * 200_000], False),  # too deep for json: RecursionError
+    ([line(message={"content": "x"}), line(done=True, eval_count="many", eval_duration=1)], True),
+], ids=["not-json", "a-list", "message-a-string", "content-a-number", "deep", "stats-not-numbers"])
+async def test_invalid_answer_lines_are_an_error_not_a_traceback(lines, verbose):
+    with trio.fail_after(30), fake_gateway(lines) as (url, _):
+        r = await run_cli(*(["--verbose"] if verbose else []), "--host", url, MODEL, "hi")
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert err.endswith("Error: the node sent an invalid answer line\n") and "Traceback" not in err, err
+    out = r.stdout.decode()
+    assert out == "" or out.endswith("\n"), out  # Error: starts a line of its own
+
+
+async def test_an_answer_without_done_ended_early():
+    with trio.fail_after(30), fake_gateway([line(message={"content": "partial answer"})]) as (url, _):
+        r = await run_cli("--host", url, MODEL, "hi")
+    assert r.returncode == 1
+    assert r.stdout.decode() == "partial answer\n"
+    assert r.stderr.decode() == "Error: the answer ended early\n"
+
+
+async def test_a_closed_pipe_ends_quietly():
+    """``meshollama run m q | head -c 10``: no BrokenPipeError traceback, the status of a SIGPIPE."""
+    lines = [line(message={"content": "line\n"})] * 20_000 + [line(done=True)]
+    with trio.fail_after(60), fake_gateway(lines) as (url, _):
+        proc = await trio.lowlevel.open_process([MESHOLLAMA, "run", "--host", url, MODEL, "hi"],
+                                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE, env=_env())
+        got = b""
+        while len(got) < 10:
+            got += await proc.stdout.receive_some(10 - len(got))
+        await proc.stdout.aclose()  # head has what it wanted
+        err = b""
+        while chunk := await proc.stderr.receive_some():
+            err += chunk
+        rc = await proc.wait()
+    assert got == b"line\nline\n"
+    assert err == b"", err.decode()
+    assert rc == 141
+
+
+async def test_error_texts_from_peers_are_escaped():
+    lines = [line(message={"content": "a"}), line(error="\x1b]0;PWNED\x07\x1b[2Jboom")]
+    with trio.fail_after(30), fake_gateway(lines) as (url, _):
+        r = await run_cli("--host", url, MODEL, "hi")
+    assert r.returncode == 1
+    assert r.stdout == b"a\n"
+    assert r.stderr == b"Error: \\x1b]0;PWNED\\x07\\x1b[2Jboom\n"
+
+
+async def test_escape_sequences_do_not_reach_a_terminal():
+    evil = "safe \x1b]0;PWNED\x07\x1b[2J\x1b[31mred\x1b[0m \x1b]52;c;ZWNobyBwd25lZA==\x07\x9b2J end"
+    with trio.fail_after(30), fake_gateway([line(message={"content": evil}), line(done=True)]) as (url, _):
+        async with terminal("--host", url, MODEL, "hi") as t:
+            await t.expect(" end")
+            assert await t.proc.wait() == 0
+    shown = t.seen
+    assert "safe ]0;PWNED[2J[31mred[0m ]52;c;ZWNobyBwd25lZA==2J end" in shown, repr(shown)
+    assert not any(c in shown for c in "\x1b\x07\x9b"), repr(shown)
+
+
+async def test_proxy_variables_do_not_divert_the_local_node():
+    """A dead HTTP(S)_PROXY in the environment: the node on loopback is still reached directly."""
+    dead = "http://127.0.0.1:9"
+    proxies = {name: dead for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                                       "ALL_PROXY")}
+    with trio.fail_after(30), fake_gateway(HELLO) as (url, bodies):
+        for host in (url, url.replace("127.0.0.1", "localhost")):
+            r = await trio.run_process([MESHOLLAMA, "run", "--host", host, MODEL, "hi"], stdin=b"",
+                                       capture_stdout=True, capture_stderr=True, check=False,
+                                       env={**_env(), **proxies})
+            assert r.returncode == 0, r.stderr.decode()
+            assert r.stdout == b"hello\n"
+    assert len(bodies) == 2
+
+
+async def test_piped_stdin_and_prompt_words_make_one_prompt_as_with_ollama():
+    """``cat notes | meshollama run m summarise:``: stdin first, then the words."""
+    with trio.fail_after(30), fake_gateway(HELLO) as (url, bodies):
+        r = await trio.run_process([MESHOLLAMA, "run", "--host", url, MODEL, "summarise:"], stdin=b"my notes\n",
+                                   capture_stdout=True, capture_stderr=True, check=False, env=_env())
+    assert r.returncode == 0, r.stderr.decode()
+    assert bodies[0]["messages"] == [{"role": "user", "content": "my notes summarise:"}]
+
+
+async def test_undecodable_stdin_is_an_error():
+    with trio.fail_after(30), fake_gateway(HELLO) as (url, bodies):
+        r = await run_cli("--host", url, MODEL, stdin=b"\xff\xfe not text\n")
+    assert r.returncode == 1
+    assert r.stderr.decode() == "Error: standard input is not UTF-8 text\n"
+    assert not bodies

@@ -7,7 +7,19 @@ import io
 import pytest
 
 from meshollama.cli import _parser
-from meshollama.cli_run import Command, LineReader, RunError, Send, Session, explain, prompt_text
+from meshollama.cli_run import (
+    Command,
+    LineReader,
+    RunError,
+    Send,
+    Session,
+    escape_controls,
+    explain,
+    is_loopback_url,
+    parse_line,
+    prompt_text,
+    strip_controls,
+)
 
 
 def feed_all(lines):
@@ -172,16 +184,132 @@ class Stdin(io.StringIO):
     def isatty(self):
         return self.tty
 
+    def read(self, *a):
+        if self.tty:
+            raise AssertionError("a terminal must not be read for a one-shot prompt")
+        return super().read(*a)
+
+
+class RawStdin:
+    """A non-terminal stdin with bytes underneath, as sys.stdin is."""
+
+    def __init__(self, data: bytes):
+        self.buffer = io.BytesIO(data)
+
+    def isatty(self):
+        return False
+
 
 @pytest.mark.parametrize("words, stdin, expected", [
     (["why", "blue?"], Stdin(tty=True), "why blue?"),
     ([], Stdin(tty=True), None),  # interactive
     ([], Stdin("piped text\n"), "piped text"),
-    (["summarise:"], Stdin("a long\ndocument\n"), "a long\ndocument\nsummarise:"),
+    ([], Stdin("a long\ndocument\n"), "a long\ndocument"),
+    (["summarise:"], Stdin("a document\n"), "a document summarise:"),  # ollama run: stdin, then the words
+    (["hi"], Stdin(""), "hi"),
     ([], Stdin(""), ""),  # empty pipe: an error for the caller
+    ([], RawStdin("caf\u00e9\n".encode()), "caf\u00e9"),
 ])
 def test_prompt_text(words, stdin, expected):
     assert prompt_text(words, stdin) == expected
+
+
+def test_undecodable_stdin_is_an_error_not_a_traceback():
+    with pytest.raises(RunError, match="standard input is not UTF-8"):
+        prompt_text([], RawStdin(b"\xff\xfe bad"))
+
+
+# -- what peers send is not trusted ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("line", [
+    "<html>oops</html>", "[1,2]", '"text"', "5", "null", '{"message":"hello"}', '{"message":{"content":5}}',
+    '{"message":[1]}', "[" * 100_000 + "]" * 100_000, '{"message":' * 50_000 + "1" + "}" * 50_000,
+])
+def test_invalid_answer_lines(line):
+    with pytest.raises(RunError, match="the node sent an invalid answer line"):
+        parse_line(line)
+
+
+def test_valid_answer_lines():
+    assert parse_line('{"message":{"role":"assistant","content":"hi"},"done":false}')["message"]["content"] == "hi"
+    assert parse_line('{"done":true,"eval_count":3}')["done"] is True
+    assert parse_line('{"message":{"content":null}}')
+
+
+@pytest.mark.parametrize("events", [
+    [["not", "a", "dict"]],
+    [{"message": "hello"}],
+    [{"message": {"content": 5}}],
+])
+def test_a_session_refuses_malformed_events(events):
+    with pytest.raises(RunError, match="invalid answer line"):
+        Session(FakeChat(events), io.StringIO()).one_shot("x")
+
+
+@pytest.mark.parametrize("stats", [{"eval_count": "ten", "eval_duration": 1}, {"total_duration": [1]},
+                                   {"prompt_eval_count": {"a": 1}}, {"eval_duration": True, "eval_count": 1}])
+def test_non_numeric_stats_under_verbose(stats):
+    with pytest.raises(RunError, match="invalid answer line"):
+        Session(FakeChat(chunks("x", **stats)), io.StringIO(), verbose=True, err=io.StringIO()).one_shot("q")
+
+
+def test_a_stream_without_done_ended_early():
+    out = io.StringIO()
+    session = Session(FakeChat(chunks("partial", done=False)), out)
+    with pytest.raises(RunError, match="the answer ended early"):
+        session.one_shot("q")
+    assert out.getvalue() == "partial" and session.mid_line
+    err = io.StringIO()
+    session.err = err
+    session.error("the answer ended early")
+    assert out.getvalue() == "partial\n"  # Error: starts a line of its own
+    assert err.getvalue() == "Error: the answer ended early\n"
+
+
+def test_interactive_reports_an_early_end_and_goes_on():
+    chat = FakeChat(chunks("half", done=False), chunks("fine"))
+    out, err = io.StringIO(), io.StringIO()
+    assert Session(chat, out, err=err).interactive(scripted(["a", "b"])) == 0
+    assert "Error: the answer ended early" in err.getvalue() and "fine" in out.getvalue()
+
+
+EVIL = "safe \x1b]0;PWNED\x07\x1b[2J\x1b[31mred\x1b[0m \x9b2J\x7f\r\x00 ok\n\tend"
+
+
+def test_controls_are_dropped_on_a_terminal_only():
+    tty, pipe = io.StringIO(), io.StringIO()
+    chat = FakeChat(chunks(EVIL), chunks(EVIL))
+    Session(chat, tty, terminal=True).one_shot("q")
+    assert tty.getvalue() == "safe ]0;PWNED[2J[31mred[0m 2J ok\n\tend\n"
+    session = Session(chat, pipe, terminal=False)
+    session.one_shot("q")
+    assert pipe.getvalue() == EVIL + "\n"  # a pipe or file gets the answer as sent
+    assert session.conversation.messages[-1]["content"] == EVIL  # and the model's context is untouched
+
+
+def test_error_texts_are_escaped_always():
+    err = io.StringIO()
+    chat = FakeChat([*chunks("a", done=False), {"error": "\x1b[2Jboom\x07\x9b"}])
+    Session(chat, io.StringIO(), err=err, terminal=False).interactive(scripted(["x"]))
+    assert "Error: \\x1b[2Jboom\\x07\\x9b\n" in err.getvalue()
+    assert "\x1b" not in err.getvalue()
+
+
+def test_control_helpers():
+    assert strip_controls("a\x1bb\x85c\td\ne\x7f") == "abc\td\ne"
+    assert escape_controls("\x1b[1m\x00") == "\\x1b[1m\\x00"
+    assert strip_controls("caf\u00e9 \u4e16\u754c") == "caf\u00e9 \u4e16\u754c"  # printable text untouched
+
+
+@pytest.mark.parametrize("url, loopback", [
+    ("http://127.0.0.1:11434", True), ("http://127.1.2.3:1", True), ("http://localhost:11434", True),
+    ("http://[::1]:11434", True), ("http://0.0.0.0:11434", True), ("https://LOCALHOST.:1", True),
+    ("http://[::ffff:127.0.0.1]:1", True), ("http://node1:11434", False), ("http://192.168.1.5:11434", False),
+    ("http://localhost.example.com", False),
+])
+def test_loopback_urls_bypass_proxies(url, loopback):
+    assert is_loopback_url(url) is loopback
 
 
 @pytest.mark.parametrize("status, body, expect", [
