@@ -384,6 +384,7 @@ async def run_until_signalled(config: Config, *, out=sys.stdout) -> int:
                 await node.drained.wait()
                 await node.leave()
                 nursery.cancel_scope.cancel()
+                trio.lowlevel.spawn_system_task(_hard_exit_after, HARD_EXIT_AFTER)
 
             nursery.start_soon(leave_when_drained)
             async for signum in signals:
@@ -398,8 +399,22 @@ async def run_until_signalled(config: Config, *, out=sys.stdout) -> int:
                 await node.leave()
                 nursery.cancel_scope.cancel()
                 trio.lowlevel.spawn_system_task(_hard_exit_on_second_signal, signals)
+                trio.lowlevel.spawn_system_task(_hard_exit_after, HARD_EXIT_AFTER)
                 break
     return 0
+
+
+# Once shutting down, the process exits within this many seconds whatever is left:
+# a client that stopped reading blocks a socket write that Hypercorn shields from
+# cancellation, so its connection would otherwise keep the node alive for ever.
+HARD_EXIT_AFTER = 25.0  # gateway.server: 10 s of grace for answers + 2 s slack, and leaving the mesh
+
+
+async def _hard_exit_after(seconds: float) -> None:
+    await trio.sleep(seconds)
+    log.warning("still shutting down after %.0f s (a client that stopped reading?): exiting now", seconds)
+    logging.shutdown()
+    os._exit(0)
 
 
 async def _hard_exit_on_second_signal(signals) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import socket
 
 import httpx
 import pytest
 import trio
 
-from meshollama.gateway.panel_events import fingerprint, frame, whoami
-from meshollama.gateway.panel_routes import ASSETS, CSP
-from meshollama.gateway.auth import ANONYMOUS, Caller
+from meshollama.gateway import keystore
+from meshollama.gateway.auth import ANONYMOUS, Authenticator, Caller
+from meshollama.gateway.panel_events import REAUTHENTICATE, REVOKED, ROLE_CHANGED, fingerprint, frame, whoami
+from meshollama.gateway.panel_routes import ASSETS, CSP, credential_check, stream_owner
 from meshollama.gateway.roles import Role
 from meshollama.mesh.peertable import PeerState
 
@@ -282,3 +285,156 @@ async def test_streams_are_capped_and_a_closed_one_frees_its_place():
                     third = Events(three)
                     await third.until("hello")
                     assert feeds.open_streams() == 2
+
+
+async def test_the_same_caller_gets_a_few_streams_not_all_of_them(tmp_path):
+    keys = _keys(tmp_path)
+    with trio.fail_after(15):
+        async with running_gateway(_mesh(), data_dir=tmp_path) as gw, httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            _fast(gw)
+            feeds = gw.app.extensions["meshollama"].panel_feeds
+            feeds.max_per_caller = 2
+            async with client.stream("GET", "/api/mesh/events", headers=bearer(keys[R])) as one, \
+                    client.stream("GET", "/api/mesh/events", headers=bearer(keys[R])) as two:
+                held = [Events(one), Events(two)]
+                for events in held:
+                    await events.until("hello")
+                r = await client.get("/api/mesh/events", headers=bearer(keys[R]))
+                assert r.status_code == 503 and r.headers["retry-after"] == "10"
+                assert "for this caller (at most 2)" in r.json()["error"]
+                async with client.stream("GET", "/api/mesh/events", headers=bearer(keys[A])) as other:
+                    assert other.status_code == 200  # another key has its own share
+                    assert (await Events(other).until("hello"))["role"] == "admin"
+
+
+def test_the_owner_of_a_stream_is_the_key_or_else_the_address():
+    scope = {"client": ("192.0.2.7", 50123)}
+    assert stream_owner(Caller(R, "key", "0123abcd"), scope) == "key:0123abcd"
+    assert stream_owner(Caller(U, "jwt", "alice"), scope) == "jwt:alice"
+    assert stream_owner(ANONYMOUS, scope) == stream_owner(None, {"client": ("192.0.2.7", 1)}) == "address:192.0.2.7"
+    assert stream_owner(ANONYMOUS, {}) == "address:-"
+
+
+async def _stalled_client(host: str, port: int) -> trio.socket.SocketType:
+    """Asks for the events and never reads them, with a small receive window."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((host, port))
+    await sock.send(f"GET /api/mesh/events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    return sock
+
+
+async def test_a_client_that_stops_reading_loses_its_stream():
+    with trio.fail_after(20):
+        async with running_gateway(_mesh()) as gw, httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            _fast(gw, tick=0.02, heartbeat=0.2)
+            feeds = gw.app.extensions["meshollama"].panel_feeds
+            feeds.max_per_caller = 1
+            feeds.send_timeout = 0.5
+            changes = iter(range(10**9))
+            feeds.build = lambda: {"mesh": lambda: {"n": next(changes), "blob": "x" * 500_000}}  # 25 MB/s
+            host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+            sock = await _stalled_client(host, int(port))
+            try:  # closed whatever happens: the server's write to it cannot be cancelled, not even on shutdown
+                while feeds.open_streams() == 0:
+                    await trio.sleep(0.01)
+                assert (await client.get("/api/mesh/events")).status_code == 503  # its one stream is taken
+                while feeds.open_streams():  # the server's buffers fill, the write waits, the stream is given up
+                    await trio.sleep(0.05)
+                async with client.stream("GET", "/api/mesh/events") as resp:
+                    assert resp.status_code == 200
+                    await Events(resp).until("hello")
+            finally:
+                sock.close()
+
+
+async def test_a_stream_ends_when_its_key_is_revoked(tmp_path):
+    keys = _keys(tmp_path)
+    mesh = _mesh()
+    with trio.fail_after(20):
+        async with running_gateway(mesh, data_dir=tmp_path) as gw, httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
+            _fast(gw)
+            ro = bearer(keys[R])
+            async with c.stream("GET", "/api/mesh/events", headers=ro) as resp:
+                events = Events(resp)
+                await events.until("mesh")
+                assert keystore.revoke(tmp_path / "api_keys.json", keystore.key_id(keys[R])) is not None
+                while (await c.get("/api/mesh/peers", headers=ro)).status_code != 401:  # read again within 1 s
+                    await trio.sleep(0.1)
+                mesh.add("peer-new", [model("secret-model:1b")])
+                while True:
+                    name, data = await events.next()
+                    assert name != "mesh" or all(p["peer_id"] != "peer-new" for p in data["peers"])
+                    if name == "bye":
+                        assert data == {"reason": REVOKED}
+                        break
+                with pytest.raises(StopAsyncIteration):
+                    await events.next()
+
+
+async def test_a_stream_opened_on_an_open_gateway_ends_when_it_needs_keys(tmp_path):
+    with trio.fail_after(20):
+        async with running_gateway(_mesh(), data_dir=tmp_path) as gw, httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
+            _fast(gw)
+            async with c.stream("GET", "/api/mesh/events") as resp:
+                events = Events(resp)
+                assert (await events.until("hello"))["open"] is True
+                keystore.create(tmp_path / "api_keys.json", "admin", "first")
+                assert await events.until("bye") == {"reason": REVOKED}
+            assert (await c.get("/api/mesh/events")).status_code == 401
+
+
+def test_the_stream_credential_check(tmp_path):
+    path = tmp_path / "api_keys.json"
+    plain, entry = keystore.create(path, "user", "dash")
+    keys = keystore.KeyStore(path, recheck=0.0)
+    auth = Authenticator(keys)
+    now = [100.0]
+    caller = auth.authenticate(f"Bearer {plain}", now[0])
+    assert isinstance(caller, Caller) and caller.kind == "key"
+    check = credential_check(auth, caller, clock=lambda: now[0])
+    assert check() is None
+    entries = keystore.read_file(path)
+    keystore.write_file(path, [keystore.entry_from_dict({**e.to_dict(), "role": "readonly"}) for e in entries])
+    assert check() == ROLE_CHANGED
+    keystore.revoke(path, entry.id)
+    assert check() == REVOKED
+    path.unlink()  # no key file any more: the gateway is open, everyone may read
+    assert check() is None
+
+    jwt_auth = Authenticator(keystore.KeyStore(None), jwt=object())  # type: ignore[arg-type]
+    jwt_check = credential_check(jwt_auth, Caller(R, "jwt", "alice"), clock=lambda: now[0], jwt_lifetime=300)
+    assert jwt_check() is None
+    now[0] += 300
+    assert jwt_check() == REAUTHENTICATE  # its expiry is not known here: the client presents it again
+
+    shared = keystore.KeyStore(None)
+    shared.set_shared([{"id": "team", "name": "team", "role": "readonly", "sha256": "ab" * 32}])
+    shared_check = credential_check(Authenticator(shared), Caller(R, "shared", "team", "team"), clock=lambda: now[0])
+    assert shared_check() is None
+    shared.set_shared([], required=True)
+    assert shared_check() == REVOKED
+
+
+async def test_an_update_that_cannot_be_built_ends_the_stream_with_an_error_logged_once(caplog):
+    with trio.fail_after(15):
+        async with running_gateway(_mesh()) as gw, httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            _fast(gw)
+            feeds = gw.app.extensions["meshollama"].panel_feeds
+
+            def broken() -> dict:
+                raise KeyError("nope")
+
+            feeds.build = lambda: {"mesh": broken}
+            caplog.set_level(logging.ERROR, "meshollama.gateway.panel_events")
+            for _ in range(3):  # the client reconnects into the same failure: logged once
+                async with client.stream("GET", "/api/mesh/events") as resp:
+                    events = Events(resp)
+                    await events.until("hello")
+                    assert await events.next() == ("error", {"message": "the node could not build the mesh update"})
+                    with pytest.raises(StopAsyncIteration):
+                        await events.next()
+                await trio.sleep(0.1)
+            logged = [r for r in caplog.records if r.name == "meshollama.gateway.panel_events"]
+            assert len(logged) == 1 and logged[0].exc_info is not None
+            assert feeds.open_streams() == 0

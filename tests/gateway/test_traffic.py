@@ -101,3 +101,98 @@ def test_recent_is_a_ring_newest_first():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError):
         Traffic(window=0)
+
+
+def test_a_clock_set_back_does_not_count_new_keys_as_other():
+    clock = Clock(10_000.0)
+    t = Traffic(clock=clock, window=60, max_keys=3)
+    for i in range(3):
+        rec(t, peer=f"p{i}", model=f"m{i}")
+    clock.now = 9_990.0  # set back 10 s: the keys "seen at 10000" are in the future now, and have no bucket
+    rec(t, peer="new", model="fresh")
+    snap = t.snapshot()
+    assert sorted(snap["peers"]) == ["new"] and sorted(snap["models"]) == ["fresh"]
+    assert OTHER not in snap["peers"]
+
+
+def naive(t: Traffic, step: int = 10) -> dict:
+    """The snapshot merged from every per-second bucket, as it was before it was cached."""
+    from meshollama.gateway.traffic import Stats
+
+    second = int(t.clock())
+    points = max(1, t.window // step)
+    end = (second // step + 1) * step
+    start = end - points * step
+
+    def series() -> list[Stats]:
+        return [Stats() for _ in range(points)]
+
+    total, by = series(), {"peers": {}, "models": {}}
+    for s, bucket in t._seconds.items():
+        if not start <= s < end:
+            continue
+        i = (s - start) // step
+        total[i].merge(bucket.total)
+        for dim in by:
+            for key, st in getattr(bucket, dim).items():
+                by[dim].setdefault(key, series())[i].merge(st)
+
+    def json(steps: list[Stats]) -> dict:
+        whole = Stats()
+        for st in steps:
+            whole.merge(st)
+        return {**whole.summary(), "series": {
+            "requests": [s.requests for s in steps], "errors": [s.errors for s in steps],
+            "ttfb_mean": [None if s.ttfb_mean is None else round(s.ttfb_mean, 4) for s in steps],
+            "ttfb_max": [round(s.ttfb_max, 4) if s.ttfb_count else None for s in steps]}}
+
+    return {"start": start, "points": points, "total": json(total),
+            **{dim: {k: json(v) for k, v in sorted(by[dim].items())} for dim in by}}
+
+
+def close(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(a - b) < 2e-4
+    return a == b
+
+
+def test_the_cached_snapshot_equals_one_merged_from_scratch():
+    import random
+
+    rnd = random.Random(7)
+    clock = Clock(1_000_000.0)
+    t = Traffic(clock=clock, window=120, max_keys=6)
+    for n in range(3000):
+        r = rnd.random()
+        if r < 0.01:
+            clock.now -= rnd.choice([3, 25, 200])  # the wall clock set back
+        elif r < 0.3:
+            clock.now += rnd.choice([0.3, 1, 7, 11, 40, 130])
+        if rnd.random() < 0.8:
+            rec(t, peer=f"p{rnd.randrange(9)}", model=f"m{rnd.randrange(9)}",
+                ttfb=rnd.choice([None, rnd.random()]), status=rnd.choice([200, 200, 500, 0]))
+        if rnd.random() < 0.4:
+            snap = t.snapshot()
+            want = naive(t)
+            got = {k: snap[k] for k in want}
+            assert close(got, want), (n, got, want)
+            assert snap["now"] == round(clock.now, 3) and len(snap["recent"]) == min(100, t.version)
+
+
+def test_a_snapshot_is_reused_until_a_request_or_a_new_step():
+    clock = Clock(1_000.0)
+    t = Traffic(clock=clock, window=60)
+    rec(t)
+    first = t.snapshot()
+    clock.now = 1_003.5
+    again = t.snapshot()
+    assert again["now"] == 1_003.5 and again["total"] is first["total"]  # not built again
+    rec(t)
+    assert t.snapshot()["total"]["requests"] == 2
+    clock.now = 1_010.0
+    moved = t.snapshot()
+    assert moved["start"] == first["start"] + 10 and moved["total"]["series"]["requests"][-2:] == [2, 0]

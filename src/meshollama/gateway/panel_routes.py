@@ -11,6 +11,13 @@
   ``GET /api/mesh/events``: the live updates (:mod:`.panel_events`). These
   need the readonly role, like every ``GET /api/mesh/*``.
 
+The gate checks a credential when a request arrives; an event stream lasts,
+so it is checked again every tick (:func:`credential_check`): a key that was
+revoked or whose role changed, a gateway that was open and now needs keys,
+end the stream. A JWT's expiry is not known here, so a stream opened with
+one ends after :data:`JWT_STREAM_SECONDS` and the client reconnects,
+presenting its token again.
+
 Every panel answer carries a strict Content-Security-Policy (no inline
 script or style, nothing from another origin, not frameable), ``nosniff``
 and ``no-referrer``. Cross-origin pages are refused by the gate's CORS check.
@@ -26,11 +33,22 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import trio
 from quart import Response, request
 
-from .middleware import CALLER_KEY
+from .auth import Authenticator, Caller
 from .errors import error_answer, json_answer
-from .panel_events import Feeds, hello_payload, whoami
+from .middleware import CALLER_KEY
+from .panel_events import (
+    JWT_STREAM_SECONDS,
+    REAUTHENTICATE,
+    REVOKED,
+    ROLE_CHANGED,
+    Feeds,
+    hello_payload,
+    whoami,
+)
+from .roles import Role
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +116,42 @@ def asset_response(name: str, if_none_match: str | None) -> Response:
     return _panel_response(asset.body, 200, headers)
 
 
+def credential_check(auth: Authenticator, caller: Caller | None, *, clock: Callable[[], float] = trio.current_time,
+                     jwt_lifetime: float = JWT_STREAM_SECONDS) -> Callable[[], str | None]:
+    """``check()`` for an event stream of ``caller``: None while its credential
+    still lets it read the mesh, else why the stream ends (a bye reason)."""
+    opened = clock()
+    source = {"key": "local"}.get(caller.kind, caller.kind) if caller is not None else "anonymous"
+
+    def check() -> str | None:
+        now = clock()
+        auth.keys.refresh(now)  # the gate's clock: the key file is looked at once a second at most
+        if not auth.configured:
+            return None  # an open gateway: everyone may read
+        if caller is None or caller.kind == "anonymous":
+            return REVOKED  # opened while the gateway was open; it needs a credential now
+        if caller.kind == "jwt":
+            if auth.jwt is None:
+                return REVOKED
+            return REAUTHENTICATE if now - opened >= jwt_lifetime else None
+        for entry in auth.keys.entries():
+            if entry.source == source and entry.id == caller.ident:
+                if entry.role < Role.READONLY:
+                    return REVOKED
+                return ROLE_CHANGED if entry.role != caller.role else None
+        return REVOKED
+
+    return check
+
+
+def stream_owner(caller: Caller | None, scope: dict[str, Any]) -> str:
+    """Whose stream it is, for the per-caller limit: the key or JWT subject, else the client's address."""
+    if caller is not None and caller.kind != "anonymous":
+        return f"{caller.kind}:{caller.ident}"
+    client = scope.get("client")
+    return f"address:{client[0] if client else '-'}"
+
+
 def register(app: Any, state: Any, respond: Callable) -> None:
     feeds = Feeds(state)
     state.panel_feeds = feeds  # for tests and the node's own status, if it wants the stream count
@@ -128,9 +182,10 @@ def register(app: Any, state: Any, respond: Callable) -> None:
             return Response(b"", 200, headers=[("content-type", "text/event-stream; charset=utf-8")])
         caller = request.scope.get(CALLER_KEY)
         hello = hello_payload(state.mesh.self_id, caller, not state.auth.configured, feeds.heartbeat)
-        stream = feeds.stream(hello, state.closing)
-        if stream is None:
-            answer = error_answer(503, f"too many event streams open (at most {feeds.max_streams}); retry later")
+        stream = feeds.stream(hello, state.closing, owner=stream_owner(caller, request.scope),
+                              check=credential_check(state.auth, caller, jwt_lifetime=feeds.jwt_lifetime))
+        if isinstance(stream, str):
+            answer = error_answer(503, stream)
             return respond(answer.with_headers(("retry-after", str(STREAMS_BUSY_RETRY))))
         response = Response(stream, status=200, headers=[
             ("content-type", "text/event-stream; charset=utf-8"),

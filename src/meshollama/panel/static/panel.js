@@ -167,7 +167,12 @@ function onEvent(name, data) {
     state.traffic = data;
     if (!$('panel-traffic').hidden) renderTraffic(state, state.by);
   } else if (name === 'bye') {
-    setConn('the node is restarting…', 'waiting');
+    if (data.reason === 'credential no longer valid') {
+      // The key was revoked (or the node now needs one): this page may read nothing more.
+      showLogin(token() ? 'That key is no longer accepted.' : 'This node needs an API key now.');
+    } else {
+      setConn(data.reason === 'shutting down' ? 'the node is restarting…' : 'reconnecting…', 'waiting');
+    }
   }
 }
 
@@ -177,9 +182,10 @@ function start() {
     url: '/api/mesh/events',
     headers: authHeaders,
     onEvent,
-    onStatus: (s, delay) => {
+    onStatus: (s, delay, message) => {
       if (s === 'live') setConn('live', 'live');
       else if (s === 'waiting') setConn(`disconnected: retrying in ${Math.ceil(delay / 1000)} s`, 'waiting');
+      else if (s === 'error') setConn(`${message}: retrying in ${Math.ceil(delay / 1000)} s`, 'off');
       else setConn(s === 'connecting' ? 'connecting…' : 'reconnecting…', 'waiting');
     },
     onAuth: (status, message) => showLogin(status === 401

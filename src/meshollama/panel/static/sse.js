@@ -52,10 +52,13 @@ const MAX_DELAY = 30000;
 
 // Keeps one event stream open: reconnects with exponential backoff (and jitter) when it
 // ends or fails, and gives up only on 401/403 (the caller must sign in again).
-// opts: url, headers() -> object, onEvent(name, obj), onStatus(state, detail), onAuth(status, message)
+// A stream that ends with `event: error` (the node could not build an update) backs off
+// further each time, even though each new stream says hello first.
+// opts: url, headers() -> object, onEvent(name, obj), onStatus(state, delay, message), onAuth(status, message)
 export function connect(opts) {
   let stopped = false;
   let attempt = 0;
+  let failures = 0; // streams in a row that ended with an error event
   let base = 2000;
   let controller = null;
   let wake = null;
@@ -89,6 +92,7 @@ export function connect(opts) {
       return { delay: Number.isFinite(after) && after > 0 ? after * 1000 : null };
     }
     if (!resp.ok || !resp.body) return {};
+    const outcome = {};
     const parser = new SSEParser((name, data) => {
       let obj = null;
       try { obj = JSON.parse(data); } catch (e) { return; }
@@ -96,6 +100,8 @@ export function connect(opts) {
         attempt = 0;
         if (obj.heartbeat) idleLimit = obj.heartbeat * 3000;
         opts.onStatus('live');
+      } else if (name === 'error') {
+        outcome.error = (obj && typeof obj.message === 'string' && obj.message) || 'the event stream failed';
       }
       opts.onEvent(name, obj);
     }, (ms) => { base = Math.max(500, Math.min(ms, MAX_DELAY)); });
@@ -111,7 +117,7 @@ export function connect(opts) {
     } finally {
       clearTimeout(watchdog);
     }
-    return {};
+    return outcome;
   }
 
   async function run() {
@@ -128,10 +134,11 @@ export function connect(opts) {
         opts.onAuth(outcome.auth, outcome.message);
         return;
       }
-      const backoff = Math.min(MAX_DELAY, base * 2 ** attempt) * (0.75 + Math.random() * 0.5);
+      failures = outcome.error ? Math.min(failures + 1, 10) : 0;
+      const backoff = Math.min(MAX_DELAY, base * 2 ** Math.max(attempt, failures)) * (0.75 + Math.random() * 0.5);
       const delay = outcome.delay || backoff;
       attempt = Math.min(attempt + 1, 10);
-      opts.onStatus('waiting', delay);
+      opts.onStatus(outcome.error ? 'error' : 'waiting', delay, outcome.error);
       await sleep(delay);
     }
   }
