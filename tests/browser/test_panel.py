@@ -8,7 +8,6 @@ documentation's pictures).
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import socket
@@ -18,9 +17,9 @@ import httpx
 import pytest
 import trio
 
-from meshollama.gateway.keystore import new_key
 from meshollama.gateway.roles import Role
 from tests.fakes.fake_ollama import serve_fake
+from tests.gateway.test_roles import _keys
 from tests.integration.cluster import cluster
 
 from .browser import PHONE, SCREENSHOTS_ENV, Browser, missing, screenshot
@@ -153,12 +152,7 @@ def _free_port() -> int:
 
 def _write_keys(data_dir) -> dict[Role, str]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    out, entries = {}, []
-    for role in Role:
-        plaintext, entry = new_key(role, f"{role}-key")
-        out[role], entries = plaintext, entries + [entry]
-    (data_dir / "api_keys.json").write_text(json.dumps({"keys": entries}))
-    return out
+    return _keys(data_dir)
 
 
 def sign_in(page, key: str) -> None:
