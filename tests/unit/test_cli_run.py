@@ -7,16 +7,13 @@ import io
 import pytest
 
 from meshollama.cli import _parser
+from meshollama.chat_client import RunError, explain, is_loopback_url, parse_line
 from meshollama.cli_run import (
     Command,
     LineReader,
-    RunError,
     Send,
     Session,
     escape_controls,
-    explain,
-    is_loopback_url,
-    parse_line,
     prompt_text,
     strip_controls,
 )
