@@ -319,7 +319,7 @@ class P2PConfig:
     # Three missed beats (6 s) forgive one lost message without routing long to a dead peer.
     miss_limit: int = _opt(_int(2), 3, "missed heartbeats before a peer is dropped")
     # Pings every second notice a dead connection well before heartbeat expiry.
-    liveness_interval: float = _opt(_positive(), 1.0, "seconds between liveness pings to busy peers (idle ones: x5)")
+    liveness_interval: float = _opt(_positive(), 1.0, "seconds between liveness pings to busy peers (idle ones: x5, up to 16 peers)")
     # Two intervals: one slow pong is not a failure.
     liveness_timeout: float = _opt(_positive(), 2.0, "seconds to wait for a pong")
     # Small meshes: 3 neighbours reach everyone in a few hops with little duplication.

@@ -18,17 +18,20 @@ PEERS = [f"12D3KooWpeer{i:02d}" for i in range(20)]
 SNAP = Snapshot(peers=tuple([view("me", is_self=True)] + [view(p) for p in PEERS]), taken_at=0.0)
 
 
-def rounds(n: int, *, urgent=frozenset(), busy=frozenset(), connected=frozenset(PEERS), snap=SNAP) -> Counter:
+def rounds(n: int, *, urgent=frozenset(), busy=frozenset(), connected=frozenset(PEERS), snap=SNAP,
+           recent=frozenset(), ping_all_up_to: int = len(PEERS)) -> Counter:
     got: Counter = Counter()
     for r in range(n):
-        got.update(peers_to_ping(snap, set(connected), r, urgent=urgent.__contains__, busy=busy.__contains__))
+        got.update(peers_to_ping(snap, set(connected), r, urgent=urgent.__contains__, busy=busy.__contains__,
+                                 recent=recent.__contains__, ping_all_up_to=ping_all_up_to))
     return got
 
 
 def test_idle_peers_are_pinged_once_every_few_rounds_spread_out():
     got = rounds(IDLE_PING_EVERY * 4)
     assert set(got) == set(PEERS) and set(got.values()) == {4}  # each exactly once per IDLE_PING_EVERY rounds
-    per_round = [len(peers_to_ping(SNAP, set(PEERS), r, urgent=lambda p: False, busy=lambda p: False))
+    per_round = [len(peers_to_ping(SNAP, set(PEERS), r, urgent=lambda p: False, busy=lambda p: False,
+                                   recent=lambda p: False, ping_all_up_to=len(PEERS)))
                  for r in range(IDLE_PING_EVERY)]
     assert sum(per_round) == len(PEERS) and max(per_round) < len(PEERS)  # spread, not all in one round
 
@@ -47,3 +50,17 @@ def test_down_peers_are_pinged_only_while_urgent():
     snap = Snapshot(peers=(view(PEERS[0], PeerState.DOWN),), taken_at=0.0)
     assert rounds(10, snap=snap) == Counter()
     assert rounds(10, snap=snap, urgent=frozenset({PEERS[0]}))[PEERS[0]] == 10
+
+
+def test_above_the_threshold_only_urgent_and_recent_peers_are_pinged():
+    got = rounds(IDLE_PING_EVERY * 4, urgent=frozenset({PEERS[3]}), recent=frozenset({PEERS[3], PEERS[7]}),
+                 ping_all_up_to=len(PEERS) - 1)
+    assert got == Counter({PEERS[3]: IDLE_PING_EVERY * 4, PEERS[7]: 4})  # urgent: every round; recent: every 5th
+
+
+def test_the_threshold_counts_every_peer_in_the_table_but_us():
+    everyone = Counter({p: 4 for p in PEERS})
+    assert rounds(IDLE_PING_EVERY * 4, ping_all_up_to=len(PEERS)) == everyone  # "me" is not counted
+    assert rounds(IDLE_PING_EVERY * 4, ping_all_up_to=len(PEERS) - 1) == Counter()
+    down = Snapshot(peers=SNAP.peers + (view("12D3KooWdown", PeerState.DOWN),), taken_at=0.0)
+    assert rounds(IDLE_PING_EVERY * 4, snap=down, ping_all_up_to=len(PEERS)) == Counter()  # down peers count too

@@ -10,6 +10,7 @@ started; ``EPS`` either side of a deadline tells "not yet" from "done".
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import trio
@@ -19,7 +20,7 @@ from meshollama.httpmsg import ProxyRequest
 from meshollama.mesh.loops import STREAM_ABORT_MISSES
 from meshollama.mesh.peertable import PeerState
 from meshollama.p2p.httpstream import Guard
-from tests.unit.test_mesh_transport import FakeNet, heartbeat, make_service
+from tests.unit.test_mesh_transport import FakeNet, FakeStream, heartbeat, make_service
 
 EPS = 1e-6
 KEY = names.key("a:latest")
@@ -138,6 +139,142 @@ async def test_an_idle_peer_is_pinged_only_every_few_rounds(autojump_clock):
         assert r.mesh._loops.misses == {PEER: 1}
         await r.at(due + 1.75 + EPS)  # missed once: pinged every round now
         assert r.mesh._loops.misses == {PEER: 2}
+        nursery.cancel_scope.cancel()
+
+
+# --- liveness in a large mesh (issue 13) -------------------------------------------
+
+MANY = [f"12D3KooWpeer{i:03d}" for i in range(200)]
+
+
+def count_pings(monkeypatch) -> list[tuple[float, str]]:
+    """Every ping sent from now on, as ``(time, peer)`` (a ping is one write on the ping stream)."""
+    sent: list[tuple[float, str]] = []
+    write = FakeStream.write
+
+    async def counted(self, data, *, timeout=None):
+        sent.append((trio.current_time(), self.peer_id))
+        await write(self, data, timeout=timeout)
+
+    monkeypatch.setattr(FakeStream, "write", counted)
+    return sent
+
+
+async def run_big_mesh(nursery: trio.Nursery, peers=MANY, **settings) -> Running:
+    """A service whose table holds ``peers``, all connected and heard once."""
+    r = await run_mesh(nursery, **settings)
+    for seq, pid in enumerate(peers, 1):
+        r.net.host.peer_connects(pid)
+        r.net.host.hear(heartbeat(pid, seq))
+    await r.at(EPS)
+    assert len(r.mesh.snapshot().alive()) == len(peers) + 1  # and us
+    return r
+
+
+@pytest.mark.parametrize("ping_all_up_to, per_second", [
+    (16, 2.0),  # the default: only the two peers with requests
+    (200, 2 + 198 / 5),  # the old rule (a table this small): everyone, idle peers every 5th round
+])
+async def test_in_a_mesh_of_200_only_peers_with_requests_are_pinged(autojump_clock, monkeypatch, ping_all_up_to,
+                                                                    per_second):
+    from meshollama.mesh.liveness import IDLE_PING_EVERY
+
+    sent = count_pings(monkeypatch)
+    async with trio.open_nursery() as nursery:
+        r = await run_big_mesh(nursery, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75,
+                               liveness_ping_all_up_to=ping_all_up_to)
+        busy = MANY[:2]
+        for pid in busy:
+            r.mesh.scopes.register(pid, Guard())  # a request in flight to each
+        await r.at(1.0 + 4 * IDLE_PING_EVERY - 0.5)  # rounds 1 to 20
+        pings = [pid for t, pid in sent if 0.5 < t - r.t0]
+        assert len(pings) / (4 * IDLE_PING_EVERY) == pytest.approx(per_second)
+        if ping_all_up_to < len(MANY):
+            assert set(pings) == set(busy)
+        else:
+            assert set(pings) == set(MANY)
+        nursery.cancel_scope.cancel()
+
+
+async def test_in_a_large_mesh_a_silent_idle_peer_is_not_pinged_and_expires(autojump_clock, monkeypatch):
+    sent = count_pings(monkeypatch)
+    silent = MANY[7]
+    async with trio.open_nursery() as nursery:
+        r = await run_big_mesh(nursery, heartbeat_interval=2.0, miss_limit=3, liveness_interval=1.0,
+                               liveness_timeout=0.75)  # ttl 6 s, checked every 1 s
+
+        async def the_others_keep_announcing() -> None:
+            seq = len(MANY)
+            while True:
+                await trio.sleep(2.0)
+                for pid in MANY:
+                    if pid != silent:
+                        seq += 1
+                        r.net.host.hear(heartbeat(pid, seq))
+
+        nursery.start_soon(the_others_keep_announcing)
+        r.net.frozen.add(silent)  # SIGSTOP: no heartbeat, no pong, but the connection stays
+        await r.at(6.5)
+        assert r.state(silent) is PeerState.ALIVE  # nothing noticed yet: nobody pings it
+        await r.at(7.0 + EPS)
+        assert r.state(silent) is None  # expired: 7 s since its heartbeat, more than 3 intervals
+        assert len(r.mesh.snapshot().alive()) == len(MANY)  # the rest (and us) stay
+        assert sent == []  # no requests, no pings
+        nursery.cancel_scope.cancel()
+
+
+async def test_in_a_large_mesh_a_peer_we_stream_to_that_goes_silent_is_caught_as_fast_as_before(autojump_clock):
+    peer = MANY[3]
+    async with trio.open_nursery() as nursery:
+        r = await run_big_mesh(nursery, heartbeat_interval=10.0, liveness_interval=1.0, liveness_timeout=0.75)
+        guard = Guard()
+        r.mesh.scopes.register(peer, guard)  # a generation streaming from it
+        await r.at(2.5)
+        r.net.frozen.add(peer)  # SIGSTOP
+        await r.at(3.75 - EPS)
+        assert r.state(peer) is PeerState.ALIVE
+        await r.at(3.75 + EPS)
+        assert r.state(peer) is PeerState.DOWN  # round 3's ping missed, as with 1 peer
+        await r.at(4.75 - EPS)
+        assert not guard.down
+        await r.at(4.75 + EPS)
+        assert guard.down  # STREAM_ABORT_MISSES in a row: its callers are released
+        nursery.cancel_scope.cancel()
+
+
+async def test_in_a_large_mesh_a_peer_used_lately_stays_on_the_idle_schedule_for_a_while(autojump_clock,
+                                                                                         monkeypatch):
+    from meshollama.mesh.liveness import IDLE_PING_EVERY, _stagger
+
+    sent = count_pings(monkeypatch)
+    peer = MANY[5]
+    async with trio.open_nursery() as nursery:
+        r = await run_big_mesh(nursery, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75,
+                               liveness_recent=10.0)
+        guard = Guard()
+        r.mesh.scopes.register(peer, guard)  # in flight at round 1 ...
+        await r.at(1.5)
+        r.mesh.scopes.discard(peer, guard)  # ... done before round 2
+        await r.at(30.0)
+        rounds = [round(t - r.t0) for t, pid in sent]
+        idle = [n for n in range(2, 12) if (n + _stagger(peer)) % IDLE_PING_EVERY == 0]  # used at 1: recent to 11
+        assert rounds == [1] + idle and len(idle) == 2
+        assert {pid for _, pid in sent} == {peer}
+        r.mesh.scopes.register(peer, Guard())  # a new request: pinged every round again
+        await r.at(33.5)
+        assert [round(t - r.t0) for t, _ in sent][-3:] == [31, 32, 33]
+        nursery.cancel_scope.cancel()
+
+
+async def test_below_the_threshold_every_peer_is_pinged_as_before(autojump_clock, monkeypatch):
+    from meshollama.mesh.liveness import IDLE_PING_EVERY
+
+    sent = count_pings(monkeypatch)
+    few = MANY[:16]
+    async with trio.open_nursery() as nursery:
+        await run_big_mesh(nursery, few, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75)
+        await trio.sleep(4 * IDLE_PING_EVERY)  # rounds 1 to 20
+        assert Counter(pid for _, pid in sent) == Counter({pid: 4 for pid in few})  # each every 5th round
         nursery.cancel_scope.cancel()
 
 

@@ -3,11 +3,16 @@
 A ping to every peer every second was about 30 % of an idle node's CPU in a
 10-node mesh, and it grows with the mesh. Peers our callers are waiting on
 (requests in flight), and peers that just missed a ping, are pinged every
-round: a frozen one must release its callers fast. Every other peer that is
-up (alive, or draining: it still finishes requests) is pinged every
+round: a frozen one must release its callers fast. Other peers that are up
+(alive, or draining: it still finishes requests) are pinged every
 :data:`IDLE_PING_EVERY` rounds, each on its own stable offset so pings
-spread evenly; a frozen idle peer is also caught by heartbeat expiry, and
-the moment a request goes to it, it is "waited on" and pinged at once.
+spread evenly, but in a large mesh (more than ``ping_all_up_to`` peers in
+the table) only those we had requests with ``recent``\\ ly: the ones we are
+likely to route to again. The rest are left to what costs nothing per peer:
+a closed connection marks a peer down at once, a frozen one stops sending
+heartbeats and expires, and the moment a request goes to it, it is "waited
+on" and pinged at once. So the pings a node sends grow with the peers it
+works with, not with the size of the mesh.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable
 from .peertable import UP, Snapshot
 
 IDLE_PING_EVERY = 5  # rounds between pings to a peer nobody waits on
+PING_ALL_UP_TO = 16  # peers in the table up to which every idle peer is pinged (mesh.liveness_ping_all_up_to)
 
 
 def peers_to_ping(
@@ -26,19 +32,24 @@ def peers_to_ping(
     *,
     urgent: Callable[[str], bool],
     busy: Callable[[str], bool],
+    recent: Callable[[str], bool] = lambda peer_id: False,
+    ping_all_up_to: int = PING_ALL_UP_TO,
 ) -> list[str]:
     """Who gets a liveness ping in round ``round_no`` (pure): connected peers
     without a ping in flight that are ``urgent`` (callers wait on them, or a
     ping just missed), and idle peers that are up (alive or draining) every
     :data:`IDLE_PING_EVERY` rounds, each on its own stable offset so the
-    pings spread over rounds."""
+    pings spread over rounds. Idle peers count only while the table holds
+    at most ``ping_all_up_to`` peers besides us, or if they are ``recent``
+    (we had requests with them a moment ago)."""
+    small = sum(1 for peer in snapshot.peers if not peer.is_self) <= ping_all_up_to
     out = []
     for peer in snapshot.peers:
         pid = peer.peer_id
         if peer.is_self or pid not in connected or busy(pid):
             continue
-        due = (round_no + _stagger(pid)) % IDLE_PING_EVERY == 0
-        if urgent(pid) or (peer.state in UP and due):
+        idle_due = peer.state in UP and (round_no + _stagger(pid)) % IDLE_PING_EVERY == 0
+        if urgent(pid) or (idle_due and (small or recent(pid))):
             out.append(pid)
     return out
 
@@ -46,5 +57,3 @@ def peers_to_ping(
 def _stagger(peer_id: str) -> int:
     """A stable per-peer offset (not ``hash()``, which is salted per process)."""
     return sum(peer_id.encode()) % IDLE_PING_EVERY
-
-

@@ -18,13 +18,15 @@ is a failure of the host (``mesh.supervisor`` rebuilds both):
   again whenever the connection is lost;
 * ask the DHT for peers now and then;
 * after a restart, dial the peers the table still holds (:meth:`HostLoops.rejoin`);
-* liveness pings (``mesh.liveness`` picks whom): a miss marks the peer down,
+* liveness pings (``mesh.liveness`` picks whom: in a large mesh only peers
+  with requests of ours in flight or lately); a miss marks the peer down,
   ``STREAM_ABORT_MISSES`` in a row cancel its streams.
 
 State that outlives a host (the peer table, sequence numbers, counters, the
 draining flag) is the service's; what dies with the host (ping streams,
-liveness misses) is kept here. This is the service's own internals, split
-out by role, so it reads the service's state directly.
+liveness misses, which peers we used lately) is kept here. This is the
+service's own internals, split out by role, so it reads the service's state
+directly.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from . import bootstrap_url
 from ..p2p.events import Event
 from ..p2p.ping import Pinger
 from . import announce, liveness
-from .peertable import ApplyResult
+from .peertable import ApplyResult, Snapshot
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class HostLoops:
         self.table = mesh.table
         self.pinger = Pinger(host.open_stream, timeout=mesh.settings.liveness_timeout)
         self.misses: dict[str, int] = {}  # peer -> liveness misses in a row
+        self.used: dict[str, float] = {}  # peer -> when a request of ours to it was last seen in flight
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run every loop until one fails (or we are cancelled with the host)."""
@@ -194,6 +197,7 @@ class HostLoops:
                     log.info("peer %s disconnected", event.peer_id)
                 self.mesh._abort_peer(event.peer_id)
                 self.misses.pop(event.peer_id, None)
+                self.used.pop(event.peer_id, None)
                 nursery.start_soon(self.pinger.forget, event.peer_id)
         elif event.kind == "connected":
             self.mesh.reach.connected(event.peer_id)
@@ -260,22 +264,40 @@ class HostLoops:
 
     async def liveness_loop(self) -> None:
         """Ping, each interval, the peers :func:`liveness.peers_to_ping` picks:
-        those our callers wait on every round, idle ones every few rounds."""
+        those our callers wait on every round, idle ones every few rounds (in
+        a mesh above ``liveness_ping_all_up_to`` peers, only those we used
+        within ``liveness_recent`` seconds)."""
         round_no = 0
         scopes = self.mesh.scopes
         async with trio.open_nursery() as nursery:
             while True:
-                snap = self.table.snapshot(trio.current_time())
+                now = trio.current_time()
+                snap = self.table.snapshot(now)
+                self.note_used(snap, now)
                 for pid in liveness.peers_to_ping(
                     snap,
                     self.host.connected_peers(),
                     round_no,
                     urgent=lambda p: p in self.misses or scopes.count(p) > 0,
                     busy=self.pinger.busy,
+                    recent=self.used.__contains__,
+                    ping_all_up_to=self.settings.liveness_ping_all_up_to,
                 ):
                     nursery.start_soon(self.check, pid)
                 round_no += 1
                 await trio.sleep(self.settings.liveness_interval)
+
+    def note_used(self, snap: Snapshot, now: float) -> None:
+        """Remember the peers with requests of ours in flight now, and forget
+        those idle for more than ``liveness_recent``. Seen once a round, which
+        is enough: a request that comes and goes between two rounds had its
+        answer, and the next one to that peer makes it urgent at once."""
+        scopes = self.mesh.scopes
+        for peer in snap.peers:
+            if scopes.count(peer.peer_id):
+                self.used[peer.peer_id] = now
+        keep = self.settings.liveness_recent
+        self.used = {p: t for p, t in self.used.items() if now - t <= keep}
 
     async def check(self, peer_id: str) -> None:
         """One liveness ping. A miss stops new requests to the peer at once;

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .liveness import PING_ALL_UP_TO
+
 
 @dataclass(frozen=True)
 class MeshSettings:
@@ -11,6 +13,8 @@ class MeshSettings:
     miss_limit: int = 3
     liveness_interval: float = 1.0
     liveness_timeout: float = 2.0
+    liveness_ping_all_up_to: int = PING_ALL_UP_TO  # more peers: idle ones pinged only if used lately
+    liveness_recent: float = 30.0  # "used lately": a request of ours in flight to it within this many seconds
     bootstrap: tuple[str, ...] = ()
     bootstrap_retry_max: float = 30.0
     max_connections: int = 64
