@@ -43,6 +43,12 @@ each peer and picks among the quickest, the way "peak EWMA" balancers do
   score as the retry order.
 
 Peers announcing capacity 0 (pure gateways) never serve.
+
+Cost: a decision touches only the holders of the model (the snapshot's
+index, :meth:`Snapshot.serving`), never the whole table, so it costs the same
+at 10,000 peers as at 10 (``tests/unit/test_route_index.py``,
+``benchmarks/bench_route.py``). :meth:`RouteStats.observe` walks the table
+only when the snapshot holds another peers tuple than last time.
 """
 
 from __future__ import annotations
@@ -118,11 +124,14 @@ class RouteStats:
 
     alpha: float = DEFAULT_ALPHA
     _peers: dict[str, _Entry] = field(default_factory=dict, repr=False)
+    _seen: tuple[PeerView, ...] | None = field(default=None, repr=False)  # peers of the last observe
+    _unseen: set[str] = field(default_factory=set, repr=False)  # entries maybe not in _seen
 
     def _get(self, peer_id: str) -> _Entry:
         e = self._peers.get(peer_id)
         if e is None:
             e = self._peers[peer_id] = _Entry()
+            self._unseen.add(peer_id)
         return e
 
     def started(self, peer_id: str, now: float) -> None:
@@ -195,15 +204,25 @@ class RouteStats:
 
     def observe(self, snapshot: Snapshot) -> None:
         """:meth:`heartbeat_seen` for every peer in ``snapshot``; forgets idle
-        entries of peers no longer in it."""
-        for p in snapshot.peers:
-            self.heartbeat_seen(p.peer_id, p.seq)
-        for pid in [
-            pid
-            for pid, e in self._peers.items()
-            if snapshot.get(pid) is None and e.in_flight == 0 and e.sidelined_until < snapshot.taken_at
-        ]:
-            del self._peers[pid]
+        entries of peers no longer in it.
+
+        The gateway calls this per request, and the table hands out the same
+        peers tuple until it changes. For the tuple seen last time every
+        heartbeat is already counted (an entry's ``heartbeat_seq`` only grows,
+        and only this method deletes entries), so only the entries not in it
+        (kept last time, or made since) are looked at: O(those), not O(peers)."""
+        if snapshot.peers is not self._seen:
+            for p in snapshot.peers:
+                self.heartbeat_seen(p.peer_id, p.seq)
+            absent = [pid for pid in self._peers if snapshot.get(pid) is None]
+        else:
+            absent = [pid for pid in self._unseen if pid in self._peers and snapshot.get(pid) is None]
+        for pid in absent:
+            e = self._peers[pid]
+            if e.in_flight == 0 and e.sidelined_until < snapshot.taken_at:
+                del self._peers[pid]
+        self._seen = snapshot.peers
+        self._unseen = {pid for pid in absent if pid in self._peers}
 
     def view(self, peer_id: str, now: float, model: str = "") -> PeerStats:
         e = self._peers.get(peer_id)
@@ -222,7 +241,8 @@ class RouteStats:
 
 
 def candidates(snapshot: Snapshot, model_key: str) -> tuple[PeerView, ...]:
-    """Alive peers serving ``model_key`` (a :func:`meshollama.names.key`) with capacity > 0."""
+    """Alive peers serving ``model_key`` (a :func:`meshollama.names.key`) with capacity > 0,
+    sorted by peer id: O(holders of the model), from the snapshot's index."""
     return tuple(p for p in snapshot.serving(model_key) if p.load.capacity > 0)
 
 

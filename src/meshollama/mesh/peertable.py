@@ -24,16 +24,22 @@ Rules:
   and never expires; our own heartbeats echoed back by gossip are ignored (``SELF``);
 * at most ``max_peers`` remote peers are kept: a new one beyond that is
   refused (``FULL``) while known peers keep updating, so a flood of signed
-  heartbeats from freshly made peer ids cannot grow the table (and every
-  routing decision, which walks it) without bound. The goodbyes remembered
-  for unknown peers are bounded the same way.
+  heartbeats from freshly made peer ids cannot grow the table (and the pass
+  routing makes over it after each change) without bound. The goodbyes
+  remembered for unknown peers are bounded the same way.
+
+A route decision must cost the same at 10,000 peers as at 10, so it never
+walks the table: :meth:`Snapshot.serving` looks the model up in an index
+(model key -> routable holders) built on second use, once per table change.
+:meth:`PeerTable.snapshot` hands out the same sorted peers tuple, and the same
+index, until the table changes; any change drops both.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
 
@@ -86,16 +92,61 @@ class PeerView:
         return model_key in self.by_key
 
 
+class ServingIndex:
+    """``model key -> ALIVE peers announcing it`` over one peers tuple.
+
+    Snapshots of one table version share one, so routing pays a pass over the
+    table once per table change, not once per request. The first lookup is a
+    plain scan and the second builds the index (one pass, about 1.4 scans):
+    a snapshot looked at once, like those the mesh service filters per call
+    in a closed mesh, costs what it did before the index existed.
+    """
+
+    __slots__ = ("peers", "_by_key", "_scanned")
+
+    def __init__(self, peers: tuple[PeerView, ...]) -> None:
+        self.peers = peers
+        self._by_key: dict[str, tuple[PeerView, ...]] | None = None
+        self._scanned = False
+
+    @property
+    def built(self) -> bool:
+        return self._by_key is not None
+
+    def serving(self, model_key: str) -> tuple[PeerView, ...]:
+        by_key = self._by_key
+        if by_key is None:
+            if not self._scanned:
+                self._scanned = True
+                return tuple(p for p in self.peers if p.state is PeerState.ALIVE and p.serves(model_key))
+            lists: dict[str, list[PeerView]] = {}
+            for p in self.peers:  # sorted by peer_id, so each list is too
+                if p.state is PeerState.ALIVE:
+                    for k in p.by_key:
+                        lists.setdefault(k, []).append(p)
+            by_key = self._by_key = {k: tuple(v) for k, v in lists.items()}
+        return by_key.get(model_key, ())
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """An immutable view of the table at ``taken_at``."""
 
     peers: tuple[PeerView, ...]  # sorted by peer_id
     taken_at: float
+    # The table's index for these very peers (shared between its snapshots);
+    # ignored unless it was built over this ``peers`` tuple, so a snapshot made
+    # by hand or with ``dataclasses.replace(peers=...)`` builds its own.
+    shared_index: ServingIndex | None = field(default=None, compare=False, repr=False)
 
     @cached_property
     def _index(self) -> Mapping[str, PeerView]:
         return MappingProxyType({p.peer_id: p for p in self.peers})
+
+    @cached_property
+    def serving_index(self) -> ServingIndex:
+        shared = self.shared_index
+        return shared if shared is not None and shared.peers is self.peers else ServingIndex(self.peers)
 
     def get(self, peer_id: str) -> PeerView | None:
         return self._index.get(peer_id)
@@ -106,8 +157,9 @@ class Snapshot:
 
     def serving(self, model_key: str) -> tuple[PeerView, ...]:
         """Peers to route to for ``model_key``: ALIVE (not draining, down or
-        unreachable) and announcing a model with ``names.key(name) == model_key``."""
-        return tuple(p for p in self.peers if p.state is PeerState.ALIVE and p.serves(model_key))
+        unreachable) and announcing a model with ``names.key(name) == model_key``,
+        sorted by peer id. An index lookup: O(holders), whatever the table size."""
+        return self.serving_index.serving(model_key)
 
 
 UP = frozenset({PeerState.ALIVE, PeerState.DRAINING})  # states of a peer that answers
@@ -162,6 +214,17 @@ class PeerTable:
         self._peers: dict[str, PeerView] = {}
         self._self: PeerView | None = None
         self._left: dict[str, tuple[int, float]] = {}  # peer_id -> (last seq, left at)
+        self._version = 0  # bumped by every change to the peers (see version)
+        self._cached: tuple[tuple[PeerView, ...], ServingIndex] | None = None  # for self._version
+
+    @property
+    def version(self) -> int:
+        """Counts changes to the peers; snapshots of one version share their peers and index."""
+        return self._version
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._cached = None
 
     @property
     def ttl(self) -> float:
@@ -186,7 +249,8 @@ class PeerTable:
         if ann.leaving:
             if old is None and ann.peer_id not in self._left and len(self._left) >= self.max_peers:
                 return ApplyResult.FULL  # a stranger's goodbye we have no room to remember
-            self._peers.pop(ann.peer_id, None)
+            if self._peers.pop(ann.peer_id, None) is not None:
+                self._changed()
             self._left[ann.peer_id] = (ann.seq, now)
             return ApplyResult.LEFT
         if old is None and len(self._peers) >= self.max_peers:
@@ -197,6 +261,7 @@ class PeerTable:
             # Gossip reaches us through others; only a connection proves a path.
             view = replace(view, state=PeerState.UNREACHABLE)
         self._peers[ann.peer_id] = view
+        self._changed()
         return ApplyResult.NEW if old is None else ApplyResult.UPDATED
 
     def set_self(self, ann: Announcement, now: float) -> None:
@@ -204,6 +269,7 @@ class PeerTable:
         if ann.peer_id != self.self_id:
             raise ValueError("set_self: announcement is not ours")
         self._self = _view(ann, now, is_self=True)
+        self._changed()
 
     def mark_down(self, peer_id: str, now: float) -> bool:
         """Connection closed or liveness failed. True if the peer was not DOWN already."""
@@ -211,6 +277,7 @@ class PeerTable:
         if p is None or p.state is PeerState.DOWN:
             return False
         self._peers[peer_id] = replace(p, state=PeerState.DOWN)
+        self._changed()
         return True
 
     def mark_unreachable(self, peer_id: str, now: float) -> bool:
@@ -219,6 +286,7 @@ class PeerTable:
         if p is None or p.state is PeerState.UNREACHABLE:
             return False
         self._peers[peer_id] = replace(p, state=PeerState.UNREACHABLE)
+        self._changed()
         return p.state is PeerState.ALIVE
 
     def mark_up(self, peer_id: str, now: float) -> bool:
@@ -229,6 +297,7 @@ class PeerTable:
         if p is None or p.state in UP:
             return False
         self._peers[peer_id] = replace(p, state=_up(p.draining))
+        self._changed()
         return True
 
     def expire(self, now: float) -> list[str]:
@@ -237,16 +306,24 @@ class PeerTable:
         gone = sorted(pid for pid, p in self._peers.items() if now - p.last_seen > ttl)
         for pid in gone:
             del self._peers[pid]
+        if gone:
+            self._changed()
         for pid in [pid for pid, (_, t) in self._left.items() if now - t > ttl]:
             del self._left[pid]
         return gone
 
     def snapshot(self, now: float) -> Snapshot:
-        peers = list(self._peers.values())
-        if self._self is not None:
-            peers.append(self._self)
-        peers.sort(key=lambda p: p.peer_id)
-        return Snapshot(peers=tuple(peers), taken_at=now)
+        """The table at ``now``. Until the table changes, every snapshot shares one
+        sorted peers tuple and one :class:`ServingIndex`: taking one is O(1)."""
+        cached = self._cached
+        if cached is None:
+            peers = list(self._peers.values())
+            if self._self is not None:
+                peers.append(self._self)
+            peers.sort(key=lambda p: p.peer_id)
+            frozen = tuple(peers)
+            cached = self._cached = (frozen, ServingIndex(frozen))
+        return Snapshot(peers=cached[0], taken_at=now, shared_index=cached[1])
 
     def __len__(self) -> int:
         """Remote peers in the table (whatever their state), not counting ourselves."""
