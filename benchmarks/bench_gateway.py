@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.integration.cluster import Cluster  # noqa: E402
 
-from common import report  # noqa: E402
+from common import report, start_child  # noqa: E402
 
 MODEL = "m:latest"
 VARIANTS = ("direct", "local", "remote")
@@ -95,15 +95,7 @@ class FakeProc:
         args = [sys.executable, "-m", "tests.fakes.fake_ollama", "--port", "0", "--models", MODEL,
                 "--port-file", str(self.port_file), "--token-delay", str(token_delay),
                 "--tokens", str(tokens), "--no-host-check", "--name", "bench"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-        with trio.fail_after(30):
-            while not self.port_file.exists():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"fake_ollama exited: {self.log_path.read_text()[-2000:]}")
-                await trio.sleep(0.05)
-        self.url = f"http://127.0.0.1:{int(self.port_file.read_text())}"
+        self.proc, self.url = await start_child(args, self.port_file, self.log_path, "fake_ollama")
 
     async def control(self, client: httpx.AsyncClient, **knobs) -> None:
         r = await client.post(self.url + "/_fake/control", json=knobs)

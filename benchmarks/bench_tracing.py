@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
 from bench_gateway import MODEL, FakeProc, cpu_seconds, gen_body, pct, summary_ms
-from common import report
+from common import report, start_child
 
 from tests.integration.cluster import Cluster
 
@@ -135,16 +135,8 @@ class ReceiverProc:
         self.url = ""
 
     async def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, __file__, "--receiver-child", str(self.port_file)],
-                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-        with trio.fail_after(30):
-            while not self.port_file.exists():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"receiver exited: {self.log_path.read_text()[-2000:]}")
-                await trio.sleep(0.05)
-        self.url = f"http://127.0.0.1:{int(self.port_file.read_text())}"
+        self.proc, self.url = await start_child([sys.executable, __file__, "--receiver-child", str(self.port_file)],
+                                                self.port_file, self.log_path, "receiver")
 
     async def counts(self, client: httpx.AsyncClient) -> dict:
         r = await client.get(self.url + "/count")
