@@ -266,6 +266,28 @@ async def test_in_a_large_mesh_a_peer_used_lately_stays_on_the_idle_schedule_for
         nursery.cancel_scope.cancel()
 
 
+async def test_a_request_that_starts_and_ends_between_two_rounds_counts_as_use(autojump_clock, monkeypatch):
+    """Embeddings and short generates are over within a round: they still make the peer
+    recent (found by review: sampling in-flight requests at the tick missed them)."""
+    from meshollama.mesh.liveness import IDLE_PING_EVERY, _stagger
+
+    sent = count_pings(monkeypatch)
+    peer = MANY[7]
+    async with trio.open_nursery() as nursery:
+        r = await run_big_mesh(nursery, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75,
+                               liveness_recent=10.0)
+        await r.at(1.25)
+        guard = Guard()
+        r.mesh.scopes.register(peer, guard)  # begun after round 1 ...
+        await r.at(1.5)
+        r.mesh.scopes.discard(peer, guard)  # ... and over before round 2
+        await r.at(20.0)
+        idle = [n for n in range(2, 13) if (n + _stagger(peer)) % IDLE_PING_EVERY == 0]  # recent from round 2
+        assert [round(t - r.t0) for t, _ in sent] == idle and idle
+        assert {pid for _, pid in sent} == {peer}
+        nursery.cancel_scope.cancel()
+
+
 async def test_below_the_threshold_every_peer_is_pinged_as_before(autojump_clock, monkeypatch):
     from meshollama.mesh.liveness import IDLE_PING_EVERY
 

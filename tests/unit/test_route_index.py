@@ -206,3 +206,20 @@ def test_observe_equals_the_full_walk(seed):
         new.observe(s)
         old_observe(old, s)
         assert new._peers == old._peers
+
+
+def test_looking_a_peer_up_by_id_builds_its_map_once_per_table_version():
+    """The gateway asks ``snapshot.get(peer)`` on every try (digest, warmth): the id map
+    is shared by the snapshots of one version, not rebuilt per request (found by review:
+    it made every routed request O(peers) again)."""
+    table = PeerTable("me", interval=2.0, max_peers=20_000)
+    for i in range(2000):
+        table.apply(ann(f"p{i:05d}", 1), 0.0)
+    first = table.snapshot(1.0)
+    assert first.get("p00003").peer_id == "p00003"
+    for now in (1.1, 1.2, 1.3):
+        s = table.snapshot(now)
+        assert s.get("p00003") is first.get("p00003") and s.get("nobody") is None
+        assert s._index is first._index  # the same map: not one pass over 2000 views per request
+    table.apply(ann("p00003", 2), 2.0)
+    assert table.snapshot(2.1)._index is not first._index  # a change: a new map

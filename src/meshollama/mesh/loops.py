@@ -288,14 +288,12 @@ class HostLoops:
                 await trio.sleep(self.settings.liveness_interval)
 
     def note_used(self, snap: Snapshot, now: float) -> None:
-        """Remember the peers with requests of ours in flight now, and forget
-        those idle for more than ``liveness_recent``. Seen once a round, which
-        is enough: a request that comes and goes between two rounds had its
-        answer, and the next one to that peer makes it urgent at once."""
-        scopes = self.mesh.scopes
-        for peer in snap.peers:
-            if scopes.count(peer.peer_id):
-                self.used[peer.peer_id] = now
+        """Remember the peers we had requests with since the last round (in flight
+        now, or begun and ended in between: short requests count too), and forget
+        those idle for more than ``liveness_recent``."""
+        for peer_id in self.mesh.scopes.take_used():
+            if snap.get(peer_id) is not None:
+                self.used[peer_id] = now
         keep = self.settings.liveness_recent
         self.used = {p: t for p, t in self.used.items() if now - t <= keep}
 

@@ -102,12 +102,19 @@ class ServingIndex:
     in a closed mesh, costs what it did before the index existed.
     """
 
-    __slots__ = ("peers", "_by_key", "_scanned")
+    __slots__ = ("peers", "_by_key", "_scanned", "_by_id")
 
     def __init__(self, peers: tuple[PeerView, ...]) -> None:
         self.peers = peers
         self._by_key: dict[str, tuple[PeerView, ...]] | None = None
         self._scanned = False
+        self._by_id: Mapping[str, PeerView] | None = None
+
+    def by_id(self) -> Mapping[str, PeerView]:
+        """``peer id -> view``, built once for these peers (the gateway asks per try)."""
+        if self._by_id is None:
+            self._by_id = MappingProxyType({p.peer_id: p for p in self.peers})
+        return self._by_id
 
     @property
     def built(self) -> bool:
@@ -141,7 +148,7 @@ class Snapshot:
 
     @cached_property
     def _index(self) -> Mapping[str, PeerView]:
-        return MappingProxyType({p.peer_id: p for p in self.peers})
+        return self.serving_index.by_id()  # shared by the snapshots of one table version
 
     @cached_property
     def serving_index(self) -> ServingIndex:

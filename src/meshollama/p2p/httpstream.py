@@ -82,9 +82,18 @@ class PeerScopes:
 
     def __init__(self) -> None:
         self._scopes: dict[str, set[Guard]] = defaultdict(set)
+        # Peers that had a stream of ours since the last ``take_used`` (liveness reads
+        # it once a round: a request shorter than a round still counts as use).
+        self._used: set[str] = set()
 
     def register(self, peer_id: str, scope: Guard) -> None:
         self._scopes[peer_id].add(scope)
+        self._used.add(peer_id)
+
+    def take_used(self) -> set[str]:
+        """Peers with a stream registered since the last call, and those with one now."""
+        used, self._used = self._used | set(self._scopes), set()
+        return used
 
     def discard(self, peer_id: str, scope: Guard) -> None:
         scopes = self._scopes.get(peer_id)
