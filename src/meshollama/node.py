@@ -91,6 +91,7 @@ def mesh_settings(config: Config, api_url: str) -> MeshSettings:
         miss_limit=p.miss_limit,
         liveness_interval=p.liveness_interval,
         liveness_timeout=p.liveness_timeout,
+        liveness_ping_all_up_to=p.liveness_ping_all_up_to,
         bootstrap=tuple(p.bootstrap),
         bootstrap_retry_max=p.bootstrap_retry_max,
         api_url=api_url,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from .peertable import UP, Snapshot
 
 IDLE_PING_EVERY = 5  # rounds between pings to a peer nobody waits on
-PING_ALL_UP_TO = 16  # peers in the table up to which every idle peer is pinged (MeshSettings.liveness_ping_all_up_to; not in the config yet)
+PING_ALL_UP_TO = 16  # peers in the table up to which every idle peer is pinged (p2p.liveness_ping_all_up_to)
 
 
 def peers_to_ping(
