@@ -24,7 +24,6 @@ import logging
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-import re
 import ssl
 
 import httpx
@@ -35,7 +34,6 @@ from ..p2p import addrs as addrs_mod
 
 log = logging.getLogger(__name__)
 
-_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")  # base58btc, as trust.documents checks it
 MAX_ANSWER_BYTES = 64 * 1024
 MAX_ADDRS = 32
 TIMEOUT = 5.0
@@ -92,7 +90,7 @@ def parse_health(body: bytes) -> tuple[str, list[str]]:
         raise P2PError("bootstrap: /healthz did not answer JSON (is this a meshollama node?)") from None
     peer_id = doc.get("peer_id") if isinstance(doc, dict) else None
     raw = doc.get("p2p_addrs") if isinstance(doc, dict) else None
-    if not isinstance(peer_id, str) or not _PEER_ID.fullmatch(peer_id) or not isinstance(raw, list):
+    if not addrs_mod.is_peer_id(peer_id) or not isinstance(raw, list):
         raise P2PError("bootstrap: /healthz has no valid peer_id and p2p_addrs (is this a meshollama node?)")
     texts = [a for a in raw[:MAX_ADDRS] if isinstance(a, str) and len(a) <= 512]
     texts = [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in texts]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,13 @@ import multiaddr
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_ADVERTISED = 16  # what we put in our own announcements and identify
+PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")  # base58btc, the text form of a libp2p peer id
+
+
+def is_peer_id(text: object) -> bool:
+    """Whether ``text`` has the shape of a peer id (a claim from a stranger, before any use)."""
+    return isinstance(text, str) and PEER_ID.fullmatch(text) is not None
+
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")  # carrier NAT / Tailscale: a LAN to us
 
 

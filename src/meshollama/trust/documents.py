@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import TrustError
+from ..p2p.addrs import is_peer_id
 
 ROLES = ("serve", "gateway", "admin")  # admin: serve + manage models over the mesh
 KEY_PREFIX = "ed25519:"
@@ -38,7 +39,6 @@ MAX_POLICY_BYTES = 1024 * 1024
 MAX_CERTS = 10_000
 MAX_REVOKED = 10_000
 MAX_KEYS = 1_000
-_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")  # base58btc
 _DOMAIN = {"cert": b"meshollama certificate v1\n", "policy": b"meshollama policy v1\n"}
 _KEY_ROLES = ("admin", "user", "readonly")
 _STRATEGIES = ("least_loaded", "round_robin", "random", "local_first")
@@ -166,7 +166,7 @@ def _str(o: dict, key: str, what: str, limit: int = 256) -> str:
 
 
 def check_peer_id(peer_id: str) -> str:
-    if not isinstance(peer_id, str) or not _PEER_ID.fullmatch(peer_id):
+    if not is_peer_id(peer_id):
         raise TrustError(f"not a peer ID: {str(peer_id)[:80]!r}")
     return peer_id
 
