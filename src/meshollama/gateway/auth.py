@@ -108,11 +108,19 @@ class Authenticator:
             return Refusal(401, UNAUTHORIZED, "unauthenticated")
         entry = self.keys.match(token)
         if entry is not None:
-            kind = "key" if entry.source == "local" else entry.source
-            return Caller(entry.role, kind, entry.id, entry.name)
+            return Caller(entry.role, _kind(entry.source), entry.id, entry.name)
         if self.jwt is not None and looks_like_jwt(token):
             return self._from_jwt(token)
         return Refusal(401, UNAUTHORIZED, "unauthenticated")
+
+    def key_role(self, caller: Caller) -> Role | None:
+        """The role the key behind ``caller`` has now; None when it no longer exists.
+        For a caller that came with a key (not a JWT or an anonymous one), to
+        re-check it while a long answer runs. The store is as of the last ``refresh``."""
+        for entry in self.keys.entries():
+            if entry.id == caller.ident and _kind(entry.source) == caller.kind:
+                return entry.role
+        return None
 
     def _from_jwt(self, token: str) -> Caller | Refusal:
         assert self.jwt is not None
@@ -150,3 +158,8 @@ def audit_message(who: str, client: str, method: str, path: str, status: int | N
     """One audit line, ``key=value`` so log shippers can split it."""
     fields = {"who": who, "client": client, "method": method, "path": path, "status": str(status or "-")}
     return " ".join(f"{k}={_value(v)}" for k, v in fields.items())
+
+
+def _kind(source: str) -> str:
+    """A caller's ``kind`` from its key's source: the key file's keys are plain "key"."""
+    return "key" if source == "local" else source

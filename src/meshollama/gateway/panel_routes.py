@@ -121,7 +121,6 @@ def credential_check(auth: Authenticator, caller: Caller | None, *, clock: Calla
     """``check()`` for an event stream of ``caller``: None while its credential
     still lets it read the mesh, else why the stream ends (a bye reason)."""
     opened = clock()
-    source = {"key": "local"}.get(caller.kind, caller.kind) if caller is not None else "anonymous"
 
     def check() -> str | None:
         now = clock()
@@ -134,12 +133,10 @@ def credential_check(auth: Authenticator, caller: Caller | None, *, clock: Calla
             if auth.jwt is None:
                 return REVOKED
             return REAUTHENTICATE if now - opened >= jwt_lifetime else None
-        for entry in auth.keys.entries():
-            if entry.source == source and entry.id == caller.ident:
-                if entry.role < Role.READONLY:
-                    return REVOKED
-                return ROLE_CHANGED if entry.role != caller.role else None
-        return REVOKED
+        role = auth.key_role(caller)
+        if role is None or role < Role.READONLY:
+            return REVOKED
+        return ROLE_CHANGED if role != caller.role else None
 
     return check
 
