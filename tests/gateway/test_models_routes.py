@@ -63,3 +63,20 @@ async def test_a_closed_mesh_node_that_is_not_admin_refuses_to_set_copy_counts(t
             gw.app.extensions["meshollama"].models = SimpleNamespace(replicator=rep)
             r = await client.post("/api/mesh/replicate", json={"model": "m", "copies": 2})
     assert r.status_code == 409 and "admin" in r.json()["error"] and rep.asked == []
+
+
+async def test_a_gateway_without_a_model_service_lists_the_same_rows():
+    """A pure gateway (no store, no replicator) answers /api/mesh/models in the shape
+    ``meshollama models`` and the panel read: one row per model with its holders."""
+    from .fakes import model
+
+    mesh = FakeMesh("peer-self")
+    mesh.add("peer-a", [model("llama3:latest", digest="sha256:" + "a" * 64)])
+    mesh.add("peer-b", [model("Llama3", digest="sha256:" + "a" * 64), model("qwen:7b")])
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            body = (await client.get("/api/mesh/models")).json()
+    assert body["store"] is None
+    assert [(r["model"], r["copies"], sorted(h["peer"] for h in r["holders"])) for r in body["models"]] == [
+        ("llama3:latest", 2, ["peer-a", "peer-b"]), ("qwen:7b", 1, ["peer-b"])]
+    assert body["models"][0]["digests"] == {"sha256:" + "a" * 64: 2}

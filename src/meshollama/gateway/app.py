@@ -29,6 +29,7 @@ from .. import __version__, names
 from ..backends.ollama_api import OLLAMA_VERSION
 from ..httpmsg import Upstream
 from ..mesh.peertable import Snapshot
+from ..models import listing as model_listing
 from ..tracing import for_app as tracer_for_app
 from . import listings, panel_routes, policy_routes
 from .auth import Authenticator
@@ -204,8 +205,9 @@ def _register_views(app: QuartTrio, state: GatewayState) -> None:
 
     @app.route("/api/mesh/models", methods=["GET"])
     async def mesh_models() -> Response:
-        if state.models is None:
-            return _respond(json_answer({"models": listings.tags(mesh.snapshot())["models"], "store": None}))
+        if state.models is None:  # the same rows, without copy targets or pulls
+            rows = model_listing.sorted_rows(model_listing.holder_rows(mesh.snapshot()))
+            return _respond(json_answer({"models": rows, "store": None}))
         return _respond(json_answer(state.models.mesh_models()))
 
     @app.route("/api/mesh/replicate", methods=["POST"])

@@ -57,8 +57,9 @@ from typing import Any
 
 import trio
 
-from .. import __version__, names
+from .. import __version__
 from ..mesh.peertable import Snapshot
+from ..models import listing
 from . import listings
 from .errors import dumps
 
@@ -126,29 +127,13 @@ def mesh_payload(snapshot: Snapshot, self_id: str, status: dict[str, Any], queue
             "peers": listings.mesh_peers(snapshot)}
 
 
-def models_from_snapshot(snapshot: Snapshot) -> list[dict[str, Any]]:
-    """The rows of ``ModelService.mesh_models`` for a node without a model service."""
-    rows: dict[str, dict[str, Any]] = {}
-    for peer in snapshot.peers:
-        for m in peer.models:
-            row = rows.setdefault(names.key(m.name), {"model": names.shortest(m.name), "size": int(m.size),
-                                                      "holders": [], "digests": {}})
-            row["holders"].append({"peer": peer.peer_id, "state": peer.state.value, "self": peer.is_self,
-                                   "digest": m.digest, "loaded": m.loaded})
-            row["digests"][m.digest] = row["digests"].get(m.digest, 0) + 1
-            row["size"] = max(row["size"], int(m.size))
-    for row in rows.values():
-        row["copies"] = len(row["holders"])
-    return sorted(rows.values(), key=lambda r: r["model"])
-
-
 def models_payload(service: Any, snapshot: Snapshot, has_backend: bool) -> dict[str, Any]:
     """Every model in the mesh with its holders; what this node can do about them."""
     if service is not None:
-        listing = service.mesh_models()
-        models, store = listing["models"], listing.get("store")
+        answer = service.mesh_models()
+        models, store = answer["models"], answer.get("store")
     else:
-        models, store = models_from_snapshot(snapshot), None
+        models, store = listing.sorted_rows(listing.holder_rows(snapshot)), None
     return {"models": models, "store": store, "can_replicate": getattr(service, "replicator", None) is not None,
             "can_delete": has_backend}
 

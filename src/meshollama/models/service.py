@@ -36,6 +36,7 @@ from ..catalog import StoreInfo
 from ..errors import BadRequest
 from ..httpmsg import ProxyRequest, ProxyResponse
 from .blob_fetch import MIN_RATE, PullError, leaf, one_error
+from . import listing
 from .blob_server import BlobServer
 from .pull import NotInMesh, pull
 from .sources import MeshSources, blob_key, name_key
@@ -185,19 +186,8 @@ class ModelService:
 
     def mesh_models(self) -> dict:
         """``GET /api/mesh/models``: every model in the mesh, its holders and copy count."""
-        snapshot = self.mesh.snapshot()
         now = trio.current_time()
-        rows: dict[str, dict] = {}
-        for peer in snapshot.peers:
-            for model in peer.models:
-                key = names.key(model.name)
-                row = rows.setdefault(key, {"model": names.shortest(model.name), "size": model.size,
-                                            "holders": [], "digests": {}})
-                row["holders"].append({"peer": peer.peer_id, "state": peer.state.value, "self": peer.is_self,
-                                       "digest": model.digest, "loaded": model.loaded})
-                row["digests"].setdefault(model.digest, 0)
-                row["digests"][model.digest] += 1
-                row["size"] = max(row["size"], model.size)
+        rows = listing.holder_rows(self.mesh.snapshot())
         replicator = self.replicator
         if replicator is not None:
             for target in replicator.targets():
@@ -208,11 +198,10 @@ class ModelService:
                 row.update(replicator.status(key, now))
                 row["copies"] = len(replicator.holders(key, now)) or len(row["holders"])
         for key, row in rows.items():
-            row.setdefault("copies", len(row["holders"]))
             if key in self.pulls:
                 row["pulling"] = dict(self.pulls[key], started=None)
         store = self.store_info()
-        return {"models": sorted(rows.values(), key=lambda r: r["model"]),
+        return {"models": listing.sorted_rows(rows),
                 "store": None if store is None else {"kind": store.kind, "root": str(self.store.root),
                                                      "free": self._free, "accepts_replicas": store.accepts}}
 
