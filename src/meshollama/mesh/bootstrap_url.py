@@ -18,6 +18,7 @@ refuses it; in an open mesh use ``https://`` or the multiaddr form.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -124,11 +125,17 @@ async def _own_view(url: str, announced: list[str], peer_id: str, getaddrinfo: C
     return [f"/{'ip4' if ip.version == 4 else 'ip6'}/{ip}/tcp/{port}/p2p/{peer_id}" for ip in ips for port in ports]
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """Made once: loading the system's CA store reads files, not to be done on every attempt."""
+    return ssl.create_default_context()
+
+
 async def _http_get(url: str) -> tuple[int, bytes]:
     # The system's CAs (and SSL_CERT_FILE / SSL_CERT_DIR) verify https://, so a LAN gateway
     # with a private CA works once that CA is installed; no proxies from the environment.
-    verify = ssl.create_default_context()
-    async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False, trust_env=False, verify=verify) as client:
+    async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False, trust_env=False,
+                                 verify=_tls_context()) as client:
         # Raw bytes only: a compressed answer could expand to gigabytes before any cap on decoded bytes.
         headers = {"accept": "application/json", "accept-encoding": "identity"}
         async with client.stream("GET", url, headers=headers) as resp:
