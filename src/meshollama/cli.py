@@ -29,6 +29,7 @@ FLAG_KEYS = {
     "psk_file": "p2p.psk_file",
     "authority": "mesh.authority",
     "heartbeat_interval": "p2p.heartbeat_interval",
+    "refresh_interval": "p2p.refresh_interval",
     "api_listen": "gateway.listen",
     "api_key_file": "gateway.api_key_file",
     "routing": "gateway.routing",
@@ -69,7 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--psk-file", default=S, help="private-network key (see meshollama keygen --psk)")
     start.add_argument("--authority", default=S, metavar="ed25519:KEY",
                        help="join the closed mesh of this authority (printed by `meshollama mesh init`)")
-    start.add_argument("--heartbeat-interval", type=float, default=S, metavar="SECONDS")
+    start.add_argument("--heartbeat-interval", type=float, default=S, metavar="SECONDS",
+                       help="shortest gap between load announcements (default 2)")
+    start.add_argument("--refresh-interval", type=float, default=S, metavar="SECONDS",
+                       help="longest silence of an idle node; peers expire it after 3 (default 30)")
     start.add_argument("--log-level", default=S, choices=["debug", "info", "warning", "error"])
     start.add_argument("--log-format", default=S, choices=["text", "json"])
     start.add_argument("--backend", default=S, choices=["auto", "ollama", "embedded", "none"])

@@ -314,10 +314,17 @@ class P2PConfig:
     dht: bool = _opt(_Bool(), True, "discover peers through the Kademlia DHT")
     # An open mesh by default; a private network is an explicit choice.
     psk_file: Path | None = _opt(_Path(optional=True), None, "pre-shared key file: private network")
-    # 2 s keeps load figures fresh for routing at a few hundred bytes per peer per beat.
-    heartbeat_interval: float = _opt(_Num(float, 0.05, 3600), 2.0, "seconds between announcements")
-    # Three missed beats (6 s) forgive one lost message without routing long to a dead peer.
-    miss_limit: int = _opt(_int(2), 3, "missed heartbeats before a peer is dropped")
+    # A busy node announces its load at most this often (2 s keeps load figures fresh for
+    # routing); an idle one says nothing new (mesh.cadence).
+    heartbeat_interval: float = _opt(_Num(float, 0.05, 3600), 2.0, "shortest gap between load announcements")
+    # Every announcement costs every peer ~10 ms of CPU: an idle node refreshes rarely, so an
+    # idle mesh's cost per node does not grow with its size (docs/benchmarks.md). Peers expire
+    # a node after miss_limit refreshes; a dead one closes its connections long before.
+    refresh_interval: float = _opt(_Num(float, 0.05, 600), 30.0, "longest silence between announcements")
+    # A load change too small to change routing (a quarter of the slots) is still said this late.
+    load_max_silence: float = _opt(_Num(float, 0.05, 600), 10.0, "seconds a small load change waits at most")
+    # Three missed refreshes forgive one lost message without routing long to a dead peer.
+    miss_limit: int = _opt(_int(2), 3, "missed refreshes before a peer is dropped")
     # Pings every second notice a dead connection well before heartbeat expiry.
     liveness_interval: float = _opt(_positive(), 1.0, "seconds between liveness pings to busy peers (idle ones: x5, up to 16 peers)")
     # Two intervals: one slow pong is not a failure.

@@ -88,6 +88,8 @@ def mesh_settings(config: Config, api_url: str) -> MeshSettings:
     p = config.p2p
     return MeshSettings(
         heartbeat_interval=p.heartbeat_interval,
+        refresh_interval=p.refresh_interval,
+        load_max_silence=p.load_max_silence,
         miss_limit=p.miss_limit,
         liveness_interval=p.liveness_interval,
         liveness_timeout=p.liveness_timeout,

@@ -54,9 +54,9 @@ async def run_mesh(nursery: trio.Nursery, net: FakeNet | None = None, *, seed: i
     return Running(mesh, net, trio.current_time())
 
 
-async def test_heartbeat_every_interval_and_at_once_on_request_at_most_every_quarter_second(autojump_clock):
+async def test_announced_at_once_on_request_at_most_every_quarter_second_else_once_per_refresh(autojump_clock):
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        r = await run_mesh(nursery, heartbeat_interval=2.0, refresh_interval=30.0)
         host = r.net.host
         await r.at(0.125)
         r.mesh.request_heartbeat()  # 0.125 s after the last one: waits until 0.25
@@ -65,12 +65,16 @@ async def test_heartbeat_every_interval_and_at_once_on_request_at_most_every_qua
         await r.at(1.0)
         r.mesh.request_heartbeat()  # 0.75 s after the last one: at once
         await r.at(3.5)
-        r.net.backend_changes()  # the backend's models or load changed
-        await r.at(6.0 - EPS)
-        assert r.since(host.publish_times()) == [0.0, 0.25, 1.0, 3.0, 3.5, 5.5]
+        r.net.backend_changes()  # the backend's models changed
+        await r.at(33.5 - EPS)  # nothing else to say: silent until the refresh
+        assert r.since(host.publish_times()) == [0.0, 0.25, 1.0, 3.5]
+        await r.at(63.5 + EPS)
+        assert r.since(host.publish_times()) == [0.0, 0.25, 1.0, 3.5, 33.5, 63.5]
         seqs = [ann.seq for _, ann in host.published]
         assert seqs == sorted(set(seqs))  # strictly increasing
         assert r.mesh.counters.heartbeats_sent == 6
+        assert r.mesh.counters.announced == {"first": 1, "forced": 3, "refresh": 2}
+        assert {ann.refresh_ms for _, ann in host.published} == {30_000}  # peers expire us after 3 of them
         nursery.cancel_scope.cancel()
 
 
@@ -361,7 +365,7 @@ async def test_a_disconnected_peer_is_down_at_once_and_its_callers_released(auto
 
 async def test_set_draining_is_announced_at_once_and_in_every_later_heartbeat(autojump_clock):
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        r = await run_mesh(nursery, heartbeat_interval=2.0, refresh_interval=2.0)
         host = r.net.host
         me = r.mesh.self_id
         assert r.mesh.status()["draining"] is False
@@ -421,7 +425,7 @@ async def test_draining_set_while_a_heartbeat_is_being_published_goes_out_right_
     # Found in review: the publish loop replaced its wake-up event after publishing,
     # so a request made during a slow publish was lost until the next interval.
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=10.0)
+        r = await run_mesh(nursery, heartbeat_interval=10.0, refresh_interval=10.0)
         host = r.net.host
         original = host.publish
 
@@ -434,5 +438,5 @@ async def test_draining_set_while_a_heartbeat_is_being_published_goes_out_right_
         r.mesh.set_draining(True)
         await r.at(19.0)
         times = [(round(t - r.t0, 2), a.draining) for t, a in host.published]
-        assert times[-1] == (11.25, True), times  # 10.5 + the 0.25 s gap + the 0.5 s publish, not 20.5
+        assert times[-1] == (11.0, True), times  # 10.5 (the gap from 10.0 is over) + the 0.5 s publish, not 20.5
         nursery.cancel_scope.cancel()

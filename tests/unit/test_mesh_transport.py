@@ -99,6 +99,9 @@ class FakeHost:
         """``next_message`` raises ``error`` (a bug in a loop, not in libp2p)."""
         self._inbox_send.send_nowait(error)
 
+    def topic_peers(self) -> int:
+        return self.net.topic_peers
+
     def publish_times(self) -> list[float]:
         return [t for t, _ in self.published]
 
@@ -176,6 +179,8 @@ class FakeNet:
         self.hosts: list[FakeHost] = []
         self.built_at: list[float] = []
         self._changed = trio.Event()
+        self.load = LoadInfo(in_flight=0, capacity=2)  # what the backend reports
+        self.topic_peers = 1  # gossip neighbours subscribed to the heartbeat topic
 
     def factory(self, key_pair, settings, **kw) -> FakeHost:
         host = FakeHost(self, key_pair, settings, **kw)
@@ -202,7 +207,7 @@ def make_service(net: FakeNet, **settings) -> MeshService:
         HOST_SETTINGS,
         MeshSettings(**settings),
         models=lambda: (ModelInfo(name="a:latest"),),
-        load=lambda: LoadInfo(in_flight=0, capacity=2),
+        load=lambda: net.load,
         changed=net.changed,
         local_upstream=None,
         http_server_factory=lambda on_reject, on_error: SimpleNamespace(handle=None),
@@ -210,9 +215,12 @@ def make_service(net: FakeNet, **settings) -> MeshService:
     )
 
 
-def heartbeat(peer_id: str, seq: int, *, draining: bool = False, addrs: tuple[str, ...] = ()) -> announce.Announcement:
+def heartbeat(peer_id: str, seq: int, *, draining: bool = False, addrs: tuple[str, ...] = (),
+              refresh_ms: int = 0) -> announce.Announcement:
+    """A peer's announcement; without ``refresh_ms`` an older node's (it beats every interval)."""
     return announce.Announcement(peer_id=peer_id, seq=seq, version="0.1.0", models=(ModelInfo(name="a:latest"),),
-                                 load=LoadInfo(in_flight=0, capacity=2), draining=draining, addrs=addrs)
+                                 load=LoadInfo(in_flight=0, capacity=2), draining=draining, addrs=addrs,
+                                 refresh_ms=refresh_ms)
 
 
 async def test_p2phost_and_the_fake_both_have_what_the_mesh_service_uses():
@@ -239,5 +247,5 @@ async def test_the_service_builds_its_hosts_with_the_factory(autojump_clock):
         async with trio.open_nursery() as nursery:
             addrs = await nursery.start(mesh.serve)
             assert len(net.hosts) == 1 and addrs == net.host.addrs()
-            assert set(net.host.handlers) == {"/meshollama/http/1.1.0"}
+            assert set(net.host.handlers) == {"/meshollama/http/1.1.0", "/meshollama/sync/1"}
             nursery.cancel_scope.cancel()

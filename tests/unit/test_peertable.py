@@ -6,8 +6,8 @@ import pytest
 
 from meshollama import names
 from meshollama.catalog import LoadInfo, ModelInfo
-from meshollama.mesh.announce import Announcement
-from meshollama.mesh.peertable import ApplyResult, PeerState, PeerTable, PeerView, Snapshot
+from meshollama.mesh.announce import MAX_REFRESH_MS, Announcement
+from meshollama.mesh.peertable import LEFT_MEMORY, ApplyResult, PeerState, PeerTable, PeerView, Snapshot
 
 SELF = "self"
 INTERVAL = 2.0  # ttl = 6.0 with miss_limit 3
@@ -21,6 +21,7 @@ def ann(
     loaded: bool = False,
     load: LoadInfo = LoadInfo(),
     leaving: bool = False,
+    refresh_ms: int = 0,
 ) -> Announcement:
     return Announcement(
         peer_id=peer,
@@ -31,6 +32,7 @@ def ann(
         addrs=(f"/ip4/127.0.0.1/tcp/1/p2p/{peer}",),
         api_url="",
         leaving=leaving,
+        refresh_ms=refresh_ms,
     )
 
 
@@ -216,8 +218,27 @@ def test_leave_memory_is_forgotten_after_ttl(table: PeerTable) -> None:
     table.apply(ann(seq=10, leaving=True), 0.0)  # never seen before: still LEFT, nothing added
     assert table.snapshot(0.0).peers == ()
     assert table.apply(ann(seq=9), 1.0) is ApplyResult.STALE
-    table.expire(7.0)
-    assert table.apply(ann(seq=9), 7.0) is ApplyResult.NEW
+    table.expire(7.0)  # past the ttl, but a goodbye is kept LEFT_MEMORY at least (a synced table may replay)
+    assert table.apply(ann(seq=9), 7.0) is ApplyResult.STALE
+    table.expire(LEFT_MEMORY + 1)
+    assert table.apply(ann(seq=9), LEFT_MEMORY + 1) is ApplyResult.NEW
+
+
+def test_a_peer_expires_after_miss_limit_of_its_own_refresh_intervals(table: PeerTable) -> None:
+    """A peer that says it refreshes every 30 s is kept 3 x 30 s; one that says 0.1 s
+    (or nothing: an older node) is kept our interval x 3; one that says 10 h is capped."""
+    slow, fast, huge, PEER = "s", "f", "h", "a"
+    table.apply(ann(slow, seq=1, refresh_ms=30_000), 0.0)
+    table.apply(ann(fast, seq=1, refresh_ms=100), 0.0)
+    table.apply(ann(huge, seq=1, refresh_ms=36_000_000), 0.0)
+    table.apply(ann(seq=1), 0.0)
+    assert table.legacy_peers == 1
+    assert table.expire(table.ttl + 0.1) == sorted([PEER, fast])
+    assert table.expire(90.0) == []
+    assert table.expire(90.1) == [slow]
+    assert table.expire(3 * MAX_REFRESH_MS / 1000) == []
+    assert table.expire(3 * MAX_REFRESH_MS / 1000 + 0.1) == [huge]
+    assert table.legacy_peers == 0
 
 
 # --- self ------------------------------------------------------------------------

@@ -23,6 +23,11 @@ newer minor version can add fields; a higher ``v`` (schema) is rejected::
 ``[[model, copies, stamp, labels?], ...]``, newest stamp wins) came with model distribution, left out
 when empty like ``dr``.
 
+``ri`` (the sender's refresh interval in milliseconds: ``mesh.cadence``) came with
+announcing less: a sender that says it refreshes every 30 s is expired after
+``miss_limit`` of those, clamped to [our heartbeat interval, :data:`MAX_REFRESH_MS`];
+left out (0), the sender is an older node that beats every heartbeat interval.
+
 ``dr`` (draining) was added after ``bye`` and ``r``, the same way: left out
 when false, so an older node reads a draining node's heartbeat as an ordinary
 one (it ignores the key) and a newer node reads an older node's as not
@@ -71,6 +76,7 @@ MAX_CAPACITY = 128
 MAX_REPLICAS = 64  # copy-count targets one heartbeat carries
 MAX_COPIES = 64  # a target above it is clamped: nobody can ask every node of a big mesh for a copy
 MAX_LABELS = 16
+MAX_REFRESH_MS = 600_000  # a peer may ask to be remembered for miss_limit x 10 min of silence at most
 MAX_LOAD = 1 << 20  # in_flight and queued: far above any real queue; keeps routing arithmetic small
 
 
@@ -90,6 +96,7 @@ class Announcement:
     draining: bool = False  # finishing its requests before a restart: route no new ones to it
     store: StoreInfo | None = None  # where it keeps models; None: it cannot take any
     replicas: tuple[ReplicaTarget, ...] = ()  # copy-count targets it knows (it relays the newest)
+    refresh_ms: int = 0  # it speaks at least this often (ms); 0: an older node, every heartbeat interval
     schema: int = SCHEMA_VERSION
 
 
@@ -148,6 +155,8 @@ def _to_obj(a: Announcement) -> dict[str, Any]:
         o["r"] = True
     if a.draining:
         o["dr"] = True
+    if a.refresh_ms:
+        o["ri"] = a.refresh_ms
     if a.store is not None:
         st: dict[str, Any] = {"k": a.store.kind, "f": a.store.free}
         if a.store.accepts:
@@ -414,6 +423,7 @@ def _from_obj(o: Any) -> Announcement:
         leaving=_bool(o.get("bye", False), "bye"),
         relay=_bool(o.get("r", False), "r"),
         draining=_bool(o.get("dr", False), "dr"),
+        refresh_ms=min(_int(o.get("ri", 0), "ri"), MAX_REFRESH_MS),
         schema=schema,
     )
 

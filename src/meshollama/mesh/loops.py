@@ -4,8 +4,9 @@ The mesh service builds a :class:`HostLoops` for every host it starts and
 runs :meth:`HostLoops.run` in the host's nursery, so a failure of any loop
 is a failure of the host (``mesh.supervisor`` rebuilds both):
 
-* publish our heartbeat every ``heartbeat_interval``, and at once when asked
-  (a backend change, a new connection, draining), at most one per 0.25 s;
+* announce ourselves when there is news (``mesh.cadence``: a catalog change
+  or a request at once, a meaningful load change at most every
+  ``heartbeat_interval``, otherwise one refresh per ``refresh_interval``);
 * apply verified heartbeats from others to the peer table, dropping and
   counting the malformed, the forged, the stale and those of peers a closed
   mesh has not admitted; of the addresses a peer announces only those that
@@ -40,10 +41,14 @@ import trio
 from ..errors import AnnouncementError, P2PError, StreamReset
 from ..p2p import addrs as addrs_mod
 from . import bootstrap_url
+from ..p2p import signed
 from ..p2p.events import Event
+from ..p2p.host import Message
 from ..p2p.ping import Pinger
-from . import announce, liveness
-from .peertable import ApplyResult, Snapshot
+from . import announce, liveness, sync
+from .cadence import MIN_GAP, AnnouncePolicy, Cadence, Reason
+from .peertable import UP, ApplyResult, Snapshot
+from .settings import MeshCounters
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -52,7 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshollama.mesh")
 
 STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
-MIN_HEARTBEAT_GAP = 0.25  # rate limit of heartbeats published on request
+POLL = 0.25  # seconds between looks at our load (two counters) for a meaningful change
 BOOTSTRAP_FIRST_RETRY = 0.25
 
 
@@ -65,6 +70,13 @@ class HostLoops:
         self.pinger = Pinger(host.open_stream, timeout=mesh.settings.liveness_timeout)
         self.misses: dict[str, int] = {}  # peer -> liveness misses in a row
         self.used: dict[str, float] = {}  # peer -> when a request of ours to it was last seen in flight
+        st = self.settings
+        beat = st.heartbeat_interval
+        self.cadence = Cadence(refresh=max(beat, st.refresh_interval), load_gap=beat,
+                               load_silence=max(beat, st.load_max_silence), min_gap=min(beat, MIN_GAP))
+        self.legacy_cadence = Cadence(refresh=beat, load_gap=beat, load_silence=beat, min_gap=min(beat, MIN_GAP))
+        self.policy = AnnouncePolicy(self.cadence)
+        self.last_pull: float | None = None  # when we last pulled a peer's table (mesh.sync)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run every loop until one fails (or we are cancelled with the host)."""
@@ -94,9 +106,16 @@ class HostLoops:
     # --- heartbeats ----------------------------------------------------------------
 
     async def publish_loop(self) -> None:
+        """Announce when :class:`~meshollama.mesh.cadence.AnnouncePolicy` says so: a
+        catalog change or a forced one at once, a meaningful load change at most
+        every heartbeat interval, otherwise one refresh per ``refresh_interval``.
+        The load is polled (reading two counters); catalog changes and forced
+        announcements wake the loop. While the table holds a peer of an older
+        version (it expires peers after a few of *its* heartbeat intervals), we
+        keep that cadence. A first gossip neighbour forces one: an announcement
+        published before any peer's subscription reached us went nowhere."""
         mesh = self.mesh
-        interval = self.settings.heartbeat_interval
-        min_gap = min(interval, MIN_HEARTBEAT_GAP)
+        policy = self.policy
         changed = mesh._changed()
         async with trio.open_nursery() as nursery:
 
@@ -108,78 +127,142 @@ class HostLoops:
                     mesh.request_heartbeat()
 
             nursery.start_soon(watch_backend)
+            had_neighbours = force = False
             while True:
                 if mesh._leaving:
                     return
-                # A fresh event before the announcement is built: a request made while
-                # this one is being published (set_draining) gets its own heartbeat.
-                wake = mesh._publish_now = trio.Event()
-                ann = mesh.announcement()
-                self.table.set_self(ann, trio.current_time())
-                try:
-                    await self.host.publish(announce.encode(ann))
-                    mesh.counters.heartbeats_sent += 1
-                    mesh._on_counter("heartbeats_sent", "")
-                except P2PError as exc:
-                    log.debug("heartbeat publish failed: %s", exc)
-                except Exception as exc:
-                    log.warning("heartbeat publish failed: %r", exc)
-                last = trio.current_time()
-                with trio.move_on_after(interval):
-                    await wake.wait()
-                gap = trio.current_time() - last
-                if gap < min_gap:
-                    await trio.sleep(min_gap - gap)
+                now = trio.current_time()
+                neighbours = self.host_topic_peers() > 0
+                force = force or mesh._publish_now.is_set() or (neighbours and not had_neighbours)
+                had_neighbours = neighbours
+                policy.cadence = self.cadence_now()
+                catalog, load = mesh.catalog(), mesh._load()
+                reason = policy.decide(now, catalog, load, forced=force)
+                if reason is not None:
+                    force = False
+                    # A fresh event before the announcement is built: a request made while
+                    # this one is being published (set_draining) gets its own announcement.
+                    mesh._publish_now = trio.Event()
+                    await self.publish(mesh.announcement(), reason)
+                    policy.sent(now, catalog, load, reason)
+                with trio.move_on_after(min(POLL, policy.quiet_for(trio.current_time()))):
+                    await mesh._publish_now.wait()
+                    await trio.sleep(max(0.0, (policy.last_at or 0.0) + policy.cadence.min_gap - trio.current_time()))
+
+    def cadence_now(self) -> Cadence:
+        """The configured cadence, or the old one (a full announcement every heartbeat
+        interval) while an older node that would expire us otherwise is in the table."""
+        if self.table.legacy_peers:
+            return self.legacy_cadence
+        return self.cadence
+
+    def host_topic_peers(self) -> int:
+        count = getattr(self.host, "topic_peers", None)
+        return count() if count is not None else 1
+
+    async def publish(self, ann: announce.Announcement, reason: Reason) -> None:
+        mesh = self.mesh
+        self.table.set_self(ann, trio.current_time())
+        try:
+            await self.host.publish(announce.encode(ann))
+            mesh.counters.heartbeats_sent += 1
+            MeshCounters.bump(mesh.counters.announced, reason.value)
+            mesh._on_counter("heartbeats_sent", reason.value)
+        except P2PError as exc:
+            log.debug("heartbeat publish failed: %s", exc)
+        except Exception as exc:
+            log.warning("heartbeat publish failed: %r", exc)
 
     async def receive_loop(self) -> None:
-        mesh, host = self.mesh, self.host
         while True:
-            msg = await host.next_message()
-            try:
-                ann = announce.decode(msg.data)
-            except AnnouncementError as exc:
-                log.debug("dropping heartbeat from %s: %s", msg.from_peer, exc)
-                mesh._drop("malformed")
-                continue
-            if ann.peer_id != msg.from_peer:
-                # Signed by one peer, describing another: forged. Drop.
-                mesh._drop("signer_mismatch")
-                continue
-            if mesh.admission is not None:
-                role = mesh.admission.known_role(ann.peer_id)
-                if role is None:  # not admitted (or revoked): it does not exist for us
-                    mesh._drop("not_admitted")
-                    continue
-                if role == "gateway" and ann.models:  # sends requests, never serves them
-                    ann = dataclasses.replace(ann, models=())
-            checked = addrs_mod.check_announced(ann.addrs, ann.peer_id)
-            if checked.dropped:
-                mesh._count_n("addrs_dropped", "foreign_or_invalid", checked.dropped)
-            if checked.trimmed:
-                mesh._count_n("addrs_dropped", "over_limit", checked.trimmed)
-            if checked.kept != ann.addrs:
-                ann = dataclasses.replace(ann, addrs=checked.kept)
-            now = trio.current_time()
-            result = self.table.apply(ann, now)
-            if result is ApplyResult.STALE:
-                mesh._drop("stale")
-                continue
-            if result is ApplyResult.FULL:  # the table is at p2p.max_peers: a flood of new ids
-                mesh._drop("table_full")
-                continue
-            if result is ApplyResult.SELF:
-                continue
-            mesh.counters.heartbeats_received += 1
-            mesh._on_counter("heartbeats_received", "")
-            if result is ApplyResult.LEFT:
-                log.info("peer %s left the mesh", ann.peer_id)
-                mesh._abort_peer(ann.peer_id)
-                continue
-            if result is ApplyResult.NEW:
-                log.info("peer %s joined with %d model(s)%s", ann.peer_id, len(ann.models),
-                         " (draining)" if ann.draining else "")
-            if ann.peer_id not in host.connected_peers():
-                mesh.reach.maybe_dial(host, ann.peer_id, ann.addrs)
+            self.accept(await self.host.next_message())
+
+    def accept_signed(self, raw: bytes) -> None:
+        """A signed heartbeat handed on by a table sync (``mesh.sync``): checked as gossip is."""
+        known = self.mesh.signed.get
+        msg = signed.verify(raw)
+        if msg is None:
+            self.mesh._drop("sync_invalid")
+        elif known(msg.from_peer) != raw:  # the very message we hold: nothing new
+            self.accept(msg)
+
+    def accept(self, msg: Message) -> ApplyResult | None:
+        """One heartbeat, its signature checked against ``msg.from_peer``, into the table."""
+        mesh, host = self.mesh, self.host
+        try:
+            ann = announce.decode(msg.data)
+        except AnnouncementError as exc:
+            log.debug("dropping heartbeat from %s: %s", msg.from_peer, exc)
+            mesh._drop("malformed")
+            return None
+        if ann.peer_id != msg.from_peer:
+            # Signed by one peer, describing another: forged. Drop.
+            mesh._drop("signer_mismatch")
+            return None
+        if mesh.admission is not None:
+            role = mesh.admission.known_role(ann.peer_id)
+            if role is None:  # not admitted (or revoked): it does not exist for us
+                mesh._drop("not_admitted")
+                return None
+            if role == "gateway" and ann.models:  # sends requests, never serves them
+                ann = dataclasses.replace(ann, models=())
+        checked = addrs_mod.check_announced(ann.addrs, ann.peer_id)
+        if checked.dropped:
+            mesh._count_n("addrs_dropped", "foreign_or_invalid", checked.dropped)
+        if checked.trimmed:
+            mesh._count_n("addrs_dropped", "over_limit", checked.trimmed)
+        if checked.kept != ann.addrs:
+            ann = dataclasses.replace(ann, addrs=checked.kept)
+        now = trio.current_time()
+        result = self.table.apply(ann, now)
+        if result is ApplyResult.STALE:
+            mesh._drop("stale")
+            return result
+        if result is ApplyResult.FULL:  # the table is at p2p.max_peers: a flood of new ids
+            mesh._drop("table_full")
+            return result
+        if result is ApplyResult.SELF:
+            return result
+        mesh.counters.heartbeats_received += 1
+        mesh._on_counter("heartbeats_received", "")
+        if result is ApplyResult.LEFT:
+            log.info("peer %s left the mesh", ann.peer_id)
+            mesh.signed.pop(ann.peer_id, None)
+            mesh._abort_peer(ann.peer_id)
+            return result
+        if msg.raw:
+            mesh.signed[ann.peer_id] = msg.raw
+        if result is ApplyResult.NEW:
+            log.info("peer %s joined with %d model(s)%s", ann.peer_id, len(ann.models),
+                     " (draining)" if ann.draining else "")
+        if ann.peer_id not in host.connected_peers():
+            mesh.reach.maybe_dial(host, ann.peer_id, ann.addrs)
+        return result
+
+    def signed_table(self) -> list[bytes]:
+        """What a table sync hands out: the signed heartbeats of the peers we hold up, and ours."""
+        snap = self.table.snapshot(trio.current_time())
+        signed_of = self.mesh.signed
+        out = [raw for p in snap.peers if not p.is_self and p.state in UP and (raw := signed_of.get(p.peer_id))]
+        own = getattr(self.host, "own_message", b"")
+        if own:
+            out.append(own)
+        return out
+
+    async def sync_with(self, peer_id: str) -> None:
+        """Pull ``peer_id``'s table, handing it our latest heartbeat (``mesh.sync``)."""
+        self.last_pull = trio.current_time()
+        mesh = self.mesh
+        try:
+            stream = await self.host.open_stream(peer_id, sync.PROTOCOL, timeout=self.settings.connect_timeout)
+            count = await sync.pull(stream, getattr(self.host, "own_message", b""), self.accept_signed,
+                                    max_frames=self.settings.max_peers + 1)
+        except P2PError as exc:
+            log.debug("table sync with %s failed: %s", peer_id, exc)
+            mesh._count("synced", "failed")
+            return
+        mesh._count("synced", "pulled")
+        log.debug("table sync with %s: %d heartbeat(s)", peer_id, count)
 
     # --- connections -------------------------------------------------------------
 
@@ -203,7 +286,11 @@ class HostLoops:
             self.mesh.reach.connected(event.peer_id)
             if self.table.mark_up(event.peer_id, now):
                 log.info("peer %s reachable", event.peer_id)
-            self.mesh.request_heartbeat()  # let the new peer learn about us now
+            # A new connection: learn the mesh from it and tell it about us in one round
+            # trip (mesh.sync), instead of an announcement to the whole mesh each time.
+            if self.last_pull is None or now - self.last_pull >= sync.PULL_EVERY:
+                self.last_pull = now
+                nursery.start_soon(self.sync_with, event.peer_id)
         elif event.kind == "discovered":
             self.mesh.reach.maybe_dial(host, event.peer_id, event.addrs)
 

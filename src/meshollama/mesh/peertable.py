@@ -11,9 +11,11 @@ Rules:
 
 * a heartbeat is accepted only if its ``seq`` is greater than the last one
   accepted from that peer (duplicates and reordered gossip are ``STALE``);
-* a peer not heard from for more than ``interval * miss_limit`` seconds
-  (our configured interval, never the peer's) is removed by :meth:`expire`,
-  whether ALIVE or DOWN;
+* a peer not heard from for more than ``miss_limit`` of its announced
+  refresh intervals (``Announcement.refresh_ms``, clamped to at least our
+  configured ``interval`` and at most ``announce.MAX_REFRESH_MS``; a peer that
+  announces none is an older node beating every ``interval``) is removed by
+  :meth:`expire`, whether ALIVE or DOWN;
 * a ``leaving`` heartbeat removes the peer at once; its ``seq`` is remembered
   for the same expiry period so a late, older heartbeat cannot resurrect it;
 * a peer whose heartbeat says it is ``draining`` (finishing its requests
@@ -45,7 +47,9 @@ from types import MappingProxyType
 
 from .. import names
 from ..catalog import LoadInfo, ModelInfo, ReplicaTarget, StoreInfo
-from .announce import Announcement
+from .announce import MAX_REFRESH_MS, Announcement
+
+MAX_REFRESH = MAX_REFRESH_MS / 1000  # seconds; decode clamps too, the table never trusts more
 
 
 class PeerState(enum.Enum):
@@ -73,6 +77,7 @@ class PeerView:
     draining: bool = False  # its last heartbeat said so; while up its state is DRAINING
     store: StoreInfo | None = None  # where it keeps models (model distribution)
     replicas: tuple[ReplicaTarget, ...] = ()  # copy-count targets it relays
+    refresh: float = 0.0  # seconds between its announcements at the longest; 0: an older node (our interval)
 
     # cached_property writes the instance __dict__ directly, so it works on a
     # frozen dataclass without becoming a field (eq, repr, replace unaffected).
@@ -169,6 +174,7 @@ class Snapshot:
         return self.serving_index.serving(model_key)
 
 
+LEFT_MEMORY = 120.0  # seconds a goodbye's seq is remembered at least
 UP = frozenset({PeerState.ALIVE, PeerState.DRAINING})  # states of a peer that answers
 
 
@@ -197,6 +203,7 @@ def _view(ann: Announcement, now: float, *, is_self: bool) -> PeerView:
         draining=ann.draining,
         store=ann.store,
         replicas=ann.replicas,
+        refresh=ann.refresh_ms / 1000,
     )
 
 
@@ -223,6 +230,7 @@ class PeerTable:
         self._left: dict[str, tuple[int, float]] = {}  # peer_id -> (last seq, left at)
         self._version = 0  # bumped by every change to the peers (see version)
         self._cached: tuple[tuple[PeerView, ...], ServingIndex] | None = None  # for self._version
+        self._legacy: tuple[int, int] | None = None  # (version, legacy_peers)
 
     @property
     def version(self) -> int:
@@ -307,14 +315,31 @@ class PeerTable:
         self._changed()
         return True
 
+    def ttl_of(self, peer: PeerView) -> float:
+        """Seconds without an accepted announcement after which ``peer`` is removed:
+        ``miss_limit`` of its refresh intervals, never fewer than of ours."""
+        return max(self.interval, min(peer.refresh, MAX_REFRESH)) * self.miss_limit
+
+    @property
+    def legacy_peers(self) -> int:
+        """Remote peers that announce no refresh interval (older nodes, which expire
+        a peer after ``miss_limit`` of *their* heartbeat intervals): while there is one,
+        we keep their cadence (``mesh.loops``)."""
+        cached = self._legacy
+        if cached is None or cached[0] != self._version:
+            cached = self._legacy = (self._version, sum(1 for p in self._peers.values() if not p.refresh))
+        return cached[1]
+
     def expire(self, now: float) -> list[str]:
-        """Remove peers whose last heartbeat is more than ``ttl`` old; return their ids, sorted."""
-        ttl = self.ttl
-        gone = sorted(pid for pid, p in self._peers.items() if now - p.last_seen > ttl)
+        """Remove peers silent for longer than their :meth:`ttl_of`; return their ids, sorted."""
+        gone = sorted(pid for pid, p in self._peers.items() if now - p.last_seen > self.ttl_of(p))
         for pid in gone:
             del self._peers[pid]
         if gone:
             self._changed()
+        # Goodbyes are remembered longer than a beat: a table synced from a peer that
+        # missed the goodbye (mesh.sync) may hand us the leaver's last announcement.
+        ttl = max(self.ttl, LEFT_MEMORY)
         for pid in [pid for pid, (_, t) in self._left.items() if now - t > ttl]:
             del self._left[pid]
         return gone

@@ -32,6 +32,7 @@ running. Only a failure of the very first start (a port in use) leaves
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -48,7 +49,7 @@ from ..errors import P2PError
 from ..p2p.host import HostSettings, P2PHost
 from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
 from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
-from . import announce
+from . import announce, sync
 from .loops import STREAM_ABORT_MISSES, HostLoops  # noqa: F401 - STREAM_ABORT_MISSES lived here
 from .peertable import PeerTable, Snapshot
 from .reach import Reach
@@ -125,6 +126,7 @@ class MeshService:
         self.handlers: dict[str, Any] = {}
         self.store_info: Callable[[], Any] = lambda: None
         self.replica_targets: Callable[[], tuple] = lambda: ()
+        self.signed: dict[str, bytes] = {}  # peer -> its latest heartbeat as signed (mesh.sync hands them on)
         if admission is not None:
             admission.on_refused = self._refused
             admission.on_admitted = self._admitted
@@ -149,7 +151,10 @@ class MeshService:
             self._spawn(lambda: host.disconnect(peer_id))
 
     def _admitted(self, peer_id: str, role: str) -> None:
-        self.request_heartbeat()  # its first heartbeats may have come before the decision
+        # Its heartbeats before the decision were dropped: pull them (and hand it ours).
+        loops = self._loops
+        if loops is not None and self._nursery is not None:
+            self._spawn(partial(loops.sync_with, peer_id))
 
     def upstream(self, peer_id: str):
         if peer_id == self.self_id:
@@ -188,6 +193,9 @@ class MeshService:
             "dht_routing_table_size": host.dht_size() if host is not None else 0,
             "heartbeats_sent": self.counters.heartbeats_sent,
             "heartbeats_received": self.counters.heartbeats_received,
+            "refresh_interval": self._refresh_ms() / 1000,
+            "announced": dict(self.counters.announced),
+            "synced": dict(self.counters.synced),
             "heartbeats_dropped": dict(self.counters.dropped),
             "request_streams": dict(self.counters.request_streams),
             "addrs_dropped": dict(self.counters.addrs_dropped),
@@ -269,8 +277,24 @@ class MeshService:
                 draining=self._draining,
                 store=self.store_info(),
                 replicas=tuple(self.replica_targets())[: announce.MAX_REPLICAS],
+                refresh_ms=self._refresh_ms(),
             )
         )
+
+    def catalog(self) -> tuple:
+        """What our announcement says besides load, for ``mesh.cadence`` to compare:
+        a change is announced at once. Free room counts in GiB (a log line is no news)."""
+        store = self.store_info()
+        if store is not None:
+            store = dataclasses.replace(store, free=store.free >> 30)
+        return (tuple(self._models()), tuple(self._addrs), self._draining, store, tuple(self.replica_targets()))
+
+    def _refresh_ms(self) -> int:
+        loops = self._loops
+        cadence = loops.cadence_now() if loops is not None else None
+        refresh = cadence.refresh if cadence is not None else max(self.settings.heartbeat_interval,
+                                                                    self.settings.refresh_interval)
+        return min(announce.MAX_REFRESH_MS, max(1, round(refresh * 1000)))
 
     def request_heartbeat(self) -> None:
         """Publish a heartbeat now (at most one per 0.25 s; while no host runs, once one does)."""
@@ -319,10 +343,15 @@ class MeshService:
             lambda kind: self._count("stream_errors", kind),
         )
         host.set_handler(HTTP_PROTOCOL, server.handle)
+        self._loops = loops = HostLoops(self, host)
+        adm = self.admission
+        syncer = sync.SyncServer(table=loops.signed_table, accept=loops.accept_signed,
+                                 allow=(lambda p: True) if adm is None else (lambda p: adm.known_role(p) is not None),
+                                 on_count=lambda what: self._count("synced", what))
+        host.set_handler(sync.PROTOCOL, syncer.handle)
         for protocol, handler in self.handlers.items():
             host.set_handler(protocol, handler)
         self._host = host
-        self._loops = loops = HostLoops(self, host)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -392,6 +421,7 @@ class MeshService:
             await trio.sleep(self.settings.heartbeat_interval / 2)
             now = trio.current_time()
             for peer_id in self.table.expire(now):
+                self.signed.pop(peer_id, None)
                 log.info("peer %s expired (no heartbeat for %d intervals)", peer_id, self.settings.miss_limit)
                 self._abort_peer(peer_id)
             self.reach.prune(now)

@@ -9,7 +9,9 @@ from .liveness import PING_ALL_UP_TO
 
 @dataclass(frozen=True)
 class MeshSettings:
-    heartbeat_interval: float = 2.0
+    heartbeat_interval: float = 2.0  # shortest gap between announcements for load (mesh.cadence)
+    refresh_interval: float = 30.0  # longest silence; peers expire us after miss_limit of them
+    load_max_silence: float = 10.0  # a small load change is announced this late at most
     miss_limit: int = 3
     liveness_interval: float = 1.0
     liveness_timeout: float = 2.0
@@ -32,6 +34,8 @@ class MeshCounters:
 
     heartbeats_sent: int = 0
     heartbeats_received: int = 0
+    announced: dict[str, int] = field(default_factory=dict)  # announcements sent, by mesh.cadence.Reason
+    synced: dict[str, int] = field(default_factory=dict)  # table syncs (mesh.sync): pulled, served, failed
     dropped: dict[str, int] = field(default_factory=dict)
     stream_errors: dict[str, int] = field(default_factory=dict)
     inbound_rejected: dict[str, int] = field(default_factory=dict)

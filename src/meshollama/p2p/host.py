@@ -46,6 +46,7 @@ from .stream import Stream
 log = logging.getLogger("meshollama.p2p")
 
 TOPIC = "/meshollama/heartbeat/1"
+ADVERTISED_TTL = 1.0  # seconds our advertised addresses are reused for (libp2p asks per RPC)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Message:
 
     from_peer: str
     data: bytes
+    raw: bytes = b""  # the whole signed pubsub message, for handing on (mesh.sync): p2p.signed.verify checks it
 
 
 Handler = Callable[[Stream], Awaitable[None]]
@@ -94,6 +96,8 @@ class P2PHost:
         self._pubsub = None
         self._dht = None
         self._subscription = None
+        self._advertised_cache: tuple[list[str], float, tuple] | None = None  # (candidates, when, result)
+        self.own_message = b""  # our latest heartbeat as pubsub signed it (mesh.sync hands it on)
         self._closed = False
         self._ifaces = addrs_mod.Interfaces((), frozenset())
         self._ifaces_at = -1e9
@@ -186,7 +190,7 @@ class P2PHost:
         from libp2p import new_host
         from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
         from libp2p.network.config import ConnectionConfig
-        from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
         from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
         from libp2p.security.noise.transport import Transport as NoiseTransport
         from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
@@ -214,7 +218,10 @@ class P2PHost:
         except Exception as exc:
             raise P2PError(f"cannot create libp2p host: {exc}") from exc
         gossip = GossipSub(
-            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+            # Not 1.2: its IDONTWANT sends every mesh neighbour an extra RPC per message to
+            # spare duplicates of large ones; ours are a few hundred bytes, and that RPC
+            # (with the signed peer record py-libp2p attaches) cost more than the duplicate.
+            protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
             degree=s.gossip_degree,
             degree_low=s.gossip_degree_low,
             degree_high=s.gossip_degree_high,
@@ -342,14 +349,23 @@ class P2PHost:
         the addresses peers can dial out (identify, DHT, mDNS, heartbeats)."""
         import multiaddr
 
-        transport = {str(a) for a in self._host.get_transport_addrs()} if self._host is not None else set()
+        # py-libp2p asks for these on every pubsub RPC it sends (the signed peer record it
+        # attaches), and building them was a quarter of an idle node's CPU: kept for a
+        # moment, as long as libp2p offers the same candidates.
+        now = time.monotonic()
         texts = [str(a) for a in candidates]
+        cached = self._advertised_cache
+        if cached is not None and cached[0] == texts and now - cached[1] < ADVERTISED_TTL:
+            return list(cached[2])
+        transport = {str(a) for a in self._host.get_transport_addrs()} if self._host is not None else set()
         listen = [t for t in texts if t in transport] or texts
         observed = [t for t in texts if t not in transport]
         ifaces = self.interfaces()
         out = addrs_mod.advertise(listen, ifaces.ips, self.peer_id, observed=observed,
                                   announce=self.settings.announce, virtual=ifaces.virtual)
-        return [multiaddr.Multiaddr(a.rsplit("/p2p/", 1)[0]) for a in out]
+        result = [multiaddr.Multiaddr(a.rsplit("/p2p/", 1)[0]) for a in out]
+        self._advertised_cache = (texts, now, tuple(result))
+        return result
 
     def addrs(self) -> list[str]:
         """Our advertised multiaddrs with ``/p2p/<id>``, LAN addresses first, then
@@ -408,8 +424,14 @@ class P2PHost:
             except Exception:
                 continue
             if sender == self.peer_id:
+                self.own_message = msg.SerializeToString()  # our latest, as signed: mesh.sync hands it on
                 continue
-            return Message(sender, bytes(msg.data))
+            return Message(sender, bytes(msg.data), msg.SerializeToString())
+
+    def topic_peers(self) -> int:
+        """Peers known to subscribe to the heartbeat topic: 0 means a publish reaches nobody."""
+        pubsub = self._pubsub
+        return len(pubsub.peer_topics.get(TOPIC, ())) if pubsub is not None else 0
 
     async def disconnect(self, peer_id: str) -> None:
         from libp2p.peer.id import ID

@@ -1,0 +1,135 @@
+"""When a node speaks: the announcement cadence (pure, sans-IO).
+
+Every node used to publish its whole state every 2 s. Each heartbeat costs
+every other node about 10 ms of CPU in py-libp2p (Yamux, Noise, protobuf,
+the signature, the signed peer record pubsub attaches, forwarding to its
+gossip neighbours: ``docs/benchmarks.md``), so an idle node's cost grew with
+the mesh and the mesh's with N squared. Now a node says something only when
+it has something to say:
+
+* **catalog** (models, addresses, draining, store, copy targets, ...): at
+  once when it changes (at most one announcement per ``min_gap``);
+* **load**: when it changes *meaningfully* (:func:`meaningful`: a free slot
+  appears or goes, a queue starts or empties, or the busy count moves by a
+  quarter of the slots), at most once per ``load_gap``; a smaller change is
+  said within ``load_silence`` of when it happened;
+* **refresh**: after ``refresh`` seconds of silence, whatever happened, so
+  a peer that missed a message (or joined through a partition) catches up,
+  and peers that hear nothing for ``miss_limit`` refreshes expire us
+  (the announcement carries ``refresh`` so they know how long to wait).
+
+An idle node sends one small message per ``refresh``; a busy one at most one
+per ``load_gap``, the old cadence. Gateways keep routing right in between:
+they correct the last announced load with the requests they sent and saw
+finish since (``routing``), and a peer that dies closes its connections or
+fails the liveness pings of those with requests on it.
+
+:class:`Cadence` is frozen settings, :class:`AnnouncePolicy` the state (what
+was last said, when); :meth:`AnnouncePolicy.decide` is a function of them,
+``now`` and what the node would say now, so it is tested with scripted
+inputs and driven unchanged by the mesh simulation (``benchmarks/sim_mesh.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from ..catalog import LoadInfo
+
+MIN_GAP = 0.25  # a burst of catalog changes (a pull finishing, draining) costs one message per this
+
+
+class Reason(enum.Enum):
+    FIRST = "first"  # nothing said yet
+    FORCED = "forced"  # asked for (addresses changed, a new gossip neighbour, draining)
+    CATALOG = "catalog"  # models, store, copy targets, ... changed
+    LOAD = "load"  # the load moved meaningfully
+    LOAD_SILENCE = "load_silence"  # a small load change, said late
+    REFRESH = "refresh"  # nothing to say for ``refresh`` seconds
+
+
+@dataclass(frozen=True)
+class Cadence:
+    refresh: float = 30.0  # longest silence; peers expire us after miss_limit of them
+    load_gap: float = 2.0  # shortest gap between announcements for load (p2p.heartbeat_interval)
+    load_silence: float = 10.0  # a load change too small to be meaningful is said this late at most
+    min_gap: float = MIN_GAP  # shortest gap between any two announcements
+
+    def __post_init__(self) -> None:
+        if not (0 < self.min_gap <= self.load_gap <= self.refresh and self.load_silence > 0):
+            raise ValueError(f"inconsistent cadence: {self}")
+
+
+def _busy(load: LoadInfo) -> int:
+    return load.in_flight + load.queued
+
+
+def meaningful(old: LoadInfo, new: LoadInfo) -> bool:
+    """Would routing elsewhere decide differently? True when the slot count
+    changes, a free slot appears or goes, a queue (ours or our gateway's
+    ``waiting`` line) starts or empties, or the busy count moves by at least
+    a quarter of the slots (every change, up to 4 slots)."""
+    if new.capacity != old.capacity:
+        return True
+    if (old.in_flight < old.capacity) != (new.in_flight < new.capacity):
+        return True
+    if (old.queued > 0) != (new.queued > 0) or (old.waiting > 0) != (new.waiting > 0):
+        return True
+    step = max(1, -(-new.capacity // 4))
+    return abs(_busy(new) - _busy(old)) >= step or abs(new.waiting - old.waiting) >= step
+
+
+class AnnouncePolicy:
+    """What was last announced and when; decides whether to announce now."""
+
+    def __init__(self, cadence: Cadence) -> None:
+        self.cadence = cadence
+        self.last_at: float | None = None
+        self.catalog: Any = None  # any value compared with ==; the caller's notion of its catalog
+        self.load: LoadInfo | None = None
+        self.load_moved_at: float | None = None  # when the load first differed from what we said
+        self.sent_by_reason: dict[Reason, int] = {}
+
+    def decide(self, now: float, catalog: Any, load: LoadInfo, *, forced: bool = False) -> Reason | None:
+        """Why to announce now, or None to stay quiet (ask again later)."""
+        c = self.cadence
+        if self.last_at is None:
+            return Reason.FIRST
+        gap = now - self.last_at
+        if load != self.load:
+            if self.load_moved_at is None:
+                self.load_moved_at = now
+        else:
+            self.load_moved_at = None
+        if gap < c.min_gap:
+            return None
+        if forced:
+            return Reason.FORCED
+        if catalog != self.catalog:
+            return Reason.CATALOG
+        if self.load_moved_at is not None and gap >= c.load_gap:
+            assert self.load is not None
+            if meaningful(self.load, load):
+                return Reason.LOAD
+            if now - self.load_moved_at >= c.load_silence:
+                return Reason.LOAD_SILENCE
+        if gap >= c.refresh:
+            return Reason.REFRESH
+        return None
+
+    def sent(self, now: float, catalog: Any, load: LoadInfo, reason: Reason) -> None:
+        """The announcement built from ``catalog`` and ``load`` went out at ``now``."""
+        self.last_at = now
+        self.catalog = catalog
+        self.load = load
+        self.load_moved_at = None
+        self.sent_by_reason[reason] = self.sent_by_reason.get(reason, 0) + 1
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds until :meth:`decide` could answer REFRESH (the longest a caller may sleep
+        without a wake-up; load changes need polling, catalog changes a wake-up)."""
+        if self.last_at is None:
+            return 0.0
+        return max(0.0, self.last_at + self.cadence.refresh - now)

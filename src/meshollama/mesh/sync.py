@@ -1,0 +1,153 @@
+"""Table sync: a node that connects learns the mesh in one round trip (``/meshollama/sync/1``).
+
+Nodes announce rarely now (``mesh.cadence``: an idle node once per 30 s), so
+a node that joins would wait that long to hear of everyone. Instead it pulls
+the table of the first peer it connects to, the way Serf and Consul do a
+push-pull on join: it sends its own latest signed heartbeat, and the peer
+answers with the signed heartbeats of every peer it holds up, then its own.
+Every one is checked as gossip checks it (``p2p.signed``) and applied like a
+gossiped one, so the peer handing them on can replay but never forge.
+
+Wire: length-prefixed frames (4-byte big-endian length, then the bytes).
+The caller sends one frame (its heartbeat, or an empty frame if it has none
+yet); the server answers with one frame per heartbeat and an empty frame.
+
+The server faces strangers: in a closed mesh only admitted peers are
+served; a slot (of :data:`SERVE_SLOTS`) is taken before anything is read; a
+peer is served at most once per :data:`SERVE_EVERY` seconds (an answer can
+be large, a request is small); the request frame is bounded
+(``p2p.signed.MAX_SIGNED``) and due within :data:`DEADLINE`. The caller
+bounds what it takes the same way: frames, bytes and time.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+
+import trio
+
+from ..errors import P2PError
+from ..p2p.signed import MAX_SIGNED
+
+PROTOCOL = "/meshollama/sync/1"
+SERVE_SLOTS = 4  # syncs served at once
+SERVE_EVERY = 10.0  # seconds: a peer is served at most this often
+DEADLINE = 10.0  # seconds for a whole sync, either side
+MAX_TOTAL = 32 * 1024 * 1024  # bytes of heartbeats one answer may carry
+PULL_EVERY = 60.0  # seconds: a node pulls on a new connection at most this often (mesh.loops)
+_LEN = struct.Struct(">I")
+
+
+def frame(data: bytes) -> bytes:
+    return _LEN.pack(len(data)) + data
+
+
+class FrameReader:
+    """Reads length-prefixed frames from a ``p2p.stream.Stream``."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def _fill(self, n: int) -> None:
+        while len(self.buf) < n:
+            chunk = await self.stream.read(max(65536, n - len(self.buf)))
+            if not chunk:
+                raise P2PError(f"sync with {self.stream.peer_id}: stream ended inside a frame")
+            self.buf += chunk
+
+    async def next(self, limit: int) -> bytes:
+        """The next frame (``b""`` for the empty one); P2PError if longer than ``limit``."""
+        await self._fill(_LEN.size)
+        (size,) = _LEN.unpack_from(self.buf)
+        if size > limit:
+            raise P2PError(f"sync with {self.stream.peer_id}: a {size}-byte frame (limit {limit})")
+        await self._fill(_LEN.size + size)
+        data = bytes(self.buf[_LEN.size:_LEN.size + size])
+        del self.buf[:_LEN.size + size]
+        return data
+
+
+class SyncServer:
+    """Answers ``/meshollama/sync/1``: takes the caller's heartbeat, hands ours and our table's."""
+
+    def __init__(self, *, table: Callable[[], Iterable[bytes]], accept: Callable[[bytes], None],
+                 allow: Callable[[str], bool] = lambda peer_id: True,
+                 on_count: Callable[[str], None] = lambda what: None, slots: int = SERVE_SLOTS,
+                 every: float = SERVE_EVERY) -> None:
+        self.table = table  # the signed heartbeats to hand out, ours included
+        self.accept = accept  # a signed heartbeat the caller sent (checked there)
+        self.allow = allow
+        self.on_count = on_count
+        self.every = every
+        self._slots = trio.Semaphore(slots)
+        self._served: dict[str, float] = {}  # peer -> when last served
+
+    async def handle(self, stream) -> None:
+        peer = stream.peer_id
+        now = trio.current_time()
+        last = self._served.get(peer)
+        refused = ("not_admitted" if not self.allow(peer) else
+                   "too_often" if last is not None and now - last < self.every else None)
+        if refused is None:
+            try:
+                self._slots.acquire_nowait()  # before reading anything
+            except trio.WouldBlock:
+                refused = "busy"
+        if refused is not None:
+            self.on_count(f"refused_{refused}")
+            await stream.reset()
+            return
+        try:
+            self._served = {p: t for p, t in self._served.items() if now - t < self.every}  # bounded by the rate
+            self._served[peer] = now
+            with trio.move_on_after(DEADLINE) as scope:
+                theirs = await FrameReader(stream).next(MAX_SIGNED)
+                if theirs:
+                    self.accept(theirs)
+                batch = bytearray()
+                for raw in self.table():
+                    batch += frame(raw)
+                    if len(batch) >= 65536:
+                        await stream.write(bytes(batch))
+                        batch.clear()
+                batch += frame(b"")
+                await stream.write(bytes(batch))
+                await stream.close()
+                self.on_count("served")
+            if scope.cancelled_caught:
+                self.on_count("served_timeout")
+                await stream.reset()
+        except P2PError:
+            self.on_count("served_failed")
+            await stream.reset()
+        finally:
+            self._slots.release()
+
+
+async def pull(stream, own: bytes, accept: Callable[[bytes], None], *, max_frames: int) -> int:
+    """Send ``own`` (our latest signed heartbeat, or ``b""``) and feed every heartbeat
+    the peer answers to ``accept``; returns how many. P2PError (the stream reset) if
+    the answer breaks a bound: more than ``max_frames`` frames or :data:`MAX_TOTAL`
+    bytes, or slower than :data:`DEADLINE`."""
+    with trio.move_on_after(DEADLINE):
+        try:
+            await stream.write(frame(own))
+            reader = FrameReader(stream)
+            count = total = 0
+            while raw := await reader.next(MAX_SIGNED):
+                count += 1
+                total += len(raw)
+                if count > max_frames or total > MAX_TOTAL:
+                    raise P2PError(f"sync with {stream.peer_id}: answer over {max_frames} heartbeats or {MAX_TOTAL} bytes")
+                accept(raw)
+                if count % 64 == 0:
+                    await trio.sleep(0)  # a large table must not hold up the other loops
+            await stream.close()
+            return count
+        except P2PError:
+            await stream.reset()
+            raise
+    await stream.reset()
+    raise P2PError(f"sync with {stream.peer_id} took over {DEADLINE:.0f}s")
