@@ -72,6 +72,7 @@ class FakeHost:
         self.connected: set[str] = set()
         self.published: list[tuple[float, announce.Announcement]] = []
         self.dials: list[float] = []  # when connect() was called
+        self.opened: list[tuple[str, str]] = []  # (peer, protocol) of every open_stream
         self._inbox_send, self._inbox = trio.open_memory_channel[Message | BaseException](math.inf)
         self._crash = trio.Event()
         self._crash_error: BaseException | None = None
@@ -143,6 +144,7 @@ class FakeHost:
 
     async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None):
         await trio.lowlevel.checkpoint()
+        self.opened.append((peer_id, protocol))
         if peer_id not in self.connected:
             raise P2PError(f"not connected to {peer_id}")
         if protocol != PING_PROTOCOL:

@@ -1,0 +1,77 @@
+"""Announcing less, across hosts (issue 13): four namespace hosts on one LAN,
+default cadence (a 30 s refresh), so nothing here can pass by waiting for the
+next periodic announcement.
+
+* A node joining through one peer learns every other node at once by pulling
+  that peer's signed table (``mesh.sync``), and everyone learns it from its
+  one announcement, long before any refresh.
+* An idle mesh stays quiet: over a window much shorter than the refresh no
+  node announces anything.
+* A model appearing on one host is announced at once and routed to.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from tests.multihost.nodes import http, peers, start_fake, start_node, wait_for
+
+pytestmark = pytest.mark.slow  # real processes on several namespace hosts
+
+
+async def _status(net, host) -> dict:
+    out = await http(net, host, "GET", "/api/mesh/status", timeout=20)
+    return json.loads("".join(out["lines"]))["mesh"]
+
+
+async def test_a_joiner_learns_the_mesh_from_one_peer_and_an_idle_mesh_is_quiet(net, tmp_path):
+    with trio.fail_after(150):
+        _, hosts = net.lan("198.18.13", ["q1", "q2", "q3", "q4"])
+        await start_fake(net, hosts[3], tmp_path, ["delta:latest"], "q4")
+        q1 = await start_node(net, hosts[0], tmp_path, "q1", "--no-mdns", "--backend", "none",
+                              "--refresh-interval", "30")
+        boot = ["--bootstrap", q1.info["p2p_addrs"][0]]
+        q2 = await start_node(net, hosts[1], tmp_path, "q2", "--no-mdns", "--backend", "none", *boot,
+                              "--refresh-interval", "30")
+        q3 = await start_node(net, hosts[2], tmp_path, "q3", "--no-mdns", "--backend", "none", *boot,
+                              "--refresh-interval", "30")
+        ids = [q1.peer_id, q2.peer_id, q3.peer_id]
+
+        async def all_see(hs, wanted):
+            for h in hs:
+                view = await peers(net, h)
+                if any(view.get(pid, {}).get("state") != "alive" for pid in wanted):
+                    return False
+            return True
+
+        started = trio.current_time()
+        await wait_for(lambda: all_see(hosts[:3], ids))
+        assert trio.current_time() - started < 20  # not a 30 s refresh
+
+        # q4 joins through q3 only: it pulls q3's table (q1 and q2 in it) and announces itself once.
+        q4 = await start_node(net, hosts[3], tmp_path, "q4", "--no-mdns", "--backend", "ollama",
+                              "--bootstrap", q3.info["p2p_addrs"][0], "--refresh-interval", "30")
+        joined = trio.current_time()
+        await wait_for(lambda: all_see(hosts, [*ids, q4.peer_id]))
+        assert trio.current_time() - joined < 20
+        s4 = await _status(net, hosts[3])
+        assert s4["synced"].get("pulled", 0) >= 1, s4
+        assert s4["refresh_interval"] == 30.0
+
+        # Everyone knows delta lives on q4 and routes to it, from q1, which never talked to q4 directly first.
+        r = await http(net, hosts[0], "POST", "/api/chat",
+                       {"model": "delta", "messages": [{"role": "user", "content": "hi"}], "stream": False})
+        assert r["status"] == 200, r
+        assert r["headers"]["x-meshollama-peer"] == q4.peer_id
+
+        # Idle now: over 8 s (well inside the 30 s refresh, and far more than the old 0.5 s
+        # cadence's 16 beats) the three idle gateways announce nothing.
+        before = [await _status(net, h) for h in hosts[:3]]
+        await trio.sleep(8)
+        after = [await _status(net, h) for h in hosts[:3]]
+        sent = [sum(a["announced"].values()) - sum(b["announced"].values()) for a, b in zip(after, before)]
+        assert max(sent) <= 1, (sent, after)  # at most one refresh falls in the window
+        assert all(a["heartbeats_sent"] == sum(a["announced"].values()) for a in after)

@@ -1,0 +1,190 @@
+"""Table sync (``mesh.sync``) and the signed heartbeats it hands on (``p2p.signed``).
+
+Real Ed25519 keys and pubsub's own signing rule, in-memory streams, virtual time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+
+from meshollama.errors import P2PError, StreamReset
+from meshollama.mesh import announce, sync
+from meshollama.mesh.peertable import PeerState
+from meshollama.p2p import signed
+from meshollama.p2p.host import TOPIC
+from tests.unit.test_mesh_service import run_mesh
+from tests.unit.test_mesh_transport import heartbeat
+
+
+def sign(kp, data: bytes, *, topic: str = TOPIC, seqno: int = 1, as_id: bytes | None = None) -> bytes:
+    """A pubsub message signed the way py-libp2p signs one (``as_id``: claim another sender)."""
+    sender = as_id or ID.from_pubkey(kp.public_key).to_bytes()
+    bare = rpc_pb2.Message(data=data, topicIDs=[topic], from_id=sender, seqno=seqno.to_bytes(8, "big"))
+    sig = kp.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + bare.SerializeToString())
+    return rpc_pb2.Message(data=data, topicIDs=[topic], from_id=sender, seqno=bare.seqno, signature=sig).SerializeToString()
+
+
+def peer_of(kp) -> str:
+    return ID.from_pubkey(kp.public_key).to_base58()
+
+
+def test_verify_takes_what_pubsub_takes_and_nothing_else():
+    kp, other = create_new_key_pair(), create_new_key_pair()
+    good = sign(kp, b"hello")
+    msg = signed.verify(good)
+    assert msg is not None and msg.from_peer == peer_of(kp) and msg.data == b"hello" and msg.raw == good
+    tampered = rpc_pb2.Message.FromString(good)
+    tampered.data = b"hellO"
+    assert signed.verify(tampered.SerializeToString()) is None
+    # Signed by one key, claiming the other's id: a peer handing on a table cannot forge.
+    assert signed.verify(sign(other, b"hello", as_id=ID.from_pubkey(kp.public_key).to_bytes())) is None
+    assert signed.verify(sign(kp, b"hello", topic="/other/topic")) is None
+    assert signed.verify(b"\x00garbage\xff" * 10) is None
+    assert signed.verify(b"") is None
+    assert signed.verify(sign(kp, b"x" * (signed.MAX_SIGNED + 1))) is None
+
+
+class Pipe:
+    """One end of an in-memory duplex stream, with the ``p2p.stream.Stream`` surface."""
+
+    def __init__(self, peer_id: str, send, receive) -> None:
+        self.peer_id, self._send, self._receive = peer_id, send, receive
+        self.buf = b""
+        self.reset_called = self.closed = False
+
+    async def write(self, data: bytes) -> None:
+        if self.reset_called:
+            raise StreamReset("reset")
+        await self._send.send(data)
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        if not self.buf:
+            try:
+                self.buf = await self._receive.receive()
+            except trio.EndOfChannel:
+                return b""
+            except trio.ClosedResourceError:
+                raise StreamReset("reset") from None
+        out, self.buf = self.buf[:max_bytes], self.buf[max_bytes:]
+        return out
+
+    async def close(self) -> None:
+        self.closed = True
+        await self._send.aclose()
+
+    async def reset(self) -> None:
+        self.reset_called = True
+        await self._send.aclose()
+
+
+def pipe(client_id: str = "client", server_id: str = "server") -> tuple[Pipe, Pipe]:
+    a_send, b_recv = trio.open_memory_channel(math.inf)
+    b_send, a_recv = trio.open_memory_channel(math.inf)
+    return Pipe(server_id, a_send, a_recv), Pipe(client_id, b_send, b_recv)  # (client's end, server's end)
+
+
+async def test_a_pull_hands_our_heartbeat_over_and_takes_the_table(autojump_clock):
+    table = [sign(create_new_key_pair(), b"a%d" % i) for i in range(200)]
+    mine = sign(create_new_key_pair(), b"mine")
+    got_by_server: list[bytes] = []
+    server = sync.SyncServer(table=lambda: table, accept=got_by_server.append)
+    got: list[bytes] = []
+    client, far = pipe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, far)
+        assert await sync.pull(client, mine, got.append, max_frames=1000) == 200
+    assert got == table and got_by_server == [mine] and far.closed
+
+
+async def test_the_server_refuses_strangers_repeat_callers_and_more_than_its_slots(autojump_clock):
+    counts: list[str] = []
+    server = sync.SyncServer(table=lambda: [], accept=lambda raw: None, allow=lambda p: p != "stranger",
+                             on_count=counts.append, slots=1, every=10.0)
+    client, far = pipe("stranger")
+    await server.handle(far)
+    assert far.reset_called and counts == ["refused_not_admitted"]
+
+    async with trio.open_nursery() as nursery:
+        slow, slow_far = pipe("slow")
+        nursery.start_soon(server.handle, slow_far)  # never sends its frame: holds the only slot
+        await trio.sleep(1)
+        _, busy_far = pipe("other")
+        await server.handle(busy_far)
+        assert busy_far.reset_called and counts[-1] == "refused_busy"
+        await trio.sleep(sync.DEADLINE)  # the slow one is given up on
+    assert counts[-1] == "served_timeout" and slow_far.reset_called
+
+    c, f = pipe("friend")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, f)
+        await sync.pull(c, b"", lambda raw: None, max_frames=10)
+    c, f = pipe("friend")
+    await server.handle(f)  # again within 10 s
+    assert f.reset_called and counts[-1] == "refused_too_often"
+
+
+async def test_an_oversized_request_frame_is_refused_before_it_is_read(autojump_clock):
+    counts: list[str] = []
+    server = sync.SyncServer(table=lambda: [], accept=lambda raw: None, on_count=counts.append)
+    client, far = pipe()
+    await client.write((10**9).to_bytes(4, "big"))
+    await server.handle(far)
+    assert far.reset_called and counts == ["served_failed"]
+
+
+async def test_a_pull_bounds_what_it_takes(autojump_clock):
+    kp = create_new_key_pair()
+    server = sync.SyncServer(table=lambda: [sign(kp, b"x")] * 11, accept=lambda raw: None)
+    client, far = pipe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, far)
+        with pytest.raises(P2PError, match="over 10 heartbeats"):
+            await sync.pull(client, b"", lambda raw: None, max_frames=10)
+    # A server that never answers: the pull gives up at the deadline.
+    client, far = pipe()
+    started = trio.current_time()
+    with pytest.raises(P2PError, match="took over"):
+        await sync.pull(client, b"", lambda raw: None, max_frames=10)
+    assert trio.current_time() - started == pytest.approx(sync.DEADLINE)
+
+
+async def test_the_service_applies_synced_heartbeats_like_gossiped_ones_and_drops_forgeries(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        loops = r.mesh._loops
+        kp = create_new_key_pair()
+        pid = peer_of(kp)
+        raw = sign(kp, announce.encode(heartbeat(pid, 5, refresh_ms=30_000)))
+        loops.accept_signed(raw)
+        assert r.state(pid) is PeerState.ALIVE and r.mesh.signed[pid] == raw
+        assert loops.signed_table() == [raw]  # handed on as it came (our own: none yet on a fake host)
+        # Another peer's description signed by kp: a forged heartbeat, dropped.
+        loops.accept_signed(sign(kp, announce.encode(heartbeat(peer_of(create_new_key_pair()), 1))))
+        loops.accept_signed(b"garbage")
+        assert r.mesh.counters.dropped == {"signer_mismatch": 1, "sync_invalid": 1}
+        loops.accept_signed(sign(kp, announce.encode(heartbeat(pid, 4))))  # older than what we hold
+        assert r.mesh.counters.dropped["stale"] == 1
+        # A peer that expires takes its signed heartbeat with it: never handed on after.
+        await r.at(92.0)  # 3 x its 30 s refresh, checked every second
+        assert r.state(pid) is None and pid not in r.mesh.signed and loops.signed_table() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_new_connection_pulls_a_table_at_most_once_a_minute(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        host = r.net.host
+        for i, t in enumerate((1.0, 2.0, 30.0, 62.0)):
+            await r.at(t)
+            host.peer_connects(f"12D3KooWpeer{i}")
+        await r.at(63.0)
+        pulls = [p for p, proto in host.opened if proto == sync.PROTOCOL]
+        assert pulls == ["12D3KooWpeer0", "12D3KooWpeer3"]
+        assert r.mesh.counters.synced == {"failed": 2}  # the fake peers serve no sync
+        nursery.cancel_scope.cancel()
