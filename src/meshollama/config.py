@@ -321,6 +321,9 @@ class P2PConfig:
     # idle mesh's cost per node does not grow with its size (docs/benchmarks.md). Peers expire
     # a node after miss_limit refreshes; a dead one closes its connections long before.
     refresh_interval: float = _opt(_Num(float, 0.05, 600), 30.0, "longest silence between announcements")
+    # Every node hears every refresh: past refresh_interval / refresh_per_peer peers the refresh
+    # grows with the mesh, so each node hears ~1 refresh per this many seconds whatever N.
+    refresh_per_peer: float = _opt(_Num(float, 0.0, 600), 10.0, "seconds of refresh interval per peer in a larger mesh")
     # A load change too small to change routing (a quarter of the slots) is still said this late.
     load_max_silence: float = _opt(_Num(float, 0.05, 600), 10.0, "seconds a small load change waits at most")
     # Three missed refreshes forgive one lost message without routing long to a dead peer.

@@ -89,6 +89,7 @@ def mesh_settings(config: Config, api_url: str) -> MeshSettings:
     return MeshSettings(
         heartbeat_interval=p.heartbeat_interval,
         refresh_interval=p.refresh_interval,
+        refresh_per_peer=p.refresh_per_peer,
         load_max_silence=p.load_max_silence,
         miss_limit=p.miss_limit,
         liveness_interval=p.liveness_interval,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshollama.catalog import LoadInfo
-from meshollama.mesh.cadence import AnnouncePolicy, Cadence, Reason, meaningful
+from meshollama.mesh.cadence import AnnouncePolicy, Cadence, Reason, meaningful, refresh_for
 
 IDLE = LoadInfo(in_flight=0, capacity=4)
 
@@ -91,3 +91,25 @@ def test_an_inconsistent_cadence_is_refused():
         Cadence(refresh=1.0, load_gap=2.0)
     with pytest.raises(ValueError):
         Cadence(min_gap=0.0)
+
+
+def test_the_refresh_grows_with_the_mesh_so_each_node_hears_the_same_number():
+    sizes = [0, 1, 3, 10, 25, 100, 1000]
+    got = [refresh_for(n, floor=30.0, per_peer=10.0, ceiling=600.0) for n in sizes]
+    assert got == [30.0, 30.0, 30.0, 100.0, 250.0, 600.0, 600.0]
+    heard = [n / r for n, r in zip(sizes, got)]  # refreshes a node hears per second
+    assert max(heard[:5]) == 0.1  # flat up to the ceiling
+    assert refresh_for(1000, floor=30.0, per_peer=0.0, ceiling=600.0) == 30.0  # per_peer 0: fixed
+
+
+def test_a_longer_refresh_waits_until_an_announcement_said_it():
+    """Peers expire us by the interval we last announced: lengthening it must be said first."""
+    p = _policy(refresh=30.0)
+    p.cadence = Cadence(refresh=250.0)  # the mesh grew
+    assert p.decide(29.9, "cat", IDLE) is None
+    assert p.decide(30.0, "cat", IDLE) is Reason.REFRESH  # the old interval, announcing the new one
+    p.sent(30.0, "cat", IDLE, Reason.REFRESH)
+    assert p.decide(279.9, "cat", IDLE) is None
+    assert p.decide(280.0, "cat", IDLE) is Reason.REFRESH
+    p.cadence = Cadence(refresh=30.0)  # shrank: at once
+    assert p.quiet_for(40.0) == 20.0 and p.decide(60.0, "cat", IDLE) is Reason.REFRESH

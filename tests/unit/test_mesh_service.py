@@ -440,3 +440,27 @@ async def test_draining_set_while_a_heartbeat_is_being_published_goes_out_right_
         times = [(round(t - r.t0, 2), a.draining) for t, a in host.published]
         assert times[-1] == (11.0, True), times  # 10.5 (the gap from 10.0 is over) + the 0.5 s publish, not 20.5
         nursery.cancel_scope.cancel()
+
+
+async def test_the_refresh_grows_with_the_mesh_once_announced_and_an_older_peer_brings_the_old_cadence(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0, refresh_interval=30.0, refresh_per_peer=10.0)
+        host = r.net.host
+        peers = [f"12D3KooWpeer{i}" for i in range(5)]
+        for i, pid in enumerate(peers):
+            host.hear(heartbeat(pid, 1, refresh_ms=30_000))
+        for t in range(25, 200, 25):  # the peers keep refreshing
+            await r.at(t)
+            for pid in peers:
+                host.hear(heartbeat(pid, t, refresh_ms=30_000))
+        await r.at(200.0)
+        said = [(round(t - r.t0, 3), ann.refresh_ms) for t, ann in host.published]
+        # 30 s as said at the start; that refresh says 50 s (5 peers x 10 s), then every 50 s.
+        assert said == [(0.0, 30_000), (30.0, 50_000), (80.0, 50_000), (130.0, 50_000), (180.0, 50_000)], said
+        # An older node (no refresh in its heartbeats) expires peers after 3 of its 2 s beats:
+        # while it is in the table we beat every 2 s, and say so.
+        host.hear(heartbeat("12D3KooWolder", 1))
+        await r.at(205.0 + EPS)
+        assert [round(t - r.t0, 3) for t, _ in host.published][-3:] == [200.25, 202.25, 204.25]  # next poll
+        assert host.published[-1][1].refresh_ms == 2_000
+        nursery.cancel_scope.cancel()

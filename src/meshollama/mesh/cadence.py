@@ -17,6 +17,11 @@ it has something to say:
   a peer that missed a message (or joined through a partition) catches up,
   and peers that hear nothing for ``miss_limit`` refreshes expire us
   (the announcement carries ``refresh`` so they know how long to wait).
+  Every node hears every refresh, so the mesh's refreshes reach each node at
+  ``N / refresh`` per second: :func:`refresh_for` lengthens the refresh with
+  the mesh (``p2p.refresh_per_peer`` seconds per peer), which keeps that rate,
+  and an idle node's cost, flat in N. A longer refresh is used only after an
+  announcement has said so: peers expire us by the interval we last announced.
 
 An idle node sends one small message per ``refresh``; a busy one at most one
 per ``load_gap``, the old cadence. Gateways keep routing right in between:
@@ -81,6 +86,13 @@ def meaningful(old: LoadInfo, new: LoadInfo) -> bool:
     return abs(_busy(new) - _busy(old)) >= step or abs(new.waiting - old.waiting) >= step
 
 
+def refresh_for(peers: int, *, floor: float, per_peer: float, ceiling: float) -> float:
+    """The refresh interval for a mesh of ``peers`` others: ``floor`` in a small mesh,
+    ``per_peer`` seconds per peer in a larger one (each node then hears about
+    ``1 / per_peer`` refreshes a second, whatever the size), at most ``ceiling``."""
+    return max(floor, min(ceiling, peers * per_peer))
+
+
 class AnnouncePolicy:
     """What was last announced and when; decides whether to announce now."""
 
@@ -90,6 +102,7 @@ class AnnouncePolicy:
         self.catalog: Any = None  # any value compared with ==; the caller's notion of its catalog
         self.load: LoadInfo | None = None
         self.load_moved_at: float | None = None  # when the load first differed from what we said
+        self.refresh_said: float | None = None  # the refresh interval our last announcement carried
         self.sent_by_reason: dict[Reason, int] = {}
 
     def decide(self, now: float, catalog: Any, load: LoadInfo, *, forced: bool = False) -> Reason | None:
@@ -115,7 +128,7 @@ class AnnouncePolicy:
                 return Reason.LOAD
             if now - self.load_moved_at >= c.load_silence:
                 return Reason.LOAD_SILENCE
-        if gap >= c.refresh:
+        if gap >= self._refresh():
             return Reason.REFRESH
         return None
 
@@ -125,6 +138,7 @@ class AnnouncePolicy:
         self.catalog = catalog
         self.load = load
         self.load_moved_at = None
+        self.refresh_said = self.cadence.refresh
         self.sent_by_reason[reason] = self.sent_by_reason.get(reason, 0) + 1
 
     def quiet_for(self, now: float) -> float:
@@ -132,4 +146,9 @@ class AnnouncePolicy:
         without a wake-up; load changes need polling, catalog changes a wake-up)."""
         if self.last_at is None:
             return 0.0
-        return max(0.0, self.last_at + self.cadence.refresh - now)
+        return max(0.0, self.last_at + self._refresh() - now)
+
+    def _refresh(self) -> float:
+        """Peers expire us by the interval we last announced: a longer one waits until said."""
+        said = self.refresh_said
+        return self.cadence.refresh if said is None else min(said, self.cadence.refresh)

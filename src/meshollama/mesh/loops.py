@@ -46,7 +46,7 @@ from ..p2p.events import Event
 from ..p2p.host import Message
 from ..p2p.ping import Pinger
 from . import announce, liveness, sync
-from .cadence import MIN_GAP, AnnouncePolicy, Cadence, Reason
+from .cadence import MIN_GAP, AnnouncePolicy, Cadence, Reason, refresh_for
 from .peertable import UP, ApplyResult, Snapshot
 from .settings import MeshCounters
 from .transport import Transport
@@ -70,12 +70,10 @@ class HostLoops:
         self.pinger = Pinger(host.open_stream, timeout=mesh.settings.liveness_timeout)
         self.misses: dict[str, int] = {}  # peer -> liveness misses in a row
         self.used: dict[str, float] = {}  # peer -> when a request of ours to it was last seen in flight
-        st = self.settings
-        beat = st.heartbeat_interval
-        self.cadence = Cadence(refresh=max(beat, st.refresh_interval), load_gap=beat,
-                               load_silence=max(beat, st.load_max_silence), min_gap=min(beat, MIN_GAP))
+        beat = self.settings.heartbeat_interval
         self.legacy_cadence = Cadence(refresh=beat, load_gap=beat, load_silence=beat, min_gap=min(beat, MIN_GAP))
-        self.policy = AnnouncePolicy(self.cadence)
+        self._cadence: tuple[float, Cadence] | None = None  # (refresh, cadence) last built
+        self.policy = AnnouncePolicy(self.cadence_now())
         self.last_pull: float | None = None  # when we last pulled a peer's table (mesh.sync)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -150,11 +148,22 @@ class HostLoops:
                     await trio.sleep(max(0.0, (policy.last_at or 0.0) + policy.cadence.min_gap - trio.current_time()))
 
     def cadence_now(self) -> Cadence:
-        """The configured cadence, or the old one (a full announcement every heartbeat
-        interval) while an older node that would expire us otherwise is in the table."""
+        """The configured cadence with the refresh for the mesh's size now
+        (:func:`~meshollama.mesh.cadence.refresh_for`), or the old one (a full
+        announcement every heartbeat interval) while an older node that would
+        expire us otherwise is in the table."""
         if self.table.legacy_peers:
             return self.legacy_cadence
-        return self.cadence
+        st = self.settings
+        beat = st.heartbeat_interval
+        refresh = max(beat, refresh_for(len(self.table), floor=st.refresh_interval, per_peer=st.refresh_per_peer,
+                                        ceiling=announce.MAX_REFRESH_MS / 1000))
+        cached = self._cadence
+        if cached is None or cached[0] != refresh:
+            cadence = Cadence(refresh=refresh, load_gap=beat, load_silence=max(beat, st.load_max_silence),
+                              min_gap=min(beat, MIN_GAP))
+            cached = self._cadence = (refresh, cadence)
+        return cached[1]
 
     def host_topic_peers(self) -> int:
         count = getattr(self.host, "topic_peers", None)

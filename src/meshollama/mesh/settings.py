@@ -10,7 +10,8 @@ from .liveness import PING_ALL_UP_TO
 @dataclass(frozen=True)
 class MeshSettings:
     heartbeat_interval: float = 2.0  # shortest gap between announcements for load (mesh.cadence)
-    refresh_interval: float = 30.0  # longest silence; peers expire us after miss_limit of them
+    refresh_interval: float = 30.0  # longest silence in a small mesh; peers expire us after miss_limit of them
+    refresh_per_peer: float = 10.0  # in a larger one, this many seconds per peer (mesh.cadence.refresh_for)
     load_max_silence: float = 10.0  # a small load change is announced this late at most
     miss_limit: int = 3
     liveness_interval: float = 1.0
