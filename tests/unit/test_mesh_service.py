@@ -45,9 +45,10 @@ class Running:
         return None if view is None else view.state
 
 
-async def run_mesh(nursery: trio.Nursery, net: FakeNet | None = None, *, seed: int | None = None, **settings) -> Running:
+async def run_mesh(nursery: trio.Nursery, net: FakeNet | None = None, *, seed: int | None = None, admission=None,
+                   **settings) -> Running:
     net = net or FakeNet()
-    mesh = make_service(net, **settings)
+    mesh = make_service(net, admission=admission, **settings)
     if seed is not None:
         mesh._rng.seed(seed)
     await nursery.start(mesh.serve)
@@ -463,4 +464,51 @@ async def test_the_refresh_grows_with_the_mesh_once_announced_and_an_older_peer_
         await r.at(205.0 + EPS)
         assert [round(t - r.t0, 3) for t, _ in host.published][-3:] == [200.25, 202.25, 204.25]  # next poll
         assert host.published[-1][1].refresh_ms == 2_000
+        nursery.cancel_scope.cancel()
+
+
+class CountingAdmission:
+    """A closed mesh's gate as the service uses it: ``role`` (counted) and ``generation``."""
+
+    def __init__(self) -> None:
+        self.roles: dict[str, str] = {}
+        self.generation = 0
+        self.asked = 0
+        self.on_refused = self.on_admitted = None
+
+    def role(self, peer: str) -> str | None:
+        self.asked += 1
+        return self.roles.get(peer)
+
+    def known_role(self, peer: str) -> str | None:
+        return "node"
+
+    def admit(self, peer: str) -> None:
+        self.roles[peer] = "node"
+        self.generation += 1
+
+
+async def test_a_closed_mesh_filters_its_table_once_per_change_not_per_request(autojump_clock):
+    adm = CountingAdmission()
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0, admission=adm)
+        peers = [f"12D3KooWpeer{i}" for i in range(50)]
+        for pid in peers:
+            r.net.host.peer_connects(pid)
+            r.net.host.hear(heartbeat(pid, 1, refresh_ms=30_000))
+        for pid in peers[:10]:
+            adm.admit(pid)
+        await r.at(1.0)
+        first = r.mesh.snapshot()
+        assert {p.peer_id for p in first.serving(KEY)} == {*peers[:10], r.mesh.self_id}
+        asked = adm.asked
+        for _ in range(100):  # a hundred requests: no more filtering, one shared index
+            snap = r.mesh.snapshot()
+            assert snap.peers is first.peers and snap.serving_index is first.serving_index
+        assert adm.asked == asked
+        adm.admit(peers[10])  # an admission decision: filtered again
+        assert peers[10] in {p.peer_id for p in r.mesh.snapshot().serving(KEY)}
+        r.net.host.hear(heartbeat(peers[0], 2, refresh_ms=30_000, draining=True))  # a table change: again
+        await r.at(1.5)
+        assert peers[0] not in {p.peer_id for p in r.mesh.snapshot().serving(KEY)}
         nursery.cancel_scope.cancel()

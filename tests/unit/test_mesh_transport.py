@@ -203,7 +203,7 @@ class FakeNet:
         self._changed = trio.Event()
 
 
-def make_service(net: FakeNet, **settings) -> MeshService:
+def make_service(net: FakeNet, *, admission=None, **settings) -> MeshService:
     return MeshService(
         create_new_key_pair(),
         HOST_SETTINGS,
@@ -214,6 +214,7 @@ def make_service(net: FakeNet, **settings) -> MeshService:
         local_upstream=None,
         http_server_factory=lambda on_reject, on_error: SimpleNamespace(handle=None),
         host_factory=net.factory,
+        admission=admission,
     )
 
 

@@ -51,7 +51,7 @@ from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
 from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
 from . import announce, sync
 from .loops import STREAM_ABORT_MISSES, HostLoops  # noqa: F401 - STREAM_ABORT_MISSES lived here
-from .peertable import PeerTable, Snapshot
+from .peertable import PeerTable, ServingIndex, Snapshot
 from .reach import Reach
 from .settings import MeshCounters, MeshSettings
 from .supervisor import Backoff, HostStopped, supervise
@@ -127,6 +127,7 @@ class MeshService:
         self.store_info: Callable[[], Any] = lambda: None
         self.replica_targets: Callable[[], tuple] = lambda: ()
         self.signed: dict[str, bytes] = {}  # peer -> its latest heartbeat as signed (mesh.sync hands them on)
+        self._closed_view: tuple | None = None  # (table peers, admission generation, admitted peers, index)
         if admission is not None:
             admission.on_refused = self._refused
             admission.on_admitted = self._admitted
@@ -139,7 +140,13 @@ class MeshService:
         if adm is None:
             return snap
         # Closed mesh: only peers admitted on a live connection are seen (and routed to).
-        return Snapshot(tuple(p for p in snap.peers if p.is_self or adm.role(p.peer_id) is not None), snap.taken_at)
+        # Filtered once per table change or admission decision, not per request: the
+        # filtered peers and their route index are shared until either changes.
+        cached = self._closed_view
+        if cached is None or cached[0] is not snap.peers or cached[1] != adm.generation:
+            peers = tuple(p for p in snap.peers if p.is_self or adm.role(p.peer_id) is not None)
+            cached = self._closed_view = (snap.peers, adm.generation, peers, ServingIndex(peers))
+        return Snapshot(cached[2], snap.taken_at, shared_index=cached[3])
 
     def _refused(self, peer_id: str, why: str) -> None:
         """Admission refused or revoked ``peer_id``: cut it off now."""

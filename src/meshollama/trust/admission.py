@@ -107,6 +107,7 @@ class Admission:
         self.timeout = timeout
         self._clock = clock  # wall clock: certificates carry unix times
         self._decisions: dict[str, _Decision] = {}
+        self.generation = 0  # bumped whenever role() may answer differently for some peer
         self._refused_at: dict[str, float] = {}  # peer -> trio time of the last refusal
         self._open: Opener | None = None
         self._nursery: trio.Nursery | None = None
@@ -127,6 +128,7 @@ class Admission:
     def detach(self) -> None:
         self._open = self._nursery = None
         self._decisions.clear()
+        self.generation += 1
 
     def connected(self, peer: str) -> None:
         """A connection to ``peer`` is up: start the exchange (a refused peer is cut at once)."""
@@ -142,6 +144,8 @@ class Admission:
         d = self._decisions.pop(peer, None)
         if d is not None and not d.decided:
             d.event.set()  # waiters see "not admitted"
+        elif d is not None:
+            self.generation += 1
 
     # --- the gate ------------------------------------------------------------------------
 
@@ -180,6 +184,7 @@ class Admission:
             d = self._decisions[peer] = _Decision()
         d.role, d.reason = role, reason
         d.event.set()
+        self.generation += 1
         if role is None:
             if remember:
                 self._refused_at[peer] = trio.current_time()
