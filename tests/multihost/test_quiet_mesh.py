@@ -73,5 +73,5 @@ async def test_a_joiner_learns_the_mesh_from_one_peer_and_an_idle_mesh_is_quiet(
         await trio.sleep(8)
         after = [await _status(net, h) for h in hosts[:3]]
         sent = [sum(a["announced"].values()) - sum(b["announced"].values()) for a, b in zip(after, before)]
-        assert max(sent) <= 1, (sent, after)  # at most one refresh falls in the window
+        assert max(sent) <= 2, (sent, after)  # a refresh, or a load change the chat left, at most
         assert all(a["heartbeats_sent"] == sum(a["announced"].values()) for a in after)

@@ -102,14 +102,21 @@ def test_the_refresh_grows_with_the_mesh_so_each_node_hears_the_same_number():
     assert refresh_for(1000, floor=30.0, per_peer=0.0, ceiling=600.0) == 30.0  # per_peer 0: fixed
 
 
-def test_a_longer_refresh_waits_until_an_announcement_said_it():
-    """Peers expire us by the interval we last announced: lengthening it must be said first."""
+def test_a_longer_refresh_waits_until_said_and_grows_by_half_at_most_per_announcement():
+    """Peers expire us by the interval we last announced, and one of them may miss the
+    announcement that lengthens it: with miss_limit 3 the next one must come within
+    twice the old interval of the one it missed."""
     p = _policy(refresh=30.0)
     p.cadence = Cadence(refresh=250.0)  # the mesh grew
-    assert p.decide(29.9, "cat", IDLE) is None
-    assert p.decide(30.0, "cat", IDLE) is Reason.REFRESH  # the old interval, announcing the new one
-    p.sent(30.0, "cat", IDLE, Reason.REFRESH)
-    assert p.decide(279.9, "cat", IDLE) is None
-    assert p.decide(280.0, "cat", IDLE) is Reason.REFRESH
+    assert p.decide(29.9, "cat", IDLE) is None  # the interval said still holds
+    said, t = [30.0], 0.0
+    while said[-1] < 250.0:
+        t += said[-1]
+        assert p.decide(t - 0.01, "cat", IDLE) is None
+        assert p.decide(t, "cat", IDLE) is Reason.REFRESH
+        said.append(p.refresh_to_say())
+        p.sent(t, "cat", IDLE, Reason.REFRESH, refresh=said[-1])
+    assert said == [30.0, 45.0, 67.5, 101.25, 151.875, 227.8125, 250.0]
+    assert all(new < 2 * old for old, new in zip(said, said[1:]))
     p.cadence = Cadence(refresh=30.0)  # shrank: at once
-    assert p.quiet_for(40.0) == 20.0 and p.decide(60.0, "cat", IDLE) is Reason.REFRESH
+    assert p.refresh_to_say() == 30.0 and p.quiet_for(t + 10) == 20.0

@@ -18,6 +18,8 @@ import trio
 from meshollama import names
 from meshollama.httpmsg import ProxyRequest
 from meshollama.mesh.loops import STREAM_ABORT_MISSES
+from meshollama.catalog import ModelInfo
+from meshollama.errors import P2PError
 from meshollama.mesh.peertable import PeerState
 from meshollama.p2p.httpstream import Guard
 from tests.unit.test_mesh_transport import FakeNet, FakeStream, heartbeat, make_service
@@ -55,7 +57,7 @@ async def run_mesh(nursery: trio.Nursery, net: FakeNet | None = None, *, seed: i
     return Running(mesh, net, trio.current_time())
 
 
-async def test_announced_at_once_on_request_at_most_every_quarter_second_else_once_per_refresh(autojump_clock):
+async def test_announced_at_once_on_request_or_news_at_most_every_quarter_second_else_once_per_refresh(autojump_clock):
     async with trio.open_nursery() as nursery:
         r = await run_mesh(nursery, heartbeat_interval=2.0, refresh_interval=30.0)
         host = r.net.host
@@ -65,8 +67,11 @@ async def test_announced_at_once_on_request_at_most_every_quarter_second_else_on
         r.mesh.request_heartbeat()  # folded into the same one
         await r.at(1.0)
         r.mesh.request_heartbeat()  # 0.75 s after the last one: at once
-        await r.at(3.5)
-        r.net.backend_changes()  # the backend's models changed
+        await r.at(3.4)
+        r.net.models = (*r.net.models, ModelInfo(name="b:latest"))  # news: seen at the next look (3.5)
+        r.net.backend_changes()
+        await r.at(5.0)
+        r.net.backend_changes()  # a backend's change notice with nothing new in it (a slot taken)
         await r.at(33.5 - EPS)  # nothing else to say: silent until the refresh
         assert r.since(host.publish_times()) == [0.0, 0.25, 1.0, 3.5]
         await r.at(63.5 + EPS)
@@ -74,8 +79,29 @@ async def test_announced_at_once_on_request_at_most_every_quarter_second_else_on
         seqs = [ann.seq for _, ann in host.published]
         assert seqs == sorted(set(seqs))  # strictly increasing
         assert r.mesh.counters.heartbeats_sent == 6
-        assert r.mesh.counters.announced == {"first": 1, "forced": 3, "refresh": 2}
+        assert r.mesh.counters.announced == {"first": 1, "forced": 2, "catalog": 1, "refresh": 2}
         assert {ann.refresh_ms for _, ann in host.published} == {30_000}  # peers expire us after 3 of them
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_publish_is_not_taken_as_said(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0, refresh_interval=30.0)
+        host = r.net.host
+        await r.at(1.0)
+        original, fails = host.publish, [True]
+
+        async def failing(data):
+            if fails[0]:
+                raise P2PError("no route")
+            await original(data)
+
+        host.publish = failing
+        r.mesh.set_draining(True)
+        await r.at(2.5)
+        fails[0] = False  # the retry, a heartbeat interval later, goes out
+        await r.at(4.0)
+        assert [(round(t - r.t0, 2), a.draining) for t, a in host.published] == [(0.0, False), (3.0, True)]
         nursery.cancel_scope.cancel()
 
 
@@ -456,8 +482,9 @@ async def test_the_refresh_grows_with_the_mesh_once_announced_and_an_older_peer_
                 host.hear(heartbeat(pid, t, refresh_ms=30_000))
         await r.at(200.0)
         said = [(round(t - r.t0, 3), ann.refresh_ms) for t, ann in host.published]
-        # 30 s as said at the start; that refresh says 50 s (5 peers x 10 s), then every 50 s.
-        assert said == [(0.0, 30_000), (30.0, 50_000), (80.0, 50_000), (130.0, 50_000), (180.0, 50_000)], said
+        # 30 s as said at the start; the refresh grows towards 50 s (5 peers x 10 s) by at
+        # most 1.5x per announcement (a peer that misses one must not expire us).
+        assert said == [(0.0, 30_000), (30.0, 45_000), (75.0, 50_000), (125.0, 50_000), (175.0, 50_000)], said
         # An older node (no refresh in its heartbeats) expires peers after 3 of its 2 s beats:
         # while it is in the table we beat every 2 s, and say so.
         host.hear(heartbeat("12D3KooWolder", 1))

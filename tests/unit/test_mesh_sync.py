@@ -89,49 +89,49 @@ def pipe(client_id: str = "client", server_id: str = "server") -> tuple[Pipe, Pi
     return Pipe(server_id, a_send, a_recv), Pipe(client_id, b_send, b_recv)  # (client's end, server's end)
 
 
-async def test_a_pull_hands_our_heartbeat_over_and_takes_the_table(autojump_clock):
-    table = [sign(create_new_key_pair(), b"a%d" % i) for i in range(200)]
+async def test_a_pull_hands_our_heartbeat_over_and_takes_the_table_with_ages(autojump_clock):
+    table = [(sign(create_new_key_pair(), b"a%d" % i), i / 10) for i in range(200)]
     mine = sign(create_new_key_pair(), b"mine")
-    got_by_server: list[bytes] = []
-    server = sync.SyncServer(table=lambda: table, accept=got_by_server.append)
-    got: list[bytes] = []
+    got_by_server: list[tuple[bytes, str]] = []
+    server = sync.SyncServer(table=lambda: table, accept=lambda raw, caller: got_by_server.append((raw, caller)))
+    got: list[tuple[bytes, float]] = []
     client, far = pipe()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.handle, far)
-        assert await sync.pull(client, mine, got.append, max_frames=1000) == 200
-    assert got == table and got_by_server == [mine] and far.closed
+        assert await sync.pull(client, mine, lambda raw, age: got.append((raw, age)), max_frames=1000) == 200
+    assert got == table and got_by_server == [(mine, "client")] and far.closed
 
 
 async def test_the_server_refuses_strangers_repeat_callers_and_more_than_its_slots(autojump_clock):
     counts: list[str] = []
-    server = sync.SyncServer(table=lambda: [], accept=lambda raw: None, allow=lambda p: p != "stranger",
-                             on_count=counts.append, slots=1, every=10.0)
+    server = sync.SyncServer(table=lambda: [], accept=lambda raw, caller: None, allow=lambda p: p != "stranger",
+                             on_count=counts.append, slots=1, every=30.0)
     client, far = pipe("stranger")
     await server.handle(far)
     assert far.reset_called and counts == ["refused_not_admitted"]
 
     async with trio.open_nursery() as nursery:
         slow, slow_far = pipe("slow")
-        nursery.start_soon(server.handle, slow_far)  # never sends its frame: holds the only slot
+        nursery.start_soon(server.handle, slow_far)  # never sends its frame: holds the only slot...
         await trio.sleep(1)
         _, busy_far = pipe("other")
         await server.handle(busy_far)
         assert busy_far.reset_called and counts[-1] == "refused_busy"
-        await trio.sleep(sync.DEADLINE)  # the slow one is given up on
-    assert counts[-1] == "served_timeout" and slow_far.reset_called
+        await trio.sleep(sync.REQUEST_DEADLINE)  # ...for 2 s at most, not the whole deadline
+    assert counts[-1] == "served_failed" and slow_far.reset_called
 
     c, f = pipe("friend")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.handle, f)
-        await sync.pull(c, b"", lambda raw: None, max_frames=10)
+        await sync.pull(c, b"", lambda raw, age: None, max_frames=10)
     c, f = pipe("friend")
-    await server.handle(f)  # again within 10 s
+    await server.handle(f)  # again within 30 s
     assert f.reset_called and counts[-1] == "refused_too_often"
 
 
 async def test_an_oversized_request_frame_is_refused_before_it_is_read(autojump_clock):
     counts: list[str] = []
-    server = sync.SyncServer(table=lambda: [], accept=lambda raw: None, on_count=counts.append)
+    server = sync.SyncServer(table=lambda: [], accept=lambda raw, caller: None, on_count=counts.append)
     client, far = pipe()
     await client.write((10**9).to_bytes(4, "big"))
     await server.handle(far)
@@ -140,18 +140,23 @@ async def test_an_oversized_request_frame_is_refused_before_it_is_read(autojump_
 
 async def test_a_pull_bounds_what_it_takes(autojump_clock):
     kp = create_new_key_pair()
-    server = sync.SyncServer(table=lambda: [sign(kp, b"x")] * 11, accept=lambda raw: None)
+    server = sync.SyncServer(table=lambda: [(sign(kp, b"x"), 0.0)] * 11, accept=lambda raw, caller: None)
     client, far = pipe()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.handle, far)
         with pytest.raises(P2PError, match="over 10 heartbeats"):
-            await sync.pull(client, b"", lambda raw: None, max_frames=10)
+            await sync.pull(client, b"", lambda raw, age: None, max_frames=10)
     # A server that never answers: the pull gives up at the deadline.
     client, far = pipe()
     started = trio.current_time()
     with pytest.raises(P2PError, match="took over"):
-        await sync.pull(client, b"", lambda raw: None, max_frames=10)
+        await sync.pull(client, b"", lambda raw, age: None, max_frames=10)
     assert trio.current_time() - started == pytest.approx(sync.DEADLINE)
+    # A frame with an age and no heartbeat.
+    client, far = pipe()
+    await far.write(sync.frame(b"\0\0\0\1"))
+    with pytest.raises(P2PError, match="without a heartbeat"):
+        await sync.pull(client, b"", lambda raw, age: None, max_frames=10)
 
 
 async def test_the_service_applies_synced_heartbeats_like_gossiped_ones_and_drops_forgeries(autojump_clock):
@@ -161,30 +166,50 @@ async def test_the_service_applies_synced_heartbeats_like_gossiped_ones_and_drop
         kp = create_new_key_pair()
         pid = peer_of(kp)
         raw = sign(kp, announce.encode(heartbeat(pid, 5, refresh_ms=30_000)))
-        loops.accept_signed(raw)
+        loops.accept_signed(raw, age=40.0)  # heard 40 s ago by whoever hands it on
         assert r.state(pid) is PeerState.ALIVE and r.mesh.signed[pid] == raw
-        assert loops.signed_table() == [raw]  # handed on as it came (our own: none yet on a fake host)
+        assert loops.signed_table() == [(raw, pytest.approx(40.0))]  # handed on with its age (our own: none on a fake)
         # Another peer's description signed by kp: a forged heartbeat, dropped.
         loops.accept_signed(sign(kp, announce.encode(heartbeat(peer_of(create_new_key_pair()), 1))))
         loops.accept_signed(b"garbage")
-        assert r.mesh.counters.dropped == {"signer_mismatch": 1, "sync_invalid": 1}
+        # Our sync server's caller may hand us its own heartbeat only.
+        other = create_new_key_pair()
+        loops.accept_signed(sign(other, announce.encode(heartbeat(peer_of(other), 1))), sender=pid)
+        assert r.mesh.counters.dropped == {"signer_mismatch": 1, "sync_invalid": 1, "sync_not_own": 1}
+        assert r.state(peer_of(other)) is None
         loops.accept_signed(sign(kp, announce.encode(heartbeat(pid, 4))))  # older than what we hold
         assert r.mesh.counters.dropped["stale"] == 1
-        # A peer that expires takes its signed heartbeat with it: never handed on after.
-        await r.at(92.0)  # 3 x its 30 s refresh, checked every second
+        # It expires 90 s after it was heard (not after we got it), and takes its signed
+        # heartbeat with it; a replay of that heartbeat does not bring it back.
+        await r.at(51.5)  # 90 s after it was heard, checked every second
         assert r.state(pid) is None and pid not in r.mesh.signed and loops.signed_table() == []
+        loops.accept_signed(raw)
+        assert r.state(pid) is None and r.mesh.counters.dropped["stale"] == 2
         nursery.cancel_scope.cancel()
 
 
-async def test_a_new_connection_pulls_a_table_at_most_once_a_minute(autojump_clock):
+async def test_a_new_connection_pulls_a_table_at_most_once_a_minute_and_a_failed_pull_moves_on(autojump_clock):
     async with trio.open_nursery() as nursery:
         r = await run_mesh(nursery, heartbeat_interval=2.0)
         host = r.net.host
+        kp = create_new_key_pair()
+        r.net.sync_table = [(sign(kp, announce.encode(heartbeat(peer_of(kp), 1, refresh_ms=30_000))), 0)]
         for i, t in enumerate((1.0, 2.0, 30.0, 62.0)):
             await r.at(t)
             host.peer_connects(f"12D3KooWpeer{i}")
         await r.at(63.0)
         pulls = [p for p, proto in host.opened if proto == sync.PROTOCOL]
         assert pulls == ["12D3KooWpeer0", "12D3KooWpeer3"]
-        assert r.mesh.counters.synced == {"failed": 2}  # the fake peers serve no sync
+        assert r.mesh.counters.synced == {"pulled": 2}
+        assert r.state(peer_of(kp)) is not None  # learnt from the pull (unreachable: the fake net has no path to it)
+
+        # Peers that serve no sync (older nodes): each failure moves on to another peer.
+        r.net.sync_table = None
+        host.opened.clear()
+        await r.at(130.0)
+        host.peer_connects("12D3KooWpeer4")
+        await r.at(140.0)
+        pulls = [p for p, proto in host.opened if proto == sync.PROTOCOL]
+        assert len(pulls) == 3 and pulls[0] == "12D3KooWpeer4" and len(set(pulls)) == 3
+        assert r.mesh._loops.last_pull is None  # so the next connection tries again
         nursery.cancel_scope.cancel()

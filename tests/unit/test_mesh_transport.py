@@ -58,6 +58,32 @@ class FakeStream:
         self.done = True
 
 
+class FakeSyncStream:
+    """A peer's ``/meshollama/sync/1`` answer: takes our frame, answers ``net.sync_table``."""
+
+    def __init__(self, net: FakeNet, peer_id: str) -> None:
+        from meshollama.mesh.sync import frame
+
+        self.peer_id = peer_id
+        self.sent = b""
+        self._answer = b"".join(frame(age_ms.to_bytes(4, "big") + raw) for raw, age_ms in net.sync_table) + frame(b"")
+
+    async def write(self, data: bytes, *, timeout: float | None = None) -> None:
+        await trio.lowlevel.checkpoint()
+        self.sent += data
+
+    async def read(self, max_bytes: int = 65536, *, timeout: float | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        out, self._answer = self._answer[:max_bytes], self._answer[max_bytes:]
+        return out
+
+    async def close(self) -> None:
+        pass
+
+    async def reset(self) -> None:
+        pass
+
+
 class FakeHost:
     """One host of the fake world; the service sees it through ``Transport``."""
 
@@ -147,6 +173,8 @@ class FakeHost:
         self.opened.append((peer_id, protocol))
         if peer_id not in self.connected:
             raise P2PError(f"not connected to {peer_id}")
+        if protocol == "/meshollama/sync/1" and self.net.sync_table is not None:
+            return FakeSyncStream(self.net, peer_id)
         if protocol != PING_PROTOCOL:
             raise P2PError(f"{peer_id} does not serve {protocol}")
         return FakeStream(self.net, peer_id)
@@ -183,6 +211,8 @@ class FakeNet:
         self._changed = trio.Event()
         self.load = LoadInfo(in_flight=0, capacity=2)  # what the backend reports
         self.topic_peers = 1  # gossip neighbours subscribed to the heartbeat topic
+        self.models = (ModelInfo(name="a:latest"),)  # what the backend serves
+        self.sync_table: list[tuple[bytes, int]] | None = None  # peers' sync answer (signed, age ms); None: unserved
 
     def factory(self, key_pair, settings, **kw) -> FakeHost:
         host = FakeHost(self, key_pair, settings, **kw)
@@ -208,7 +238,7 @@ def make_service(net: FakeNet, *, admission=None, **settings) -> MeshService:
         create_new_key_pair(),
         HOST_SETTINGS,
         MeshSettings(**settings),
-        models=lambda: (ModelInfo(name="a:latest"),),
+        models=lambda: net.models,
         load=lambda: net.load,
         changed=net.changed,
         local_upstream=None,

@@ -137,10 +137,15 @@ def test_bad_config(kwargs: dict[str, float]) -> None:
         PeerTable(SELF, **kwargs)  # type: ignore[arg-type]
 
 
-def test_expired_peer_comes_back_as_new(table: PeerTable) -> None:
+def test_expired_peer_comes_back_as_new_but_a_replay_of_its_last_announcement_does_not(table: PeerTable) -> None:
     table.apply(ann(seq=3), 0.0)
-    table.expire(100.0)
-    assert table.apply(ann(seq=1), 100.0) is ApplyResult.NEW  # restarted: seq forgotten with it
+    assert table.expire(100.0) == ["a"]
+    # A table sync from a peer that still holds it hands us its last announcement: stale.
+    assert table.apply(ann(seq=3), 101.0) is ApplyResult.STALE
+    assert table.apply(ann(seq=4), 102.0) is ApplyResult.NEW  # restarted (seqs start at the wall clock)
+    assert table.expire(300.0) == ["a"]
+    table.expire(300.0 + LEFT_MEMORY + 1)
+    assert table.apply(ann(seq=2), 300.0 + LEFT_MEMORY + 1) is ApplyResult.NEW  # forgotten in the end
 
 
 # --- down / up ------------------------------------------------------------------

@@ -28,6 +28,10 @@ announcing less: a sender that says it refreshes every 30 s is expired after
 ``miss_limit`` of those, clamped to [our heartbeat interval, :data:`MAX_REFRESH_MS`];
 left out (0), the sender is an older node that beats every heartbeat interval.
 
+``dn`` (down hints, ``mesh.hints``: ``[[peer id, seq], ...]``, at most
+:data:`MAX_DOWN`) names peers the sender saw go down, with the seq each last
+announced; left out when empty.
+
 ``dr`` (draining) was added after ``bye`` and ``r``, the same way: left out
 when false, so an older node reads a draining node's heartbeat as an ordinary
 one (it ignores the key) and a newer node reads an older node's as not
@@ -76,6 +80,7 @@ MAX_CAPACITY = 128
 MAX_REPLICAS = 64  # copy-count targets one heartbeat carries
 MAX_COPIES = 64  # a target above it is clamped: nobody can ask every node of a big mesh for a copy
 MAX_LABELS = 16
+MAX_DOWN = 16  # down hints one announcement carries (mesh.hints)
 MAX_REFRESH_MS = 600_000  # a peer may ask to be remembered for miss_limit x 10 min of silence at most
 MAX_LOAD = 1 << 20  # in_flight and queued: far above any real queue; keeps routing arithmetic small
 
@@ -97,6 +102,7 @@ class Announcement:
     store: StoreInfo | None = None  # where it keeps models; None: it cannot take any
     replicas: tuple[ReplicaTarget, ...] = ()  # copy-count targets it knows (it relays the newest)
     refresh_ms: int = 0  # it speaks at least this often (ms); 0: an older node, every heartbeat interval
+    down: tuple[tuple[str, int], ...] = ()  # (peer id, seq) of peers it saw go down (mesh.hints)
     schema: int = SCHEMA_VERSION
 
 
@@ -157,6 +163,8 @@ def _to_obj(a: Announcement) -> dict[str, Any]:
         o["dr"] = True
     if a.refresh_ms:
         o["ri"] = a.refresh_ms
+    if a.down:
+        o["dn"] = [[pid, seq] for pid, seq in a.down]
     if a.store is not None:
         st: dict[str, Any] = {"k": a.store.kind, "f": a.store.free}
         if a.store.accepts:
@@ -386,6 +394,16 @@ def _replicas(v: Any) -> tuple[ReplicaTarget, ...]:
     return tuple(out.values())
 
 
+def _down(v: Any) -> tuple[tuple[str, int], ...]:
+    out = []
+    for i, item in enumerate(_list(v, "dn", MAX_DOWN)):
+        entry = _list(item, f"dn[{i}]", 2)
+        if len(entry) != 2:
+            raise _fail(f"dn[{i}]: expected [peer id, seq]")
+        out.append((_str(entry[0], f"dn[{i}][0]", empty=False), _int(entry[1], f"dn[{i}][1]")))
+    return tuple(out)
+
+
 def _from_obj(o: Any) -> Announcement:
     o = _obj(o, "announcement")
     if "v" not in o or "id" not in o or "seq" not in o:
@@ -424,6 +442,7 @@ def _from_obj(o: Any) -> Announcement:
         relay=_bool(o.get("r", False), "r"),
         draining=_bool(o.get("dr", False), "dr"),
         refresh_ms=min(_int(o.get("ri", 0), "ri"), MAX_REFRESH_MS),
+        down=_down(o.get("dn", [])),
         schema=schema,
     )
 

@@ -21,7 +21,8 @@ it has something to say:
   ``N / refresh`` per second: :func:`refresh_for` lengthens the refresh with
   the mesh (``p2p.refresh_per_peer`` seconds per peer), which keeps that rate,
   and an idle node's cost, flat in N. A longer refresh is used only after an
-  announcement has said so: peers expire us by the interval we last announced.
+  announcement has said so (peers expire us by the interval we last
+  announced), and each announcement lengthens it by at most :data:`GROWTH`.
 
 An idle node sends one small message per ``refresh``; a busy one at most one
 per ``load_gap``, the old cadence. Gateways keep routing right in between:
@@ -43,6 +44,7 @@ from typing import Any
 
 from ..catalog import LoadInfo
 
+GROWTH = 1.5  # the most one announcement may lengthen the refresh it says, see AnnouncePolicy.refresh_to_say
 MIN_GAP = 0.25  # a burst of catalog changes (a pull finishing, draining) costs one message per this
 
 
@@ -132,13 +134,24 @@ class AnnouncePolicy:
             return Reason.REFRESH
         return None
 
-    def sent(self, now: float, catalog: Any, load: LoadInfo, reason: Reason) -> None:
-        """The announcement built from ``catalog`` and ``load`` went out at ``now``."""
+    def refresh_to_say(self) -> float:
+        """The refresh interval our next announcement carries: the cadence's, but at most
+        :data:`GROWTH` times the last one said. A peer that misses the announcement
+        that lengthens it still expires us after ``miss_limit`` of the *old* interval
+        since the one before; growing by at most 1.5x keeps our next announcement
+        inside that (with miss_limit 3: 1.5 R + R < 3 R), so one lost message never
+        expires a live node."""
+        said = self.refresh_said
+        return self.cadence.refresh if said is None else min(self.cadence.refresh, said * GROWTH)
+
+    def sent(self, now: float, catalog: Any, load: LoadInfo, reason: Reason, *, refresh: float | None = None) -> None:
+        """The announcement built from ``catalog`` and ``load`` went out at ``now``, saying
+        ``refresh`` (what :meth:`refresh_to_say` gave when it was built)."""
         self.last_at = now
         self.catalog = catalog
         self.load = load
         self.load_moved_at = None
-        self.refresh_said = self.cadence.refresh
+        self.refresh_said = self.refresh_to_say() if refresh is None else refresh
         self.sent_by_reason[reason] = self.sent_by_reason.get(reason, 0) + 1
 
     def quiet_for(self, now: float) -> float:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -46,6 +47,8 @@ from ..p2p.events import Event
 from ..p2p.host import Message
 from ..p2p.ping import Pinger
 from . import announce, liveness, sync
+from .hints import DELAY as HINT_DELAY
+from .hints import DownHints
 from .cadence import MIN_GAP, AnnouncePolicy, Cadence, Reason, refresh_for
 from .peertable import UP, ApplyResult, Snapshot
 from .settings import MeshCounters
@@ -57,6 +60,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshollama.mesh")
 
 STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
+SYNC_TRIES = 3  # peers a failed table sync moves on to
+SYNC_RETRY = 2.0  # seconds between them
+SYNC_MAX_FRAMES = 16384  # heartbeats a sync answer may carry (entries past our table's room are refused there)
 POLL = 0.25  # seconds between looks at our load (two counters) for a meaningful change
 BOOTSTRAP_FIRST_RETRY = 0.25
 
@@ -75,6 +81,7 @@ class HostLoops:
         self._cadence: tuple[float, Cadence] | None = None  # (refresh, cadence) last built
         self.policy = AnnouncePolicy(self.cadence_now())
         self.last_pull: float | None = None  # when we last pulled a peer's table (mesh.sync)
+        self.hints = DownHints()  # peers we and others saw go down (mesh.hints)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run every loop until one fails (or we are cancelled with the host)."""
@@ -107,45 +114,40 @@ class HostLoops:
         """Announce when :class:`~meshollama.mesh.cadence.AnnouncePolicy` says so: a
         catalog change or a forced one at once, a meaningful load change at most
         every heartbeat interval, otherwise one refresh per ``refresh_interval``.
-        The load is polled (reading two counters); catalog changes and forced
-        announcements wake the loop. While the table holds a peer of an older
-        version (it expires peers after a few of *its* heartbeat intervals), we
-        keep that cadence. A first gossip neighbour forces one: an announcement
-        published before any peer's subscription reached us went nowhere."""
+        Catalog and load are polled every :data:`POLL` (a backend's change
+        notifications fire on every slot taken: they must not count as news);
+        forced announcements (addresses, draining, a refutation) wake the loop.
+        While the table holds a peer of an older version (it expires peers after
+        a few of *its* heartbeat intervals), we keep that cadence. A first gossip
+        neighbour forces one: an announcement published before any peer's
+        subscription reached us went nowhere. A failed publish changes nothing
+        the policy knows; it is tried again after a heartbeat interval."""
         mesh = self.mesh
         policy = self.policy
-        changed = mesh._changed()
-        async with trio.open_nursery() as nursery:
-
-            async def watch_backend() -> None:
-                nonlocal changed
-                while True:
-                    await changed.wait()
-                    changed = mesh._changed()
-                    mesh.request_heartbeat()
-
-            nursery.start_soon(watch_backend)
-            had_neighbours = force = False
-            while True:
-                if mesh._leaving:
-                    return
-                now = trio.current_time()
-                neighbours = self.host_topic_peers() > 0
-                force = force or mesh._publish_now.is_set() or (neighbours and not had_neighbours)
-                had_neighbours = neighbours
-                policy.cadence = self.cadence_now()
-                catalog, load = mesh.catalog(), mesh._load()
-                reason = policy.decide(now, catalog, load, forced=force)
-                if reason is not None:
+        had_neighbours = force = False
+        while not mesh._leaving:
+            now = trio.current_time()
+            neighbours = self.host_topic_peers() > 0
+            force = force or mesh._publish_now.is_set() or (neighbours and not had_neighbours)
+            had_neighbours = neighbours
+            policy.cadence = self.cadence_now()
+            catalog, load = mesh.catalog(), mesh._load()
+            reason = policy.decide(now, catalog, load, forced=force)
+            if reason is not None:
+                # A fresh event before the announcement is built: a request made while
+                # this one is being published (set_draining) gets its own announcement.
+                mesh._publish_now = trio.Event()
+                refresh = policy.refresh_to_say()
+                if await self.publish(mesh.announcement(), reason):
                     force = False
-                    # A fresh event before the announcement is built: a request made while
-                    # this one is being published (set_draining) gets its own announcement.
-                    mesh._publish_now = trio.Event()
-                    await self.publish(mesh.announcement(), reason)
-                    policy.sent(now, catalog, load, reason)
-                with trio.move_on_after(min(POLL, policy.quiet_for(trio.current_time()))):
-                    await mesh._publish_now.wait()
-                    await trio.sleep(max(0.0, (policy.last_at or 0.0) + policy.cadence.min_gap - trio.current_time()))
+                    policy.sent(now, catalog, load, reason, refresh=refresh)
+                else:
+                    mesh._publish_now.set()  # still to say
+                    await trio.sleep(policy.cadence.load_gap)
+                    continue
+            with trio.move_on_after(min(POLL, policy.quiet_for(trio.current_time()))):
+                await mesh._publish_now.wait()
+                await trio.sleep(max(0.0, (policy.last_at or 0.0) + policy.cadence.min_gap - trio.current_time()))
 
     def cadence_now(self) -> Cadence:
         """The configured cadence with the refresh for the mesh's size now
@@ -169,34 +171,46 @@ class HostLoops:
         count = getattr(self.host, "topic_peers", None)
         return count() if count is not None else 1
 
-    async def publish(self, ann: announce.Announcement, reason: Reason) -> None:
+    async def publish(self, ann: announce.Announcement, reason: Reason) -> bool:
+        """Publish ``ann``; False if it did not go out."""
         mesh = self.mesh
         self.table.set_self(ann, trio.current_time())
         try:
             await self.host.publish(announce.encode(ann))
-            mesh.counters.heartbeats_sent += 1
-            MeshCounters.bump(mesh.counters.announced, reason.value)
-            mesh._on_counter("heartbeats_sent", reason.value)
         except P2PError as exc:
             log.debug("heartbeat publish failed: %s", exc)
+            return False
         except Exception as exc:
             log.warning("heartbeat publish failed: %r", exc)
+            return False
+        mesh.counters.heartbeats_sent += 1
+        MeshCounters.bump(mesh.counters.announced, reason.value)
+        mesh._on_counter("heartbeats_sent", reason.value)
+        return True
 
     async def receive_loop(self) -> None:
         while True:
             self.accept(await self.host.next_message())
 
-    def accept_signed(self, raw: bytes) -> None:
-        """A signed heartbeat handed on by a table sync (``mesh.sync``): checked as gossip is."""
-        known = self.mesh.signed.get
+    def accept_signed(self, raw: bytes, *, sender: str | None = None, age: float = 0.0,
+                      held: frozenset[bytes] | set[bytes] = frozenset()) -> None:
+        """A signed heartbeat handed on by a table sync (``mesh.sync``), heard ``age``
+        seconds ago by whoever hands it on: checked as gossip is. ``sender``: the
+        caller of our sync server, whose own heartbeat only it may hand us;
+        ``held``: heartbeats we hold already (nothing to check)."""
+        if raw in held:
+            return
         msg = signed.verify(raw)
         if msg is None:
             self.mesh._drop("sync_invalid")
-        elif known(msg.from_peer) != raw:  # the very message we hold: nothing new
-            self.accept(msg)
+        elif sender is not None and msg.from_peer != sender:
+            self.mesh._drop("sync_not_own")  # a caller replaying someone else's
+        elif self.mesh.signed.get(msg.from_peer) != raw:  # the very message we hold: nothing new
+            self.accept(msg, age=min(max(age, 0.0), announce.MAX_REFRESH_MS / 1000 * self.table.miss_limit))
 
-    def accept(self, msg: Message) -> ApplyResult | None:
-        """One heartbeat, its signature checked against ``msg.from_peer``, into the table."""
+    def accept(self, msg: Message, *, age: float = 0.0) -> ApplyResult | None:
+        """One heartbeat, its signature checked against ``msg.from_peer``, into the table
+        (heard ``age`` seconds ago: a synced one keeps the age it had)."""
         mesh, host = self.mesh, self.host
         try:
             ann = announce.decode(msg.data)
@@ -223,7 +237,7 @@ class HostLoops:
         if checked.kept != ann.addrs:
             ann = dataclasses.replace(ann, addrs=checked.kept)
         now = trio.current_time()
-        result = self.table.apply(ann, now)
+        result = self.table.apply(ann, now - age)
         if result is ApplyResult.STALE:
             mesh._drop("stale")
             return result
@@ -241,6 +255,9 @@ class HostLoops:
             return result
         if msg.raw:
             mesh.signed[ann.peer_id] = msg.raw
+        self.hints.alive(ann.peer_id, ann.seq)
+        if ann.down:
+            self.heard_down(ann.peer_id, ann.down)
         if result is ApplyResult.NEW:
             log.info("peer %s joined with %d model(s)%s", ann.peer_id, len(ann.models),
                      " (draining)" if ann.draining else "")
@@ -248,30 +265,89 @@ class HostLoops:
             mesh.reach.maybe_dial(host, ann.peer_id, ann.addrs)
         return result
 
-    def signed_table(self) -> list[bytes]:
-        """What a table sync hands out: the signed heartbeats of the peers we hold up, and ours."""
-        snap = self.table.snapshot(trio.current_time())
+    # --- down hints (mesh.hints) ------------------------------------------------------
+
+    def heard_down(self, sender: str, down: tuple[tuple[str, int], ...]) -> None:
+        """``sender`` says these peers went down: believe it for peers we cannot see
+        ourselves (not connected) and know nothing newer of; refute it about us."""
+        now = trio.current_time()
+        connected = self.host.connected_peers()
+        for peer_id, seq in down:
+            if peer_id == self.mesh.self_id:
+                if self.hints.refute(now):
+                    log.info("peer %s says we are down: announcing that we are not", sender)
+                    self.mesh.request_heartbeat()
+                continue
+            self.hints.heard_of(peer_id, seq, now)
+            view = self.table.get(peer_id)
+            if view is None or view.seq > seq or peer_id in connected:
+                continue
+            if self.table.mark_down(peer_id, now):
+                log.info("peer %s is down, says %s", peer_id, sender)
+
+    def suspect(self, peer_id: str) -> None:
+        """We saw ``peer_id`` go down: tell the mesh, after a moment (``mesh.hints``)."""
+        view = self.table.get(peer_id)
+        if view is not None and self.mesh._nursery is not None:
+            self.mesh._spawn(partial(self._say_down_later, peer_id, view.seq))
+
+    async def _say_down_later(self, peer_id: str, seq: int) -> None:
+        await trio.sleep(self.mesh._rng.uniform(*HINT_DELAY))
+        view = self.table.get(peer_id)
+        if (view is None or view.seq != seq or view.state in UP or peer_id in self.host.connected_peers()
+                or not self.hints.should_say(peer_id, seq)):
+            return  # back, newer, gone from the table, or someone said it already
+        self.hints.say(peer_id, seq, trio.current_time())
+        self.mesh.request_heartbeat()
+
+    def signed_table(self) -> list[tuple[bytes, float]]:
+        """What a table sync hands out: the signed heartbeats of the peers we hold up,
+        each with seconds since we heard it, and ours."""
+        now = trio.current_time()
+        snap = self.table.snapshot(now)
         signed_of = self.mesh.signed
-        out = [raw for p in snap.peers if not p.is_self and p.state in UP and (raw := signed_of.get(p.peer_id))]
+        out = [(raw, now - p.last_seen) for p in snap.peers
+               if not p.is_self and p.state in UP and (raw := signed_of.get(p.peer_id))]
         own = getattr(self.host, "own_message", b"")
         if own:
-            out.append(own)
+            out.append((own, 0.0))
         return out
 
-    async def sync_with(self, peer_id: str) -> None:
-        """Pull ``peer_id``'s table, handing it our latest heartbeat (``mesh.sync``)."""
+    def sync_server(self) -> sync.SyncServer:
+        adm = self.mesh.admission
+        return sync.SyncServer(
+            table=self.signed_table,
+            accept=lambda raw, caller: self.accept_signed(raw, sender=caller),
+            allow=(lambda p: True) if adm is None else (lambda p: adm.known_role(p) is not None),
+            on_count=lambda what: self.mesh._count("synced", what))
+
+    async def sync_with(self, peer_id: str, *, tries: int = SYNC_TRIES) -> None:
+        """Pull ``peer_id``'s table, handing it our latest heartbeat (``mesh.sync``). If
+        that fails (an older node, a busy one), another connected peer is tried."""
         self.last_pull = trio.current_time()
         mesh = self.mesh
-        try:
-            stream = await self.host.open_stream(peer_id, sync.PROTOCOL, timeout=self.settings.connect_timeout)
-            count = await sync.pull(stream, getattr(self.host, "own_message", b""), self.accept_signed,
-                                    max_frames=self.settings.max_peers + 1)
-        except P2PError as exc:
-            log.debug("table sync with %s failed: %s", peer_id, exc)
-            mesh._count("synced", "failed")
+        tried = {peer_id}
+        for attempt in range(tries):
+            held = set(mesh.signed.values())
+            try:
+                stream = await self.host.open_stream(peer_id, sync.PROTOCOL, timeout=self.settings.connect_timeout)
+                count = await sync.pull(stream, getattr(self.host, "own_message", b""),
+                                        lambda raw, age: self.accept_signed(raw, age=age, held=held),
+                                        max_frames=max(self.settings.max_peers + 1, SYNC_MAX_FRAMES))
+            except P2PError as exc:
+                log.debug("table sync with %s failed: %s", peer_id, exc)
+                mesh._count("synced", "failed")
+                others = sorted(self.host.connected_peers() - tried)
+                if not others:
+                    break
+                peer_id = mesh._rng.choice(others)
+                tried.add(peer_id)
+                await trio.sleep(SYNC_RETRY)
+                continue
+            mesh._count("synced", "pulled")
+            log.debug("table sync with %s: %d heartbeat(s)", peer_id, count)
             return
-        mesh._count("synced", "pulled")
-        log.debug("table sync with %s: %d heartbeat(s)", peer_id, count)
+        self.last_pull = None  # the next connection tries again
 
     # --- connections -------------------------------------------------------------
 
@@ -287,12 +363,14 @@ class HostLoops:
             if event.peer_id not in host.connected_peers():
                 if self.table.mark_down(event.peer_id, now):
                     log.info("peer %s disconnected", event.peer_id)
+                    self.suspect(event.peer_id)
                 self.mesh._abort_peer(event.peer_id)
                 self.misses.pop(event.peer_id, None)
                 self.used.pop(event.peer_id, None)
                 nursery.start_soon(self.pinger.forget, event.peer_id)
         elif event.kind == "connected":
             self.mesh.reach.connected(event.peer_id)
+            self.hints.ours.pop(event.peer_id, None)  # it is back: no longer say it is down
             if self.table.mark_up(event.peer_id, now):
                 log.info("peer %s reachable", event.peer_id)
             # A new connection: learn the mesh from it and tell it about us in one round
@@ -418,5 +496,6 @@ class HostLoops:
             self.misses[peer_id] = misses
             if self.table.mark_down(peer_id, trio.current_time()):
                 log.warning("peer %s failed its liveness check (%s): marked down", peer_id, exc)
+                self.suspect(peer_id)
             if misses >= STREAM_ABORT_MISSES:
                 self.mesh._abort_peer(peer_id)

@@ -227,7 +227,9 @@ class PeerTable:
         self.set_interval(interval)
         self._peers: dict[str, PeerView] = {}
         self._self: PeerView | None = None
-        self._left: dict[str, tuple[int, float]] = {}  # peer_id -> (last seq, left at)
+        # peer_id -> (last seq, forget at): peers that left or expired, so a replay of their
+        # last announcement (gossip, or a table sync from a peer that missed it) is STALE.
+        self._left: dict[str, tuple[int, float]] = {}
         self._version = 0  # bumped by every change to the peers (see version)
         self._cached: tuple[tuple[PeerView, ...], ServingIndex] | None = None  # for self._version
         self._legacy: tuple[int, int] | None = None  # (version, legacy_peers)
@@ -266,7 +268,7 @@ class PeerTable:
                 return ApplyResult.FULL  # a stranger's goodbye we have no room to remember
             if self._peers.pop(ann.peer_id, None) is not None:
                 self._changed()
-            self._left[ann.peer_id] = (ann.seq, now)
+            self._left[ann.peer_id] = (ann.seq, now + max(self.ttl, LEFT_MEMORY))
             return ApplyResult.LEFT
         if old is None and len(self._peers) >= self.max_peers:
             return ApplyResult.FULL
@@ -285,6 +287,10 @@ class PeerTable:
             raise ValueError("set_self: announcement is not ours")
         self._self = _view(ann, now, is_self=True)
         self._changed()
+
+    def get(self, peer_id: str) -> PeerView | None:
+        """A remote peer's entry (O(1), no snapshot)."""
+        return self._peers.get(peer_id)
 
     def mark_down(self, peer_id: str, now: float) -> bool:
         """Connection closed or liveness failed. True if the peer was not DOWN already."""
@@ -331,16 +337,17 @@ class PeerTable:
         return cached[1]
 
     def expire(self, now: float) -> list[str]:
-        """Remove peers silent for longer than their :meth:`ttl_of`; return their ids, sorted."""
+        """Remove peers silent for longer than their :meth:`ttl_of`; return their ids, sorted.
+        Their last seq is remembered as a goodbye's is (for ``max(ttl_of, LEFT_MEMORY)``):
+        a table synced from a peer that still holds one must not bring it back."""
         gone = sorted(pid for pid, p in self._peers.items() if now - p.last_seen > self.ttl_of(p))
         for pid in gone:
-            del self._peers[pid]
+            view = self._peers.pop(pid)
+            if pid in self._left or len(self._left) < self.max_peers:
+                self._left[pid] = (view.seq, now + max(self.ttl_of(view), LEFT_MEMORY))
         if gone:
             self._changed()
-        # Goodbyes are remembered longer than a beat: a table synced from a peer that
-        # missed the goodbye (mesh.sync) may hand us the leaver's last announcement.
-        ttl = max(self.ttl, LEFT_MEMORY)
-        for pid in [pid for pid, (_, t) in self._left.items() if now - t > ttl]:
+        for pid in [pid for pid, (_, until) in self._left.items() if now > until]:
             del self._left[pid]
         return gone
 

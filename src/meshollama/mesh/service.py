@@ -158,9 +158,10 @@ class MeshService:
             self._spawn(lambda: host.disconnect(peer_id))
 
     def _admitted(self, peer_id: str, role: str) -> None:
-        # Its heartbeats before the decision were dropped: pull them (and hand it ours).
+        # Its heartbeats before the decision were dropped. The pull a new connection
+        # starts waits for admission, so only if none ran (or it failed): pull now.
         loops = self._loops
-        if loops is not None and self._nursery is not None:
+        if loops is not None and loops.last_pull is None and self._nursery is not None:
             self._spawn(partial(loops.sync_with, peer_id))
 
     def upstream(self, peer_id: str):
@@ -285,6 +286,7 @@ class MeshService:
                 store=self.store_info(),
                 replicas=tuple(self.replica_targets())[: announce.MAX_REPLICAS],
                 refresh_ms=self._refresh_ms(),
+                down=self._loops.hints.current(trio.current_time()) if self._loops is not None else (),
             )
         )
 
@@ -298,9 +300,10 @@ class MeshService:
 
     def _refresh_ms(self) -> int:
         loops = self._loops
-        cadence = loops.cadence_now() if loops is not None else None
-        refresh = cadence.refresh if cadence is not None else max(self.settings.heartbeat_interval,
-                                                                    self.settings.refresh_interval)
+        if loops is not None:
+            refresh = loops.policy.refresh_to_say()
+        else:
+            refresh = max(self.settings.heartbeat_interval, self.settings.refresh_interval)
         return min(announce.MAX_REFRESH_MS, max(1, round(refresh * 1000)))
 
     def request_heartbeat(self) -> None:
@@ -351,11 +354,7 @@ class MeshService:
         )
         host.set_handler(HTTP_PROTOCOL, server.handle)
         self._loops = loops = HostLoops(self, host)
-        adm = self.admission
-        syncer = sync.SyncServer(table=loops.signed_table, accept=loops.accept_signed,
-                                 allow=(lambda p: True) if adm is None else (lambda p: adm.known_role(p) is not None),
-                                 on_count=lambda what: self._count("synced", what))
-        host.set_handler(sync.PROTOCOL, syncer.handle)
+        host.set_handler(sync.PROTOCOL, loops.sync_server().handle)
         for protocol, handler in self.handlers.items():
             host.set_handler(protocol, handler)
         self._host = host

@@ -9,8 +9,11 @@ Every one is checked as gossip checks it (``p2p.signed``) and applied like a
 gossiped one, so the peer handing them on can replay but never forge.
 
 Wire: length-prefixed frames (4-byte big-endian length, then the bytes).
-The caller sends one frame (its heartbeat, or an empty frame if it has none
-yet); the server answers with one frame per heartbeat and an empty frame.
+The caller sends one frame (its own heartbeat, or an empty frame if it has
+none yet; the server takes it only if the caller signed it); the server
+answers with one frame per heartbeat (4 bytes: milliseconds since it heard
+it, then the heartbeat) and an empty frame. The age keeps a heartbeat handed
+from node to node from living longer than it would have in any one table.
 
 The server faces strangers: in a closed mesh only admitted peers are
 served; a slot (of :data:`SERVE_SLOTS`) is taken before anything is read; a
@@ -32,11 +35,14 @@ from ..p2p.signed import MAX_SIGNED
 
 PROTOCOL = "/meshollama/sync/1"
 SERVE_SLOTS = 4  # syncs served at once
-SERVE_EVERY = 10.0  # seconds: a peer is served at most this often
+SERVE_EVERY = 30.0  # seconds: a peer is served at most this often (well above any deadline: no slot hogging)
 DEADLINE = 10.0  # seconds for a whole sync, either side
+REQUEST_DEADLINE = 2.0  # seconds for the caller's one small frame: an idle stream does not hold a slot
 MAX_TOTAL = 32 * 1024 * 1024  # bytes of heartbeats one answer may carry
 PULL_EVERY = 60.0  # seconds: a node pulls on a new connection at most this often (mesh.loops)
 _LEN = struct.Struct(">I")
+_AGE = struct.Struct(">I")  # milliseconds since the server heard the heartbeat
+MAX_AGE_MS = 2**32 - 1
 
 
 def frame(data: bytes) -> bytes:
@@ -72,12 +78,12 @@ class FrameReader:
 class SyncServer:
     """Answers ``/meshollama/sync/1``: takes the caller's heartbeat, hands ours and our table's."""
 
-    def __init__(self, *, table: Callable[[], Iterable[bytes]], accept: Callable[[bytes], None],
+    def __init__(self, *, table: Callable[[], Iterable[tuple[bytes, float]]], accept: Callable[[bytes, str], None],
                  allow: Callable[[str], bool] = lambda peer_id: True,
                  on_count: Callable[[str], None] = lambda what: None, slots: int = SERVE_SLOTS,
                  every: float = SERVE_EVERY) -> None:
-        self.table = table  # the signed heartbeats to hand out, ours included
-        self.accept = accept  # a signed heartbeat the caller sent (checked there)
+        self.table = table  # (signed heartbeat, seconds since heard) to hand out, ours included
+        self.accept = accept  # (a signed heartbeat the caller sent, the caller): checked there
         self.allow = allow
         self.on_count = on_count
         self.every = every
@@ -100,15 +106,17 @@ class SyncServer:
             await stream.reset()
             return
         try:
-            self._served = {p: t for p, t in self._served.items() if now - t < self.every}  # bounded by the rate
+            if len(self._served) > 1024:
+                self._served = {p: t for p, t in self._served.items() if now - t < self.every}
             self._served[peer] = now
             with trio.move_on_after(DEADLINE) as scope:
-                theirs = await FrameReader(stream).next(MAX_SIGNED)
+                with trio.fail_after(REQUEST_DEADLINE):
+                    theirs = await FrameReader(stream).next(MAX_SIGNED)
                 if theirs:
-                    self.accept(theirs)
+                    self.accept(theirs, peer)
                 batch = bytearray()
-                for raw in self.table():
-                    batch += frame(raw)
+                for raw, age in self.table():
+                    batch += frame(_AGE.pack(min(MAX_AGE_MS, max(0, round(age * 1000)))) + raw)
                     if len(batch) >= 65536:
                         await stream.write(bytes(batch))
                         batch.clear()
@@ -119,16 +127,16 @@ class SyncServer:
             if scope.cancelled_caught:
                 self.on_count("served_timeout")
                 await stream.reset()
-        except P2PError:
+        except (P2PError, trio.TooSlowError):
             self.on_count("served_failed")
             await stream.reset()
         finally:
             self._slots.release()
 
 
-async def pull(stream, own: bytes, accept: Callable[[bytes], None], *, max_frames: int) -> int:
+async def pull(stream, own: bytes, accept: Callable[[bytes, float], None], *, max_frames: int) -> int:
     """Send ``own`` (our latest signed heartbeat, or ``b""``) and feed every heartbeat
-    the peer answers to ``accept``; returns how many. P2PError (the stream reset) if
+    the peer answers to ``accept`` (with its age in seconds); returns how many. P2PError (the stream reset) if
     the answer breaks a bound: more than ``max_frames`` frames or :data:`MAX_TOTAL`
     bytes, or slower than :data:`DEADLINE`."""
     with trio.move_on_after(DEADLINE):
@@ -136,12 +144,15 @@ async def pull(stream, own: bytes, accept: Callable[[bytes], None], *, max_frame
             await stream.write(frame(own))
             reader = FrameReader(stream)
             count = total = 0
-            while raw := await reader.next(MAX_SIGNED):
+            while entry := await reader.next(_AGE.size + MAX_SIGNED):
                 count += 1
-                total += len(raw)
+                total += len(entry)
                 if count > max_frames or total > MAX_TOTAL:
                     raise P2PError(f"sync with {stream.peer_id}: answer over {max_frames} heartbeats or {MAX_TOTAL} bytes")
-                accept(raw)
+                if len(entry) <= _AGE.size:
+                    raise P2PError(f"sync with {stream.peer_id}: a frame without a heartbeat")
+                (age_ms,) = _AGE.unpack_from(entry)
+                accept(entry[_AGE.size:], age_ms / 1000)
                 if count % 64 == 0:
                     await trio.sleep(0)  # a large table must not hold up the other loops
             await stream.close()
