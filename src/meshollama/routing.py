@@ -45,8 +45,12 @@ each peer and picks among the quickest, the way "peak EWMA" balancers do
 Peers announcing capacity 0 (pure gateways) never serve.
 
 Cost: a decision touches only the holders of the model (the snapshot's
-index, :meth:`Snapshot.serving`), never the whole table, so it costs the same
-at 10,000 peers as at 10 (``tests/unit/test_route_index.py``,
+index, :meth:`Snapshot.serving`), never the whole table, and of those at most
+:data:`ROUTE_SAMPLE`: with more holders it scores a random sample of them
+(power of d choices, the way large balancers do; the best of 32 random
+holders is a near-best peer, and every gateway sampling differently is what
+keeps them from herding), so it costs the same at 10,000 peers, or 10,000
+holders, as at 10 (``tests/unit/test_route_index.py``,
 ``benchmarks/bench_route.py``). :meth:`RouteStats.observe` walks the table
 only when the snapshot holds another peers tuple than last time.
 """
@@ -57,7 +61,7 @@ import enum
 import random
 from dataclasses import dataclass, field
 
-from .mesh.peertable import PeerView, Snapshot
+from .mesh.peertable import PeerState, PeerView, Snapshot
 
 COLD_PENALTY = 0.5  # rounds added when the model is not loaded on the peer
 SLOWNESS_CAP = 8.0  # the most a slow peer's estimate is multiplied by
@@ -67,6 +71,7 @@ TIER_WIDTH = 0.5  # peers scoring less than best + this are sampled for the pick
 TIE_EPSILON = 0.05  # two sampled peers closer than this are a tie, broken at random
 DEFAULT_ALPHA = 0.3  # EWMA weight of the newest sample
 WARM_FOR = 60.0  # seconds after an answer during which the model counts as loaded there
+ROUTE_SAMPLE = 32  # holders a decision looks at, at most (a random sample when there are more)
 
 
 class Strategy(enum.Enum):
@@ -327,9 +332,25 @@ def choose(
     by ``rr_counter``; RANDOM shuffles; LOCAL_FIRST puts this node first when
     it serves the model and is not sidelined, then the LEAST_LOADED order.
     """
-    peers = [p for p in candidates(snapshot, model_key) if p.peer_id not in exclude]
+    serving = snapshot.serving(model_key)
+    large = len(serving) > ROUTE_SAMPLE
+    if large and strategy is Strategy.ROUND_ROBIN:  # a window of the id-sorted holders, rotated
+        start = rr_counter % len(serving)
+        window = [serving[(start + i) % len(serving)] for i in range(ROUTE_SAMPLE)]
+        peers = [p for p in window if p.load.capacity > 0 and p.peer_id not in exclude]
+        side = {p.peer_id: stats.view(p.peer_id, now).sidelined for p in peers}
+        return [p.peer_id for p in peers if not side[p.peer_id]] + [p.peer_id for p in peers if side[p.peer_id]]
+    pool = [serving[i] for i in sorted(rng.sample(range(len(serving)), ROUTE_SAMPLE))] if large else serving
+    if large and strategy is Strategy.LOCAL_FIRST:
+        me = snapshot.serving_index.me()
+        if me is not None and me.serves(model_key) and me not in pool and me.state is PeerState.ALIVE:
+            pool.append(me)
+    peers = [p for p in pool if p.load.capacity > 0 and p.peer_id not in exclude]
     if not peers:
-        return []
+        if large and len(exclude) < len(serving):  # every sampled holder was tried: look at the rest
+            peers = [p for p in serving if p.load.capacity > 0 and p.peer_id not in exclude][:ROUTE_SAMPLE]
+        if not peers:
+            return []
     if strategy is Strategy.LEAST_LOADED:
         return _least_loaded(peers, model_key, stats, now, rng)
     side = {p.peer_id: stats.view(p.peer_id, now).sidelined for p in peers}
@@ -358,8 +379,15 @@ def choose(
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def has_free_slot(snapshot: Snapshot, model_key: str, stats: RouteStats, now: float) -> bool:
+def has_free_slot(snapshot: Snapshot, model_key: str, stats: RouteStats, now: float,
+                  rng: random.Random | None = None) -> bool:
     """Some alive holder of ``model_key`` has a slot free by this gateway's
     estimate (:func:`load_score` below 1: busy slots, queued included, under
-    capacity). False also when nobody holds it: the caller answers that."""
-    return any(load_score(p, stats.view(p.peer_id, now, model_key)) < 1.0 for p in candidates(snapshot, model_key))
+    capacity). False also when nobody holds it: the caller answers that.
+    Among more than :data:`ROUTE_SAMPLE` holders, a random sample is asked."""
+    serving = snapshot.serving(model_key)
+    if len(serving) > ROUTE_SAMPLE:
+        pick = (rng or random).sample(range(len(serving)), ROUTE_SAMPLE)
+        serving = tuple(serving[i] for i in pick)
+    return any(load_score(p, stats.view(p.peer_id, now, model_key)) < 1.0
+               for p in serving if p.load.capacity > 0)

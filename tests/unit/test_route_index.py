@@ -223,3 +223,37 @@ def test_looking_a_peer_up_by_id_builds_its_map_once_per_table_version():
         assert s._index is first._index  # the same map: not one pass over 2000 views per request
     table.apply(ann("p00003", 2), 2.0)
     assert table.snapshot(2.1)._index is not first._index  # a change: a new map
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_with_10000_holders_a_decision_looks_at_a_bounded_sample(strategy):
+    """Every peer holds the model: a decision still touches ROUTE_SAMPLE views, not 10,000."""
+    from meshollama.routing import ROUTE_SAMPLE
+
+    peers = tuple(view(f"p{i:05d}", ("llama3:latest",)) for i in range(10_000))
+    s, stats = Snapshot(peers=peers, taken_at=0.0), RouteStats()
+    choose(s, MODEL, stats, 1.0, random.Random(1), strategy)
+    choose(s, MODEL, stats, 1.0, random.Random(2), strategy)  # the index (and our own entry) found once per version
+    TOUCHED.clear()
+    order = choose(s, MODEL, stats, 1.0, random.Random(7), strategy, rr_counter=9_990)
+    assert 1 <= len(order) <= ROUTE_SAMPLE and len(TOUCHED) <= ROUTE_SAMPLE
+    if strategy is Strategy.ROUND_ROBIN:  # a window from the counter, wrapping round
+        assert order[:12] == [f"p{i:05d}" for i in range(9_990, 10_000)] + ["p00000", "p00001"]
+    TOUCHED.clear()
+    assert has_free_slot(s, MODEL, stats, 1.0, random.Random(1)) and len(TOUCHED) <= ROUTE_SAMPLE
+    # Another decision samples others: over many, the load spreads over all holders.
+    picked = {choose(s, MODEL, stats, 1.0, random.Random(seed))[0] for seed in range(300)}
+    assert len(picked) > 250
+    # Peers already tried are never offered again, even when the sample held only those.
+    tried = frozenset(order)
+    assert not set(choose(s, MODEL, stats, 1.0, random.Random(7), strategy, exclude=tried, rr_counter=9_990)) & tried
+
+
+def test_sampling_still_prefers_the_free_holders_it_sees():
+    from meshollama.routing import ROUTE_SAMPLE
+
+    busy = [view(f"b{i:04d}", ("llama3:latest",), in_flight=1, cls=PeerView) for i in range(ROUTE_SAMPLE * 3)]
+    free = [view(f"f{i:04d}", ("llama3:latest",), cls=PeerView) for i in range(ROUTE_SAMPLE * 3)]
+    s = Snapshot(peers=tuple(sorted(busy + free, key=lambda p: p.peer_id)), taken_at=0.0)
+    firsts = [choose(s, MODEL, RouteStats(), 1.0, random.Random(seed))[0] for seed in range(200)]
+    assert all(pid.startswith("f") for pid in firsts)  # a sample of 32 of 192 always holds a free one here

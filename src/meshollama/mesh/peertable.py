@@ -107,13 +107,20 @@ class ServingIndex:
     in a closed mesh, costs what it did before the index existed.
     """
 
-    __slots__ = ("peers", "_by_key", "_scanned", "_by_id")
+    __slots__ = ("peers", "_by_key", "_scanned", "_by_id", "_me")
 
     def __init__(self, peers: tuple[PeerView, ...]) -> None:
         self.peers = peers
         self._by_key: dict[str, tuple[PeerView, ...]] | None = None
         self._scanned = False
         self._by_id: Mapping[str, PeerView] | None = None
+        self._me: tuple[PeerView | None] | None = None
+
+    def me(self) -> PeerView | None:
+        """This node's own entry, found once for these peers."""
+        if self._me is None:
+            self._me = (next((p for p in self.peers if p.is_self), None),)
+        return self._me[0]
 
     def by_id(self) -> Mapping[str, PeerView]:
         """``peer id -> view``, built once for these peers (the gateway asks per try)."""
