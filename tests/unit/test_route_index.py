@@ -257,3 +257,18 @@ def test_sampling_still_prefers_the_free_holders_it_sees():
     s = Snapshot(peers=tuple(sorted(busy + free, key=lambda p: p.peer_id)), taken_at=0.0)
     firsts = [choose(s, MODEL, RouteStats(), 1.0, random.Random(seed))[0] for seed in range(200)]
     assert all(pid.startswith("f") for pid in firsts)  # a sample of 32 of 192 always holds a free one here
+
+
+def test_a_liveness_round_in_a_large_mesh_looks_at_the_peers_in_focus_only():
+    from meshollama.mesh.liveness import IDLE_PING_EVERY, peers_to_ping
+
+    peers = tuple(view(f"p{i:05d}", ("llama3:latest",)) for i in range(10_000))
+    s = Snapshot(peers=peers, taken_at=0.0)
+    s.get("p00000")  # the id map, built once per table version
+    connected = {p.peer_id for p in peers}
+    TOUCHED.clear()
+    picked = [peers_to_ping(s, connected, r, urgent=lambda p: p == "p00007", busy=lambda p: False,
+                            recent={"p00042"}.__contains__, focus=["p00007", "p00042"])
+              for r in range(IDLE_PING_EVERY)]
+    assert len(TOUCHED) == 2
+    assert all("p00007" in got for got in picked) and sum("p00042" in got for got in picked) == 1

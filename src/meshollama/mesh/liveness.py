@@ -17,7 +17,7 @@ works with, not with the size of the mesh.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .peertable import UP, Snapshot
 
@@ -34,6 +34,7 @@ def peers_to_ping(
     busy: Callable[[str], bool],
     recent: Callable[[str], bool] = lambda peer_id: False,
     ping_all_up_to: int = PING_ALL_UP_TO,
+    focus: Iterable[str] | None = None,
 ) -> list[str]:
     """Who gets a liveness ping in round ``round_no`` (pure): connected peers
     without a ping in flight that are ``urgent`` (callers wait on them, or a
@@ -41,10 +42,17 @@ def peers_to_ping(
     :data:`IDLE_PING_EVERY` rounds, each on its own stable offset so the
     pings spread over rounds. Idle peers count only while the table holds
     at most ``ping_all_up_to`` peers besides us, or if they are ``recent``
-    (we had requests with them a moment ago)."""
-    small = sum(1 for peer in snapshot.peers if not peer.is_self) <= ping_all_up_to
+    (we had requests with them a moment ago). ``focus``: every peer that may be
+    urgent or recent (a superset); in a large mesh only those are looked at."""
+    small = len(snapshot.peers) - 1 <= ping_all_up_to  # our own entry is one of them
+    if not small and focus is not None:
+        # A large mesh pings only urgent and recent peers: the caller names them
+        # (``focus``), so a round costs O(those), not O(table).
+        peers = [p for p in (snapshot.get(pid) for pid in sorted(set(focus))) if p is not None]
+    else:
+        peers = snapshot.peers
     out = []
-    for peer in snapshot.peers:
+    for peer in peers:
         pid = peer.peer_id
         if peer.is_self or pid not in connected or busy(pid):
             continue

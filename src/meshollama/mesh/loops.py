@@ -456,6 +456,7 @@ class HostLoops:
                     busy=self.pinger.busy,
                     recent=self.used.__contains__,
                     ping_all_up_to=self.settings.liveness_ping_all_up_to,
+                    focus=[*self.misses, *scopes.active(), *self.used],
                 ):
                     nursery.start_soon(self.check, pid)
                 round_no += 1

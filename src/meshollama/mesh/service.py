@@ -424,7 +424,10 @@ class MeshService:
 
     async def _expiry_loop(self) -> None:
         while True:
-            await trio.sleep(self.settings.heartbeat_interval / 2)
+            # Every half beat in a table of up to 1,000 peers; a scan costs O(peers), so a
+            # larger table is scanned less often (at most every 10 s; ttls are minutes there).
+            period = self.settings.heartbeat_interval / 2
+            await trio.sleep(min(max(period, 10.0), period * max(1.0, len(self.table) / 1000)))
             now = trio.current_time()
             for peer_id in self.table.expire(now):
                 self.signed.pop(peer_id, None)

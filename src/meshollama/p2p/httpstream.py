@@ -111,6 +111,10 @@ class PeerScopes:
     def count(self, peer_id: str) -> int:
         return len(self._scopes.get(peer_id, ()))
 
+    def active(self) -> list[str]:
+        """Peers with a stream of ours in flight now."""
+        return list(self._scopes)
+
 
 class _FrameReader:
     """Reads whole frames off a stream."""
