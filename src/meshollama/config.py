@@ -324,6 +324,9 @@ class P2PConfig:
     # Every node hears every refresh: past refresh_interval / refresh_per_peer peers the refresh
     # grows with the mesh, so each node hears ~1 refresh per this many seconds whatever N.
     refresh_per_peer: float = _opt(_Num(float, 0.0, 600), 10.0, "seconds of refresh interval per peer in a larger mesh")
+    # Past this many peers every node would hear every busy node's load changes: they are not
+    # announced, and a gateway asks 3 holders for their load when it routes (mesh.load_client).
+    full_view_up_to: int = _opt(_int(0), 32, "peers up to which load changes are announced (above: asked for)")
     # A load change too small to change routing (a quarter of the slots) is still said this late.
     load_max_silence: float = _opt(_Num(float, 0.05, 600), 10.0, "seconds a small load change waits at most")
     # Three missed refreshes forgive one lost message without routing long to a dead peer.

@@ -91,6 +91,7 @@ def mesh_settings(config: Config, api_url: str) -> MeshSettings:
         refresh_interval=p.refresh_interval,
         refresh_per_peer=p.refresh_per_peer,
         load_max_silence=p.load_max_silence,
+        full_view_up_to=p.full_view_up_to,
         miss_limit=p.miss_limit,
         liveness_interval=p.liveness_interval,
         liveness_timeout=p.liveness_timeout,

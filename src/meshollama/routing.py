@@ -61,6 +61,7 @@ import enum
 import random
 from dataclasses import dataclass, field
 
+from .catalog import LoadInfo
 from .mesh.peertable import PeerState, PeerView, Snapshot
 
 COLD_PENALTY = 0.5  # rounds added when the model is not loaded on the peer
@@ -92,6 +93,7 @@ class PeerStats:
     sidelined: bool = False  # recently failed: try it last
     latency_at: float | None = None  # when a speed EWMA last took a sample
     gap_ewma: float | None = None  # seconds between streamed chunks, EWMA; None if never measured
+    load: LoadInfo | None = None  # load we asked the peer for since its last heartbeat (RouteStats.sampled)
 
 
 @dataclass
@@ -110,6 +112,8 @@ class _Entry:
     sidelined_until: float = float("-inf")
     heartbeat_seq: int = -1
     speed: dict[str, _Speed] = field(default_factory=dict)  # by model key ("" = any model)
+    sampled: LoadInfo | None = None  # asked for since the last heartbeat (a large mesh: mesh.load_client)
+    sampled_at: float = float("-inf")
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:
@@ -206,6 +210,19 @@ class RouteStats:
             e.heartbeat_seq = seq
             e.sent_since_heartbeat = 0
             e.finished_since_heartbeat = 0
+            e.sampled = None
+
+    def sampled(self, peer_id: str, load: LoadInfo, now: float) -> None:
+        """We asked ``peer_id`` for its load (a large mesh, where load is not gossiped):
+        it counts as a heartbeat of ours alone, so the corrections restart from it."""
+        e = self._get(peer_id)
+        e.sampled, e.sampled_at = load, now
+        e.sent_since_heartbeat = 0
+        e.finished_since_heartbeat = 0
+
+    def sampled_within(self, peer_id: str, now: float, seconds: float) -> bool:
+        e = self._peers.get(peer_id)
+        return e is not None and e.sampled is not None and now - e.sampled_at < seconds
 
     def observe(self, snapshot: Snapshot) -> None:
         """:meth:`heartbeat_seen` for every peer in ``snapshot``; forgets idle
@@ -242,6 +259,7 @@ class RouteStats:
             sidelined=now < e.sidelined_until,
             latency_at=sp.at,
             gap_ewma=sp.gap,
+            load=e.sampled,
         )
 
 
@@ -252,17 +270,19 @@ def candidates(snapshot: Snapshot, model_key: str) -> tuple[PeerView, ...]:
 
 
 def load_score(peer: PeerView, stats: PeerStats) -> float:
-    """Busy slots per capacity, corrected by what we sent and saw finish since the heartbeat."""
-    announced = peer.load.in_flight + stats.sent_since_heartbeat - stats.finished_since_heartbeat
-    busy = max(announced, stats.in_flight, 0) + peer.load.queued
-    return busy / max(peer.load.capacity, 1)
+    """Busy slots per capacity, corrected by what we sent and saw finish since the heartbeat
+    (or since we last asked the peer for its load)."""
+    load = stats.load or peer.load
+    announced = load.in_flight + stats.sent_since_heartbeat - stats.finished_since_heartbeat
+    busy = max(announced, stats.in_flight, 0) + load.queued
+    return busy / max(load.capacity, 1)
 
 
 def rounds(peer: PeerView, stats: PeerStats, model_key: str) -> float:
     """Turns of the peer's slots a new request would wait, its own included."""
     m = peer.model(model_key)
     cold = 0.0 if m is not None and m.loaded else COLD_PENALTY
-    return load_score(peer, stats) + 1.0 / max(peer.load.capacity, 1) + cold
+    return load_score(peer, stats) + 1.0 / max((stats.load or peer.load).capacity, 1) + cold
 
 
 def slowness(stats: PeerStats, fastest_ttfb: float | None, fastest_gap: float | None, now: float) -> float:
@@ -324,6 +344,7 @@ def choose(
     strategy: Strategy = Strategy.LEAST_LOADED,
     exclude: frozenset[str] = frozenset(),
     rr_counter: int = 0,
+    prefer: tuple[str, ...] = (),
 ) -> list[str]:
     """Peer ids to try for ``model_key``, best first; empty if nobody alive serves it.
 
@@ -331,6 +352,7 @@ def choose(
     peers come after the others. ROUND_ROBIN rotates the peer-id-sorted list
     by ``rr_counter``; RANDOM shuffles; LOCAL_FIRST puts this node first when
     it serves the model and is not sidelined, then the LEAST_LOADED order.
+    ``prefer``: holders to include in a sample (those whose load we just asked).
     """
     serving = snapshot.serving(model_key)
     large = len(serving) > ROUTE_SAMPLE
@@ -341,6 +363,10 @@ def choose(
         side = {p.peer_id: stats.view(p.peer_id, now).sidelined for p in peers}
         return [p.peer_id for p in peers if not side[p.peer_id]] + [p.peer_id for p in peers if side[p.peer_id]]
     pool = [serving[i] for i in sorted(rng.sample(range(len(serving)), ROUTE_SAMPLE))] if large else serving
+    if large and prefer:
+        by_id = snapshot.serving_index.by_id()
+        pool += [v for pid in prefer if (v := by_id.get(pid)) is not None and v not in pool and v.serves(model_key)
+                 and v.state is PeerState.ALIVE]
     if large and strategy is Strategy.LOCAL_FIRST:
         me = snapshot.serving_index.me()
         if me is not None and me.serves(model_key) and me not in pool and me.state is PeerState.ALIVE:

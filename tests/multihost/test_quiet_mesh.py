@@ -17,6 +17,7 @@ import json
 import pytest
 import trio
 
+from meshollama.mesh import load_client
 from tests.multihost.nodes import http, peers, start_fake, start_node, wait_for
 
 pytestmark = pytest.mark.slow  # real processes on several namespace hosts
@@ -75,3 +76,38 @@ async def test_a_joiner_learns_the_mesh_from_one_peer_and_an_idle_mesh_is_quiet(
         sent = [sum(a["announced"].values()) - sum(b["announced"].values()) for a, b in zip(after, before)]
         assert max(sent) <= 2, (sent, after)  # a refresh, or a load change the chat left, at most
         assert all(a["heartbeats_sent"] == sum(a["announced"].values()) for a in after)
+
+
+async def test_past_full_view_a_gateway_asks_holders_for_their_load_over_the_lan(net, tmp_path):
+    """``p2p.full_view_up_to`` 0 makes three hosts a "large" mesh: holders do not announce
+    load changes, and the gateway asks them over ``/meshollama/load/1`` as it routes."""
+    with trio.fail_after(150):
+        _, hosts = net.lan("198.18.14", ["g", "a", "b"])
+        large = {"MESHOLLAMA_P2P_FULL_VIEW_UP_TO": "0"}
+        for host, name in zip(hosts[1:], ["a", "b"]):
+            await start_fake(net, host, tmp_path, ["echo:latest"], name, token_delay=0.05)
+        g = await start_node(net, hosts[0], tmp_path, "g", "--no-mdns", "--backend", "none", env=large)
+        boot = ["--bootstrap", g.info["p2p_addrs"][0]]
+        a = await start_node(net, hosts[1], tmp_path, "a", "--no-mdns", "--backend", "ollama", *boot, env=large)
+        b = await start_node(net, hosts[2], tmp_path, "b", "--no-mdns", "--backend", "ollama", *boot, env=large)
+
+        async def both_hold():
+            view = await peers(net, hosts[0])
+            return all(any(m["name"].startswith("echo") for m in view.get(n.peer_id, {}).get("models", []))
+                       for n in (a, b))
+
+        await wait_for(both_hold)
+        served = []
+        for _ in range(6):
+            r = await http(net, hosts[0], "POST", "/api/chat",
+                           {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": False})
+            assert r["status"] == 200, r
+            served.append(r["headers"]["x-meshollama-peer"])
+            await trio.sleep(load_client.FRESH)  # answers are reused for a second: ask again
+        assert set(served) <= {a.peer_id, b.peer_id}
+        sg = await _status(net, hosts[0])
+        assert sg["load_sampling"] is True and sg["load_queries"].get("asked", 0) >= 2, sg
+        answered = [(await _status(net, h))["load_queries"].get("served_answered", 0) for h in hosts[1:]]
+        assert sum(answered) >= 2, answered
+        for h in hosts[1:]:  # load changes are not announced in a large mesh
+            assert "load" not in (await _status(net, h))["announced"]

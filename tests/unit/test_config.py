@@ -59,7 +59,7 @@ SPEC_DEFAULTS = {
         "listen": ("/ip4/0.0.0.0/tcp/4001", "/ip6/::/tcp/4001"), "announce": (), "bootstrap": (),
         "relay_service": False, "relay_client": "auto", "hole_punching": True, "relay_max_reservations": 128,
         "relay_max_circuits": 16, "relay_circuit_seconds": 3600, "relay_circuit_bytes": 1 << 30, "mdns": True, "dht": True, "psk_file": None,
-        "heartbeat_interval": 2.0, "refresh_interval": 30.0, "refresh_per_peer": 10.0, "load_max_silence": 10.0, "miss_limit": 3, "liveness_interval": 1.0, "liveness_timeout": 2.0, "liveness_ping_all_up_to": 16,
+        "heartbeat_interval": 2.0, "refresh_interval": 30.0, "refresh_per_peer": 10.0, "full_view_up_to": 32, "load_max_silence": 10.0, "miss_limit": 3, "liveness_interval": 1.0, "liveness_timeout": 2.0, "liveness_ping_all_up_to": 16,
         "gossip_degree": 3, "gossip_degree_low": 2, "gossip_degree_high": 4, "stream_timeout": 10.0,
         "max_inbound_streams": 256, "max_inbound_per_peer": 64, "bootstrap_retry_max": 30.0,
         "max_request_bytes": 32 * 1024 * 1024, "max_buffered_bytes": 256 * 1024 * 1024,

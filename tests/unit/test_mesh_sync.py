@@ -58,12 +58,12 @@ class Pipe:
         self.buf = b""
         self.reset_called = self.closed = False
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, *, timeout: float | None = None) -> None:
         if self.reset_called:
             raise StreamReset("reset")
         await self._send.send(data)
 
-    async def read(self, max_bytes: int = 65536) -> bytes:
+    async def read(self, max_bytes: int = 65536, *, timeout: float | None = None) -> bytes:
         if not self.buf:
             try:
                 self.buf = await self._receive.receive()

@@ -43,6 +43,7 @@ from typing import Any
 import trio
 
 from .. import names, routing
+from ..mesh import load_client
 from ..errors import ModelNotFound, NoCapacity, RequestError, UpstreamBusy, UpstreamError, UpstreamUnavailable
 from ..httpmsg import Headers, ProxyRequest, Upstream, error_text, forwardable
 from ..tracing import OFF, SERVER, end_request, ending, from_scope, send_trace_id
@@ -300,9 +301,11 @@ class Proxy:
         (None: the client has its answer or an explicit error, a broken stream
         resumed or ended); else what each tried peer failed with, before its first byte."""
         snapshot = self.mesh.snapshot()
-        now = trio.current_time()
         self.stats.observe(snapshot)
-        order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(), next(self._rr))
+        asked = await self._ask_loads(snapshot, key)
+        now = trio.current_time()
+        order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(), next(self._rr),
+                               prefer=asked)
         if not order:  # every holder went away while we waited
             self._unservable(endpoint, model, key)
         tries = order[: 1 + self.retries]
@@ -329,6 +332,23 @@ class Proxy:
             if n < len(tries):
                 self.metrics.retries.labels(result.kind).inc()
         return failures
+
+    async def _ask_loads(self, snapshot: Any, key: str) -> tuple[str, ...]:
+        """In a large mesh, where load is not announced, ask a few holders how busy they
+        are (at most ``load_client.TIMEOUT``); the decision then includes them."""
+        sampling = getattr(self.mesh, "load_sampling", None)
+        if sampling is None or not sampling():
+            return ()
+        now = trio.current_time()
+        picked = load_client.pick(snapshot.serving(key),
+                                  lambda pid: self.stats.sampled_within(pid, now, load_client.FRESH), self.rng)
+        if not picked:
+            return ()
+        loads = await self.mesh.ask_loads(picked)
+        now = trio.current_time()
+        for pid, load in loads.items():
+            self.stats.sampled(pid, load, now)
+        return tuple(loads)
 
     def _unservable(self, endpoint: Endpoint, model: str, key: str) -> None:
         """Raise the right error for a model nobody alive serves: a 503 when it

@@ -25,7 +25,10 @@ it has something to say:
   announced), and each announcement lengthens it by at most :data:`GROWTH`.
 
 An idle node sends one small message per ``refresh``; a busy one at most one
-per ``load_gap``, the old cadence. Gateways keep routing right in between:
+per ``load_gap``, the old cadence. In a large mesh (``announce_load`` off,
+past ``p2p.full_view_up_to`` peers) load changes are not announced at all:
+every node would hear every busy node's changes; gateways ask a few holders
+for their load when they route instead (``mesh.load_client``). Gateways keep routing right in between:
 they correct the last announced load with the requests they sent and saw
 finish since (``routing``), and a peer that dies closes its connections or
 fails the liveness pings of those with requests on it.
@@ -63,6 +66,7 @@ class Cadence:
     load_gap: float = 2.0  # shortest gap between announcements for load (p2p.heartbeat_interval)
     load_silence: float = 10.0  # a load change too small to be meaningful is said this late at most
     min_gap: float = MIN_GAP  # shortest gap between any two announcements
+    announce_load: bool = True  # False in a large mesh: load is asked for (mesh.load_client), not announced
 
     def __post_init__(self) -> None:
         if not (0 < self.min_gap <= self.load_gap <= self.refresh and self.load_silence > 0):
@@ -124,7 +128,7 @@ class AnnouncePolicy:
             return Reason.FORCED
         if catalog != self.catalog:
             return Reason.CATALOG
-        if self.load_moved_at is not None and gap >= c.load_gap:
+        if c.announce_load and self.load_moved_at is not None and gap >= c.load_gap:
             assert self.load is not None
             if meaningful(self.load, load):
                 return Reason.LOAD

@@ -47,6 +47,7 @@ from ..p2p.events import Event
 from ..p2p.host import Message
 from ..p2p.ping import Pinger
 from . import announce, liveness, sync
+from .load_server import LoadServer
 from .hints import DELAY as HINT_DELAY
 from .hints import DownHints
 from .cadence import MIN_GAP, AnnouncePolicy, Cadence, Reason, refresh_for
@@ -78,7 +79,7 @@ class HostLoops:
         self.used: dict[str, float] = {}  # peer -> when a request of ours to it was last seen in flight
         beat = self.settings.heartbeat_interval
         self.legacy_cadence = Cadence(refresh=beat, load_gap=beat, load_silence=beat, min_gap=min(beat, MIN_GAP))
-        self._cadence: tuple[float, Cadence] | None = None  # (refresh, cadence) last built
+        self._cadence: tuple[tuple[float, bool], Cadence] | None = None  # ((refresh, announce_load), cadence)
         self.policy = AnnouncePolicy(self.cadence_now())
         self.last_pull: float | None = None  # when we last pulled a peer's table (mesh.sync)
         self.hints = DownHints()  # peers we and others saw go down (mesh.hints)
@@ -161,10 +162,11 @@ class HostLoops:
         refresh = max(beat, refresh_for(len(self.table), floor=st.refresh_interval, per_peer=st.refresh_per_peer,
                                         ceiling=announce.MAX_REFRESH_MS / 1000))
         cached = self._cadence
-        if cached is None or cached[0] != refresh:
+        announce_load = len(self.table) <= st.full_view_up_to
+        if cached is None or cached[0] != (refresh, announce_load):
             cadence = Cadence(refresh=refresh, load_gap=beat, load_silence=max(beat, st.load_max_silence),
-                              min_gap=min(beat, MIN_GAP))
-            cached = self._cadence = (refresh, cadence)
+                              min_gap=min(beat, MIN_GAP), announce_load=announce_load)
+            cached = self._cadence = ((refresh, announce_load), cadence)
         return cached[1]
 
     def host_topic_peers(self) -> int:
@@ -312,6 +314,12 @@ class HostLoops:
         if own:
             out.append((own, 0.0))
         return out
+
+    def load_server(self) -> LoadServer:
+        adm = self.mesh.admission
+        return LoadServer(self.mesh._load,
+                          allow=(lambda p: True) if adm is None else (lambda p: adm.known_role(p) is not None),
+                          on_count=lambda what: self.mesh._count("load_queries", f"served_{what}"))
 
     def sync_server(self) -> sync.SyncServer:
         adm = self.mesh.admission

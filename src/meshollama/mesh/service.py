@@ -49,7 +49,7 @@ from ..errors import P2PError
 from ..p2p.host import HostSettings, P2PHost
 from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
 from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
-from . import announce, sync
+from . import announce, load_client, load_server, sync
 from .loops import STREAM_ABORT_MISSES, HostLoops  # noqa: F401 - STREAM_ABORT_MISSES lived here
 from .peertable import PeerTable, ServingIndex, Snapshot
 from .reach import Reach
@@ -148,6 +148,29 @@ class MeshService:
             cached = self._closed_view = (snap.peers, adm.generation, peers, ServingIndex(peers))
         return Snapshot(cached[2], snap.taken_at, shared_index=cached[3])
 
+    def load_sampling(self) -> bool:
+        """A large mesh (past ``full_view_up_to`` peers): load is not announced, so the
+        gateway asks a few holders before it routes (:meth:`ask_loads`)."""
+        return len(self.table) > self.settings.full_view_up_to and self._host_ready.is_set()
+
+    async def ask_loads(self, peers: list[str]) -> dict[str, LoadInfo]:
+        """Ask these peers for their load, all at once, for ``load_client.TIMEOUT`` at most;
+        those that answered in time."""
+        out: dict[str, LoadInfo] = {}
+
+        async def one(peer_id: str) -> None:
+            try:
+                out[peer_id] = await load_client.ask(self._open_stream, peer_id)
+                self._count("load_queries", "asked")
+            except P2PError:
+                self._count("load_queries", "failed")
+
+        async with trio.open_nursery() as nursery:
+            for peer_id in peers:
+                if peer_id != self.self_id:
+                    nursery.start_soon(one, peer_id)
+        return out
+
     def _refused(self, peer_id: str, why: str) -> None:
         """Admission refused or revoked ``peer_id``: cut it off now."""
         if self.table.mark_down(peer_id, trio.current_time()):
@@ -204,6 +227,8 @@ class MeshService:
             "refresh_interval": self._refresh_ms() / 1000,
             "announced": dict(self.counters.announced),
             "synced": dict(self.counters.synced),
+            "load_queries": dict(self.counters.load_queries),
+            "load_sampling": self.load_sampling(),
             "heartbeats_dropped": dict(self.counters.dropped),
             "request_streams": dict(self.counters.request_streams),
             "addrs_dropped": dict(self.counters.addrs_dropped),
@@ -355,6 +380,7 @@ class MeshService:
         host.set_handler(HTTP_PROTOCOL, server.handle)
         self._loops = loops = HostLoops(self, host)
         host.set_handler(sync.PROTOCOL, loops.sync_server().handle)
+        host.set_handler(load_server.PROTOCOL, loops.load_server().handle)
         for protocol, handler in self.handlers.items():
             host.set_handler(protocol, handler)
         self._host = host

@@ -13,6 +13,7 @@ class MeshSettings:
     refresh_interval: float = 30.0  # longest silence in a small mesh; peers expire us after miss_limit of them
     refresh_per_peer: float = 10.0  # in a larger one, this many seconds per peer (mesh.cadence.refresh_for)
     load_max_silence: float = 10.0  # a small load change is announced this late at most
+    full_view_up_to: int = 32  # more peers: load is asked for when routing, not announced (mesh.load_client)
     miss_limit: int = 3
     liveness_interval: float = 1.0
     liveness_timeout: float = 2.0
@@ -37,6 +38,7 @@ class MeshCounters:
     heartbeats_received: int = 0
     announced: dict[str, int] = field(default_factory=dict)  # announcements sent, by mesh.cadence.Reason
     synced: dict[str, int] = field(default_factory=dict)  # table syncs (mesh.sync): pulled, served, failed
+    load_queries: dict[str, int] = field(default_factory=dict)  # asked, failed, served_* (mesh.load_*)
     dropped: dict[str, int] = field(default_factory=dict)
     stream_errors: dict[str, int] = field(default_factory=dict)
     inbound_rejected: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,74 @@
+"""Asking holders of a model how busy they are (``/meshollama/load/1``), for large meshes.
+
+The gateway, about to route in a mesh past ``p2p.full_view_up_to`` peers
+(where load changes are not gossiped), asks :data:`SAMPLE` random holders it
+has not asked within :data:`FRESH` seconds, all at once, for at most
+:data:`TIMEOUT`; what comes back counts as a heartbeat of its own for routing
+(``routing.RouteStats.sampled``), and those holders join the decision's
+sample. A peer that does not answer in time is simply not counted: the
+decision goes on with what the announcements said. The answer is a
+stranger's claim, bounded like an announcement's load
+(``announce.MAX_CAPACITY``, ``announce.MAX_LOAD``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..catalog import LoadInfo
+from ..errors import P2PError
+from .announce import MAX_CAPACITY, MAX_LOAD
+from .load_server import PROTOCOL
+
+SAMPLE = 3  # holders asked per decision
+FRESH = 1.0  # seconds an answer is good for: not asked again before
+TIMEOUT = 0.25  # seconds the decision waits for answers
+MAX_ANSWER = 256  # bytes
+
+
+def decode(data: bytes) -> LoadInfo:
+    """A peer's answer, bounded; ValueError if it is not one."""
+    obj = json.loads(data.decode("utf-8"))
+    if not isinstance(obj, dict):
+        raise ValueError("not an object")
+
+    def num(key: str, default: int, limit: int) -> int:
+        v = obj.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{key}: not a count")
+        return min(v, limit)
+
+    return LoadInfo(in_flight=num("f", 0, MAX_LOAD), capacity=num("c", 1, MAX_CAPACITY),
+                    queued=num("q", 0, MAX_LOAD), waiting=num("w", 0, MAX_LOAD))
+
+
+async def ask(open_stream: Callable[..., Awaitable], peer_id: str, timeout: float = TIMEOUT) -> LoadInfo:
+    """One holder's load; P2PError if it does not answer in time or answers nonsense."""
+    with trio.move_on_after(timeout):
+        stream = await open_stream(peer_id, PROTOCOL, timeout=timeout)
+        try:
+            data = b""
+            while len(data) <= MAX_ANSWER and not data.endswith(b"\n"):
+                chunk = await stream.read(MAX_ANSWER + 1 - len(data), timeout=timeout)
+                if not chunk:
+                    break
+                data += chunk
+            await stream.close()
+            try:
+                return decode(data)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise P2PError(f"load of {peer_id}: not an answer ({exc})") from None
+        finally:
+            await stream.reset()
+    raise P2PError(f"load of {peer_id}: no answer within {timeout}s")
+
+
+def pick(holders, fresh: Callable[[str], bool], rng: random.Random, k: int = SAMPLE) -> list[str]:
+    """Up to ``k`` random holders (``PeerView``\ s) we have not asked within :data:`FRESH`:
+    O(k), whatever the number of holders."""
+    sample = rng.sample(range(len(holders)), min(len(holders), 4 * k))
+    return [pid for i in sample if not fresh(pid := holders[i].peer_id)][:k]
