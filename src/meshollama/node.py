@@ -343,7 +343,12 @@ def _counter_sink(metrics):
 
     def count(name: str, label: str) -> None:
         if name == "heartbeats_sent":
-            metrics.heartbeats_sent.inc()
+            metrics.heartbeats_sent.labels(label or "refresh").inc()
+            metrics.last_announcement.set(time.time())
+        elif name == "synced":
+            metrics.table_syncs.labels(label).inc()
+        elif name == "load_queries":
+            metrics.load_queries.labels(label).inc()
         elif name == "heartbeats_received":
             metrics.heartbeats_received.inc()
         elif name == "heartbeats_dropped":

@@ -143,7 +143,30 @@ class MeshMetrics:
         )
         self.heartbeats_sent = Counter(
             "meshollama_heartbeats_sent_total",
-            "Heartbeats this node published.",
+            "Announcements this node published, by reason (first, forced, catalog, load, load_silence, refresh).",
+            ["reason"],
+            registry=registry,
+        )
+        self.last_announcement = Gauge(
+            "meshollama_last_announcement_timestamp_seconds",
+            "Unix time of this node's last published announcement.",
+            registry=registry,
+        )
+        self.announce_refresh = Gauge(
+            "meshollama_announce_refresh_seconds",
+            "The refresh interval this node announces: peers expire it after miss_limit of them without news.",
+            registry=registry,
+        )
+        self.table_syncs = Counter(
+            "meshollama_table_syncs_total",
+            "Table syncs (/meshollama/sync/1): pulled, failed, served, refused_*.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.load_queries = Counter(
+            "meshollama_load_queries_total",
+            "Load questions in a large mesh (/meshollama/load/1): asked, failed, served_*.",
+            ["outcome"],
             registry=registry,
         )
         self.p2p_stream_errors = Counter(
@@ -282,6 +305,8 @@ class MeshMetrics:
         self.node_draining.set(1 if status.get("draining") else 0)
         self.p2p_host_up.set(1 if status.get("host") == "running" else 0)
         self.p2p_connected_peers.set(len(status.get("connected_peers", ())))
+        if status.get("refresh_interval"):
+            self.announce_refresh.set(status["refresh_interval"])
 
     def _forget(self, kind: str, now: set, gauge: Gauge, second: tuple[str, ...] = ()) -> None:
         """Remove the series of ``gauge`` whose first label was shown last time and is gone now."""
