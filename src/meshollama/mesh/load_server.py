@@ -21,12 +21,12 @@ import trio
 
 from ..catalog import LoadInfo
 from ..errors import P2PError
+from .gate import Gate
 
 PROTOCOL = "/meshollama/load/1"
 SLOTS = 32  # answers in progress at once
 PER_PEER_GAP = 0.1  # seconds: one peer's questions, at most ten a second
 DEADLINE = 2.0  # seconds to write the answer
-MAX_REMEMBERED = 4096  # peers whose last question is remembered (for the rate)
 
 
 def encode(load: LoadInfo) -> bytes:
@@ -38,32 +38,16 @@ class LoadServer:
     def __init__(self, load: Callable[[], LoadInfo], *, allow: Callable[[str], bool] = lambda peer_id: True,
                  on_count: Callable[[str], None] = lambda what: None) -> None:
         self.load = load
-        self.allow = allow
         self.on_count = on_count
-        self._slots = trio.Semaphore(SLOTS)
-        self._asked: dict[str, float] = {}
+        self.gate = Gate(allow=allow, every=PER_PEER_GAP, slots=SLOTS)
 
     async def handle(self, stream) -> None:
-        peer = stream.peer_id
-        now = trio.current_time()
-        last = self._asked.get(peer)
-        refused = ("not_admitted" if not self.allow(peer) else
-                   "too_often" if last is not None and now - last < PER_PEER_GAP else None)
-        if refused is None:
-            try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                refused = "busy"
+        refused = self.gate.enter(stream.peer_id, trio.current_time())
         if refused is not None:
             self.on_count(f"refused_{refused}")
             await stream.reset()
             return
         try:
-            if len(self._asked) >= MAX_REMEMBERED:
-                self._asked = {p: t for p, t in self._asked.items() if now - t < PER_PEER_GAP}
-                while len(self._asked) >= MAX_REMEMBERED:
-                    del self._asked[next(iter(self._asked))]
-            self._asked[peer] = now
             await stream.write(encode(self.load()), timeout=DEADLINE)
             await stream.close()
             self.on_count("answered")
@@ -71,4 +55,4 @@ class LoadServer:
             self.on_count("failed")
             await stream.reset()
         finally:
-            self._slots.release()
+            self.gate.leave()

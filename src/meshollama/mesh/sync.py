@@ -32,6 +32,7 @@ import trio
 
 from ..errors import P2PError
 from ..p2p.signed import MAX_SIGNED
+from .gate import Gate
 
 PROTOCOL = "/meshollama/sync/1"
 SERVE_SLOTS = 4  # syncs served at once
@@ -84,31 +85,17 @@ class SyncServer:
                  every: float = SERVE_EVERY) -> None:
         self.table = table  # (signed heartbeat, seconds since heard) to hand out, ours included
         self.accept = accept  # (a signed heartbeat the caller sent, the caller): checked there
-        self.allow = allow
         self.on_count = on_count
-        self.every = every
-        self._slots = trio.Semaphore(slots)
-        self._served: dict[str, float] = {}  # peer -> when last served
+        self.gate = Gate(allow=allow, every=every, slots=slots)
 
     async def handle(self, stream) -> None:
         peer = stream.peer_id
-        now = trio.current_time()
-        last = self._served.get(peer)
-        refused = ("not_admitted" if not self.allow(peer) else
-                   "too_often" if last is not None and now - last < self.every else None)
-        if refused is None:
-            try:
-                self._slots.acquire_nowait()  # before reading anything
-            except trio.WouldBlock:
-                refused = "busy"
+        refused = self.gate.enter(peer, trio.current_time())
         if refused is not None:
             self.on_count(f"refused_{refused}")
             await stream.reset()
             return
         try:
-            if len(self._served) > 1024:
-                self._served = {p: t for p, t in self._served.items() if now - t < self.every}
-            self._served[peer] = now
             with trio.move_on_after(DEADLINE) as scope:
                 with trio.fail_after(REQUEST_DEADLINE):
                     theirs = await FrameReader(stream).next(MAX_SIGNED)
@@ -131,7 +118,7 @@ class SyncServer:
             self.on_count("served_failed")
             await stream.reset()
         finally:
-            self._slots.release()
+            self.gate.leave()
 
 
 async def pull(stream, own: bytes, accept: Callable[[bytes, float], None], *, max_frames: int) -> int:
