@@ -120,6 +120,10 @@ class GatewayMetrics:
         )
 
 
+DROP_REASONS = ("malformed", "signer_mismatch", "not_admitted", "stale", "table_full", "junk_rpc",
+                "sync_invalid", "sync_not_own")
+
+
 class MeshMetrics:
     """What the mesh service observes about peers and the p2p layer."""
 
@@ -141,6 +145,10 @@ class MeshMetrics:
             ["reason"],
             registry=registry,
         )
+        # Every reason's series exists from the start, at 0: a quiet mesh (announcements
+        # are rare now) may drop none for a long time, and rules and panels still need one.
+        for reason in DROP_REASONS:
+            self.heartbeats_dropped.labels(reason)
         self.heartbeats_sent = Counter(
             "meshollama_heartbeats_sent_total",
             "Announcements this node published, by reason (first, forced, catalog, load, load_silence, refresh).",
