@@ -68,14 +68,14 @@ async def test_announced_at_once_on_request_or_news_at_most_every_quarter_second
         await r.at(1.0)
         r.mesh.request_heartbeat()  # 0.75 s after the last one: at once
         await r.at(3.4)
-        r.net.models = (*r.net.models, ModelInfo(name="b:latest"))  # news: seen at the next look (3.5)
+        r.net.models = (*r.net.models, ModelInfo(name="b:latest"))  # news, and the backend says so: at once
         r.net.backend_changes()
         await r.at(5.0)
         r.net.backend_changes()  # a backend's change notice with nothing new in it (a slot taken)
-        await r.at(33.5 - EPS)  # nothing else to say: silent until the refresh
-        assert r.since(host.publish_times()) == [0.0, 0.25, 1.0, 3.5]
-        await r.at(63.5 + EPS)
-        assert r.since(host.publish_times()) == [0.0, 0.25, 1.0, 3.5, 33.5, 63.5]
+        await r.at(33.4 - EPS)  # nothing else to say: silent until the refresh
+        assert [round(t, 6) for t in r.since(host.publish_times())] == [0.0, 0.25, 1.0, 3.4]
+        await r.at(63.4 + EPS)
+        assert [round(t, 6) for t in r.since(host.publish_times())] == [0.0, 0.25, 1.0, 3.4, 33.4, 63.4]
         seqs = [ann.seq for _, ann in host.published]
         assert seqs == sorted(set(seqs))  # strictly increasing
         assert r.mesh.counters.heartbeats_sent == 6
@@ -489,7 +489,7 @@ async def test_the_refresh_grows_with_the_mesh_once_announced_and_an_older_peer_
         # while it is in the table we beat every 2 s, and say so.
         host.hear(heartbeat("12D3KooWolder", 1))
         await r.at(205.0 + EPS)
-        assert [round(t - r.t0, 3) for t, _ in host.published][-3:] == [200.25, 202.25, 204.25]  # next poll
+        assert [round(t - r.t0, 3) for t, _ in host.published][-3:] == [200.0, 202.0, 204.0]
         assert host.published[-1][1].refresh_ms == 2_000
         nursery.cancel_scope.cancel()
 
@@ -538,4 +538,26 @@ async def test_a_closed_mesh_filters_its_table_once_per_change_not_per_request(a
         r.net.host.hear(heartbeat(peers[0], 2, refresh_ms=30_000, draining=True))  # a table change: again
         await r.at(1.5)
         assert peers[0] not in {p.peer_id for p in r.mesh.snapshot().serving(KEY)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_meaningful_load_change_goes_out_at_the_load_gap_a_small_one_after_the_silence(autojump_clock):
+    from meshollama.catalog import LoadInfo
+
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0, refresh_interval=30.0, load_max_silence=10.0)
+        host = r.net.host
+
+        async def at(t: float, in_flight: int, capacity: int = 16) -> None:
+            await r.at(t)
+            r.net.load = LoadInfo(in_flight=in_flight, capacity=capacity)
+            r.net.backend_changes()  # what a backend does when a slot is taken or freed
+
+        await at(0.1, 0)  # the slot count changed: meaningful, out at the load gap
+        await at(3.0, 1)  # one of 16 slots: small, said after the 10 s silence
+        await at(14.0, 16)  # every slot taken: meaningful, out 2 s after the last one
+        await r.at(16.0)
+        got = [(round(t - r.t0, 3), a.load.in_flight, a.load.capacity) for t, a in host.published]
+        assert got == [(0.0, 0, 2), (2.0, 0, 16), (13.0, 1, 16), (15.0, 16, 16)], got
+        assert r.mesh.counters.announced == {"first": 1, "load": 2, "load_silence": 1}
         nursery.cancel_scope.cancel()

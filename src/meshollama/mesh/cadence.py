@@ -109,6 +109,7 @@ class AnnouncePolicy:
         self.load: LoadInfo | None = None
         self.load_moved_at: float | None = None  # when the load first differed from what we said
         self.refresh_said: float | None = None  # the refresh interval our last announcement carried
+        self.load_news = False  # the load moved meaningfully since we said it (as of the last decide)
         self.sent_by_reason: dict[Reason, int] = {}
 
     def decide(self, now: float, catalog: Any, load: LoadInfo, *, forced: bool = False) -> Reason | None:
@@ -120,8 +121,10 @@ class AnnouncePolicy:
         if load != self.load:
             if self.load_moved_at is None:
                 self.load_moved_at = now
+            self.load_news = self.load is not None and meaningful(self.load, load)
         else:
             self.load_moved_at = None
+            self.load_news = False
         if gap < c.min_gap:
             return None
         if forced:
@@ -129,8 +132,7 @@ class AnnouncePolicy:
         if catalog != self.catalog:
             return Reason.CATALOG
         if c.announce_load and self.load_moved_at is not None and gap >= c.load_gap:
-            assert self.load is not None
-            if meaningful(self.load, load):
+            if self.load_news:
                 return Reason.LOAD
             if now - self.load_moved_at >= c.load_silence:
                 return Reason.LOAD_SILENCE
@@ -155,6 +157,7 @@ class AnnouncePolicy:
         self.catalog = catalog
         self.load = load
         self.load_moved_at = None
+        self.load_news = False
         self.refresh_said = self.refresh_to_say() if refresh is None else refresh
         self.sent_by_reason[reason] = self.sent_by_reason.get(reason, 0) + 1
 
@@ -164,6 +167,19 @@ class AnnouncePolicy:
         if self.last_at is None:
             return 0.0
         return max(0.0, self.last_at + self._refresh() - now)
+
+    def next_check(self, now: float) -> float:
+        """Seconds until :meth:`decide` could answer differently with nothing else new:
+        the refresh, and while the load differs from what we said, the load gap and
+        the load silence."""
+        if self.last_at is None:
+            return 0.0
+        due = self.last_at + self._refresh()
+        if self.load_moved_at is not None and self.cadence.announce_load:
+            due = min(due, self.load_moved_at + self.cadence.load_silence)
+            if self.load_news:
+                due = min(due, self.last_at + self.cadence.load_gap)
+        return max(0.0, due - now)
 
     def _refresh(self) -> float:
         """Peers expire us by the interval we last announced: a longer one waits until said."""

@@ -25,7 +25,7 @@ from . import announce, sync
 from .hints import DELAY as HINT_DELAY
 from .hints import DownHints
 from .load_server import LoadServer
-from .peertable import UP, ApplyResult, PeerTable
+from .peertable import UP, ApplyResult, PeerTable  # noqa: F401 - UP: hearing.heard_down
 from .settings import MeshSettings
 from .transport import Transport
 
@@ -160,13 +160,15 @@ class Hearing:
         self.mesh.request_heartbeat()
 
     def signed_table(self) -> list[tuple[bytes, float]]:
-        """What a table sync hands out: the signed heartbeats of the peers we hold up,
-        each with seconds since we heard it, and ours."""
+        """What a table sync hands out: the signed heartbeats of every peer we hold, each
+        with seconds since we heard it, and ours. Down ones too: down *for us* may be
+        our own trouble (a starved 2-core box whose pings time out at start-up), and
+        the joiner checks each one itself; the age keeps a dead one from living on."""
         now = trio.current_time()
         snap = self.table.snapshot(now)
         signed_of = self.mesh.signed
         out = [(raw, now - p.last_seen) for p in snap.peers
-               if not p.is_self and p.state in UP and (raw := signed_of.get(p.peer_id))]
+               if not p.is_self and (raw := signed_of.get(p.peer_id))]
         own = getattr(self.host, "own_message", b"")
         if own:
             out.append((own, 0.0))

@@ -54,8 +54,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshollama.mesh")
 
 STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
-POLL = 0.25  # seconds between looks at our load (two counters) for a meaningful change
+POLL = 1.0  # seconds between looks at our load when the backend says nothing (our gateway's queue)
 BOOTSTRAP_FIRST_RETRY = 0.25
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 class HostLoops(Hearing):
@@ -105,16 +110,31 @@ class HostLoops(Hearing):
         """Announce when :class:`~meshollama.mesh.cadence.AnnouncePolicy` says so: a
         catalog change or a forced one at once, a meaningful load change at most
         every heartbeat interval, otherwise one refresh per ``refresh_interval``.
-        Catalog and load are polled every :data:`POLL` (a backend's change
-        notifications fire on every slot taken: they must not count as news);
-        forced announcements (addresses, draining, a refutation) wake the loop.
-        While the table holds a peer of an older version (it expires peers after
-        a few of *its* heartbeat intervals), we keep that cadence. A first gossip
-        neighbour forces one: an announcement published before any peer's
-        subscription reached us went nowhere. A failed publish changes nothing
-        the policy knows; it is tried again after a heartbeat interval."""
+        The loop looks when the backend reports a change (a model, a slot taken:
+        only what the policy judges news goes out), when an announcement is
+        forced (addresses, draining, a refutation), at the policy's next
+        deadline, and at least every :data:`POLL` (our gateway's queue has no
+        notice). While the table holds a peer of an older version (it expires
+        peers after a few of *its* heartbeat intervals), we keep that cadence.
+        A first gossip neighbour forces one: an announcement published before
+        any peer's subscription reached us went nowhere. A failed publish
+        changes nothing the policy knows; it is tried again after a heartbeat
+        interval."""
         mesh = self.mesh
-        policy = self.policy
+        woken = [trio.Event()]  # the backend reported a change since we last looked
+
+        async def watch_backend() -> None:
+            while True:
+                await mesh._changed().wait()
+                woken[0].set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_backend)
+            await self._announce_when_due(woken)
+            nursery.cancel_scope.cancel()
+
+    async def _announce_when_due(self, woken: list[trio.Event]) -> None:
+        mesh, policy = self.mesh, self.policy
         had_neighbours = force = False
         while not mesh._leaving:
             now = trio.current_time()
@@ -136,9 +156,15 @@ class HostLoops(Hearing):
                     mesh._publish_now.set()  # still to say
                     await trio.sleep(policy.cadence.load_gap)
                     continue
-            with trio.move_on_after(min(POLL, policy.quiet_for(trio.current_time()))):
-                await mesh._publish_now.wait()
-                await trio.sleep(max(0.0, (policy.last_at or 0.0) + policy.cadence.min_gap - trio.current_time()))
+            woken[0] = trio.Event()
+            # Never a zero wait when nothing went out: a deadline the policy did not act on
+            # must not spin the loop (min_gap keeps the floor above zero).
+            wait = POLL if reason is not None else max(policy.cadence.min_gap / 4, policy.next_check(trio.current_time()))
+            with trio.move_on_after(min(POLL, wait)):
+                async with trio.open_nursery() as either:
+                    for event in (mesh._publish_now, woken[0]):
+                        either.start_soon(_set_then_cancel, event, either.cancel_scope)
+            await trio.sleep(max(0.0, (policy.last_at or 0.0) + policy.cadence.min_gap - trio.current_time()))
 
     def cadence_now(self) -> Cadence:
         """The configured cadence with the refresh for the mesh's size now
