@@ -306,7 +306,7 @@ async def test_load_and_per_model_counts():
                     event = backend.changed()
                     async with backend.open(request):
                         assert event.is_set()  # queueing
-                        assert backend.load() == LoadInfo(in_flight=3, capacity=2, queued=1)
+                        assert backend.load() == LoadInfo(in_flight=2, capacity=2, queued=1)  # 3: 2 run, 1 waits
                         assert backend.in_flight_by_model() == {"llama3:latest": 3}
                         event = backend.changed()
                     assert event.is_set()  # draining

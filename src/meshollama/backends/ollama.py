@@ -217,8 +217,10 @@ class OllamaBackend(ChangeNotifier):
         return self._models
 
     def load(self) -> LoadInfo:
-        n = self._in_flight
-        return LoadInfo(in_flight=n, capacity=self.num_parallel, queued=max(0, n - self.num_parallel))
+        # Requests past the slots wait inside Ollama: queued, not also in flight (routing
+        # adds the two; counting them twice made a saturated Ollama look twice as busy).
+        n, slots = self._in_flight, self.num_parallel
+        return LoadInfo(in_flight=min(n, slots), capacity=slots, queued=max(0, n - slots))
 
     def in_flight_by_model(self) -> dict[str, int]:
         """Requests in flight per model (short names), for metrics."""

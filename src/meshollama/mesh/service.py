@@ -59,6 +59,9 @@ from .transport import HostFactory, Transport
 
 log = logging.getLogger("meshollama.mesh")
 
+# Model details that move by themselves: Ollama renews a loaded model's expires_at with
+# every request, so a busy node would announce its "catalog" at every poll.
+VOLATILE_DETAILS = frozenset({"expires_at"})
 TEST_FAULTS_ENV = "MESHOLLAMA_TEST_FAULTS"  # "1": inject_host_failure() works (the fault suite)
 
 
@@ -321,7 +324,10 @@ class MeshService:
         store = self.store_info()
         if store is not None:
             store = dataclasses.replace(store, free=store.free >> 30)
-        return (tuple(self._models()), tuple(self._addrs), self._draining, store, tuple(self.replica_targets()))
+        models = tuple(m if not VOLATILE_DETAILS.intersection(m.details) else
+                       dataclasses.replace(m, details={k: v for k, v in m.details.items() if k not in VOLATILE_DETAILS})
+                       for m in self._models())
+        return (models, tuple(self._addrs), self._draining, store, tuple(self.replica_targets()))
 
     def _refresh_ms(self) -> int:
         loops = self._loops
