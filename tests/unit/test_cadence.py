@@ -120,3 +120,18 @@ def test_a_longer_refresh_waits_until_said_and_grows_by_half_at_most_per_announc
     assert all(new < 2 * old for old, new in zip(said, said[1:]))
     p.cadence = Cadence(refresh=30.0)  # shrank: at once
     assert p.refresh_to_say() == 30.0 and p.quiet_for(t + 10) == 20.0
+
+
+def test_refreshes_come_up_to_the_jitter_early_never_late():
+    import random
+
+    p = AnnouncePolicy(Cadence(refresh=100.0, jitter=0.1), random.Random(3))
+    p.sent(0.0, "cat", IDLE, Reason.FIRST)
+    t, gaps = 0.0, []
+    for _ in range(200):
+        gap = p.quiet_for(t) + 1e-9
+        assert p.decide(t + gap, "cat", IDLE) is Reason.REFRESH and p.decide(t + gap - 0.01, "cat", IDLE) is None
+        t += gap
+        p.sent(t, "cat", IDLE, Reason.REFRESH)
+        gaps.append(gap)
+    assert 90.0 <= min(gaps) < 91.0 and 99.0 < max(gaps) <= 100.0  # spread over [0.9, 1] x the interval

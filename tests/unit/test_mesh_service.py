@@ -50,6 +50,7 @@ class Running:
 async def run_mesh(nursery: trio.Nursery, net: FakeNet | None = None, *, seed: int | None = None, admission=None,
                    **settings) -> Running:
     net = net or FakeNet()
+    settings.setdefault("refresh_jitter", 0.0)  # exact refresh times (a test of the jitter sets it)
     mesh = make_service(net, admission=admission, **settings)
     if seed is not None:
         mesh._rng.seed(seed)

@@ -42,6 +42,7 @@ inputs and driven unchanged by the mesh simulation (``benchmarks/sim_mesh.py``).
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,7 @@ class Cadence:
     load_silence: float = 10.0  # a load change too small to be meaningful is said this late at most
     min_gap: float = MIN_GAP  # shortest gap between any two announcements
     announce_load: bool = True  # False in a large mesh: load is asked for (mesh.load_client), not announced
+    jitter: float = 0.0  # each refresh comes up to this fraction early: nodes started together drift apart
 
     def __post_init__(self) -> None:
         if not (0 < self.min_gap <= self.load_gap <= self.refresh and self.load_silence > 0):
@@ -102,8 +104,10 @@ def refresh_for(peers: int, *, floor: float, per_peer: float, ceiling: float) ->
 class AnnouncePolicy:
     """What was last announced and when; decides whether to announce now."""
 
-    def __init__(self, cadence: Cadence) -> None:
+    def __init__(self, cadence: Cadence, rng: random.Random | None = None) -> None:
         self.cadence = cadence
+        self.rng = rng or random.Random()
+        self.early = 1.0  # this refresh's share of the interval (jitter: drawn at each announcement)
         self.last_at: float | None = None
         self.catalog: Any = None  # any value compared with ==; the caller's notion of its catalog
         self.load: LoadInfo | None = None
@@ -159,6 +163,7 @@ class AnnouncePolicy:
         self.load_moved_at = None
         self.load_news = False
         self.refresh_said = self.refresh_to_say() if refresh is None else refresh
+        self.early = 1.0 - self.rng.random() * self.cadence.jitter
         self.sent_by_reason[reason] = self.sent_by_reason.get(reason, 0) + 1
 
     def quiet_for(self, now: float) -> float:
@@ -184,4 +189,4 @@ class AnnouncePolicy:
     def _refresh(self) -> float:
         """Peers expire us by the interval we last announced: a longer one waits until said."""
         said = self.refresh_said
-        return self.cadence.refresh if said is None else min(said, self.cadence.refresh)
+        return (self.cadence.refresh if said is None else min(said, self.cadence.refresh)) * self.early

@@ -181,7 +181,7 @@ class HostLoops(Hearing):
         announce_load = len(self.table) <= st.full_view_up_to
         if cached is None or cached[0] != (refresh, announce_load):
             cadence = Cadence(refresh=refresh, load_gap=beat, load_silence=max(beat, st.load_max_silence),
-                              min_gap=min(beat, MIN_GAP), announce_load=announce_load)
+                              min_gap=min(beat, MIN_GAP), announce_load=announce_load, jitter=st.refresh_jitter)
             cached = self._cadence = ((refresh, announce_load), cadence)
         return cached[1]
 

@@ -12,6 +12,7 @@ class MeshSettings:
     heartbeat_interval: float = 2.0  # shortest gap between announcements for load (mesh.cadence)
     refresh_interval: float = 30.0  # longest silence in a small mesh; peers expire us after miss_limit of them
     refresh_per_peer: float = 10.0  # in a larger one, this many seconds per peer (mesh.cadence.refresh_for)
+    refresh_jitter: float = 0.1  # each refresh up to 10 % early: nodes started together do not refresh in step
     load_max_silence: float = 10.0  # a small load change is announced this late at most
     full_view_up_to: int = 32  # more peers: load is asked for when routing, not announced (mesh.load_client)
     miss_limit: int = 3
