@@ -3,7 +3,7 @@
 
   bench_gateway.py    direct vs local vs remote (libp2p) path, stand-in Ollama
   bench_p2p.py        the libp2p leg alone, in one process: fresh stream vs keep-alive
-  bench_mesh.py       convergence, idle CPU/RSS, heartbeat staleness, join latency
+  bench_mesh.py       convergence, idle CPU/RSS, announcements heard, join latency
   bench_embedded.py   llama-cpp-python direct vs through node L / through G -> L (only if llama_cpp imports)
 
 Each benchmark runs as its own process (so one crashing does not lose the
@@ -12,7 +12,7 @@ others) and writes ``results/<name>-<UTC timestamp>.json``; a combined
 
     .venv/bin/python benchmarks/run_all.py                 # everything
     .venv/bin/python benchmarks/run_all.py --only gateway  # one of them
-    .venv/bin/python benchmarks/run_all.py --mesh-sizes 5,10 --no-hb-sweep
+    .venv/bin/python benchmarks/run_all.py --mesh-sizes 5,10 --degree-sweep 2/1/3,3/2/4
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=["gateway", "p2p", "mesh", "embedded"], action="append",
                    help="run only these (repeatable)")
-    p.add_argument("--mesh-sizes", default="5,10,20")
-    p.add_argument("--no-hb-sweep", action="store_true", help="skip the heartbeat 1/2/5 s sweep at N=10")
+    p.add_argument("--mesh-sizes", default="1,5,10,25")
+    p.add_argument("--degree-sweep", default="", help="gossipsub degrees to compare at N=10, e.g. 2/1/3,3/2/4")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     wanted = set(args.only or ["gateway", "p2p", "mesh", "embedded"])
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run("p2p", ["bench_p2p.py"], args.results / f"p2p-{stamp}.json", 600))
     if "mesh" in wanted:
         mesh_argv = ["bench_mesh.py", "--sizes", args.mesh_sizes]
-        if args.no_hb_sweep:
-            mesh_argv += ["--hb-sweep", ""]
+        if args.degree_sweep:
+            mesh_argv += ["--degree-sweep", args.degree_sweep]
         runs.append(run("mesh", mesh_argv, args.results / f"mesh-{stamp}.json", 1800))
     if "embedded" in wanted:
         if importlib.util.find_spec("llama_cpp") is None:
