@@ -59,7 +59,8 @@ from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from .catalog import LoadInfo
 from .mesh.peertable import PeerState, PeerView, Snapshot
@@ -114,6 +115,7 @@ class _Entry:
     speed: dict[str, _Speed] = field(default_factory=dict)  # by model key ("" = any model)
     sampled: LoadInfo | None = None  # asked for since the last heartbeat (a large mesh: mesh.load_client)
     sampled_at: float = float("-inf")
+    asked_at: float = float("-inf")  # when we last asked it for its load
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:
@@ -220,9 +222,13 @@ class RouteStats:
         e.sent_since_heartbeat = 0
         e.finished_since_heartbeat = 0
 
-    def sampled_within(self, peer_id: str, now: float, seconds: float) -> bool:
+    def asking(self, peer_id: str, now: float) -> None:
+        """We are asking ``peer_id`` for its load now (an answer or not, not again soon)."""
+        self._get(peer_id).asked_at = now
+
+    def asked_within(self, peer_id: str, now: float, seconds: float) -> bool:
         e = self._peers.get(peer_id)
-        return e is not None and e.sampled is not None and now - e.sampled_at < seconds
+        return e is not None and now - e.asked_at < seconds
 
     def observe(self, snapshot: Snapshot) -> None:
         """:meth:`heartbeat_seen` for every peer in ``snapshot``; forgets idle
@@ -345,6 +351,7 @@ def choose(
     exclude: frozenset[str] = frozenset(),
     rr_counter: int = 0,
     prefer: tuple[str, ...] = (),
+    only: Callable[[PeerView], bool] | None = None,
 ) -> list[str]:
     """Peer ids to try for ``model_key``, best first; empty if nobody alive serves it.
 
@@ -353,13 +360,19 @@ def choose(
     by ``rr_counter``; RANDOM shuffles; LOCAL_FIRST puts this node first when
     it serves the model and is not sidelined, then the LEAST_LOADED order.
     ``prefer``: holders to include in a sample (those whose load we just asked).
+    ``only``: holders that qualify at all (a resume needs the same weights),
+    applied before any sample.
     """
     serving = snapshot.serving(model_key)
+    if only is not None:
+        serving = tuple(p for p in serving if only(p))
     large = len(serving) > ROUTE_SAMPLE
     if large and strategy is Strategy.ROUND_ROBIN:  # a window of the id-sorted holders, rotated
         start = rr_counter % len(serving)
         window = [serving[(start + i) % len(serving)] for i in range(ROUTE_SAMPLE)]
         peers = [p for p in window if p.load.capacity > 0 and p.peer_id not in exclude]
+        if not peers:  # every peer of the window was tried: the rest, in order
+            peers = [p for p in serving if p.load.capacity > 0 and p.peer_id not in exclude][:ROUTE_SAMPLE]
         side = {p.peer_id: stats.view(p.peer_id, now).sidelined for p in peers}
         return [p.peer_id for p in peers if not side[p.peer_id]] + [p.peer_id for p in peers if side[p.peer_id]]
     pool = [serving[i] for i in sorted(rng.sample(range(len(serving)), ROUTE_SAMPLE))] if large else serving
@@ -405,15 +418,27 @@ def choose(
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
+FREE_SAMPLE = 256  # holders has_free_slot looks at, at most (it stops at the first free one)
+
+
 def has_free_slot(snapshot: Snapshot, model_key: str, stats: RouteStats, now: float,
-                  rng: random.Random | None = None) -> bool:
+                  rng: random.Random | None = None, stale_after: float | None = None) -> bool:
     """Some alive holder of ``model_key`` has a slot free by this gateway's
     estimate (:func:`load_score` below 1: busy slots, queued included, under
     capacity). False also when nobody holds it: the caller answers that.
-    Among more than :data:`ROUTE_SAMPLE` holders, a random sample is asked."""
+    Among more than :data:`FREE_SAMPLE` holders, a random sample is looked at.
+    ``stale_after`` (a large mesh, where load is not announced): a holder whose
+    load we last learnt longer ago than this counts only what we sent it, so a
+    line never waits for ever on load figures that will not change."""
     serving = snapshot.serving(model_key)
-    if len(serving) > ROUTE_SAMPLE:
-        pick = (rng or random).sample(range(len(serving)), ROUTE_SAMPLE)
+    if len(serving) > FREE_SAMPLE:
+        pick = (rng or random).sample(range(len(serving)), FREE_SAMPLE)
         serving = tuple(serving[i] for i in pick)
-    return any(load_score(p, stats.view(p.peer_id, now, model_key)) < 1.0
-               for p in serving if p.load.capacity > 0)
+
+    def free(p: PeerView) -> bool:
+        view = stats.view(p.peer_id, now, model_key)
+        if stale_after is not None and view.load is None and now - p.last_seen > stale_after:
+            view = replace(view, load=LoadInfo(in_flight=0, capacity=p.load.capacity))
+        return load_score(p, view) < 1.0
+
+    return any(free(p) for p in serving if p.load.capacity > 0)

@@ -89,7 +89,8 @@ def test_an_asked_load_counts_as_our_own_heartbeat_until_the_next_real_one():
     assert load_score(p, stats.view("a", 0.0)) == 0.5
     stats.sampled("a", LoadInfo(in_flight=2, capacity=2), 1.0)  # it says: both slots busy (ours included)
     assert load_score(p, stats.view("a", 1.0)) == 1.0
-    assert stats.sampled_within("a", 1.5, load_client.FRESH) and not stats.sampled_within("a", 2.5, load_client.FRESH)
+    stats.asking("a", 1.0)
+    assert stats.asked_within("a", 1.5, load_client.FRESH) and not stats.asked_within("a", 2.5, load_client.FRESH)
     stats.heartbeat_seen("a", 2)  # its next announcement is newer than what we asked
     assert stats.view("a", 3.0).load is None
 
@@ -101,3 +102,11 @@ def test_asked_holders_join_a_sampled_decision():
     firsts = {choose(s, names.key("m"), stats, 0.0, random.Random(seed), prefer=("p00777",))[0] for seed in range(50)}
     assert firsts == {"p00777"}
     assert ROUTE_SAMPLE < len(peers)
+
+
+def test_pick_skips_peers_we_are_not_connected_to_and_ourselves():
+    holders = [peer(f"p{i}") for i in range(100)]
+    connected = {"p3", "p50", "p77", "me"}
+    got = load_client.pick(holders + [peer("me")], lambda pid: pid == "me" or pid not in connected,
+                           random.Random(2), k=3)
+    assert set(got) <= {"p3", "p50", "p77"}

@@ -91,17 +91,27 @@ async def test_a_hint_marks_down_only_what_we_cannot_see_ourselves_and_we_refute
         assert {pid: r.state(pid) for pid in (P, Q, R)} == {P: PeerState.ALIVE, Q: PeerState.ALIVE, R: PeerState.ALIVE}
         assert host.connected == {Q}
         before = len(r.net.host.published)
-        me = r.mesh.self_id
+        me, mine = r.mesh.self_id, r.mesh.table.self_seq
+        host.hear(dataclasses.replace(heartbeat("12D3KooWold", 1, refresh_ms=30_000), down=((me, mine - 1),)))
+        await r.at(4.1)
+        assert len(host.published) == before  # a hint about an older announcement of ours: no refutation
         host.hear(dataclasses.replace(heartbeat("12D3KooWliar", 1, refresh_ms=30_000),
-                                      down=((P, 8), (Q, 7), (R, 7), (me, 1))))
+                                      down=((P, 8), (Q, 7), (R, 7), (me, mine))))
         await r.at(4.25 + EPS)
         assert r.state(P) is PeerState.DOWN  # not connected, nothing newer than 8: believed
         assert r.state(Q) is PeerState.ALIVE  # connected: we know better
         assert r.state(R) is PeerState.ALIVE  # we heard 8 from it, the hint says 7
+        r.mesh.table.mark_unreachable(R, 4.25)
+        host.hear(dataclasses.replace(heartbeat("12D3KooWthird", 1, refresh_ms=30_000), down=((R, 8),)))
+        await r.at(4.3)
+        assert r.state(R) is PeerState.UNREACHABLE  # a hint never turns unreachable into down (and so routable later)
         assert len(host.published) == before + 1  # we refuted the hint about us at once
-        host.hear(dataclasses.replace(heartbeat("12D3KooWliar", 2, refresh_ms=30_000), down=((me, 1),)))
+        host.hear(dataclasses.replace(heartbeat("12D3KooWliar", 2, refresh_ms=30_000), down=((me, mine),)))
+        await r.at(4.5)
+        assert len(host.published) == before + 1  # ...a sender's hints at most once a second
+        host.hear(dataclasses.replace(heartbeat("12D3KooWother", 1, refresh_ms=30_000), down=((me, mine + 1),)))
         await r.at(5.0)
-        assert len(host.published) == before + 1  # ...at most every 2 s
+        assert len(host.published) == before + 1  # ...and our refutations at most every 2 s
         host.hear(heartbeat(P, 9, refresh_ms=30_000))  # P's own news undoes the hint
         await r.at(5.5)
         assert r.state(P) is PeerState.ALIVE

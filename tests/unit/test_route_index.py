@@ -272,3 +272,45 @@ def test_a_liveness_round_in_a_large_mesh_looks_at_the_peers_in_focus_only():
               for r in range(IDLE_PING_EVERY)]
     assert len(TOUCHED) == 2
     assert all("p00007" in got for got in picked) and sum("p00042" in got for got in picked) == 1
+
+
+def test_a_resume_among_many_holders_finds_those_with_the_same_weights():
+    """``only`` filters before the sample: 4 holders with the right digest among 1,000 are all found."""
+    from dataclasses import replace as dc_replace
+
+    peers = []
+    for i in range(1_000):
+        v = view(f"p{i:05d}", ("llama3:latest",), cls=PeerView)
+        digest = "same" if i % 250 == 7 else "other"
+        peers.append(dc_replace(v, models=(ModelInfo(name="llama3:latest", digest=digest),)))
+    s = Snapshot(peers=tuple(peers), taken_at=0.0)
+    for seed in range(20):
+        order = choose(s, MODEL, RouteStats(), 1.0, random.Random(seed), exclude=frozenset({"p00007"}),
+                       only=lambda p: p.model(MODEL).digest == "same")
+        assert sorted(order) == ["p00257", "p00507", "p00757"]
+
+
+def test_round_robin_past_its_window_goes_on_to_the_rest():
+    from meshollama.routing import ROUTE_SAMPLE
+
+    peers = tuple(view(f"p{i:05d}", ("llama3:latest",), cls=PeerView) for i in range(100))
+    s = Snapshot(peers=peers, taken_at=0.0)
+    window = choose(s, MODEL, RouteStats(), 1.0, random.Random(1), Strategy.ROUND_ROBIN, rr_counter=10)
+    assert window == [f"p{i:05d}" for i in range(10, 10 + ROUTE_SAMPLE)]
+    after = choose(s, MODEL, RouteStats(), 1.0, random.Random(1), Strategy.ROUND_ROBIN,
+                   exclude=frozenset(window), rr_counter=10)
+    assert after and not set(after) & set(window)
+
+
+def test_a_large_meshs_line_does_not_wait_for_ever_on_load_nobody_will_announce():
+    """Past full_view_up_to, load is not announced: a holder last heard busy long ago is free
+    enough to try (``stale_after``), while a fresh 'busy' still holds the line."""
+    peers = tuple(dc for dc in (view(f"p{i}", ("llama3:latest",), in_flight=1, cls=PeerView) for i in range(3)))
+    s = Snapshot(peers=peers, taken_at=0.0)  # last_seen 0: announced busy at t=0
+    stats = RouteStats()
+    assert not has_free_slot(s, MODEL, stats, 100.0)
+    assert has_free_slot(s, MODEL, stats, 100.0, stale_after=5.0)
+    assert not has_free_slot(s, MODEL, stats, 3.0, stale_after=5.0)
+    for p in peers:  # our own requests still count
+        stats.started(p.peer_id, 99.0)
+    assert not has_free_slot(s, MODEL, stats, 100.0, stale_after=5.0)

@@ -73,6 +73,10 @@ log = logging.getLogger(__name__)
 # Request headers that describe the client's hop, not the request. The client's
 # trace context goes on as the parent of each try's span (``attempt``), re-formatted.
 _DROP_REQUEST = frozenset({"origin", "referer", "cookie", "expect", PEER_HEADER, "traceparent", "tracestate"})
+# A large mesh does not announce load: a holder whose load we learnt longer ago than this
+# counts as free for the line (it answers busy if it is not), instead of full for ever.
+LOAD_STALE = 5.0
+LOAD_AWARE = frozenset({routing.Strategy.LEAST_LOADED, routing.Strategy.LOCAL_FIRST})  # strategies that use load
 
 
 def request_target(scope: Scope) -> str:
@@ -337,13 +341,19 @@ class Proxy:
         """In a large mesh, where load is not announced, ask a few holders how busy they
         are (at most ``load_client.TIMEOUT``); the decision then includes them."""
         sampling = getattr(self.mesh, "load_sampling", None)
-        if sampling is None or not sampling():
+        if sampling is None or not sampling() or self.strategy not in LOAD_AWARE:
             return ()
         now = trio.current_time()
-        picked = load_client.pick(snapshot.serving(key),
-                                  lambda pid: self.stats.sampled_within(pid, now, load_client.FRESH), self.rng)
+        connected = self.mesh.connected()  # a dial would not fit in the time a question has
+
+        def skip(pid: str) -> bool:
+            return pid == self.mesh.self_id or pid not in connected or self.stats.asked_within(pid, now, load_client.FRESH)
+
+        picked = load_client.pick(snapshot.serving(key), skip, self.rng)
         if not picked:
             return ()
+        for pid in picked:  # asked, answered or not: not again within FRESH
+            self.stats.asking(pid, now)
         loads = await self.mesh.ask_loads(picked)
         now = trio.current_time()
         for pid, load in loads.items():
@@ -363,7 +373,9 @@ class Proxy:
     def _free(self, key: str) -> bool:
         snapshot = self.mesh.snapshot()
         self.stats.observe(snapshot)  # a heartbeat that already counts our finished requests resets the correction
-        return routing.has_free_slot(snapshot, key, self.stats, trio.current_time())
+        sampling = getattr(self.mesh, "load_sampling", None)
+        stale = LOAD_STALE if sampling is not None and sampling() else None
+        return routing.has_free_slot(snapshot, key, self.stats, trio.current_time(), stale_after=stale)
 
     def _warm(self, snapshot: Any, peer_id: str, model_key: str, now: float) -> bool:
         """The model is loaded on the peer: its heartbeat says so, or it answered
@@ -430,9 +442,8 @@ class Proxy:
         snapshot = self.mesh.snapshot()
         now = trio.current_time()
         order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(tried),
-                               next(self._rr))
-
-        return [pid for pid in order if _digest(snapshot, pid, key) == digest][: 1 + self.retries]
+                               next(self._rr), only=lambda p: (m := p.model(key)) is not None and m.digest == digest)
+        return order[: 1 + self.retries]
 
     # --- local requests ------------------------------------------------------------
 

@@ -8,6 +8,7 @@ sync (``mesh.sync``) and the load answers (``mesh.load_server``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import trio
@@ -33,11 +34,11 @@ class Gate:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             return "busy"
-        if len(self._asked) >= REMEMBERED:
-            self._asked = {p: t for p, t in self._asked.items() if now - t < self.every}
-            while len(self._asked) >= REMEMBERED:
-                del self._asked[next(iter(self._asked))]
+        self._asked.pop(peer, None)  # re-inserted last: the dict stays in age order
         self._asked[peer] = now
+        if len(self._asked) > REMEMBERED:  # amortised: drop the oldest tenth at once
+            for old in list(itertools.islice(self._asked, len(self._asked) - REMEMBERED * 9 // 10)):
+                del self._asked[old]
         return None
 
     def leave(self) -> None:

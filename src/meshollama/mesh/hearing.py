@@ -25,7 +25,7 @@ from . import announce, sync
 from .hints import DELAY as HINT_DELAY
 from .hints import DownHints
 from .load_server import LoadServer
-from .peertable import UP, ApplyResult, PeerTable  # noqa: F401 - UP: hearing.heard_down
+from .peertable import UP, ApplyResult, PeerTable
 from .settings import MeshSettings
 from .transport import Transport
 
@@ -128,19 +128,25 @@ class Hearing:
 
     def heard_down(self, sender: str, down: tuple[tuple[str, int], ...]) -> None:
         """``sender`` says these peers went down: believe it for peers we cannot see
-        ourselves (not connected) and know nothing newer of; refute it about us."""
+        ourselves (not connected), hold up and know nothing newer of; refute it
+        about us if it names our latest announcement. A sender's hints are acted
+        on at most once per ``hints.SENDER_GAP``: a hostile peer announcing fast
+        cannot make many peers refute, or keep them down, at its own pace."""
         now = trio.current_time()
+        if not self.hints.sender_may(sender, now):
+            return
         connected = self.host.connected_peers()
+        mine = self.table.self_seq
         for peer_id, seq in down:
             if peer_id == self.mesh.self_id:
-                if self.hints.refute(now):
+                if seq >= mine and self.hints.refute(now):
                     log.info("peer %s says we are down: announcing that we are not", sender)
                     self.mesh.request_heartbeat()
                 continue
             self.hints.heard_of(peer_id, seq, now)
             view = self.table.get(peer_id)
-            if view is None or view.seq > seq or peer_id in connected:
-                continue
+            if view is None or view.seq > seq or view.state not in UP or peer_id in connected:
+                continue  # newer news, already not routed to (unreachable stays so), or we know better
             if self.table.mark_down(peer_id, now):
                 log.info("peer %s is down, says %s", peer_id, sender)
 

@@ -30,10 +30,13 @@ Only hearsay, never proof, so it is bounded the way SWIM bounds suspicion:
 
 from __future__ import annotations
 
+import itertools
+
 DELAY = (0.5, 1.5)  # seconds, uniform: wait before saying a peer is down (a reconnect or another's hint may come)
 TTL = 30.0  # seconds a hint is repeated in our announcements
 MAX = 16  # hints one announcement carries (announce.MAX_DOWN)
-MAX_HEARD = 4096  # others' hints remembered for suppression
+MAX_HEARD = 4096  # others' hints remembered for suppression (and senders, for SENDER_GAP)
+SENDER_GAP = 1.0  # seconds: one peer's hints are acted on at most this often
 REFUTE_EVERY = 2.0  # seconds: the fastest we answer hints about ourselves
 
 
@@ -42,14 +45,23 @@ class DownHints:
         self.ours: dict[str, tuple[int, float]] = {}  # peer -> (seq it last announced, when we said it was down)
         self.heard: dict[tuple[str, int], float] = {}  # (peer, seq) -> when someone else said it
         self.refuted_at: float | None = None
+        self.senders: dict[str, float] = {}  # peer -> when we last acted on its hints
 
     def heard_of(self, peer_id: str, seq: int, now: float) -> None:
         """Someone else said ``peer_id`` (at ``seq``) is down: we need not say it too."""
+        self.heard.pop((peer_id, seq), None)  # re-inserted last: the dict stays in age order
         self.heard[(peer_id, seq)] = now
-        if len(self.heard) > MAX_HEARD:  # a liar naming random peers must not grow it for ever
-            self.heard = {k: t for k, t in self.heard.items() if now - t < TTL}
-            while len(self.heard) > MAX_HEARD:
-                del self.heard[next(iter(self.heard))]
+        _trim(self.heard)  # a liar naming made-up peers must not grow it for ever
+
+    def sender_may(self, sender: str, now: float) -> bool:
+        """Act on ``sender``'s hints now? At most once per :data:`SENDER_GAP`."""
+        last = self.senders.get(sender)
+        if last is not None and now - last < SENDER_GAP:
+            return False
+        self.senders.pop(sender, None)
+        self.senders[sender] = now
+        _trim(self.senders)
+        return True
 
     def should_say(self, peer_id: str, seq: int) -> bool:
         """After the delay: say it, unless someone else did (or we already do)."""
@@ -78,3 +90,10 @@ class DownHints:
             return False
         self.refuted_at = now
         return True
+
+
+def _trim(d: dict) -> None:
+    """Drop the oldest entries of an insertion-ordered dict past :data:`MAX_HEARD` (amortised O(1))."""
+    if len(d) > MAX_HEARD:
+        for key in list(itertools.islice(d, len(d) - MAX_HEARD * 9 // 10)):
+            del d[key]

@@ -1,9 +1,10 @@
 """Asking holders of a model how busy they are (``/meshollama/load/1``), for large meshes.
 
 The gateway, about to route in a mesh past ``p2p.full_view_up_to`` peers
-(where load changes are not gossiped), asks :data:`SAMPLE` random holders it
-has not asked within :data:`FRESH` seconds, all at once, for at most
-:data:`TIMEOUT`; what comes back counts as a heartbeat of its own for routing
+(where load changes are not gossiped) with a strategy that uses load, asks
+:data:`SAMPLE` random holders it is connected to (a dial would not fit) and
+has not asked within :data:`FRESH` seconds, answered or not, all at once,
+for at most :data:`TIMEOUT`; what comes back counts as a heartbeat of its own for routing
 (``routing.RouteStats.sampled``), and those holders join the decision's
 sample. A peer that does not answer in time is simply not counted: the
 decision goes on with what the announcements said. The answer is a
@@ -57,18 +58,17 @@ async def ask(open_stream: Callable[..., Awaitable], peer_id: str, timeout: floa
                 if not chunk:
                     break
                 data += chunk
-            await stream.close()
             try:
                 return decode(data)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise P2PError(f"load of {peer_id}: not an answer ({exc})") from None
         finally:
-            await stream.reset()
+            await stream.reset()  # the answer is in: no polite close to wait for
     raise P2PError(f"load of {peer_id}: no answer within {timeout}s")
 
 
-def pick(holders, fresh: Callable[[str], bool], rng: random.Random, k: int = SAMPLE) -> list[str]:
-    """Up to ``k`` random holders (``PeerView``\ s) we have not asked within :data:`FRESH`:
-    O(k), whatever the number of holders."""
-    sample = rng.sample(range(len(holders)), min(len(holders), 4 * k))
-    return [pid for i in sample if not fresh(pid := holders[i].peer_id)][:k]
+def pick(holders, skip: Callable[[str], bool], rng: random.Random, k: int = SAMPLE) -> list[str]:
+    """Up to ``k`` random holders (``PeerView`` objects) not to ``skip`` (asked within
+    :data:`FRESH`, not connected, ourselves): O(k), whatever the number of holders."""
+    sample = rng.sample(range(len(holders)), min(len(holders), 8 * k))
+    return [pid for i in sample if not skip(pid := holders[i].peer_id)][:k]

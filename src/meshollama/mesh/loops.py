@@ -137,6 +137,7 @@ class HostLoops(Hearing):
         mesh, policy = self.mesh, self.policy
         had_neighbours = force = False
         while not mesh._leaving:
+            woken[0] = trio.Event()  # before looking: a notice from here on wakes the next wait
             now = trio.current_time()
             neighbours = self.host_topic_peers() > 0
             force = force or mesh._publish_now.is_set() or (neighbours and not had_neighbours)
@@ -156,7 +157,6 @@ class HostLoops(Hearing):
                     mesh._publish_now.set()  # still to say
                     await trio.sleep(policy.cadence.load_gap)
                     continue
-            woken[0] = trio.Event()
             # Never a zero wait when nothing went out: a deadline the policy did not act on
             # must not spin the loop (min_gap keeps the floor above zero).
             wait = POLL if reason is not None else max(policy.cadence.min_gap / 4, policy.next_check(trio.current_time()))

@@ -167,6 +167,11 @@ class Snapshot:
         shared = self.shared_index
         return shared if shared is not None and shared.peers is self.peers else ServingIndex(self.peers)
 
+    @property
+    def self_seq(self) -> int:
+        """The seq of our own latest announcement (0 before the first)."""
+        return self._self.seq if self._self is not None else 0
+
     def get(self, peer_id: str) -> PeerView | None:
         return self._index.get(peer_id)
 
@@ -294,6 +299,11 @@ class PeerTable:
             raise ValueError("set_self: announcement is not ours")
         self._self = _view(ann, now, is_self=True)
         self._changed()
+
+    @property
+    def self_seq(self) -> int:
+        """The seq of our own latest announcement (0 before the first)."""
+        return self._self.seq if self._self is not None else 0
 
     def get(self, peer_id: str) -> PeerView | None:
         """A remote peer's entry (O(1), no snapshot)."""

@@ -156,6 +156,11 @@ class MeshService:
         gateway asks a few holders before it routes (:meth:`ask_loads`)."""
         return len(self.table) > self.settings.full_view_up_to and self._host_ready.is_set()
 
+    def connected(self) -> set[str]:
+        """Peers we hold a connection to now (empty while no host runs)."""
+        host = self._host
+        return host.connected_peers() if host is not None and self._host_ready.is_set() else set()
+
     async def ask_loads(self, peers: list[str]) -> dict[str, LoadInfo]:
         """Ask these peers for their load, all at once, for ``load_client.TIMEOUT`` at most;
         those that answered in time."""
@@ -164,7 +169,7 @@ class MeshService:
         async def one(peer_id: str) -> None:
             try:
                 out[peer_id] = await load_client.ask(self._open_stream, peer_id)
-                self._count("load_queries", "asked")
+                self._count("load_queries", "answered")
             except P2PError:
                 self._count("load_queries", "failed")
 
@@ -227,7 +232,7 @@ class MeshService:
             "dht_routing_table_size": host.dht_size() if host is not None else 0,
             "heartbeats_sent": self.counters.heartbeats_sent,
             "heartbeats_received": self.counters.heartbeats_received,
-            "refresh_interval": self._refresh_ms() / 1000,
+            "refresh_interval": self._refresh_said(),
             "announced": dict(self.counters.announced),
             "synced": dict(self.counters.synced),
             "load_queries": dict(self.counters.load_queries),
@@ -336,6 +341,12 @@ class MeshService:
         else:
             refresh = max(self.settings.heartbeat_interval, self.settings.refresh_interval)
         return min(announce.MAX_REFRESH_MS, max(1, round(refresh * 1000)))
+
+    def _refresh_said(self) -> float:
+        """The refresh interval our last announcement carried (what peers expire us by)."""
+        loops = self._loops
+        said = loops.policy.refresh_said if loops is not None else None
+        return said if said is not None else self._refresh_ms() / 1000
 
     def request_heartbeat(self) -> None:
         """Publish a heartbeat now (at most one per 0.25 s; while no host runs, once one does)."""
