@@ -12,6 +12,7 @@ from functools import partial
 import pytest
 import trio
 
+from meshollama.mesh.liveness import IDLE_PING_EVERY
 from tests.fakes.fake_ollama import serve_fake
 
 from .cluster import HEARTBEAT, cluster
@@ -101,10 +102,12 @@ async def test_kill_term_restart_and_freeze(tmp_path):
             with trio.fail_after(15):
                 await c.wait_until(partial(sees, c, a, [s.peer_id]))
 
-            # SIGSTOP: our liveness check marks it down within 3 intervals; SIGCONT: back
+            # SIGSTOP: a frozen idle peer sends nothing and keeps its connection; in a mesh
+            # this small every idle peer is pinged every 5 rounds (liveness.IDLE_PING_EVERY x 1 s)
+            # and a ping times out after 2 s: marked down within 7 s, + slack. SIGCONT: back.
             c.signal(b, signal.SIGSTOP)
             try:
-                with trio.fail_after(3 * HEARTBEAT + 2.5):
+                with trio.fail_after(IDLE_PING_EVERY * 1.0 + 2.0 + 3.0):
                     await c.wait_until(partial(_not_alive, c, a, b.peer_id), step=0.05)
             finally:
                 c.signal(b, signal.SIGCONT)

@@ -511,6 +511,9 @@ class CountingAdmission:
     def known_role(self, peer: str) -> str | None:
         return "node"
 
+    async def wait(self, peer: str, timeout: float | None = None) -> str | None:
+        return self.roles.get(peer)
+
     def admit(self, peer: str) -> None:
         self.roles[peer] = "node"
         self.generation += 1
@@ -561,4 +564,17 @@ async def test_a_meaningful_load_change_goes_out_at_the_load_gap_a_small_one_aft
         got = [(round(t - r.t0, 3), a.load.in_flight, a.load.capacity) for t, a in host.published]
         assert got == [(0.0, 0, 2), (2.0, 0, 16), (13.0, 1, 16), (15.0, 16, 16)], got
         assert r.mesh.counters.announced == {"first": 1, "load": 2, "load_silence": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_in_a_closed_mesh_no_table_sync_goes_to_a_peer_not_admitted(autojump_clock):
+    """A sync request carries our signed heartbeat: a stranger that connects must not get it
+    (found by the closed-mesh test across hosts: the stranger listed the member)."""
+    adm = CountingAdmission()
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0, admission=adm)
+        r.net.host.peer_connects("12D3KooWstranger")
+        await r.at(5.0)
+        assert [p for p, proto in r.net.host.opened if proto == "/meshollama/sync/1"] == []
+        assert r.mesh.counters.synced.get("failed", 0) >= 1
         nursery.cancel_scope.cancel()

@@ -203,7 +203,9 @@ class Hearing:
         for attempt in range(tries):
             held = set(mesh.signed.values())
             try:
-                stream = await self.host.open_stream(peer_id, sync.PROTOCOL, timeout=self.settings.connect_timeout)
+                # Through the service: in a closed mesh it waits for the peer's admission, so
+                # our heartbeat (and our table request) never goes to a stranger.
+                stream = await mesh.open_stream(peer_id, sync.PROTOCOL, timeout=self.settings.connect_timeout)
                 count = await sync.pull(stream, getattr(self.host, "own_message", b""),
                                         lambda raw, age: self.accept_signed(raw, age=age, held=held),
                                         max_frames=max(self.settings.max_peers + 1, SYNC_MAX_FRAMES))
