@@ -67,8 +67,15 @@ async def test_pull_then_replicate_across_hosts(net, tmp_path):
 
         await wait_for(three_copies)
         assert (tmp_path / "b-models").joinpath(*manifest).exists()
-        listed = await http(net, ah, "GET", "/api/mesh/models")
-        row = next(m for m in json.loads("".join(listed["lines"]))["models"] if m["model"] == "tiny:1b")
-        assert row["copies_target"] == 3 and len(row["holders"]) == 3
+
+        async def a_lists_the_target() -> dict | None:
+            # a takes the target from p's announcement at its replicator's next look (every
+            # few seconds); b's copy can be announced before that.
+            listed = await http(net, ah, "GET", "/api/mesh/models")
+            row = next(m for m in json.loads("".join(listed["lines"]))["models"] if m["model"] == "tiny:1b")
+            return row if row["copies_target"] == 3 else None
+
+        row = await wait_for(a_lists_the_target)
+        assert len(row["holders"]) == 3
         done = await net.run(ah, [sys.executable, "-m", "meshollama", "models", "--data-dir", str(a.data_dir)])
         assert "tiny:1b" in done.stdout.decode() and "3/3" in done.stdout.decode(), done.stdout.decode()

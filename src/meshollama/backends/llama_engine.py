@@ -155,13 +155,14 @@ class LlamaInstance:
             tokens = tokens[-(self.n_ctx * 3 // 4):]
         grammar = None
         if job.format is not None:
-            from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+            from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
             try:
                 if job.format == "json":
                     grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
                 else:
-                    grammar = LlamaGrammar.from_json_schema(json.dumps(job.format), verbose=False)
+                    grammar = LlamaGrammar.from_string(_strict_strings(json_schema_to_gbnf(json.dumps(job.format))),
+                                                       verbose=False)
             except Exception as e:
                 raise RequestError(f"invalid format: {e}", 500) from None
         return Prepared(tokens=tokens, sampling=samp, grammar=grammar,
@@ -328,3 +329,16 @@ class Prepared:
     grammar: Any = None
     logprobs: bool = False
     top_logprobs: int = 0
+
+
+# llama-cpp-python's schema converter lets a JSON string hold raw control characters
+# (``char ::= [^"\\]``), which no JSON parser accepts: a schema-constrained answer came
+# back as ``{"colour": ",<newline>"}``. Its plain JSON grammar already excludes them, as
+# llama.cpp's own converter does now; so do we.
+_LOOSE_CHAR = 'char ::= [^"\\\\]'
+_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'
+
+
+def _strict_strings(gbnf: str) -> str:
+    return "\n".join(_STRICT_CHAR + line[len(_LOOSE_CHAR):] if line.startswith(_LOOSE_CHAR) else line
+                     for line in gbnf.splitlines())
