@@ -118,13 +118,9 @@ def run(args: argparse.Namespace) -> dict:
                     obs = args.observers if n <= 1000 else 16
                     if n >= 10_000 and mode == "legacy":
                         w = 20.0
-                    t = time.perf_counter()
-                    r = scenarios.cost(n, mode, args.seed, load=load, window=w, full_max=args.full_max,
-                                       observers=obs, base=base,
-                                       load_window=args.load_window if mode == "new" else 30.0)
-                    r["wall_s"] = round(time.perf_counter() - t, 2)
-                    rows.append(r)
-                    print(f"  cost n={n} {mode} load={load}: {r['wall_s']} s", file=sys.stderr, flush=True)
+                    rows.append(_timed(f"cost n={n} {mode} load={load}", lambda: scenarios.cost(
+                        n, mode, args.seed, load=load, window=w, full_max=args.full_max, observers=obs, base=base,
+                        load_window=args.load_window if mode == "new" else 30.0)))
         out["cost"] = rows
         _table("cost per node per second (after convergence)", rows, [
             ("N", "n", ""), ("mode", "mode", ""), ("load", "load", ""), ("refresh s", "refresh_s", ""),
@@ -136,11 +132,8 @@ def run(args: argparse.Namespace) -> dict:
         rows = []
         for mode in modes:
             for n in conv_sizes:
-                t = time.perf_counter()
-                r = scenarios.convergence(n, mode, args.seed, base=base)
-                r["wall_s"] = round(time.perf_counter() - t, 2)
-                rows.append(r)
-                print(f"  convergence n={n} {mode}: {r['wall_s']} s", file=sys.stderr, flush=True)
+                rows.append(_timed(f"convergence n={n} {mode}",
+                                   lambda: scenarios.convergence(n, mode, args.seed, base=base)))
         out["convergence"] = rows
         _table("convergence", rows, [
             ("N", "n", ""), ("mode", "mode", ""), ("join window s", "join_window_s", ""),
@@ -152,12 +145,9 @@ def run(args: argparse.Namespace) -> dict:
         dur = 60.0 if args.quick else args.churn_duration
         for mode in modes:
             for n in sizes:
-                t = time.perf_counter()
-                r = scenarios.churn(n, mode, args.seed, duration=dur, full_max=min(100, args.full_max),
-                                    observers=min(32, args.observers), base=base)
-                r["wall_s"] = round(time.perf_counter() - t, 2)
-                rows.append(r)
-                print(f"  churn n={n} {mode}: {r['wall_s']} s", file=sys.stderr, flush=True)
+                rows.append(_timed(f"churn n={n} {mode}", lambda: scenarios.churn(
+                    n, mode, args.seed, duration=dur, full_max=min(100, args.full_max),
+                    observers=min(32, args.observers), base=base)))
         out["churn"] = rows
         _table("churn (crashes, leaves, joins under request load)", rows, [
             ("N", "n", ""), ("mode", "mode", ""), ("crash/leave/join", "crashes", ""),
@@ -183,6 +173,15 @@ def run(args: argparse.Namespace) -> dict:
             ("oracle latency s", "oracle.latency_mean_s", "")])
     out["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _timed(label: str, run) -> dict:
+    """One scenario run, with its wall time in ``wall_s`` and a progress line on stderr."""
+    t = time.perf_counter()
+    r = run()
+    r["wall_s"] = round(time.perf_counter() - t, 2)
+    print(f"  {label}: {r['wall_s']} s", file=sys.stderr, flush=True)
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
