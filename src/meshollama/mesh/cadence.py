@@ -179,7 +179,7 @@ class AnnouncePolicy:
         the load silence."""
         if self.last_at is None:
             return 0.0
-        due = self.last_at + self._refresh()
+        due = now + self.quiet_for(now)
         if self.load_moved_at is not None and self.cadence.announce_load:
             due = min(due, self.load_moved_at + self.cadence.load_silence)
             if self.load_news:

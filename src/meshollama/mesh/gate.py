@@ -34,12 +34,18 @@ class Gate:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             return "busy"
-        self._asked.pop(peer, None)  # re-inserted last: the dict stays in age order
-        self._asked[peer] = now
-        if len(self._asked) > REMEMBERED:  # amortised: drop the oldest tenth at once
-            for old in list(itertools.islice(self._asked, len(self._asked) - REMEMBERED * 9 // 10)):
-                del self._asked[old]
+        remember(self._asked, peer, now, REMEMBERED)
         return None
 
     def leave(self) -> None:
         self._slots.release()
+
+
+def remember(d: dict, key, value, limit: int) -> None:
+    """``d[key] = value`` as the newest entry; past ``limit`` entries the oldest tenth go at
+    once (amortised O(1)), so peers a stranger makes up cannot grow ``d`` for ever."""
+    d.pop(key, None)  # re-inserted last: the dict stays in age order
+    d[key] = value
+    if len(d) > limit:
+        for old in list(itertools.islice(d, len(d) - limit * 9 // 10)):
+            del d[old]

@@ -180,18 +180,21 @@ class Hearing:
             out.append((own, 0.0))
         return out
 
-    def load_server(self) -> LoadServer:
+    def member(self, peer_id: str) -> bool:
+        """Whom the sync and load protocols serve: anyone in an open mesh; in a closed one a
+        peer the mesh's documents admit (its connection's own decision may still be under way)."""
         adm = self.mesh.admission
-        return LoadServer(self.mesh._load,
-                          allow=(lambda p: True) if adm is None else (lambda p: adm.known_role(p) is not None),
+        return adm is None or adm.known_role(peer_id) is not None
+
+    def load_server(self) -> LoadServer:
+        return LoadServer(self.mesh._load, allow=self.member,
                           on_count=lambda what: self.mesh._count("load_queries", f"served_{what}"))
 
     def sync_server(self) -> sync.SyncServer:
-        adm = self.mesh.admission
         return sync.SyncServer(
             table=self.signed_table,
             accept=lambda raw, caller: self.accept_signed(raw, sender=caller),
-            allow=(lambda p: True) if adm is None else (lambda p: adm.known_role(p) is not None),
+            allow=self.member,
             on_count=lambda what: self.mesh._count("synced", what))
 
     async def sync_with(self, peer_id: str, *, tries: int = SYNC_TRIES) -> None:

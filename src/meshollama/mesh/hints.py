@@ -30,7 +30,7 @@ Only hearsay, never proof, so it is bounded the way SWIM bounds suspicion:
 
 from __future__ import annotations
 
-import itertools
+from .gate import remember
 
 DELAY = (0.5, 1.5)  # seconds, uniform: wait before saying a peer is down (a reconnect or another's hint may come)
 TTL = 30.0  # seconds a hint is repeated in our announcements
@@ -49,18 +49,14 @@ class DownHints:
 
     def heard_of(self, peer_id: str, seq: int, now: float) -> None:
         """Someone else said ``peer_id`` (at ``seq``) is down: we need not say it too."""
-        self.heard.pop((peer_id, seq), None)  # re-inserted last: the dict stays in age order
-        self.heard[(peer_id, seq)] = now
-        _trim(self.heard)  # a liar naming made-up peers must not grow it for ever
+        remember(self.heard, (peer_id, seq), now, MAX_HEARD)  # a liar naming made-up peers: bounded
 
     def sender_may(self, sender: str, now: float) -> bool:
         """Act on ``sender``'s hints now? At most once per :data:`SENDER_GAP`."""
         last = self.senders.get(sender)
         if last is not None and now - last < SENDER_GAP:
             return False
-        self.senders.pop(sender, None)
-        self.senders[sender] = now
-        _trim(self.senders)
+        remember(self.senders, sender, now, MAX_HEARD)
         return True
 
     def should_say(self, peer_id: str, seq: int) -> bool:
@@ -91,9 +87,3 @@ class DownHints:
         self.refuted_at = now
         return True
 
-
-def _trim(d: dict) -> None:
-    """Drop the oldest entries of an insertion-ordered dict past :data:`MAX_HEARD` (amortised O(1))."""
-    if len(d) > MAX_HEARD:
-        for key in list(itertools.islice(d, len(d) - MAX_HEARD * 9 // 10)):
-            del d[key]
