@@ -349,6 +349,8 @@ def _counter_sink(metrics):
             metrics.table_syncs.labels(label).inc()
         elif name == "load_queries":
             metrics.load_queries.labels(label).inc()
+        elif name == "holder_lookups":
+            metrics.holder_lookups.labels(label).inc()
         elif name == "heartbeats_received":
             metrics.heartbeats_received.inc()
         elif name == "heartbeats_dropped":

@@ -137,7 +137,7 @@ def test_mesh_peers():
     assert [p["peer_id"] for p in got] == ["me", "p2"]
     me, p2 = got
     assert set(me) == {"peer_id", "addrs", "api_url", "version", "models", "load",
-                       "seconds_since_heartbeat", "state", "is_self", "relay"}
+                       "seconds_since_heartbeat", "state", "is_self", "relay", "more_models"}
     assert me["is_self"] and me["state"] == "alive"
     assert me["models"] == [{"name": "a:latest", "digest": A64, "size": 100, "loaded": True}]
     assert me["load"] == {"in_flight": 1, "capacity": 4, "queued": 2, "waiting": 0}

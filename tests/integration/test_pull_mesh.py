@@ -269,6 +269,22 @@ async def test_a_model_no_heartbeat_carries_is_found_through_dht_provider_record
             await c.wait_until(a_announced)
             hidden = sorted({f"m{i:03d}:1b" for i in range(280)} - await heard())
             assert hidden, "every model fit in the heartbeat"
+            assert (await c.view(puller))[a.peer_id]["more_models"] is True  # it says so: the DHT has the rest
+
+            async def a_provided_the_hidden() -> bool:  # paced (mesh.holders.Pace); the left-out ones first
+                status = (await c.client.get(a.api + "/api/mesh/status")).json()["mesh"]
+                return (status["dht_models"] or {}).get("provided", 0) >= len(hidden)
+
+            await c.wait_until(a_provided_the_hidden)
+            async with httpx.AsyncClient(timeout=30) as client:
+                # A chat for a model no heartbeat lists goes to the holder the DHT names, by its own word.
+                r = await client.post(puller.api + "/api/chat", json={
+                    "model": hidden[1], "messages": [{"role": "user", "content": "hi"}], "stream": False})
+                assert r.status_code == 200 and r.headers["x-meshollama-peer"] == a.peer_id, r.text
+                status = (await client.get(puller.api + "/api/mesh/status")).json()["mesh"]
+                assert status["holder_lookups"].get("found", 0) >= 1, status
+                r = await client.post(puller.api + "/api/chat", json={"model": "nobody-has:1b", "messages": []})
+                assert r.status_code == 404 and r.json() == {"error": "model 'nobody-has:1b' not found"}
             async with httpx.AsyncClient(timeout=30) as client:
                 r = await client.post(puller.api + "/api/pull", json={"model": hidden[0], "stream": False})
                 assert r.status_code == 200 and r.json() == {"status": "success"}, r.text

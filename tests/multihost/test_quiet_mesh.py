@@ -111,3 +111,38 @@ async def test_past_full_view_a_gateway_asks_holders_for_their_load_over_the_lan
         assert sum(answered) >= 2, answered
         for h in hosts[1:]:  # load changes are not announced in a large mesh
             assert "load" not in (await _status(net, h))["announced"]
+
+
+async def test_a_model_no_announcement_carries_is_found_through_the_dht_across_hosts(net, tmp_path):
+    """A holder with more models than one announcement carries (``announce.fit``): the
+    gateway on another host finds the ones left out through DHT provider records, asks
+    the holder over ``/meshollama/holds/1`` and routes to it."""
+    with trio.fail_after(180):
+        _, hosts = net.lan("198.18.15", ["g", "a", "b"])
+        many = [f"m{i:03d}:latest" for i in range(270)]
+        await start_fake(net, hosts[1], tmp_path, many, "a")
+        b = await start_node(net, hosts[2], tmp_path, "b", "--no-mdns", "--backend", "none")
+        boot = ["--bootstrap", b.info["p2p_addrs"][0]]
+        a = await start_node(net, hosts[1], tmp_path, "a", "--no-mdns", "--backend", "ollama", *boot)
+        await start_node(net, hosts[0], tmp_path, "g", "--no-mdns", "--backend", "none", *boot)
+
+        async def g_heard_a():
+            entry = (await peers(net, hosts[0])).get(a.peer_id, {})
+            return entry.get("state") == "alive" and len(entry.get("models", [])) >= 200 and entry
+
+        entry = await wait_for(g_heard_a)
+        assert entry["more_models"] is True
+        hidden = sorted(set(many) - {m["name"] for m in entry["models"]})
+        assert hidden, "every model fit in one announcement"
+
+        async def a_provided_the_hidden():  # paced (mesh.holders.Pace); the left-out ones first
+            return ((await _status(net, hosts[1]))["dht_models"] or {}).get("provided", 0) >= len(hidden)
+
+        await wait_for(a_provided_the_hidden)
+        r = await http(net, hosts[0], "POST", "/api/chat",
+                       {"model": hidden[0], "messages": [{"role": "user", "content": "hi"}], "stream": False})
+        assert r["status"] == 200, r
+        assert r["headers"]["x-meshollama-peer"] == a.peer_id
+        sg = await _status(net, hosts[0])
+        assert sg["holder_lookups"].get("found", 0) >= 1 and sg["holder_lookups"].get("lookup", 0) >= 1, sg
+        assert (await _status(net, hosts[1]))["load_queries"].get("served_answered", 0) >= 1

@@ -280,5 +280,6 @@ async def test_the_service_builds_its_hosts_with_the_factory(autojump_clock):
         async with trio.open_nursery() as nursery:
             addrs = await nursery.start(mesh.serve)
             assert len(net.hosts) == 1 and addrs == net.host.addrs()
-            assert set(net.host.handlers) == {"/meshollama/http/1.1.0", "/meshollama/sync/1", "/meshollama/load/1"}
+            assert set(net.host.handlers) == {"/meshollama/http/1.1.0", "/meshollama/sync/1", "/meshollama/load/1",
+                                     "/meshollama/holds/1"}
             nursery.cancel_scope.cancel()

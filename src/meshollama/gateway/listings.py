@@ -202,6 +202,7 @@ def peer_entry(peer: PeerView, now: float) -> dict[str, Any]:
         "state": peer.state.value,
         "is_self": peer.is_self,
         "relay": peer.relay,
+        "more_models": peer.more,  # it holds models its announcement leaves out (the DHT has them)
     }
 
 

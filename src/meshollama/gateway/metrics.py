@@ -177,6 +177,13 @@ class MeshMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.holder_lookups = Counter(
+            "meshollama_holder_lookups_total",
+            "Holders of a model no announcement lists, looked up in the DHT (mesh.holders): lookup "
+            "(the DHT was asked), found, none. Holds questions answered count in load_queries.",
+            ["outcome"],
+            registry=registry,
+        )
         self.p2p_stream_errors = Counter(
             "meshollama_p2p_stream_errors_total",
             "libp2p stream failures, by kind.",

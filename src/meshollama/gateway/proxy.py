@@ -262,8 +262,11 @@ class Proxy:
         payload = parse_payload(request.body, endpoint)
         model = model_of(payload, endpoint)
         key = names.key(model)
+        found: dict[str, Any] = {}  # peer -> mesh.holders.Found: holders no announcement lists
         if not routing.candidates(self.mesh.snapshot(), key):
-            self._unservable(endpoint, model, key)
+            found = await self._find_holders(model)
+            if not found:
+                self._unservable(endpoint, model, key)
         # One spelling per model in metrics and traffic: the routing key's, not the client's
         # (llama3, Llama3 and LLAMA3:latest route alike; each would be new series).
         out.model = names.shortest(key)
@@ -276,12 +279,13 @@ class Proxy:
         after_busy = False
         while True:
             queued = trio.current_time()
-            await self.queues.wait(key, lambda: self._free(key), label=out.model, after_busy=after_busy,
-                                   deadline=deadline, servable=lambda: bool(routing.candidates(self.mesh.snapshot(),
-                                                                                               key)))
+            await self.queues.wait(key, lambda: bool(found) or self._free(key), label=out.model,
+                                   after_busy=after_busy, deadline=deadline,
+                                   servable=lambda: bool(found) or bool(routing.candidates(self.mesh.snapshot(), key)))
             if (waited := trio.current_time() - queued) > 0.001:  # it waited in line (a free slot returns at once)
                 out.route.event("queued", seconds=round(waited, 3))
-            failures = await self._try_in_order(endpoint, request, responder, out, relay, model, key, streaming)
+            failures = await self._try_in_order(endpoint, request, responder, out, relay, model, key, streaming,
+                                                found)
             if failures is None:  # answered, or ended with an explicit error
                 return
             if self.queues.size and all(f.kind == "busy" for _, f in failures):
@@ -299,8 +303,8 @@ class Proxy:
             raise NoCapacity(f"all peers serving '{model}' are busy or failing (tried {len(failures)})")
 
     async def _try_in_order(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome,
-                            relay: StreamRelay, model: str, key: str,
-                            streaming: bool) -> list[tuple[str, Failure]] | None:
+                            relay: StreamRelay, model: str, key: str, streaming: bool,
+                            found: dict[str, Any]) -> list[tuple[str, Failure]] | None:
         """Try up to ``1 + retries`` peers in the router's order until one answers
         (None: the client has its answer or an explicit error, a broken stream
         resumed or ended); else what each tried peer failed with, before its first byte."""
@@ -309,7 +313,7 @@ class Proxy:
         asked = await self._ask_loads(snapshot, key)
         now = trio.current_time()
         order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(), next(self._rr),
-                               prefer=asked)
+                               prefer=asked) or list(found)  # found: least busy first
         if not order:  # every holder went away while we waited
             self._unservable(endpoint, model, key)
         tries = order[: 1 + self.retries]
@@ -319,10 +323,10 @@ class Proxy:
         for n, peer in enumerate(tries, 1):
             # The weights the answer starts on: a continuation must use the same ones,
             # known from now even if the peer has left the table when the stream breaks.
-            digest = _digest(snapshot, peer, key)
+            digest = _digest(snapshot, peer, key) or (found[peer].digest if peer in found else None)
+            warm = self._warm(snapshot, peer, key, now) or (peer in found and found[peer].loaded)
             result = await self.attempts.run(endpoint, peer, None, request, responder, out, relay, retry_5xx=True,
-                                             model_key=key, warm=self._warm(snapshot, peer, key, now),
-                                             streaming=streaming)
+                                             model_key=key, warm=warm, streaming=streaming)
             if result is None:
                 return None
             if isinstance(result, Broken):
@@ -359,6 +363,15 @@ class Proxy:
         for pid, load in loads.items():
             self.stats.sampled(pid, load, now)
         return tuple(loads)
+
+    async def _find_holders(self, model: str) -> dict[str, Any]:
+        """Holders of a model no announcement lists, from DHT provider records, by their
+        own word just now (``mesh.holders``); only where the mesh may hide some: a large
+        mesh, or a peer that says its announcement leaves models out. Else {} at once."""
+        finds = getattr(self.mesh, "finds_holders", None)
+        if finds is None or not finds(self.mesh.snapshot()):
+            return {}
+        return {f.peer_id: f for f in await self.mesh.find_holders(model)}
 
     def _unservable(self, endpoint: Endpoint, model: str, key: str) -> None:
         """Raise the right error for a model nobody alive serves: a 503 when it

@@ -32,6 +32,10 @@ left out (0), the sender is an older node that beats every heartbeat interval.
 :data:`MAX_DOWN`) names peers the sender saw go down, with the seq each last
 announced; left out when empty.
 
+``mm`` (true: the sender holds models this announcement leaves out, past
+:data:`MAX_MODELS` or :data:`MAX_ANNOUNCEMENT_BYTES`; gateways look for those
+in the DHT, ``mesh.holders``) is left out when false.
+
 ``dr`` (draining) was added after ``bye`` and ``r``, the same way: left out
 when false, so an older node reads a draining node's heartbeat as an ordinary
 one (it ignores the key) and a newer node reads an older node's as not
@@ -103,6 +107,7 @@ class Announcement:
     replicas: tuple[ReplicaTarget, ...] = ()  # copy-count targets it knows (it relays the newest)
     refresh_ms: int = 0  # it speaks at least this often (ms); 0: an older node, every heartbeat interval
     down: tuple[tuple[str, int], ...] = ()  # (peer id, seq) of peers it saw go down (mesh.hints)
+    more: bool = False  # it holds models this announcement leaves out (:func:`fit`): ask the DHT
     schema: int = SCHEMA_VERSION
 
 
@@ -165,6 +170,8 @@ def _to_obj(a: Announcement) -> dict[str, Any]:
         o["ri"] = a.refresh_ms
     if a.down:
         o["dn"] = [[pid, seq] for pid, seq in a.down]
+    if a.more:
+        o["mm"] = True
     if a.store is not None:
         st: dict[str, Any] = {"k": a.store.kind, "f": a.store.free}
         if a.store.accepts:
@@ -215,16 +222,16 @@ def fit(a: Announcement) -> Announcement:
     if len(models) <= MAX_MODELS and _size(out) <= MAX_ANNOUNCEMENT_BYTES:
         return out
     models.sort(key=lambda m: not m.loaded)  # stable: otherwise keeps the order
-    out = replace(a, models=tuple(models[:MAX_MODELS]))
-    if _size(out) <= MAX_ANNOUNCEMENT_BYTES:
-        return out
-    out = replace(out, models=tuple(replace(m, details={}) for m in out.models))
+    out = replace(out, models=tuple(models[:MAX_MODELS]))  # with the replicas trimmed above
+    if _size(out) > MAX_ANNOUNCEMENT_BYTES:
+        out = replace(out, models=tuple(replace(m, details={}) for m in out.models))
     while out.models and (size := _size(out)) > MAX_ANNOUNCEMENT_BYTES:
         # Drop about as many models as the excess needs, at least one.
         per_model = max(1, size // len(out.models))
         drop = max(1, (size - MAX_ANNOUNCEMENT_BYTES) // per_model)
         out = replace(out, models=out.models[: len(out.models) - drop])
-    return out
+    # Models left out are still served: gateways find them in the DHT (mesh.holders).
+    return replace(out, more=len(out.models) < len(models))
 
 
 def _model_ok(m: ModelInfo) -> bool:
@@ -443,6 +450,7 @@ def _from_obj(o: Any) -> Announcement:
         draining=_bool(o.get("dr", False), "dr"),
         refresh_ms=min(_int(o.get("ri", 0), "ri"), MAX_REFRESH_MS),
         down=_down(o.get("dn", [])),
+        more=_bool(o.get("mm", False), "mm"),
         schema=schema,
     )
 

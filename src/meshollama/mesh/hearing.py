@@ -187,7 +187,7 @@ class Hearing:
         return adm is None or adm.known_role(peer_id) is not None
 
     def load_server(self) -> LoadServer:
-        return LoadServer(self.mesh._load, allow=self.member,
+        return LoadServer(self.mesh._load, allow=self.member, holds=self.mesh.holds,
                           on_count=lambda what: self.mesh._count("load_queries", f"served_{what}"))
 
     def sync_server(self) -> sync.SyncServer:

@@ -17,18 +17,20 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
 from ..catalog import LoadInfo
 from ..errors import P2PError
-from .announce import MAX_CAPACITY, MAX_LOAD
-from .load_server import PROTOCOL
+from .announce import MAX_CAPACITY, MAX_LOAD, MAX_STR
+from .holders import Found
+from .load_server import HOLDS_PROTOCOL, PROTOCOL
 
 SAMPLE = 3  # holders asked per decision
 FRESH = 1.0  # seconds an answer is good for: not asked again before
 TIMEOUT = 0.25  # seconds the decision waits for answers
-MAX_ANSWER = 256  # bytes
+MAX_ANSWER = 1024  # bytes (a digest may be up to announce.MAX_STR)
 
 
 def decode(data: bytes) -> LoadInfo:
@@ -47,11 +49,26 @@ def decode(data: bytes) -> LoadInfo:
                     queued=num("q", 0, MAX_LOAD), waiting=num("w", 0, MAX_LOAD))
 
 
-async def ask(open_stream: Callable[..., Awaitable], peer_id: str, timeout: float = TIMEOUT) -> LoadInfo:
-    """One holder's load; P2PError if it does not answer in time or answers nonsense."""
+def decode_holds(peer_id: str, data: bytes) -> Found | None:
+    """A provider's answer to "do you hold it?": None for ``{}``; ValueError if it is not one."""
+    obj = json.loads(data.decode("utf-8"))
+    if obj == {}:
+        return None
+    if not isinstance(obj, dict):
+        raise ValueError("not an object")
+    digest, loaded = obj.get("d", ""), obj.get("l", False)
+    if not isinstance(digest, str) or len(digest) > MAX_STR or not isinstance(loaded, bool):
+        raise ValueError("d/l: not a digest and a flag")
+    return Found(peer_id, digest, loaded, decode(data))
+
+
+async def _question(open_stream: Callable[..., Awaitable], peer_id: str, protocol: str, question: bytes,
+                    timeout: float, what: str, parse: Callable[[bytes], Any]) -> Any:
     with trio.move_on_after(timeout):
-        stream = await open_stream(peer_id, PROTOCOL, timeout=timeout)
+        stream = await open_stream(peer_id, protocol, timeout=timeout)
         try:
+            if question:
+                await stream.write(question, timeout=timeout)
             data = b""
             while len(data) <= MAX_ANSWER and not data.endswith(b"\n"):
                 chunk = await stream.read(MAX_ANSWER + 1 - len(data), timeout=timeout)
@@ -59,12 +76,25 @@ async def ask(open_stream: Callable[..., Awaitable], peer_id: str, timeout: floa
                     break
                 data += chunk
             try:
-                return decode(data)
+                return parse(data)
             except (ValueError, UnicodeDecodeError) as exc:
-                raise P2PError(f"load of {peer_id}: not an answer ({exc})") from None
+                raise P2PError(f"{what} of {peer_id}: not an answer ({exc})") from None
         finally:
             await stream.reset()  # the answer is in: no polite close to wait for
-    raise P2PError(f"load of {peer_id}: no answer within {timeout}s")
+    raise P2PError(f"{what} of {peer_id}: no answer within {timeout}s")
+
+
+async def ask(open_stream: Callable[..., Awaitable], peer_id: str, timeout: float = TIMEOUT) -> LoadInfo:
+    """One holder's load; P2PError if it does not answer in time or answers nonsense."""
+    return await _question(open_stream, peer_id, PROTOCOL, b"", timeout, "load", decode)
+
+
+async def ask_holds(open_stream: Callable[..., Awaitable], peer_id: str, model: str,
+                    timeout: float) -> Found | None:
+    """Whether a DHT provider holds ``model`` now (its digest, loaded, load), None if not;
+    P2PError if it does not answer in time or answers nonsense."""
+    return await _question(open_stream, peer_id, HOLDS_PROTOCOL, model.encode() + b"\n", timeout, "holds",
+                           lambda data: decode_holds(peer_id, data))
 
 
 def pick(holders, skip: Callable[[str], bool], rng: random.Random, k: int = SAMPLE) -> list[str]:

@@ -7,9 +7,16 @@ a gateway about to route asks a few holders of the model directly instead
 ``{"f": in_flight, "c": capacity, "q": queued, "w": waiting}``, then the
 stream closes; the caller sends nothing.
 
+The same server answers "do you hold this model?" (``/meshollama/holds/1``,
+:data:`HOLDS_PROTOCOL`) for a gateway that found us through a DHT provider
+record (``mesh.holders``): the asker writes the model's name and a newline
+(at most :data:`MAX_QUESTION` bytes), the answer is ``{}`` or our digest,
+``"l"`` (loaded) and the load fields above.
+
 It faces strangers: in a closed mesh only admitted peers get an answer; at
-most :data:`SLOTS` answers are in progress at once; a peer asking more than
-once per :data:`PER_PEER_GAP` is reset; the write has a short deadline.
+most :data:`SLOTS` answers are in progress at once, for both questions; a
+peer asking more than once per :data:`PER_PEER_GAP` is reset; reading the
+question and writing the answer have short deadlines.
 """
 
 from __future__ import annotations
@@ -19,25 +26,39 @@ from collections.abc import Callable
 
 import trio
 
-from ..catalog import LoadInfo
+from .. import names
+from ..catalog import LoadInfo, ModelInfo
 from ..errors import P2PError
 from .gate import Gate
 
 PROTOCOL = "/meshollama/load/1"
+HOLDS_PROTOCOL = "/meshollama/holds/1"
+MAX_QUESTION = 512  # bytes: a model name (names.MAX_LEN is far below) and a newline
 SLOTS = 32  # answers in progress at once
 PER_PEER_GAP = 0.1  # seconds: one peer's questions, at most ten a second
 DEADLINE = 2.0  # seconds to write the answer
 
 
+def _fields(load: LoadInfo) -> dict:
+    return {"f": load.in_flight, "c": load.capacity, "q": load.queued, "w": load.waiting}
+
+
 def encode(load: LoadInfo) -> bytes:
-    return json.dumps({"f": load.in_flight, "c": load.capacity, "q": load.queued, "w": load.waiting},
-                      separators=(",", ":")).encode() + b"\n"
+    return json.dumps(_fields(load), separators=(",", ":")).encode() + b"\n"
+
+
+def encode_holds(model: ModelInfo | None, load: LoadInfo) -> bytes:
+    if model is None:
+        return b"{}\n"
+    return json.dumps({"d": model.digest, "l": model.loaded, **_fields(load)}, separators=(",", ":")).encode() + b"\n"
 
 
 class LoadServer:
     def __init__(self, load: Callable[[], LoadInfo], *, allow: Callable[[str], bool] = lambda peer_id: True,
-                 on_count: Callable[[str], None] = lambda what: None) -> None:
+                 on_count: Callable[[str], None] = lambda what: None,
+                 holds: Callable[[str], ModelInfo | None] = lambda key: None) -> None:
         self.load = load
+        self.holds = holds  # names.key -> the model we hold under it, if any (our whole list)
         self.on_count = on_count
         self.gate = Gate(allow=allow, every=PER_PEER_GAP, slots=SLOTS)
 
@@ -49,6 +70,37 @@ class LoadServer:
             return
         try:
             await stream.write(encode(self.load()), timeout=DEADLINE)
+            await stream.close()
+            self.on_count("answered")
+        except P2PError:
+            self.on_count("failed")
+            await stream.reset()
+        finally:
+            self.gate.leave()
+
+    async def handle_holds(self, stream) -> None:
+        refused = self.gate.enter(stream.peer_id, trio.current_time())
+        if refused is not None:
+            self.on_count(f"refused_{refused}")
+            await stream.reset()
+            return
+        try:
+            question = b""
+            with trio.move_on_after(DEADLINE):
+                while len(question) <= MAX_QUESTION and not question.endswith(b"\n"):
+                    chunk = await stream.read(MAX_QUESTION + 1 - len(question), timeout=DEADLINE)
+                    if not chunk:
+                        break
+                    question += chunk
+            try:
+                name = question.decode("utf-8").strip() if question.endswith(b"\n") else ""
+            except UnicodeDecodeError:
+                name = ""
+            if not names.is_valid(name):
+                self.on_count("refused_question")
+                await stream.reset()
+                return
+            await stream.write(encode_holds(self.holds(names.key(name)), self.load()), timeout=DEADLINE)
             await stream.close()
             self.on_count("answered")
         except P2PError:

@@ -78,6 +78,7 @@ class PeerView:
     store: StoreInfo | None = None  # where it keeps models (model distribution)
     replicas: tuple[ReplicaTarget, ...] = ()  # copy-count targets it relays
     refresh: float = 0.0  # seconds between its announcements at the longest; 0: an older node (our interval)
+    more: bool = False  # it holds models its announcement leaves out (found through the DHT)
 
     # cached_property writes the instance __dict__ directly, so it works on a
     # frozen dataclass without becoming a field (eq, repr, replace unaffected).
@@ -216,6 +217,7 @@ def _view(ann: Announcement, now: float, *, is_self: bool) -> PeerView:
         store=ann.store,
         replicas=ann.replicas,
         refresh=ann.refresh_ms / 1000,
+        more=ann.more,
     )
 
 

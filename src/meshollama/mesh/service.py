@@ -43,15 +43,15 @@ from functools import partial
 
 import trio
 
-from .. import __version__
+from .. import __version__, names
 from ..catalog import LoadInfo, ModelInfo
 from ..errors import P2PError
 from ..p2p.host import HostSettings, P2PHost
 from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
 from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
-from . import announce, load_client, load_server, sync
+from . import announce, holders, load_client, load_server, sync
 from .loops import STREAM_ABORT_MISSES, HostLoops  # noqa: F401 - STREAM_ABORT_MISSES lived here
-from .peertable import PeerTable, ServingIndex, Snapshot
+from .peertable import PeerState, PeerTable, ServingIndex, Snapshot
 from .reach import Reach
 from .settings import MeshCounters, MeshSettings
 from .supervisor import Backoff, HostStopped, supervise
@@ -131,6 +131,12 @@ class MeshService:
         self.replica_targets: Callable[[], tuple] = lambda: ()
         self.signed: dict[str, bytes] = {}  # peer -> its latest heartbeat as signed (mesh.sync hands them on)
         self._closed_view: tuple | None = None  # (table peers, admission generation, admitted peers, index)
+        self._pace = holders.Pace()  # our ADD_PROVIDER records, whoever says them
+        self.provider: holders.Provider | None = None  # our models' records, once a host runs
+        self.finder = holders.HolderFinder(
+            self.find_providers,
+            lambda peer_id, model: load_client.ask_holds(self._open_stream, peer_id, model, holders.ASK_TIMEOUT),
+            self_id=self.self_id, rng=self._rng, on_count=lambda what: self._count("holder_lookups", what))
         if admission is not None:
             admission.on_refused = self._refused
             admission.on_admitted = self._admitted
@@ -155,6 +161,24 @@ class MeshService:
         """A large mesh (past ``full_view_up_to`` peers): load is not announced, so the
         gateway asks a few holders before it routes (:meth:`ask_loads`)."""
         return len(self.table) > self.settings.full_view_up_to and self._host_ready.is_set()
+
+    def finds_holders(self, snapshot: Snapshot) -> bool:
+        """Whether a model no announcement lists may still be held: the mesh is large
+        (not everyone's catalog need reach us), or an alive peer says its announcement
+        leaves models out (``announce.fit``). Then the DHT is asked (:meth:`find_holders`)."""
+        return self.load_sampling() or any(p.more for p in snapshot.peers if p.state is PeerState.ALIVE)
+
+    async def find_holders(self, model: str) -> list[holders.Found]:
+        """Peers that hold ``model`` by their own word just now, found through DHT
+        provider records (``mesh.holders``), least busy first; [] if none or no host."""
+        if not self._host_ready.is_set():
+            return []
+        return await self.finder.find(model)
+
+    def holds(self, key: str) -> ModelInfo | None:
+        """The model we hold under ``key`` (``names.key``), from our whole list: what an
+        announcement leaves out is still ours to serve."""
+        return next((m for m in self._models() if names.key(m.name) == key), None)
 
     def connected(self) -> set[str]:
         """Peers we hold a connection to now (empty while no host runs)."""
@@ -230,6 +254,8 @@ class MeshService:
             "heartbeat_interval": self.settings.heartbeat_interval,
             "connected_peers": sorted(host.connected_peers()) if host is not None else [],
             "dht_routing_table_size": host.dht_size() if host is not None else 0,
+            "dht_models": self.provider.status() if self.provider is not None else None,
+            "holder_lookups": dict(self.counters.holder_lookups),
             "heartbeats_sent": self.counters.heartbeats_sent,
             "heartbeats_received": self.counters.heartbeats_received,
             "refresh_interval": self._refresh_said(),
@@ -397,7 +423,9 @@ class MeshService:
         host.set_handler(HTTP_PROTOCOL, server.handle)
         self._loops = loops = HostLoops(self, host)
         host.set_handler(sync.PROTOCOL, loops.sync_server().handle)
-        host.set_handler(load_server.PROTOCOL, loops.load_server().handle)
+        load = loops.load_server()
+        host.set_handler(load_server.PROTOCOL, load.handle)
+        host.set_handler(load_server.HOLDS_PROTOCOL, load.handle_holds)
         for protocol, handler in self.handlers.items():
             host.set_handler(protocol, handler)
         self._host = host
@@ -409,6 +437,9 @@ class MeshService:
                 self._host_state = "running"
                 self.table.set_self(self.announcement(), trio.current_time())
                 await nursery.start(self._watched, loops.run)
+                if self._local is not None:  # we serve: our models go into the DHT (mesh.holders)
+                    self.provider = holders.Provider(self._models, self.provide, self._changed, host.dht_size)
+                    nursery.start_soon(self.provider.run)
                 task_status.started(list(self._addrs))
         finally:
             self._nursery = None  # closed: nothing more may be spawned into it
@@ -478,8 +509,13 @@ class MeshService:
                 self._abort_peer(peer_id)
             self.reach.prune(now)
 
-    async def provide(self, key: str) -> bool:
-        """A DHT provider record for ``key`` (hex multihash); False without a host or DHT."""
+    async def provide(self, key: str, *, later: bool = False) -> bool:
+        """A DHT provider record for ``key`` (hex multihash); False without a host or DHT.
+        Paced for every caller together (``holders.Pace``: py-libp2p drops a burst);
+        ``later``: after the model names waiting (a blob)."""
+        if not self._host_ready.is_set():
+            return False
+        await self._pace.wait(later=later)
         host = self._host
         provide = getattr(host, "provide", None) if self._host_ready.is_set() else None
         return bool(await provide(key)) if provide is not None else False

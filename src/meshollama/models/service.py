@@ -39,7 +39,7 @@ from .blob_fetch import MIN_RATE, PullError, leaf, one_error
 from . import listing
 from .blob_server import BlobServer
 from .pull import NotInMesh, pull
-from .sources import MeshSources, blob_key, name_key
+from .sources import MeshSources, blob_key
 from .store import Store
 
 log = logging.getLogger("meshollama.models")
@@ -151,7 +151,8 @@ class ModelService:
             log.warning("models: cannot prune partial blobs: %s", exc)
 
     async def _provide_loop(self) -> None:
-        """Provider records in the DHT for every model name and blob we hold."""
+        """Provider records in the DHT for every blob we hold (model names: ``mesh.holders``),
+        after the names (``mesh.provide`` paces every record as py-libp2p needs)."""
         provided: set[str] = set()
         last_full = -REPROVIDE
         while True:
@@ -163,7 +164,7 @@ class ModelService:
             if trio.current_time() - last_full >= REPROVIDE:
                 last_full, provided = trio.current_time(), set()
             for key in sorted(keys - provided):
-                if await self.mesh.provide(key):
+                if await self.mesh.provide(key, later=True):
                     provided.add(key)
             provided &= keys
             with trio.move_on_after(FREE_REFRESH * 3):
@@ -178,7 +179,6 @@ class ModelService:
         for model in self.backend.models():
             manifest = self.store.manifest(model.name)
             if manifest is not None:
-                keys.add(name_key(model.name))
                 keys.update(blob_key(layer.digest) for layer in manifest.blobs())
         return keys
 

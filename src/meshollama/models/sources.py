@@ -2,18 +2,18 @@
 
 Holders are known from heartbeats first. Where heartbeats do not carry every
 model (a node with more than ``announce.MAX_MODELS``, or a mesh where not
-everyone hears everyone), the DHT has provider records: every node provides
-a key per model name it holds (:func:`name_key`) and per blob (:func:`blob_key`,
-the blob's sha256 as a multihash), refreshed by :class:`~.service.ModelService`.
+everyone hears everyone), the DHT has provider records: every serving node
+provides a key per model name it holds (``mesh.holders.name_key``, said by
+the mesh service) and per blob (:func:`blob_key`, the blob's sha256 as a
+multihash, said by :class:`~.service.ModelService`).
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import trio
 
 from .. import names
+from ..mesh.holders import name_key
 from ..mesh.peertable import PeerState
 from .wire import PROTOCOL
 
@@ -23,10 +23,6 @@ DHT_WAIT = 2.0  # seconds a pull waits for provider records before deciding nobo
 def blob_key(digest: str) -> str:
     """``sha256:<hex>`` as a hex multihash (sha2-256 is code 0x12, 32 bytes long)."""
     return "1220" + digest.removeprefix("sha256:")
-
-
-def name_key(name: str) -> str:
-    return "1220" + hashlib.sha256(b"meshollama/model/" + names.key(name).encode()).hexdigest()
 
 
 _ORDER = {PeerState.ALIVE: 0, PeerState.DRAINING: 1}  # a draining node still serves blobs, last

@@ -1,0 +1,265 @@
+"""Holders found through DHT provider records (``mesh.holders``) and the holds
+question (``/meshollama/holds/1``): scripted DHT and peers, virtual time."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import trio
+
+from meshollama import names
+from meshollama.catalog import LoadInfo, ModelInfo
+from meshollama.errors import P2PError
+from meshollama.mesh import announce, holders, load_client, load_server
+from meshollama.mesh.holders import Found, HolderFinder, Pace, name_key
+from tests.unit.test_mesh_sync import pipe
+
+LOAD = LoadInfo(in_flight=1, capacity=4)
+
+
+def found(pid: str, busy: int = 0) -> Found:
+    return Found(pid, "d" * 64, False, LoadInfo(in_flight=busy, capacity=4))
+
+
+class Dht:
+    """Scripted provider records; counts lookups, can hang."""
+
+    def __init__(self, records: dict[str, list[str]]) -> None:
+        self.records = records
+        self.lookups: list[str] = []
+        self.hang = False
+        self.running = 0
+        self.most = 0
+
+    async def find(self, key: str) -> list[str]:
+        self.lookups.append(key)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await trio.sleep(0.2)
+            if self.hang:
+                await trio.sleep_forever()
+            return list(self.records.get(key, []))
+        finally:
+            self.running -= 1
+
+
+def finder(dht: Dht, holds: dict[str, Found | None], *, asked: list[str] | None = None, counts=None):
+    async def ask(peer_id: str, model: str) -> Found | None:
+        if asked is not None:
+            asked.append(peer_id)
+        answer = holds.get(peer_id, "silent")
+        if answer == "silent":
+            await trio.sleep_forever()
+        return answer
+
+    return HolderFinder(dht.find, ask, self_id="me", rng=random.Random(1),
+                        on_count=(counts.append if counts is not None else lambda what: None))
+
+
+async def test_providers_that_say_yes_are_found_least_busy_first_and_we_are_not_asked(autojump_clock):
+    dht = Dht({name_key("llama3"): ["me", "a", "b", "c"]})
+    f = finder(dht, {"a": found("a", 3), "b": found("b", 1), "c": None})
+    got = await f.find("Llama3:latest")  # any spelling of the name: one key
+    assert [x.peer_id for x in got] == ["b", "a"]
+    assert dht.lookups == [name_key("llama3")]
+
+
+async def test_the_provider_list_is_cached_and_a_no_leaves_it(autojump_clock):
+    dht = Dht({name_key("m"): ["a", "b"]})
+    asked: list[str] = []
+    f = finder(dht, {"a": found("a"), "b": None}, asked=asked)
+    assert [x.peer_id for x in await f.find("m")] == ["a"]
+    assert [x.peer_id for x in await f.find("m")] == ["a"]
+    assert len(dht.lookups) == 1 and asked.count("b") == 1  # b said no once: not asked again
+    await trio.sleep(holders.PROVIDERS_TTL)
+    await f.find("m")
+    assert len(dht.lookups) == 2
+
+
+async def test_nobody_is_remembered_briefly_so_a_flood_of_unknown_names_costs_one_lookup_each(autojump_clock):
+    dht = Dht({})
+    counts: list[str] = []
+    f = finder(dht, {}, counts=counts)
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(f.find, "nobody-has-it")
+    assert len(dht.lookups) == 1  # fifty requests at once share one lookup
+    assert await f.find("nobody-has-it") == [] and len(dht.lookups) == 1
+    await trio.sleep(holders.NOBODY_TTL)
+    await f.find("nobody-has-it")
+    assert len(dht.lookups) == 2 and counts.count("none") == 52 and counts.count("lookup") == 2
+
+
+async def test_lookups_for_many_names_run_a_few_at_a_time(autojump_clock):
+    dht = Dht({})
+    f = finder(dht, {})
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(f.find, f"m{i}")
+    assert dht.most == holders.LOOKUPS
+    assert len(dht.lookups) == 40  # 10 rounds of 0.2 s: within WAIT
+
+
+async def test_a_hanging_dht_or_silent_providers_cost_a_request_wait_and_no_more(autojump_clock):
+    dht = Dht({name_key("m"): ["a", "b"]})
+    f = finder(dht, {})  # both silent
+    started = trio.current_time()
+    assert await f.find("m") == []
+    assert trio.current_time() - started == pytest.approx(0.2 + holders.ASK_TIMEOUT, abs=0.01)
+    dht.hang = True
+    started = trio.current_time()
+    assert await f.find("other") == []
+    assert trio.current_time() - started == pytest.approx(holders.WAIT, abs=0.01)
+    dht.hang = False
+    assert f._pending == {}  # the cancelled lookup left no waiter behind
+    assert await f.find("other") == []  # and is not remembered as "nobody" only
+    assert dht.lookups.count(name_key("other")) == 1  # it was remembered: nobody (for NOBODY_TTL)
+
+
+async def test_only_a_few_providers_are_asked_per_request(autojump_clock):
+    dht = Dht({name_key("m"): [f"p{i}" for i in range(100)]})
+    asked: list[str] = []
+    f = finder(dht, {f"p{i}": found(f"p{i}") for i in range(100)}, asked=asked)
+    assert len(await f.find("m")) == holders.SAMPLE and len(asked) == holders.SAMPLE
+
+
+# --- pacing and providing -----------------------------------------------------------------------
+
+
+async def test_pace_lets_a_burst_through_per_window_and_names_go_before_blobs(autojump_clock):
+    pace = Pace()
+    order: list[tuple[str, float]] = []
+
+    async def say(what: str, later: bool) -> None:
+        await pace.wait(later=later)
+        order.append((what, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(12):
+            nursery.start_soon(say, f"blob{i}", True)
+        await trio.sleep(0.01)
+        for i in range(12):
+            nursery.start_soon(say, f"name{i}", False)
+    windows: dict[int, list[str]] = {}
+    for what, at in order:
+        windows.setdefault(int(at // holders.PROVIDE_WINDOW), []).append(what)
+    assert all(len(w) <= holders.PROVIDE_BURST for w in windows.values())
+    first_names = [w for w in order[holders.PROVIDE_BURST:] if w[0].startswith("name")]
+    # The first window went to the blobs already waiting; from then on every name goes before any blob left.
+    names_done = max(at for what, at in order if what.startswith("name"))
+    assert all(at >= names_done for what, at in order[holders.PROVIDE_BURST:] if what.startswith("blob"))
+    assert first_names and len(order) == 24
+
+
+async def test_the_provide_loop_says_models_left_out_of_announcements_first_and_again_when_the_dht_grows(
+        autojump_clock):
+    models = [ModelInfo(f"m{i:03d}:1b", loaded=(i == 5)) for i in range(300)]
+    said: list[str] = []
+    size = [3]
+    changed = [trio.Event()]  # a backend hands out a fresh event after each change
+
+    async def provide(key: str) -> bool:
+        said.append(key)
+        return True
+
+    async with trio.open_nursery() as nursery:
+        provider = holders.Provider(lambda: tuple(models), provide, lambda: changed[0], lambda: size[0])
+        nursery.start_soon(provider.run)
+        await trio.sleep(1)
+        assert provider.status() == {"provided": 0, "pending": 300}
+        await trio.sleep(holders.PROVIDE_FIRST)
+        assert provider.status() == {"provided": 300, "pending": 0}
+        fit = announce.fit(announce.Announcement(peer_id="p", seq=1, version="t", models=tuple(models), load=LOAD))
+        assert fit.more
+        left_out = {name_key(m.name) for m in models} - {name_key(m.name) for m in fit.models}
+        assert set(said[: len(left_out)]) == left_out  # those only the DHT can tell
+        assert len(said) == 300 and name_key("m005:1b") == said[-1]  # the loaded one is announced: last
+        size[0] = 6  # the DHT's table doubled: records put into a small one may have reached few
+        await trio.sleep(holders.RECHECK + 1)
+        assert len(said) == 600
+        await trio.sleep(holders.RECHECK + 1)
+        assert len(said) == 600  # nothing changed: nothing said
+        models.append(ModelInfo("new:1b"))
+        changed[0], was = trio.Event(), changed[0]
+        was.set()
+        await trio.sleep(holders.CHANGE_GAP + 0.01)
+        assert said[-1] == name_key("new:1b") and len(said) == 601
+        nursery.cancel_scope.cancel()
+
+
+def test_the_announcement_says_when_it_leaves_models_out():
+    few = announce.fit(announce.Announcement(peer_id="p", seq=1, version="t", models=(ModelInfo("a:1b"),), load=LOAD))
+    assert not few.more and "mm" not in json.loads(announce.encode(few))
+    many = announce.fit(announce.Announcement(peer_id="p", seq=1, version="t", load=LOAD,
+                                              models=tuple(ModelInfo(f"m{i}:1b") for i in range(300))))
+    assert many.more and announce.decode(announce.encode(many)).more
+
+
+# --- the holds question -----------------------------------------------------------------------
+
+
+def server(held: dict[str, ModelInfo], counts: list[str] | None = None) -> load_server.LoadServer:
+    return load_server.LoadServer(lambda: LOAD, holds=lambda key: held.get(key),
+                                  on_count=(counts.append if counts is not None else lambda what: None))
+
+
+async def ask_over_pipe(srv, question_name: str, peer: str = "asker") -> Found | None:
+    client, far = pipe(peer)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(srv.handle_holds, far)
+
+        async def open_stream(peer_id, protocol, *, timeout):
+            assert protocol == load_server.HOLDS_PROTOCOL
+            return client
+
+        return await load_client.ask_holds(open_stream, "holder", question_name, timeout=1.0)
+
+
+async def test_a_holder_answers_with_its_digest_loaded_flag_and_load(autojump_clock):
+    model = ModelInfo("m300:1b", digest="ab" * 32, loaded=True)
+    srv = server({names.key("m300:1b"): model})
+    got = await ask_over_pipe(srv, "M300:1b")
+    assert got == Found("holder", "ab" * 32, True, LOAD)
+    await trio.sleep(1)
+    assert await ask_over_pipe(srv, "other:1b") is None
+
+
+async def test_the_holds_server_resets_nonsense_and_slow_questions(autojump_clock):
+    counts: list[str] = []
+    srv = server({}, counts)
+    for i, raw in enumerate([b"\xff\xfe\n", b"../../etc\n", b"x" * 600, b"no-newline"]):
+        client, far = pipe(f"asker{i}")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(srv.handle_holds, far)
+            await client.write(raw)
+            if raw == b"no-newline":
+                await trio.sleep(load_server.DEADLINE + 1)  # trickled: never finished
+        assert far.reset_called, raw
+    assert counts == ["refused_question"] * 4
+
+
+@pytest.mark.parametrize("answer", [b"[]\n", b'{"d": 5, "f": 0}\n', b'{"d": "x", "l": "yes"}\n',
+                                    b'{"d": "' + b"x" * 600 + b'"}\n', b'{"f": -1}\n', b"not json\n"])
+def test_a_holds_answer_is_bounded_like_an_announcement(answer):
+    with pytest.raises(ValueError):
+        load_client.decode_holds("p", answer)
+
+
+def test_a_holds_answer_caps_the_load_it_claims():
+    got = load_client.decode_holds("p", b'{"d": "ab", "l": false, "f": 10, "c": 999999, "q": 0}\n')
+    assert got.load.capacity == announce.MAX_CAPACITY and got.digest == "ab" and not got.loaded
+
+
+async def test_a_silent_holder_is_a_p2p_error_within_the_timeout(autojump_clock):
+    client, far = pipe("asker")
+
+    async def open_stream(peer_id, protocol, *, timeout):
+        return client
+
+    started = trio.current_time()
+    with pytest.raises(P2PError):
+        await load_client.ask_holds(open_stream, "holder", "m:1b", timeout=0.5)
+    assert trio.current_time() - started == pytest.approx(0.5)
