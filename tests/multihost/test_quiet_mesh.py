@@ -78,15 +78,18 @@ async def test_a_joiner_learns_the_mesh_from_one_peer_and_an_idle_mesh_is_quiet(
         assert all(a["heartbeats_sent"] == sum(a["announced"].values()) for a in after)
 
 
-async def test_past_full_view_a_gateway_asks_holders_for_their_load_over_the_lan(net, tmp_path):
+@pytest.mark.parametrize("gateway_large", [True, False], ids=["all-large", "holders-large"])
+async def test_past_full_view_a_gateway_asks_holders_for_their_load_over_the_lan(net, tmp_path, gateway_large):
     """``p2p.full_view_up_to`` 0 makes three hosts a "large" mesh: holders do not announce
-    load changes, and the gateway asks them over ``/meshollama/load/1`` as it routes."""
+    load changes, and the gateway asks them over ``/meshollama/load/1`` as it routes.
+    Tables differ: a gateway that is not "large" itself asks holders that say they are (``lq``)."""
     with trio.fail_after(150):
-        _, hosts = net.lan("198.18.14", ["g", "a", "b"])
+        _, hosts = net.lan("198.18.14" if gateway_large else "198.18.16", ["g", "a", "b"])
         large = {"MESHOLLAMA_P2P_FULL_VIEW_UP_TO": "0"}
         for host, name in zip(hosts[1:], ["a", "b"]):
             await start_fake(net, host, tmp_path, ["echo:latest"], name, token_delay=0.05)
-        g = await start_node(net, hosts[0], tmp_path, "g", "--no-mdns", "--backend", "none", env=large)
+        g = await start_node(net, hosts[0], tmp_path, "g", "--no-mdns", "--backend", "none",
+                             env=large if gateway_large else None)
         boot = ["--bootstrap", g.info["p2p_addrs"][0]]
         a = await start_node(net, hosts[1], tmp_path, "a", "--no-mdns", "--backend", "ollama", *boot, env=large)
         b = await start_node(net, hosts[2], tmp_path, "b", "--no-mdns", "--backend", "ollama", *boot, env=large)
@@ -106,7 +109,7 @@ async def test_past_full_view_a_gateway_asks_holders_for_their_load_over_the_lan
             await trio.sleep(load_client.FRESH)  # answers are reused for a second: ask again
         assert set(served) <= {a.peer_id, b.peer_id}
         sg = await _status(net, hosts[0])
-        assert sg["load_sampling"] is True and sg["load_queries"].get("answered", 0) >= 2, sg
+        assert sg["load_sampling"] is gateway_large and sg["load_queries"].get("answered", 0) >= 2, sg
         answered = [(await _status(net, h))["load_queries"].get("served_answered", 0) for h in hosts[1:]]
         assert sum(answered) >= 2, answered
         for h in hosts[1:]:  # load changes are not announced in a large mesh

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -12,9 +14,11 @@ from meshollama import names
 from meshollama.catalog import LoadInfo, ModelInfo
 from meshollama.errors import P2PError
 from meshollama.mesh import load_client, load_server
+from meshollama.mesh.announce import Announcement, decode, encode
 from meshollama.mesh.cadence import AnnouncePolicy, Cadence, Reason
 from meshollama.mesh.peertable import PeerState, PeerView, Snapshot
-from meshollama.routing import ROUTE_SAMPLE, RouteStats, choose, load_score
+from meshollama.mesh.service import MeshService
+from meshollama.routing import ROUTE_SAMPLE, RouteStats, Strategy, choose, load_score
 from tests.unit.test_mesh_sync import pipe
 
 
@@ -110,3 +114,46 @@ def test_pick_skips_peers_we_are_not_connected_to_and_ourselves():
     got = load_client.pick(holders + [peer("me")], lambda pid: pid == "me" or pid not in connected,
                            random.Random(2), k=3)
     assert set(got) <= {"p3", "p50", "p77"}
+
+
+def test_an_announcement_says_when_its_sender_does_not_announce_load():
+    a = Announcement(peer_id="p", seq=1, version="t", models=(), load=LoadInfo(0, 1), quiet_load=True)
+    assert decode(encode(a)).quiet_load and b'"lq":true' in encode(a)
+    assert not decode(encode(replace(a, quiet_load=False))).quiet_load
+    assert b"lq" not in encode(replace(a, quiet_load=False))
+
+
+def test_a_node_goes_quiet_past_full_view_and_loud_again_only_well_below_it():
+    node = SimpleNamespace(settings=SimpleNamespace(full_view_up_to=32), table=[], _quiet_load=False)
+    said = []
+    for size in (32, 33, 32, 29, 28, 33, 31):
+        node.table = [None] * size
+        said.append(MeshService.announces_load(node))
+    assert said == [True, False, False, False, True, False, False]
+
+
+async def test_a_small_meshs_gateway_asks_only_the_holders_that_say_they_do_not_announce_load(autojump_clock):
+    from meshollama.gateway.proxy import Proxy
+
+    asked: list[list[str]] = []
+
+    class Mesh:
+        self_id = "me"
+
+        def load_sampling(self):
+            return False
+
+        def connected(self):
+            return {"loud", "quiet"}
+
+        async def ask_loads(self, peers):
+            asked.append(list(peers))
+            return {p: LoadInfo(0, 2) for p in peers}
+
+    proxy = Proxy.__new__(Proxy)
+    proxy.mesh, proxy.strategy, proxy.stats, proxy.rng = Mesh(), Strategy.LEAST_LOADED, RouteStats(), random.Random(1)
+    s = Snapshot(peers=(peer("loud"), replace(peer("quiet"), quiet_load=True)), taken_at=0.0)
+    assert await proxy._ask_loads(s, names.key("m")) == ("quiet",)
+    assert asked == [["quiet"]]
+    s = Snapshot(peers=(peer("loud"),), taken_at=0.0)
+    assert await proxy._ask_loads(s, names.key("m")) == () and len(asked) == 1

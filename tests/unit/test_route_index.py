@@ -10,6 +10,7 @@ full scan gave, on random tables.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -305,9 +306,12 @@ def test_round_robin_past_its_window_goes_on_to_the_rest():
 def test_a_large_meshs_line_does_not_wait_for_ever_on_load_nobody_will_announce():
     """Past full_view_up_to, load is not announced: a holder last heard busy long ago is free
     enough to try (``stale_after``), while a fresh 'busy' still holds the line."""
-    peers = tuple(dc for dc in (view(f"p{i}", ("llama3:latest",), in_flight=1, cls=PeerView) for i in range(3)))
-    s = Snapshot(peers=peers, taken_at=0.0)  # last_seen 0: announced busy at t=0
+    loud = tuple(view(f"p{i}", ("llama3:latest",), in_flight=1, cls=PeerView) for i in range(3))
     stats = RouteStats()
+    # Holders that announce their load changes: a busy one stays busy until it says otherwise.
+    assert not has_free_slot(Snapshot(peers=loud, taken_at=0.0), MODEL, stats, 100.0, stale_after=5.0)
+    peers = tuple(replace(p, quiet_load=True) for p in loud)  # they say they do not (lq)
+    s = Snapshot(peers=peers, taken_at=0.0)  # last_seen 0: announced busy at t=0
     assert not has_free_slot(s, MODEL, stats, 100.0)
     assert has_free_slot(s, MODEL, stats, 100.0, stale_after=5.0)
     assert not has_free_slot(s, MODEL, stats, 3.0, stale_after=5.0)

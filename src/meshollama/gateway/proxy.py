@@ -73,8 +73,8 @@ log = logging.getLogger(__name__)
 # Request headers that describe the client's hop, not the request. The client's
 # trace context goes on as the parent of each try's span (``attempt``), re-formatted.
 _DROP_REQUEST = frozenset({"origin", "referer", "cookie", "expect", PEER_HEADER, "traceparent", "tracestate"})
-# A large mesh does not announce load: a holder whose load we learnt longer ago than this
-# counts as free for the line (it answers busy if it is not), instead of full for ever.
+# A holder that does not announce load (``quiet_load``: a large mesh) and whose load we learnt
+# longer ago than this counts as free for the line (it answers busy if it is not), not full for ever.
 LOAD_STALE = 5.0
 LOAD_AWARE = frozenset({routing.Strategy.LEAST_LOADED, routing.Strategy.LOCAL_FIRST})  # strategies that use load
 
@@ -343,17 +343,24 @@ class Proxy:
 
     async def _ask_loads(self, snapshot: Any, key: str) -> tuple[str, ...]:
         """In a large mesh, where load is not announced, ask a few holders how busy they
-        are (at most ``load_client.TIMEOUT``); the decision then includes them."""
+        are (at most ``load_client.TIMEOUT``); the decision then includes them. In a
+        smaller one, only holders that say they do not announce load (``quiet_load``:
+        their tables are past the size where ours is not)."""
         sampling = getattr(self.mesh, "load_sampling", None)
-        if sampling is None or not sampling() or self.strategy not in LOAD_AWARE:
+        if sampling is None or self.strategy not in LOAD_AWARE:
             return ()
+        holders = snapshot.serving(key)
+        if not sampling():
+            holders = tuple(p for p in holders if p.quiet_load)  # a small mesh: a few peers at most
+            if not holders:
+                return ()
         now = trio.current_time()
         connected = self.mesh.connected()  # a dial would not fit in the time a question has
 
         def skip(pid: str) -> bool:
             return pid == self.mesh.self_id or pid not in connected or self.stats.asked_within(pid, now, load_client.FRESH)
 
-        picked = load_client.pick(snapshot.serving(key), skip, self.rng)
+        picked = load_client.pick(holders, skip, self.rng)
         if not picked:
             return ()
         for pid in picked:  # asked, answered or not: not again within FRESH
@@ -386,9 +393,7 @@ class Proxy:
     def _free(self, key: str) -> bool:
         snapshot = self.mesh.snapshot()
         self.stats.observe(snapshot)  # a heartbeat that already counts our finished requests resets the correction
-        sampling = getattr(self.mesh, "load_sampling", None)
-        stale = LOAD_STALE if sampling is not None and sampling() else None
-        return routing.has_free_slot(snapshot, key, self.stats, trio.current_time(), stale_after=stale)
+        return routing.has_free_slot(snapshot, key, self.stats, trio.current_time(), stale_after=LOAD_STALE)
 
     def _warm(self, snapshot: Any, peer_id: str, model_key: str, now: float) -> bool:
         """The model is loaded on the peer: its heartbeat says so, or it answered

@@ -34,7 +34,10 @@ announced; left out when empty.
 
 ``mm`` (true: the sender holds models this announcement leaves out, past
 :data:`MAX_MODELS` or :data:`MAX_ANNOUNCEMENT_BYTES`; gateways look for those
-in the DHT, ``mesh.holders``) is left out when false.
+in the DHT, ``mesh.holders``) is left out when false. ``lq`` (true: the
+sender does not announce its load changes, its table being past
+``p2p.full_view_up_to``) tells a gateway whose own table is smaller (tables
+differ) to ask it for its load when it routes, as a large mesh's do.
 
 ``dr`` (draining) was added after ``bye`` and ``r``, the same way: left out
 when false, so an older node reads a draining node's heartbeat as an ordinary
@@ -108,6 +111,7 @@ class Announcement:
     refresh_ms: int = 0  # it speaks at least this often (ms); 0: an older node, every heartbeat interval
     down: tuple[tuple[str, int], ...] = ()  # (peer id, seq) of peers it saw go down (mesh.hints)
     more: bool = False  # it holds models this announcement leaves out (:func:`fit`): ask the DHT
+    quiet_load: bool = False  # it does not announce load changes (a large mesh for it): ask it
     schema: int = SCHEMA_VERSION
 
 
@@ -172,6 +176,8 @@ def _to_obj(a: Announcement) -> dict[str, Any]:
         o["dn"] = [[pid, seq] for pid, seq in a.down]
     if a.more:
         o["mm"] = True
+    if a.quiet_load:
+        o["lq"] = True
     if a.store is not None:
         st: dict[str, Any] = {"k": a.store.kind, "f": a.store.free}
         if a.store.accepts:
@@ -451,6 +457,7 @@ def _from_obj(o: Any) -> Announcement:
         refresh_ms=min(_int(o.get("ri", 0), "ri"), MAX_REFRESH_MS),
         down=_down(o.get("dn", [])),
         more=_bool(o.get("mm", False), "mm"),
+        quiet_load=_bool(o.get("lq", False), "lq"),
         schema=schema,
     )
 

@@ -178,7 +178,7 @@ class HostLoops(Hearing):
         refresh = max(beat, refresh_for(len(self.table), floor=st.refresh_interval, per_peer=st.refresh_per_peer,
                                         ceiling=announce.MAX_REFRESH_MS / 1000))
         cached = self._cadence
-        announce_load = len(self.table) <= st.full_view_up_to
+        announce_load = self.mesh.announces_load()
         if cached is None or cached[0] != (refresh, announce_load):
             cadence = Cadence(refresh=refresh, load_gap=beat, load_silence=max(beat, st.load_max_silence),
                               min_gap=min(beat, MIN_GAP), announce_load=announce_load, jitter=st.refresh_jitter)

@@ -79,6 +79,7 @@ class PeerView:
     replicas: tuple[ReplicaTarget, ...] = ()  # copy-count targets it relays
     refresh: float = 0.0  # seconds between its announcements at the longest; 0: an older node (our interval)
     more: bool = False  # it holds models its announcement leaves out (found through the DHT)
+    quiet_load: bool = False  # it does not announce load changes: ask it (mesh.load_client)
 
     # cached_property writes the instance __dict__ directly, so it works on a
     # frozen dataclass without becoming a field (eq, repr, replace unaffected).
@@ -218,6 +219,7 @@ def _view(ann: Announcement, now: float, *, is_self: bool) -> PeerView:
         replicas=ann.replicas,
         refresh=ann.refresh_ms / 1000,
         more=ann.more,
+        quiet_load=ann.quiet_load,
     )
 
 

@@ -131,6 +131,7 @@ class MeshService:
         self.replica_targets: Callable[[], tuple] = lambda: ()
         self.signed: dict[str, bytes] = {}  # peer -> its latest heartbeat as signed (mesh.sync hands them on)
         self._closed_view: tuple | None = None  # (table peers, admission generation, admitted peers, index)
+        self._quiet_load = False  # past full_view_up_to (announces_load, with hysteresis)
         self._pace = holders.Pace()  # our ADD_PROVIDER records, whoever says them
         self.provider: holders.Provider | None = None  # our models' records, once a host runs
         self.finder = holders.HolderFinder(
@@ -160,7 +161,18 @@ class MeshService:
     def load_sampling(self) -> bool:
         """A large mesh (past ``full_view_up_to`` peers): load is not announced, so the
         gateway asks a few holders before it routes (:meth:`ask_loads`)."""
-        return len(self.table) > self.settings.full_view_up_to and self._host_ready.is_set()
+        return not self.announces_load() and self._host_ready.is_set()
+
+    def announces_load(self) -> bool:
+        """Whether our load changes are announced: up to ``full_view_up_to`` peers. Once
+        past it, only back below seven eighths of it, so a table that hovers around the
+        size does not flip (each flip is announced: ``lq``)."""
+        up_to, size = self.settings.full_view_up_to, len(self.table)
+        if size > up_to:
+            self._quiet_load = True
+        elif size <= up_to - max(1, up_to // 8):
+            self._quiet_load = False
+        return not self._quiet_load
 
     def finds_holders(self, snapshot: Snapshot) -> bool:
         """Whether a model no announcement lists may still be held: the mesh is large
@@ -346,6 +358,7 @@ class MeshService:
                 replicas=tuple(self.replica_targets())[: announce.MAX_REPLICAS],
                 refresh_ms=self._refresh_ms(),
                 down=self._loops.hints.current(trio.current_time()) if self._loops is not None else (),
+                quiet_load=not self.announces_load(),
             )
         )
 
@@ -358,7 +371,8 @@ class MeshService:
         models = tuple(m if not VOLATILE_DETAILS.intersection(m.details) else
                        dataclasses.replace(m, details={k: v for k, v in m.details.items() if k not in VOLATILE_DETAILS})
                        for m in self._models())
-        return (models, tuple(self._addrs), self._draining, store, tuple(self.replica_targets()))
+        return (models, tuple(self._addrs), self._draining, store, tuple(self.replica_targets()),
+                self.announces_load())
 
     def _refresh_ms(self) -> int:
         loops = self._loops
