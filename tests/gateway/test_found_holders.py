@@ -3,14 +3,17 @@ the gateway's side, over real Hypercorn with scripted upstreams."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import trio
 
 from meshollama.catalog import LoadInfo
-from meshollama.errors import UpstreamUnavailable
-from meshollama.mesh.holders import Found
+from meshollama.errors import UpstreamBusy, UpstreamUnavailable
+from meshollama.mesh.holders import Found, Holders
 
-from .fakes import JSON, FakeMesh, FakeUpstream, Script, model, running_gateway
+from .fakes import JSON, Break, FakeMesh, FakeUpstream, Script, model, running_gateway
+from .test_resilience import chat_final, chat_line
 
 CHAT = b'{"model":"hidden:1b","messages":[{"role":"user","content":"hi"}],"stream":false}'
 ANSWER = b'{"model":"hidden:1b","message":{"role":"assistant","content":"hello"},"done":true}'
@@ -24,19 +27,20 @@ class HidingMesh(FakeMesh):
         super().__init__()
         self.finds = finds
         self.found: list[Found] = []
+        self.unanswered = 0
         self.asked: list[str] = []
 
     def finds_holders(self, snapshot) -> bool:
         return self.finds
 
-    async def find_holders(self, name: str) -> list[Found]:
+    async def find_holders(self, name: str) -> Holders:
         self.asked.append(name)
-        return list(self.found)
+        return Holders(list(self.found), self.unanswered)
 
 
-def holder(mesh: HidingMesh, pid: str, script: Script, *, busy: int = 0) -> FakeUpstream:
+def holder(mesh: HidingMesh, pid: str, *scripts: Script, busy: int = 0) -> FakeUpstream:
     """A peer in the table (it announces another model) that says it holds the hidden one."""
-    up = mesh.add(pid, [model("shown:1b")], FakeUpstream(pid, script))
+    up = mesh.add(pid, [model("shown:1b")], FakeUpstream(pid, *scripts))
     mesh.found.append(Found(pid, "c" * 64, True, LoadInfo(in_flight=busy, capacity=4)))
     return up
 
@@ -56,7 +60,7 @@ async def test_the_least_busy_found_holder_goes_first_and_a_failing_one_is_retri
     mesh = HidingMesh()
     down = holder(mesh, "peer-a", Script(fail=UpstreamUnavailable("gone")), busy=0)
     busy = holder(mesh, "peer-b", Script(headers=JSON, body=[ANSWER]), busy=3)
-    mesh.found.sort(key=Found.busy)
+    mesh.found.reverse()  # the gateway orders them itself
     with trio.fail_after(10):
         async with running_gateway(mesh, retries=1) as gw, httpx.AsyncClient(base_url=gw.url) as client:
             r = await client.post("/api/chat", content=CHAT)
@@ -92,3 +96,58 @@ async def test_a_model_the_table_lists_never_waits_for_the_dht():
             r = await client.post("/api/chat", content=CHAT)
     assert r.status_code == 200 and len(up.requests) == 1 and mesh.asked == []
 
+
+
+async def test_providers_that_did_not_answer_are_a_503_not_a_404():
+    mesh = HidingMesh()
+    mesh.add("peer-a", [model("shown:1b")])
+    mesh.unanswered = 2
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/chat", content=CHAT)
+    assert r.status_code == 503 and "did not answer" in r.json()["error"]
+
+
+async def test_busy_found_holders_are_asked_again_not_sent_the_request_again():
+    """Every found holder answered busy: the gateway asks again (answers are fresh for a
+    second) until one says a slot is free, and only then sends the request."""
+    mesh = HidingMesh()
+    up = holder(mesh, "peer-a", Script(fail=UpstreamBusy("at capacity")), Script(headers=JSON, body=[ANSWER]), busy=0)
+
+    async def free_after_three_questions(name: str) -> Holders:
+        mesh.asked.append(name)
+        busy = 4 if 1 < len(mesh.asked) < 4 else 0
+        return Holders([Found("peer-a", "c" * 64, True, LoadInfo(in_flight=busy, capacity=4))])
+
+    mesh.find_holders = free_after_three_questions
+    with trio.fail_after(20):
+        async with running_gateway(mesh, queue_timeout=10) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/chat", content=CHAT)
+    assert r.status_code == 200 and r.content == ANSWER
+    assert len(up.requests) == 2 and len(mesh.asked) == 4  # busy, (asked: busy, busy, free), answered
+
+
+async def test_busy_found_holders_end_in_a_503_with_retry_after_at_the_queue_timeout():
+    mesh = HidingMesh()
+    up = holder(mesh, "peer-a", Script(fail=UpstreamBusy("at capacity")), busy=4)
+    with trio.fail_after(20):
+        async with running_gateway(mesh, queue_timeout=2) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/chat", content=CHAT)
+    assert r.status_code == 503 and "retry-after" in r.headers
+    assert up.requests == []  # it said it was full every time: never sent
+
+
+async def test_a_stream_broken_on_a_found_holder_continues_on_another_of_the_same_digest():
+    mesh = HidingMesh()
+    a = holder(mesh, "peer-a", Script(body=[chat_line("one"), chat_line(" two"), Break("reset")]))
+    c = holder(mesh, "peer-c", Script(body=[chat_line(" three"), chat_final(1, prompt_eval_count=3)]), busy=2)
+    mesh.add("peer-b", [model("shown:1b")])
+    mesh.found.append(Found("peer-b", "d" * 64, True, LoadInfo(in_flight=1, capacity=4)))  # other weights
+    body = {"model": "hidden:1b", "messages": [{"role": "user", "content": "count"}]}
+    with trio.fail_after(10):
+        async with running_gateway(mesh, retries=0) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/chat", json=body)
+    got = [json.loads(line) for line in r.text.splitlines()]
+    assert "".join(g["message"]["content"] for g in got) == "one two three"
+    assert got[-1]["meshollama"] == {"peers": ["peer-a", "peer-c"], "resumed": 1}
+    assert len(a.requests) == 1 and len(c.requests) == 1

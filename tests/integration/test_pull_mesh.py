@@ -271,7 +271,7 @@ async def test_a_model_no_heartbeat_carries_is_found_through_dht_provider_record
             assert hidden, "every model fit in the heartbeat"
             assert (await c.view(puller))[a.peer_id]["more_models"] is True  # it says so: the DHT has the rest
 
-            async def a_provided_the_hidden() -> bool:  # paced (mesh.holders.Pace); the left-out ones first
+            async def a_provided_the_hidden() -> bool:  # paced (mesh.providing.Pace); the left-out ones first
                 status = (await c.client.get(a.api + "/api/mesh/status")).json()["mesh"]
                 return (status["dht_models"] or {}).get("provided", 0) >= len(hidden)
 

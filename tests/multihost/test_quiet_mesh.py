@@ -138,7 +138,7 @@ async def test_a_model_no_announcement_carries_is_found_through_the_dht_across_h
         hidden = sorted(set(many) - {m["name"] for m in entry["models"]})
         assert hidden, "every model fit in one announcement"
 
-        async def a_provided_the_hidden():  # paced (mesh.holders.Pace); the left-out ones first
+        async def a_provided_the_hidden():  # paced (mesh.providing.Pace); the left-out ones first
             return ((await _status(net, hosts[1]))["dht_models"] or {}).get("provided", 0) >= len(hidden)
 
         await wait_for(a_provided_the_hidden)

@@ -12,8 +12,9 @@ import trio
 from meshollama import names
 from meshollama.catalog import LoadInfo, ModelInfo
 from meshollama.errors import P2PError
-from meshollama.mesh import announce, holders, load_client, load_server
-from meshollama.mesh.holders import Found, HolderFinder, Pace, name_key
+from meshollama.mesh import announce, holders, load_client, load_server, providing
+from meshollama.mesh.holders import Found, HolderFinder
+from meshollama.mesh.providing import Pace, Provider, name_key
 from tests.unit.test_mesh_sync import pipe
 
 LOAD = LoadInfo(in_flight=1, capacity=4)
@@ -46,16 +47,25 @@ class Dht:
             self.running -= 1
 
 
-def finder(dht: Dht, holds: dict[str, Found | None], *, asked: list[str] | None = None, counts=None):
+def finder(dht: Dht, holds: dict[str, object], *, asked: list[str] | None = None, counts=None, rank=None,
+           forgot: list | None = None):
+    """``holds[peer]``: a Found, None (no), "silent" (never answers), "error" (P2PError) or
+    "refused"; a peer not listed is silent."""
+
     async def ask(peer_id: str, model: str) -> Found | None:
         if asked is not None:
             asked.append(peer_id)
+        await trio.sleep(0.01)
         answer = holds.get(peer_id, "silent")
         if answer == "silent":
             await trio.sleep_forever()
+        if answer in ("error", "refused"):
+            raise P2PError(f"{peer_id}: {answer}")
         return answer
 
-    return HolderFinder(dht.find, ask, self_id="me", rng=random.Random(1),
+    return HolderFinder(dht.find, ask, self_id="me", rng=random.Random(1), rank=rank or (lambda pid: 2),
+                        forget_provider=(lambda key, pid: forgot.append((key, pid))) if forgot is not None
+                        else (lambda key, pid: None),
                         on_count=(counts.append if counts is not None else lambda what: None))
 
 
@@ -63,20 +73,75 @@ async def test_providers_that_say_yes_are_found_least_busy_first_and_we_are_not_
     dht = Dht({name_key("llama3"): ["me", "a", "b", "c"]})
     f = finder(dht, {"a": found("a", 3), "b": found("b", 1), "c": None})
     got = await f.find("Llama3:latest")  # any spelling of the name: one key
-    assert [x.peer_id for x in got] == ["b", "a"]
+    assert [x.peer_id for x in got.found] == ["b", "a"] and got.unanswered == 0
     assert dht.lookups == [name_key("llama3")]
 
 
-async def test_the_provider_list_is_cached_and_a_no_leaves_it(autojump_clock):
+async def test_a_provider_that_fails_or_refuses_does_not_lose_the_request(autojump_clock):
+    """A dead record, an older node without the holds protocol, a refusal: counted as
+    unanswered, skipped for a while, and the others' answers stand."""
+    dht = Dht({name_key("m"): ["dead", "old", "a"]})
+    counts: list[str] = []
+    f = finder(dht, {"dead": "error", "old": "refused", "a": found("a")}, counts=counts)
+    got = await f.find("m")
+    assert [x.peer_id for x in got.found] == ["a"] and got.unanswered == 2 and counts.count("failed") == 2
+    only_dead = finder(Dht({name_key("m"): ["dead"]}), {"dead": "error"})
+    got = await only_dead.find("m")
+    assert got.found == [] and got.unanswered == 1  # the gateway answers 503, not "not found"
+
+
+async def test_answers_are_shared_by_requests_at_once_and_reused_for_a_second(autojump_clock):
+    """A holder answers one question per peer per 0.1 s: five requests at once must not
+    ask it five times (four were refused, and four clients got errors)."""
+    dht = Dht({name_key("m"): ["a"]})
+    asked: list[str] = []
+    f = finder(dht, {"a": found("a")}, asked=asked)
+    results = []
+
+    async def one():
+        results.append(await f.find("m"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(one)
+    assert [len(r.found) for r in results] == [1] * 5 and asked == ["a"]
+    await f.find("m")
+    assert asked == ["a"]
+    await trio.sleep(holders.FRESH)
+    await f.find("m")
+    assert asked == ["a", "a"]
+
+
+async def test_the_provider_list_is_cached_and_a_no_leaves_it_and_our_dht_store(autojump_clock):
     dht = Dht({name_key("m"): ["a", "b"]})
     asked: list[str] = []
-    f = finder(dht, {"a": found("a"), "b": None}, asked=asked)
-    assert [x.peer_id for x in await f.find("m")] == ["a"]
-    assert [x.peer_id for x in await f.find("m")] == ["a"]
+    forgot: list = []
+    f = finder(dht, {"a": found("a"), "b": None}, asked=asked, forgot=forgot)
+    assert [x.peer_id for x in (await f.find("m")).found] == ["a"]
+    await trio.sleep(holders.FRESH)
+    assert [x.peer_id for x in (await f.find("m")).found] == ["a"]
     assert len(dht.lookups) == 1 and asked.count("b") == 1  # b said no once: not asked again
+    assert forgot == [(name_key("m"), "b")]
     await trio.sleep(holders.PROVIDERS_TTL)
     await f.find("m")
     assert len(dht.lookups) == 2
+
+
+async def test_table_peers_are_asked_first_strangers_only_if_they_fail_and_barred_peers_never(autojump_clock):
+    providers = ["s1", "c2", "c3", "c1", "barred"]
+    rank = {"c1": 0, "c2": 0, "c3": 1, "barred": None}
+    asked: list[str] = []
+    f = finder(Dht({name_key("m"): providers}), {"c1": "error", "c2": "error", "c3": "error", "s1": found("s1"),
+                                                  "barred": found("barred")},
+               asked=asked, rank=lambda pid: rank.get(pid, 2))
+    got = await f.find("m")
+    assert set(asked[:3]) == {"c1", "c2", "c3"}  # the first wave: the best ranked
+    assert asked[3:] == ["s1"] and "barred" not in asked  # a second wave, after all of them failed
+    assert [x.peer_id for x in got.found] == ["s1"] and got.unanswered == 3
+    asked.clear()
+    await trio.sleep(holders.FRESH)
+    await f.find("m")
+    assert asked == ["s1"]  # those that failed: skipped for FAILED_TTL
 
 
 async def test_nobody_is_remembered_briefly_so_a_flood_of_unknown_names_costs_one_lookup_each(autojump_clock):
@@ -87,7 +152,7 @@ async def test_nobody_is_remembered_briefly_so_a_flood_of_unknown_names_costs_on
         for _ in range(50):
             nursery.start_soon(f.find, "nobody-has-it")
     assert len(dht.lookups) == 1  # fifty requests at once share one lookup
-    assert await f.find("nobody-has-it") == [] and len(dht.lookups) == 1
+    assert (await f.find("nobody-has-it")).found == [] and len(dht.lookups) == 1
     await trio.sleep(holders.NOBODY_TTL)
     await f.find("nobody-has-it")
     assert len(dht.lookups) == 2 and counts.count("none") == 52 and counts.count("lookup") == 2
@@ -103,58 +168,89 @@ async def test_lookups_for_many_names_run_a_few_at_a_time(autojump_clock):
     assert len(dht.lookups) == 40  # 10 rounds of 0.2 s: within WAIT
 
 
+async def test_a_lookup_cut_short_is_not_kept_as_nobody(autojump_clock):
+    """The request that owned a lookup went away (or waited past WAIT for a lookup slot):
+    the others waiting on it, and the next request, look again; nobody is told 'not found'
+    for 10 s because of it."""
+    dht = Dht({name_key("m"): ["a"]})
+    f = finder(dht, {"a": found("a")})
+    with trio.move_on_after(0.1):  # the owner leaves mid-lookup
+        await f.find("m")
+    assert f._pending == {} and name_key("m") not in f._lists and "registry.ollama.ai/library/m:latest" not in f._lists
+    assert [x.peer_id for x in (await f.find("m")).found] == ["a"]
+    # A flood of unknown names fills the lookup slots: a real model's lookup waits, times out, is not kept.
+    slow = Dht({name_key("real"): ["a"]})
+    slow.hang = True
+    g = finder(slow, {"a": found("a")})
+    async with trio.open_nursery() as nursery:
+        for i in range(holders.LOOKUPS):
+            nursery.start_soon(g.find, f"junk{i}")
+        await trio.sleep(0.01)
+        assert (await g.find("real")).found == []  # past WAIT
+    slow.hang = False
+    assert [x.peer_id for x in (await g.find("real")).found] == ["a"]
+
+
 async def test_a_hanging_dht_or_silent_providers_cost_a_request_wait_and_no_more(autojump_clock):
     dht = Dht({name_key("m"): ["a", "b"]})
     f = finder(dht, {})  # both silent
     started = trio.current_time()
-    assert await f.find("m") == []
-    assert trio.current_time() - started == pytest.approx(0.2 + holders.ASK_TIMEOUT, abs=0.01)
+    got = await f.find("m")
+    assert got.found == [] and got.unanswered == 2
+    assert trio.current_time() - started == pytest.approx(0.2 + holders.ASK_TIMEOUT, abs=0.05)
     dht.hang = True
     started = trio.current_time()
-    assert await f.find("other") == []
+    assert (await f.find("other")).found == []
     assert trio.current_time() - started == pytest.approx(holders.WAIT, abs=0.01)
-    dht.hang = False
-    assert f._pending == {}  # the cancelled lookup left no waiter behind
-    assert await f.find("other") == []  # and is not remembered as "nobody" only
-    assert dht.lookups.count(name_key("other")) == 1  # it was remembered: nobody (for NOBODY_TTL)
 
 
-async def test_only_a_few_providers_are_asked_per_request(autojump_clock):
+async def test_only_a_few_providers_are_asked_when_the_first_say_yes(autojump_clock):
     dht = Dht({name_key("m"): [f"p{i}" for i in range(100)]})
     asked: list[str] = []
     f = finder(dht, {f"p{i}": found(f"p{i}") for i in range(100)}, asked=asked)
-    assert len(await f.find("m")) == holders.SAMPLE and len(asked) == holders.SAMPLE
+    assert len((await f.find("m")).found) == holders.SAMPLE and len(asked) == holders.SAMPLE
 
 
 # --- pacing and providing -----------------------------------------------------------------------
 
 
-async def test_pace_lets_a_burst_through_per_window_and_names_go_before_blobs(autojump_clock):
+async def test_pace_lets_a_burst_through_per_window_and_a_names_pass_goes_before_blobs(autojump_clock):
+    """Provides take time (a DHT lookup each): the names must still go first for their whole
+    pass, not only while one of them waits for a permit."""
     pace = Pace()
     order: list[tuple[str, float]] = []
 
-    async def say(what: str, later: bool) -> None:
-        await pace.wait(later=later)
-        order.append((what, trio.current_time()))
+    async def blobs() -> None:
+        for i in range(12):
+            await pace.wait(later=True)
+            order.append((f"blob{i}", trio.current_time()))
+            await trio.sleep(0.2)  # its lookup and ADD_PROVIDER
+
+    async def names_pass() -> None:
+        with pace.names_pass():
+            for i in range(12):
+                await pace.wait()
+                order.append((f"name{i}", trio.current_time()))
+                await trio.sleep(0.2)
 
     async with trio.open_nursery() as nursery:
-        for i in range(12):
-            nursery.start_soon(say, f"blob{i}", True)
+        nursery.start_soon(blobs)
         await trio.sleep(0.01)
-        for i in range(12):
-            nursery.start_soon(say, f"name{i}", False)
-    windows: dict[int, list[str]] = {}
-    for what, at in order:
-        windows.setdefault(int(at // holders.PROVIDE_WINDOW), []).append(what)
-    assert all(len(w) <= holders.PROVIDE_BURST for w in windows.values())
-    first_names = [w for w in order[holders.PROVIDE_BURST:] if w[0].startswith("name")]
-    # The first window went to the blobs already waiting; from then on every name goes before any blob left.
-    names_done = max(at for what, at in order if what.startswith("name"))
-    assert all(at >= names_done for what, at in order[holders.PROVIDE_BURST:] if what.startswith("blob"))
-    assert first_names and len(order) == 24
+        nursery.start_soon(names_pass)
+    # Every window: at most PROVIDE_BURST records, counted from the window's own start.
+    starts: list[float] = []
+    for _, at in order:
+        if not starts or at - starts[-1] >= providing.PROVIDE_WINDOW:
+            starts.append(at)
+    per_window = [sum(1 for _, at in order if s0 <= at < s0 + providing.PROVIDE_WINDOW) for s0 in starts]
+    assert max(per_window) <= providing.PROVIDE_BURST
+    last_name = max(at for what, at in order if what.startswith("name"))
+    blobs_before = [what for what, at in order if what.startswith("blob") and at < last_name]
+    assert blobs_before == ["blob0"]  # only the one that started before the names pass
+    assert len(order) == 24
 
 
-async def test_the_provide_loop_says_models_left_out_of_announcements_first_and_again_when_the_dht_grows(
+async def test_the_provider_says_models_left_out_of_announcements_first_and_again_when_the_dht_grows(
         autojump_clock):
     models = [ModelInfo(f"m{i:03d}:1b", loaded=(i == 5)) for i in range(300)]
     said: list[str] = []
@@ -166,11 +262,11 @@ async def test_the_provide_loop_says_models_left_out_of_announcements_first_and_
         return True
 
     async with trio.open_nursery() as nursery:
-        provider = holders.Provider(lambda: tuple(models), provide, lambda: changed[0], lambda: size[0])
+        provider = Provider(lambda: tuple(models), provide, lambda: changed[0], lambda: size[0])
         nursery.start_soon(provider.run)
         await trio.sleep(1)
         assert provider.status() == {"provided": 0, "pending": 300}
-        await trio.sleep(holders.PROVIDE_FIRST)
+        await trio.sleep(providing.PROVIDE_FIRST)
         assert provider.status() == {"provided": 300, "pending": 0}
         fit = announce.fit(announce.Announcement(peer_id="p", seq=1, version="t", models=tuple(models), load=LOAD))
         assert fit.more
@@ -178,15 +274,35 @@ async def test_the_provide_loop_says_models_left_out_of_announcements_first_and_
         assert set(said[: len(left_out)]) == left_out  # those only the DHT can tell
         assert len(said) == 300 and name_key("m005:1b") == said[-1]  # the loaded one is announced: last
         size[0] = 6  # the DHT's table doubled: records put into a small one may have reached few
-        await trio.sleep(holders.RECHECK + 1)
+        await trio.sleep(providing.RECHECK + 1)
         assert len(said) == 600
-        await trio.sleep(holders.RECHECK + 1)
+        await trio.sleep(providing.RECHECK + 1)
         assert len(said) == 600  # nothing changed: nothing said
         models.append(ModelInfo("new:1b"))
         changed[0], was = trio.Event(), changed[0]
         was.set()
-        await trio.sleep(holders.CHANGE_GAP + 0.01)
+        await trio.sleep(providing.CHANGE_GAP + 0.01)
         assert said[-1] == name_key("new:1b") and len(said) == 601
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_provider_says_nothing_into_an_empty_dht_and_everything_once_it_has_peers(autojump_clock):
+    said: list[str] = []
+    size = [0]
+
+    async def provide(key: str) -> bool:
+        said.append(key)
+        return True
+
+    async with trio.open_nursery() as nursery:
+        provider = Provider(lambda: tuple(ModelInfo(f"m{i}:1b") for i in range(20)), provide, trio.Event,
+                            lambda: size[0])
+        nursery.start_soon(provider.run)
+        await trio.sleep(providing.PROVIDE_FIRST + 5 * providing.RECHECK)
+        assert said == [] and provider.status() == {"provided": 0, "pending": 20}
+        size[0] = 1
+        await trio.sleep(providing.RECHECK + 1)
+        assert len(said) == 20 and provider.status() == {"provided": 20, "pending": 0}
         nursery.cancel_scope.cancel()
 
 
@@ -236,7 +352,7 @@ async def test_the_holds_server_resets_nonsense_and_slow_questions(autojump_cloc
             nursery.start_soon(srv.handle_holds, far)
             await client.write(raw)
             if raw == b"no-newline":
-                await trio.sleep(load_server.DEADLINE + 1)  # trickled: never finished
+                await trio.sleep(load_server.QUESTION_DEADLINE + 1)  # trickled: never finished
         assert far.reset_called, raw
     assert counts == ["refused_question"] * 4
 

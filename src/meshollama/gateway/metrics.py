@@ -180,7 +180,8 @@ class MeshMetrics:
         self.holder_lookups = Counter(
             "meshollama_holder_lookups_total",
             "Holders of a model no announcement lists, looked up in the DHT (mesh.holders): lookup "
-            "(the DHT was asked), found, none. Holds questions answered count in load_queries.",
+            "(the DHT was asked), asked and failed (holds questions to providers), found, none. "
+            "Holds questions answered for others count in load_queries.",
             ["outcome"],
             registry=registry,
         )

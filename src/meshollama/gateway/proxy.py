@@ -44,7 +44,8 @@ import trio
 
 from .. import names, routing
 from ..mesh import load_client
-from ..errors import ModelNotFound, NoCapacity, RequestError, UpstreamBusy, UpstreamError, UpstreamUnavailable
+from ..errors import (ModelNotFound, NoCapacity, Overloaded, RequestError, UpstreamBusy, UpstreamError,
+                      UpstreamUnavailable)
 from ..httpmsg import Headers, ProxyRequest, Upstream, error_text, forwardable
 from ..tracing import OFF, SERVER, end_request, ending, from_scope, send_trace_id
 from .asgi import (
@@ -76,6 +77,7 @@ _DROP_REQUEST = frozenset({"origin", "referer", "cookie", "expect", PEER_HEADER,
 # A holder that does not announce load (``quiet_load``: a large mesh) and whose load we learnt
 # longer ago than this counts as free for the line (it answers busy if it is not), not full for ever.
 LOAD_STALE = 5.0
+FOUND_RECHECK = 1.0  # seconds between questions to busy holders found through the DHT (mesh.holders.FRESH)
 LOAD_AWARE = frozenset({routing.Strategy.LEAST_LOADED, routing.Strategy.LOCAL_FIRST})  # strategies that use load
 
 
@@ -264,9 +266,7 @@ class Proxy:
         key = names.key(model)
         found: dict[str, Any] = {}  # peer -> mesh.holders.Found: holders no announcement lists
         if not routing.candidates(self.mesh.snapshot(), key):
-            found = await self._find_holders(model)
-            if not found:
-                self._unservable(endpoint, model, key)
+            found = await self._find_holders(endpoint, model, key)
         # One spelling per model in metrics and traffic: the routing key's, not the client's
         # (llama3, Llama3 and LLAMA3:latest route alike; each would be new series).
         out.model = names.shortest(key)
@@ -279,9 +279,13 @@ class Proxy:
         after_busy = False
         while True:
             queued = trio.current_time()
-            await self.queues.wait(key, lambda: bool(found) or self._free(key), label=out.model,
-                                   after_busy=after_busy, deadline=deadline,
-                                   servable=lambda: bool(found) or bool(routing.candidates(self.mesh.snapshot(), key)))
+            if found:  # holders no announcement lists: their own answers say when a slot is free
+                if self.queues.size and (after_busy or all(f.busy() >= 1 for f in found.values())):
+                    found = await self._found_free(endpoint, model, key, deadline)
+            else:
+                await self.queues.wait(key, lambda: self._free(key), label=out.model, after_busy=after_busy,
+                                       deadline=deadline,
+                                       servable=lambda: bool(routing.candidates(self.mesh.snapshot(), key)))
             if (waited := trio.current_time() - queued) > 0.001:  # it waited in line (a free slot returns at once)
                 out.route.event("queued", seconds=round(waited, 3))
             failures = await self._try_in_order(endpoint, request, responder, out, relay, model, key, streaming,
@@ -330,7 +334,7 @@ class Proxy:
             if result is None:
                 return None
             if isinstance(result, Broken):
-                await self._resume(endpoint, request, responder, out, relay, key, peer, digest, result)
+                await self._resume(endpoint, request, responder, out, relay, key, peer, digest, result, found)
                 return None
             log.warning("%s %s: peer %s failed (%s): %s", endpoint.label, out.model, peer, result.kind, result.message)
             out.route.event("attempt failed", peer=peer, kind=result.kind, message=result.message)
@@ -371,14 +375,37 @@ class Proxy:
             self.stats.sampled(pid, load, now)
         return tuple(loads)
 
-    async def _find_holders(self, model: str) -> dict[str, Any]:
+    async def _find_holders(self, endpoint: Endpoint, model: str, key: str) -> dict[str, Any]:
         """Holders of a model no announcement lists, from DHT provider records, by their
-        own word just now (``mesh.holders``); only where the mesh may hide some: a large
-        mesh, or a peer that says its announcement leaves models out. Else {} at once."""
+        own word just now (``mesh.holders``), least busy first; only where the mesh may
+        hide some: a large mesh, or a peer that says its announcement leaves models out.
+        Nobody: the 404 (or 503) a model nobody alive serves gets; providers that did
+        not answer: a 503, not "not found" (that tells a client to pull it)."""
         finds = getattr(self.mesh, "finds_holders", None)
         if finds is None or not finds(self.mesh.snapshot()):
-            return {}
-        return {f.peer_id: f for f in await self.mesh.find_holders(model)}
+            self._unservable(endpoint, model, key)
+        holders = await self.mesh.find_holders(model)
+        found = {f.peer_id: f for f in sorted(holders.found, key=lambda f: f.busy()) if f.load.capacity > 0}
+        if not found:
+            if holders.unanswered:
+                raise NoCapacity(f"model '{model}' is on peers that did not answer in time "
+                                 f"({holders.unanswered}); retry later")
+            self._unservable(endpoint, model, key)
+        return found
+
+    async def _found_free(self, endpoint: Endpoint, model: str, key: str, deadline: float) -> dict[str, Any]:
+        """Every holder found through the DHT answered busy: ask them again (their answers
+        are fresh for ``holders.FRESH``) until one says a slot is free, or the request's
+        queue time is up (503 with Retry-After), instead of sending it again and again."""
+        while True:
+            with trio.move_on_at(deadline):
+                await trio.sleep(FOUND_RECHECK)
+            if trio.current_time() >= deadline:
+                raise Overloaded(f"every peer serving '{model}' stayed busy for {self.queues.timeout:g}s "
+                                 "(gateway.queue_timeout); retry later", self.queues.retry_after(key))
+            found = await self._find_holders(endpoint, model, key)
+            if any(f.busy() < 1 for f in found.values()):
+                return found
 
     def _unservable(self, endpoint: Endpoint, model: str, key: str) -> None:
         """Raise the right error for a model nobody alive serves: a 503 when it
@@ -403,7 +430,8 @@ class Proxy:
         return bool(model is not None and model.loaded) or self.stats.recently_answered(peer_id, model_key, now)
 
     async def _resume(self, endpoint: Endpoint, request: ProxyRequest, responder: Responder, out: Outcome,
-                      relay: StreamRelay, key: str, peer: str, digest: str, broken: Broken) -> None:
+                      relay: StreamRelay, key: str, peer: str, digest: str, broken: Broken,
+                      found: dict[str, Any]) -> None:
         """The answer broke mid-stream on ``peer``: continue it on another holder
         of the same model ``digest``, as often as it breaks and peers remain, or
         end it with an explicit error."""
@@ -422,7 +450,7 @@ class Proxy:
             next_request = ProxyRequest("POST", decision.path, request.headers, decision.body)
             result: Failure | Broken | None = Failure("none", "no other peer serves this model digest")
             tried_any = False
-            for candidate in self._resume_order(key, digest, tried):
+            for candidate in self._resume_order(key, digest, tried, found):
                 tried.add(candidate)
                 tried_any = True
                 result = await self.attempts.run(endpoint, candidate, None, next_request, responder, out, relay,
@@ -454,13 +482,16 @@ class Proxy:
                 return
         await responder.end(decision.tail)
 
-    def _resume_order(self, key: str, digest: str, tried: set[str]) -> list[str]:
+    def _resume_order(self, key: str, digest: str, tried: set[str], found: dict[str, Any]) -> list[str]:
         """Peers to continue on: alive holders of ``key`` with the same digest
-        (the same weights give the same continuation), best first."""
+        (the same weights give the same continuation), best first; then holders found
+        through the DHT that said they hold that digest."""
         snapshot = self.mesh.snapshot()
         now = trio.current_time()
         order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(tried),
                                next(self._rr), only=lambda p: (m := p.model(key)) is not None and m.digest == digest)
+        order += [pid for pid, f in found.items() if pid not in tried and pid not in order and digest
+                  and f.digest == digest]
         return order[: 1 + self.retries]
 
     # --- local requests ------------------------------------------------------------

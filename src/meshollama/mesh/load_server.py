@@ -14,9 +14,11 @@ record (``mesh.holders``): the asker writes the model's name and a newline
 ``"l"`` (loaded) and the load fields above.
 
 It faces strangers: in a closed mesh only admitted peers get an answer; at
-most :data:`SLOTS` answers are in progress at once, for both questions; a
-peer asking more than once per :data:`PER_PEER_GAP` is reset; reading the
-question and writing the answer have short deadlines.
+most :data:`SLOTS` answers are in progress at once for each question (its
+own gate, so slow holds questions never starve the load answers); a peer
+asking more than once per :data:`PER_PEER_GAP` is reset; the question must
+arrive within :data:`QUESTION_DEADLINE` and the answer go out within
+:data:`DEADLINE`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ MAX_QUESTION = 512  # bytes: a model name (names.MAX_LEN is far below) and a new
 SLOTS = 32  # answers in progress at once
 PER_PEER_GAP = 0.1  # seconds: one peer's questions, at most ten a second
 DEADLINE = 2.0  # seconds to write the answer
+QUESTION_DEADLINE = 0.5  # seconds for a holds question to arrive (a trickled one holds a slot no longer)
 
 
 def _fields(load: LoadInfo) -> dict:
@@ -61,6 +64,7 @@ class LoadServer:
         self.holds = holds  # names.key -> the model we hold under it, if any (our whole list)
         self.on_count = on_count
         self.gate = Gate(allow=allow, every=PER_PEER_GAP, slots=SLOTS)
+        self.holds_gate = Gate(allow=allow, every=PER_PEER_GAP, slots=SLOTS)
 
     async def handle(self, stream) -> None:
         refused = self.gate.enter(stream.peer_id, trio.current_time())
@@ -79,16 +83,16 @@ class LoadServer:
             self.gate.leave()
 
     async def handle_holds(self, stream) -> None:
-        refused = self.gate.enter(stream.peer_id, trio.current_time())
+        refused = self.holds_gate.enter(stream.peer_id, trio.current_time())
         if refused is not None:
             self.on_count(f"refused_{refused}")
             await stream.reset()
             return
         try:
             question = b""
-            with trio.move_on_after(DEADLINE):
+            with trio.move_on_after(QUESTION_DEADLINE):
                 while len(question) <= MAX_QUESTION and not question.endswith(b"\n"):
-                    chunk = await stream.read(MAX_QUESTION + 1 - len(question), timeout=DEADLINE)
+                    chunk = await stream.read(MAX_QUESTION + 1 - len(question), timeout=QUESTION_DEADLINE)
                     if not chunk:
                         break
                     question += chunk
@@ -107,4 +111,4 @@ class LoadServer:
             self.on_count("failed")
             await stream.reset()
         finally:
-            self.gate.leave()
+            self.holds_gate.leave()

@@ -49,7 +49,7 @@ from ..errors import P2PError
 from ..p2p.host import HostSettings, P2PHost
 from ..p2p.httpstream import PROTOCOL as HTTP_PROTOCOL
 from ..p2p.httpstream import HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
-from . import announce, holders, load_client, load_server, sync
+from . import announce, holders, load_client, load_server, providing, sync
 from .loops import STREAM_ABORT_MISSES, HostLoops  # noqa: F401 - STREAM_ABORT_MISSES lived here
 from .peertable import PeerState, PeerTable, ServingIndex, Snapshot
 from .reach import Reach
@@ -132,12 +132,13 @@ class MeshService:
         self.signed: dict[str, bytes] = {}  # peer -> its latest heartbeat as signed (mesh.sync hands them on)
         self._closed_view: tuple | None = None  # (table peers, admission generation, admitted peers, index)
         self._quiet_load = False  # past full_view_up_to (announces_load, with hysteresis)
-        self._pace = holders.Pace()  # our ADD_PROVIDER records, whoever says them
-        self.provider: holders.Provider | None = None  # our models' records, once a host runs
+        self._pace = providing.Pace()  # our ADD_PROVIDER records, whoever says them
+        self.provider: providing.Provider | None = None  # our models' records, once a host runs
         self.finder = holders.HolderFinder(
             self.find_providers,
             lambda peer_id, model: load_client.ask_holds(self._open_stream, peer_id, model, holders.ASK_TIMEOUT),
-            self_id=self.self_id, rng=self._rng, on_count=lambda what: self._count("holder_lookups", what))
+            self_id=self.self_id, rank=self._provider_rank, forget_provider=self._forget_provider, rng=self._rng,
+            on_count=lambda what: self._count("holder_lookups", what))
         if admission is not None:
             admission.on_refused = self._refused
             admission.on_admitted = self._admitted
@@ -180,17 +181,41 @@ class MeshService:
         leaves models out (``announce.fit``). Then the DHT is asked (:meth:`find_holders`)."""
         return self.load_sampling() or any(p.more for p in snapshot.peers if p.state is PeerState.ALIVE)
 
-    async def find_holders(self, model: str) -> list[holders.Found]:
+    async def find_holders(self, model: str) -> holders.Holders:
         """Peers that hold ``model`` by their own word just now, found through DHT
-        provider records (``mesh.holders``), least busy first; [] if none or no host."""
-        if not self._host_ready.is_set():
-            return []
-        return await self.finder.find(model)
+        provider records (``mesh.holders``), least busy first. A model we hold
+        ourselves (our own announcement may leave it out too) is ours to serve: no lookup."""
+        mine = self.holds(names.key(model)) if self._local is not None else None
+        if mine is not None:
+            return holders.Holders([holders.Found(self.self_id, mine.digest, mine.loaded, self._load())])
+        return await self.finder.find(model) if self._host_ready.is_set() else holders.Holders()
 
     def holds(self, key: str) -> ModelInfo | None:
         """The model we hold under ``key`` (``names.key``), from our whole list: what an
-        announcement leaves out is still ours to serve."""
+        announcement leaves out is still ours to serve. None while draining: no new requests."""
+        if self._draining:
+            return None
         return next((m for m in self._models() if names.key(m.name) == key), None)
+
+    def _provider_rank(self, peer_id: str) -> int | None:
+        """Whom a holds question goes to first: a connected alive table peer (0), another
+        alive table peer (1), a stranger (2); never a peer our table has down, and in a
+        closed mesh only one the mesh's documents admit."""
+        adm = self.admission
+        if adm is not None and adm.known_role(peer_id) is None:
+            return None
+        view = self.table.get(peer_id)
+        if view is not None and view.state is not PeerState.ALIVE:
+            return None
+        if view is None:
+            return 2
+        return 0 if peer_id in self.connected() else 1
+
+    def _forget_provider(self, key: str, peer_id: str) -> None:
+        host = self._host
+        forget = getattr(host, "forget_provider", None) if host is not None else None
+        if forget is not None:
+            forget(key, peer_id)
 
     def connected(self) -> set[str]:
         """Peers we hold a connection to now (empty while no host runs)."""
@@ -452,7 +477,8 @@ class MeshService:
                 self.table.set_self(self.announcement(), trio.current_time())
                 await nursery.start(self._watched, loops.run)
                 if self._local is not None:  # we serve: our models go into the DHT (mesh.holders)
-                    self.provider = holders.Provider(self._models, self.provide, self._changed, host.dht_size)
+                    self.provider = providing.Provider(self._models, self.provide, self._changed, host.dht_size,
+                                                       self._pace)
                     nursery.start_soon(self.provider.run)
                 task_status.started(list(self._addrs))
         finally:
@@ -525,9 +551,10 @@ class MeshService:
 
     async def provide(self, key: str, *, later: bool = False) -> bool:
         """A DHT provider record for ``key`` (hex multihash); False without a host or DHT.
-        Paced for every caller together (``holders.Pace``: py-libp2p drops a burst);
-        ``later``: after the model names waiting (a blob)."""
-        if not self._host_ready.is_set():
+        Paced for every caller together (``providing.Pace``: py-libp2p drops a burst);
+        ``later``: after the model names (a blob). An empty DHT table: False at once
+        (the record would reach nobody; a later pass says it)."""
+        if not self._host_ready.is_set() or self._host is None or not self._host.dht_size():
             return False
         await self._pace.wait(later=later)
         host = self._host

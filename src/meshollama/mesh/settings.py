@@ -40,7 +40,7 @@ class MeshCounters:
     announced: dict[str, int] = field(default_factory=dict)  # announcements sent, by mesh.cadence.Reason
     synced: dict[str, int] = field(default_factory=dict)  # table syncs (mesh.sync): pulled, served, failed
     load_queries: dict[str, int] = field(default_factory=dict)  # asked, failed, served_* (mesh.load_*)
-    holder_lookups: dict[str, int] = field(default_factory=dict)  # lookup, found, none, served_* (mesh.holders)
+    holder_lookups: dict[str, int] = field(default_factory=dict)  # lookup, asked, failed, found, none (mesh.holders)
     dropped: dict[str, int] = field(default_factory=dict)
     stream_errors: dict[str, int] = field(default_factory=dict)
     inbound_rejected: dict[str, int] = field(default_factory=dict)

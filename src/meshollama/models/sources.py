@@ -3,7 +3,7 @@
 Holders are known from heartbeats first. Where heartbeats do not carry every
 model (a node with more than ``announce.MAX_MODELS``, or a mesh where not
 everyone hears everyone), the DHT has provider records: every serving node
-provides a key per model name it holds (``mesh.holders.name_key``, said by
+provides a key per model name it holds (``mesh.providing.name_key``, said by
 the mesh service) and per blob (:func:`blob_key`, the blob's sha256 as a
 multihash, said by :class:`~.service.ModelService`).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import trio
 
 from .. import names
-from ..mesh.holders import name_key
+from ..mesh.providing import name_key
 from ..mesh.peertable import PeerState
 from .wire import PROTOCOL
 

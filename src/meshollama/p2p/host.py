@@ -483,12 +483,21 @@ class P2PHost:
         return list(found.items())
 
     async def provide(self, key: str) -> bool:
-        """Announce in the DHT that we hold ``key`` (a hex multihash); False if there is no DHT."""
+        """Announce in the DHT that we hold ``key`` (a hex multihash); False if there is no DHT.
+
+        py-libp2p re-provides, every 600 s and unpaced, each key it has not
+        republished for 22 h, which is every key said since its last check: a
+        burst its receivers' rate limit drops (``mesh.providing``). The key is
+        marked as republished now; ``mesh.providing`` says it again itself."""
         if self._dht is None:
             return False
+        from libp2p.kad_dht.kad_dht import _encode_key
+
         try:
             with trio.move_on_after(self.settings.stream_timeout * 3):
-                return bool(await self._dht.provide(key))
+                done = bool(await self._dht.provide(key))
+                self._dht.provider_store._last_republish[_encode_key(key)] = time.time()
+                return done
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -496,23 +505,62 @@ class P2PHost:
         return False
 
     async def find_providers(self, key: str, count: int = 20) -> list[str]:
-        """Peer ids the DHT says hold ``key``, each once (py-libp2p repeats them), not us."""
+        """Peer ids the DHT says hold ``key``, each once (py-libp2p repeats them), not us.
+
+        py-libp2p answers from its local store alone when it holds any record
+        for the key, and it stores every provider a lookup found, for 48 h: one
+        lookup, and the network was never asked again for that name. The local
+        records are set aside for the lookup, then put back and returned too."""
         if self._dht is None:
             return []
+        from libp2p.kad_dht.kad_dht import _encode_key
+
+        store = self._dht.provider_store
+        dkey = _encode_key(key)
         found: dict[str, None] = {}
+        held = store.providers.pop(dkey, None)
         try:
             with trio.move_on_after(self.settings.stream_timeout):
                 for info in await self._dht.find_providers(key, count) or ():
                     pid = info.peer_id.to_base58()
                     if pid != self.peer_id:
                         found.setdefault(pid)
-                        if info.addrs:
-                            self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+                        self._provider_addrs(info)
         except trio.Cancelled:
             raise
         except Exception as exc:
             log.debug("DHT find_providers(%s) failed: %r", key[:16], exc)
-        return list(found)
+        finally:
+            if held:
+                now = store.providers.setdefault(dkey, {})
+                for pid, record in held.items():
+                    now.setdefault(pid, record)
+        for info in store.get_providers(dkey) if held else ():
+            pid = info.peer_id.to_base58()
+            if pid != self.peer_id:
+                found.setdefault(pid)
+        return list(found)[:count]
+
+    def _provider_addrs(self, info) -> None:
+        """A provider's addresses from a DHT answer (a stranger's claim, unsigned): only
+        for a peer we know no address of, at most 8, for 10 minutes."""
+        peerstore = self._host.get_peerstore()
+        try:
+            known = peerstore.addrs(info.peer_id)
+        except Exception:  # PeerStoreError: not known (or expired)
+            known = []
+        if info.addrs and not known:
+            peerstore.add_addrs(info.peer_id, list(info.addrs)[:8], 600)
+
+    def forget_provider(self, key: str, peer_id: str) -> None:
+        """Drop our DHT's record that ``peer_id`` provides ``key``: it said it does not."""
+        if self._dht is None:
+            return
+        from libp2p.kad_dht.kad_dht import _encode_key
+
+        records = self._dht.provider_store.providers.get(_encode_key(key))
+        if records is not None:
+            records.pop(peer_id, None)  # keyed by str(ID), the base58 form
 
     def dht_size(self) -> int:
         if self._dht is None:
