@@ -83,6 +83,7 @@ async def run(rounds: int) -> dict:
                     shown = sorted(listed)[0]
                     out: dict[str, list[float]] = {k: [] for k in (
                         "listed", "hidden_cold", "hidden_warm", "404_cold", "404_cached", "404_lone")}
+                    logs = {"g": g, "a": a}
                     for i in range(rounds):
                         model = hidden[i % len(hidden)]
                         out["listed"].append(await timed(client, g.api, shown, 200))
@@ -93,6 +94,7 @@ async def run(rounds: int) -> dict:
                         out["404_cached"].append(await timed(client, g.api, f"nobody{i}:1b", 404))
                         out["404_lone"].append(await timed(client, lone.api, f"nobody{i}:1b", 404))
                     st_g = (await client.get(g.api + "/api/mesh/status")).json()["mesh"]
+                    del logs
                 return {"what": "holders", "rounds": rounds, "hidden_models": len(hidden),
                         "results": {k: ms(v) for k, v in out.items() if v},
                         "gateway_holder_lookups": st_g.get("holder_lookups")}

@@ -135,8 +135,8 @@ async def test_table_peers_are_asked_first_strangers_only_if_they_fail_and_barre
                                                   "barred": found("barred")},
                asked=asked, rank=lambda pid: rank.get(pid, 2))
     got = await f.find("m")
-    assert set(asked[:3]) == {"c1", "c2", "c3"}  # the first wave: the best ranked
-    assert asked[3:] == ["s1"] and "barred" not in asked  # a second wave, after all of them failed
+    assert set(asked[:6]) == {"c1", "c2", "c3"}  # the first wave: the best ranked (each asked twice)
+    assert asked[6:] == ["s1"] and "barred" not in asked  # a second wave, after all of them failed
     assert [x.peer_id for x in got.found] == ["s1"] and got.unanswered == 3
     asked.clear()
     await trio.sleep(holders.FRESH)
@@ -379,3 +379,20 @@ async def test_a_silent_holder_is_a_p2p_error_within_the_timeout(autojump_clock)
     with pytest.raises(P2PError):
         await load_client.ask_holds(open_stream, "holder", "m:1b", timeout=0.5)
     assert trio.current_time() - started == pytest.approx(0.5)
+
+
+async def test_a_stream_that_fails_at_once_is_asked_again_shortly_after(autojump_clock):
+    """The first stream on a connection the DHT lookup just opened can fail in negotiation:
+    one more try, 0.2 s later, within the same time budget."""
+    tries: list[float] = []
+
+    async def ask(peer_id: str, model: str) -> Found | None:
+        tries.append(trio.current_time())
+        if len(tries) == 1:
+            raise P2PError("failed to open a stream")
+        return found(peer_id)
+
+    f = HolderFinder(Dht({name_key("m"): ["a"]}).find, ask, self_id="me")
+    got = await f.find("m")
+    assert [x.peer_id for x in got.found] == ["a"] and got.unanswered == 0
+    assert tries[1] - tries[0] == pytest.approx(holders.RETRY_AFTER)

@@ -52,6 +52,7 @@ LOOKUPS = 4  # DHT lookups at once, all keys together
 SAMPLE = 3  # providers asked at once
 WAIT = 3.0  # seconds a request waits for the DHT and the answers together
 ASK_TIMEOUT = 1.0  # seconds for one provider's answer, a dial included
+RETRY_AFTER = 0.2  # seconds before asking a provider again whose stream failed at once
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,19 @@ class HolderFinder:
     async def _answer(self, key: str, pid: str, name: str) -> object:
         async def question() -> object:
             self.on_count("asked")
-            try:
-                with trio.fail_after(ASK_TIMEOUT):
-                    answer = await self._ask(pid, name)
-            except (P2PError, trio.TooSlowError) as exc:
-                log.debug("holds question to %s for %s: %s", pid, name, exc)
+            answer: object = _UNKNOWN
+            with trio.move_on_after(ASK_TIMEOUT):
+                for attempt in range(2):
+                    try:
+                        answer = await self._ask(pid, name)
+                        break
+                    except P2PError as exc:
+                        # Once more, shortly after: the first stream on a connection the DHT
+                        # lookup has just opened to this peer failed in multistream
+                        # negotiation in about half the runs of bench_holders.py (none since).
+                        log.debug("holds question to %s for %s (try %d): %s", pid, name, attempt + 1, exc)
+                        await trio.sleep(RETRY_AFTER)
+            if answer is _UNKNOWN:
                 self.on_count("failed")
                 return _UNKNOWN
             if answer is None:  # it does not hold it (any more): its record is wrong
