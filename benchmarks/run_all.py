@@ -5,6 +5,7 @@
   bench_p2p.py        the libp2p leg alone, in one process: fresh stream vs keep-alive
   bench_mesh.py       convergence, idle CPU/RSS, announcements heard, join latency
   bench_embedded.py   llama-cpp-python direct vs through node L / through G -> L (only if llama_cpp imports)
+  bench_holders.py    a model found through DHT provider records vs one the announcements list
 
 Each benchmark runs as its own process (so one crashing does not lose the
 others) and writes ``results/<name>-<UTC timestamp>.json``; a combined
@@ -50,13 +51,13 @@ def run(name: str, argv: list[str], out: Path, timeout: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["gateway", "p2p", "mesh", "embedded"], action="append",
+    p.add_argument("--only", choices=["gateway", "p2p", "mesh", "embedded", "holders"], action="append",
                    help="run only these (repeatable)")
     p.add_argument("--mesh-sizes", default="1,5,10,25")
     p.add_argument("--degree-sweep", default="", help="gossipsub degrees to compare at N=10, e.g. 2/1/3,3/2/4")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    wanted = set(args.only or ["gateway", "p2p", "mesh", "embedded"])
+    wanted = set(args.only or ["gateway", "p2p", "mesh", "embedded", "holders"])
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.degree_sweep:
             mesh_argv += ["--degree-sweep", args.degree_sweep]
         runs.append(run("mesh", mesh_argv, args.results / f"mesh-{stamp}.json", 1800))
+    if "holders" in wanted:
+        runs.append(run("holders", ["bench_holders.py"], args.results / f"holders-{stamp}.json", 600))
     if "embedded" in wanted:
         if importlib.util.find_spec("llama_cpp") is None:
             print("\n=== embedded: skipped (llama_cpp not importable)")
