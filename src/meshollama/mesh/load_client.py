@@ -25,7 +25,7 @@ from ..catalog import LoadInfo
 from ..errors import P2PError
 from .announce import MAX_CAPACITY, MAX_LOAD, MAX_STR
 from .holders import Found
-from .load_server import HOLDS_PROTOCOL, PROTOCOL
+from .load_server import HOLDS_PROTOCOL, PROTOCOL, read_line
 
 SAMPLE = 3  # holders asked per decision
 FRESH = 1.0  # seconds an answer is good for: not asked again before
@@ -69,12 +69,7 @@ async def _question(open_stream: Callable[..., Awaitable], peer_id: str, protoco
         try:
             if question:
                 await stream.write(question, timeout=timeout)
-            data = b""
-            while len(data) <= MAX_ANSWER and not data.endswith(b"\n"):
-                chunk = await stream.read(MAX_ANSWER + 1 - len(data), timeout=timeout)
-                if not chunk:
-                    break
-                data += chunk
+            data = await read_line(stream, MAX_ANSWER, timeout)
             try:
                 return parse(data)
             except (ValueError, UnicodeDecodeError) as exc:

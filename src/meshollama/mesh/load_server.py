@@ -24,7 +24,8 @@ arrive within :data:`QUESTION_DEADLINE` and the answer go out within
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -67,48 +68,57 @@ class LoadServer:
         self.holds_gate = Gate(allow=allow, every=PER_PEER_GAP, slots=SLOTS)
 
     async def handle(self, stream) -> None:
-        refused = self.gate.enter(stream.peer_id, trio.current_time())
-        if refused is not None:
-            self.on_count(f"refused_{refused}")
-            await stream.reset()
-            return
-        try:
-            await stream.write(encode(self.load()), timeout=DEADLINE)
-            await stream.close()
-            self.on_count("answered")
-        except P2PError:
-            self.on_count("failed")
-            await stream.reset()
-        finally:
-            self.gate.leave()
+        await self._serve(stream, self.gate, self._load_answer)
 
     async def handle_holds(self, stream) -> None:
-        refused = self.holds_gate.enter(stream.peer_id, trio.current_time())
+        await self._serve(stream, self.holds_gate, self._holds_answer)
+
+    async def _load_answer(self, stream) -> bytes | None:
+        return encode(self.load())
+
+    async def _holds_answer(self, stream) -> bytes | None:
+        """The answer to the question on ``stream``; None: not a question (it is reset)."""
+        question = await read_line(stream, MAX_QUESTION, QUESTION_DEADLINE)
+        try:
+            name = question.decode("utf-8").strip() if question.endswith(b"\n") else ""
+        except UnicodeDecodeError:
+            name = ""
+        if not names.is_valid(name):
+            self.on_count("refused_question")
+            return None
+        return encode_holds(self.holds(names.key(name)), self.load())
+
+    async def _serve(self, stream, gate: Gate, answer: Callable[[Any], Awaitable[bytes | None]]) -> None:
+        """One question: a slot at ``gate`` first, then ``answer``, written within
+        :data:`DEADLINE`; any failure resets the stream. The one close point."""
+        refused = gate.enter(stream.peer_id, trio.current_time())
         if refused is not None:
             self.on_count(f"refused_{refused}")
             await stream.reset()
             return
         try:
-            question = b""
-            with trio.move_on_after(QUESTION_DEADLINE):
-                while len(question) <= MAX_QUESTION and not question.endswith(b"\n"):
-                    chunk = await stream.read(MAX_QUESTION + 1 - len(question), timeout=QUESTION_DEADLINE)
-                    if not chunk:
-                        break
-                    question += chunk
-            try:
-                name = question.decode("utf-8").strip() if question.endswith(b"\n") else ""
-            except UnicodeDecodeError:
-                name = ""
-            if not names.is_valid(name):
-                self.on_count("refused_question")
+            data = await answer(stream)
+            if data is None:
                 await stream.reset()
                 return
-            await stream.write(encode_holds(self.holds(names.key(name)), self.load()), timeout=DEADLINE)
+            await stream.write(data, timeout=DEADLINE)
             await stream.close()
             self.on_count("answered")
         except P2PError:
             self.on_count("failed")
             await stream.reset()
         finally:
-            self.holds_gate.leave()
+            gate.leave()
+
+
+async def read_line(stream, limit: int, timeout: float) -> bytes:
+    """Up to ``limit`` + 1 bytes until a newline, the stream's end or ``timeout`` (what
+    arrived by then); the caller checks for the newline and the size."""
+    data = b""
+    with trio.move_on_after(timeout):
+        while len(data) <= limit and not data.endswith(b"\n"):
+            chunk = await stream.read(limit + 1 - len(data), timeout=timeout)
+            if not chunk:
+                break
+            data += chunk
+    return data
