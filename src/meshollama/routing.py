@@ -422,14 +422,16 @@ FREE_SAMPLE = 256  # holders has_free_slot looks at, at most (it stops at the fi
 
 
 def has_free_slot(snapshot: Snapshot, model_key: str, stats: RouteStats, now: float,
-                  rng: random.Random | None = None, stale_after: float | None = None) -> bool:
+                  rng: random.Random | None = None, stale_after: float | None = None,
+                  all_quiet: bool = False) -> bool:
     """Some alive holder of ``model_key`` has a slot free by this gateway's
     estimate (:func:`load_score` below 1: busy slots, queued included, under
     capacity). False also when nobody holds it: the caller answers that.
     Among more than :data:`FREE_SAMPLE` holders, a random sample is looked at.
     ``stale_after``: a holder that does not announce load changes (``quiet_load``,
-    a large mesh) whose load we last learnt longer ago than this counts only what
-    we sent it, so a line never waits for ever on load figures that will not change."""
+    or any holder when ``all_quiet``: our own table is large, and older nodes go
+    quiet without saying so) whose load we last learnt longer ago than this counts
+    only what we sent it, so a line never waits for ever on figures that will not change."""
     serving = snapshot.serving(model_key)
     if len(serving) > FREE_SAMPLE:
         pick = (rng or random).sample(range(len(serving)), FREE_SAMPLE)
@@ -437,7 +439,8 @@ def has_free_slot(snapshot: Snapshot, model_key: str, stats: RouteStats, now: fl
 
     def free(p: PeerView) -> bool:
         view = stats.view(p.peer_id, now, model_key)
-        if stale_after is not None and p.quiet_load and view.load is None and now - p.last_seen > stale_after:
+        if (stale_after is not None and (p.quiet_load or all_quiet) and view.load is None
+                and now - p.last_seen > stale_after):
             view = replace(view, load=LoadInfo(in_flight=0, capacity=p.load.capacity))
         return load_score(p, view) < 1.0
 

@@ -121,7 +121,8 @@ async def test_busy_found_holders_are_asked_again_not_sent_the_request_again():
 
     mesh.find_holders = free_after_three_questions
     with trio.fail_after(20):
-        async with running_gateway(mesh, queue_timeout=10) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+        async with running_gateway(mesh, queue_timeout=10) as gw, \
+                httpx.AsyncClient(base_url=gw.url, timeout=20) as client:  # rechecks take 1 to 2 s each
             r = await client.post("/api/chat", content=CHAT)
     assert r.status_code == 200 and r.content == ANSWER
     assert len(up.requests) == 2 and len(mesh.asked) == 4  # busy, (asked: busy, busy, free), answered
@@ -151,3 +152,18 @@ async def test_a_stream_broken_on_a_found_holder_continues_on_another_of_the_sam
     assert "".join(g["message"]["content"] for g in got) == "one two three"
     assert got[-1]["meshollama"] == {"peers": ["peer-a", "peer-c"], "resumed": 1}
     assert len(a.requests) == 1 and len(c.requests) == 1
+
+
+async def test_a_lookup_cut_short_is_a_503_with_retry_after_not_a_404():
+    mesh = HidingMesh()
+    mesh.add("peer-a", [model("shown:1b")])
+
+    async def cut(name: str) -> Holders:
+        mesh.asked.append(name)
+        return Holders([], 0, complete=False)
+
+    mesh.find_holders = cut
+    with trio.fail_after(10):
+        async with running_gateway(mesh) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post("/api/chat", content=CHAT)
+    assert r.status_code == 503 and "retry later" in r.json()["error"] and int(r.headers["retry-after"]) >= 1

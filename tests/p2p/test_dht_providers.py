@@ -51,3 +51,16 @@ async def test_a_provided_key_is_marked_republished_so_the_dht_does_not_say_it_a
             assert await b.provide(KEY)
             # py-libp2p's 600 s republish loop re-provides keys whose mark is 22 h old (0: never).
             assert store._last_republish.get(_encode_key(KEY), 0) > 0
+
+
+async def test_a_key_we_no_longer_hold_is_forgotten_by_the_dht():
+    with trio.fail_after(30):
+        async with running_hosts(settings(dht=True), settings(dht=True)) as (a, b):
+            await b.connect(a.addrs())
+            await _dht_ready(b)
+            store, dkey = b._dht.provider_store, _encode_key(KEY)
+            assert await b.provide(KEY)
+            assert dkey in store.providing_keys
+            b.unprovide(KEY)
+            assert dkey not in store.providing_keys and dkey not in store._last_republish
+            assert b.peer_id not in store.providers.get(dkey, {})

@@ -310,6 +310,8 @@ def test_a_large_meshs_line_does_not_wait_for_ever_on_load_nobody_will_announce(
     stats = RouteStats()
     # Holders that announce their load changes: a busy one stays busy until it says otherwise.
     assert not has_free_slot(Snapshot(peers=loud, taken_at=0.0), MODEL, stats, 100.0, stale_after=5.0)
+    # A gateway whose own table is large: older holders go quiet without saying so.
+    assert has_free_slot(Snapshot(peers=loud, taken_at=0.0), MODEL, stats, 100.0, stale_after=5.0, all_quiet=True)
     peers = tuple(replace(p, quiet_load=True) for p in loud)  # they say they do not (lq)
     s = Snapshot(peers=peers, taken_at=0.0)  # last_seen 0: announced busy at t=0
     assert not has_free_slot(s, MODEL, stats, 100.0)

@@ -77,7 +77,8 @@ _DROP_REQUEST = frozenset({"origin", "referer", "cookie", "expect", PEER_HEADER,
 # A holder that does not announce load (``quiet_load``: a large mesh) and whose load we learnt
 # longer ago than this counts as free for the line (it answers busy if it is not), not full for ever.
 LOAD_STALE = 5.0
-FOUND_RECHECK = 1.0  # seconds between questions to busy holders found through the DHT (mesh.holders.FRESH)
+FOUND_RECHECK = 1.0  # seconds (to twice that) between questions to busy holders found through the DHT
+UNANSWERED_RETRY = 5  # Retry-After when holders found through the DHT did not answer (holders.FAILED_TTL)
 LOAD_AWARE = frozenset({routing.Strategy.LEAST_LOADED, routing.Strategy.LOCAL_FIRST})  # strategies that use load
 
 
@@ -385,11 +386,13 @@ class Proxy:
         if finds is None or not finds(self.mesh.snapshot()):
             self._unservable(endpoint, model, key)
         holders = await self.mesh.find_holders(model)
-        found = {f.peer_id: f for f in sorted(holders.found, key=lambda f: f.busy()) if f.load.capacity > 0}
+        found = {f.peer_id: f for f in sorted(holders.found, key=lambda f: f.busy())}
         if not found:
-            if holders.unanswered:
-                raise NoCapacity(f"model '{model}' is on peers that did not answer in time "
-                                 f"({holders.unanswered}); retry later")
+            if holders.unanswered or not holders.complete:
+                why = (f"{holders.unanswered} peer(s) that may hold it did not answer" if holders.unanswered
+                       else "the lookup did not finish in time")
+                raise Overloaded(f"model '{model}' may be on peers this node cannot reach now ({why}); retry later",
+                                 UNANSWERED_RETRY)
             self._unservable(endpoint, model, key)
         return found
 
@@ -399,13 +402,18 @@ class Proxy:
         queue time is up (503 with Retry-After), instead of sending it again and again."""
         while True:
             with trio.move_on_at(deadline):
-                await trio.sleep(FOUND_RECHECK)
+                # Not in step with the other requests waiting: they share each answer.
+                await trio.sleep(FOUND_RECHECK * (1 + self.rng.random()))
+                try:
+                    found = await self._find_holders(endpoint, model, key)
+                except ModelNotFound:  # the holders went quiet (or the mesh stopped hiding any)
+                    raise Overloaded(f"the peers serving '{model}' are gone or not answering; retry later",
+                                     self.queues.retry_after(key)) from None
+                if any(f.busy() < 1 for f in found.values()):
+                    return found
             if trio.current_time() >= deadline:
                 raise Overloaded(f"every peer serving '{model}' stayed busy for {self.queues.timeout:g}s "
                                  "(gateway.queue_timeout); retry later", self.queues.retry_after(key))
-            found = await self._find_holders(endpoint, model, key)
-            if any(f.busy() < 1 for f in found.values()):
-                return found
 
     def _unservable(self, endpoint: Endpoint, model: str, key: str) -> None:
         """Raise the right error for a model nobody alive serves: a 503 when it
@@ -420,7 +428,9 @@ class Proxy:
     def _free(self, key: str) -> bool:
         snapshot = self.mesh.snapshot()
         self.stats.observe(snapshot)  # a heartbeat that already counts our finished requests resets the correction
-        return routing.has_free_slot(snapshot, key, self.stats, trio.current_time(), stale_after=LOAD_STALE)
+        sampling = getattr(self.mesh, "load_sampling", None)
+        return routing.has_free_slot(snapshot, key, self.stats, trio.current_time(), stale_after=LOAD_STALE,
+                                     all_quiet=sampling is not None and sampling())
 
     def _warm(self, snapshot: Any, peer_id: str, model_key: str, now: float) -> bool:
         """The model is loaded on the peer: its heartbeat says so, or it answered

@@ -40,6 +40,7 @@ MAX_QUESTION = 512  # bytes: a model name (names.MAX_LEN is far below) and a new
 SLOTS = 32  # answers in progress at once
 PER_PEER_GAP = 0.1  # seconds: one peer's questions, at most ten a second
 DEADLINE = 2.0  # seconds to write the answer
+HOLDS_PER_PEER_GAP = 0.02  # seconds: a gateway may ask about several models at once (a 280-model holder)
 QUESTION_DEADLINE = 0.5  # seconds for a holds question to arrive (a trickled one holds a slot no longer)
 
 
@@ -65,7 +66,7 @@ class LoadServer:
         self.holds = holds  # names.key -> the model we hold under it, if any (our whole list)
         self.on_count = on_count
         self.gate = Gate(allow=allow, every=PER_PEER_GAP, slots=SLOTS)
-        self.holds_gate = Gate(allow=allow, every=PER_PEER_GAP, slots=SLOTS)
+        self.holds_gate = Gate(allow=allow, every=HOLDS_PER_PEER_GAP, slots=SLOTS)
 
     async def handle(self, stream) -> None:
         await self._serve(stream, self.gate, self._load_answer)

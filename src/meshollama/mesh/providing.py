@@ -5,7 +5,8 @@ Kademlia DHT, keyed by :func:`name_key` (a client asks by name; the holder's
 answer to a holds question carries the digest, ``mesh.holders``).
 :class:`Provider` says new models at once and all of them every
 :data:`REPROVIDE` seconds, and again when the DHT's routing table has doubled
-since (a record put while the table was nearly empty reached nobody); while
+since, while it is smaller than :data:`K` (a record put while the table was
+nearly empty reached few); a model gone is unprovided; while
 the table is empty it says nothing (each record would reach nobody and use
 a permit). Models an announcement leaves out go first: they need the DHT,
 the rest are in every table.
@@ -37,7 +38,9 @@ from ..catalog import ModelInfo
 PROVIDE_FIRST = 5.0  # seconds after the host starts: let the join fill the DHT's table first
 PROVIDE_BURST = 8  # records in one window (py-libp2p takes 10 per 10 s window per sender)
 PROVIDE_WINDOW = 12.0  # seconds
-REPROVIDE = 1800.0  # seconds between saying every record again (py-libp2p keeps them 48 h)
+REPROVIDE = 7200.0  # seconds between saying every record again (py-libp2p keeps them 48 h; at 8 per
+# 12 s, 280 names and 1,000 blobs take ~32 min: every 30 min would keep the pace saturated)
+K = 20  # the DHT's replication: past this many peers a doubled table changes little where records land
 CHANGE_GAP = 0.5  # seconds: changes closer than this are said in one pass
 RECHECK = 30.0  # seconds between looks at the DHT's table size when nothing changes
 
@@ -90,9 +93,11 @@ class Provider:
     ``provided`` and ``pending`` say how far it got (``/api/mesh/status``)."""
 
     def __init__(self, models: Callable[[], tuple[ModelInfo, ...]], provide: Callable[[str], Awaitable[bool]],
-                 changed: Callable[[], trio.Event], dht_size: Callable[[], int], pace: Pace | None = None) -> None:
+                 changed: Callable[[], trio.Event], dht_size: Callable[[], int], pace: Pace | None = None,
+                 unprovide: Callable[[str], None] = lambda key: None) -> None:
         self.models = models
         self.provide = provide
+        self.unprovide = unprovide
         self.changed = changed
         self.dht_size = dht_size
         self.pace = pace or Pace()
@@ -114,7 +119,7 @@ class Provider:
             keys = list(dict.fromkeys(name_key(m.name) for m in reversed(held)))
             now = trio.current_time()
             size = self.dht_size()
-            if now - last_full >= REPROVIDE or (size >= 2 * size_then and size > size_then):
+            if now - last_full >= REPROVIDE or (size_then < K and size >= 2 * size_then and size > size_then):
                 self.provided, last_full, size_then = set(), now, size
             todo = [k for k in keys if k not in self.provided]
             self.pending = len(todo)
@@ -124,6 +129,8 @@ class Provider:
                         if await self.provide(key):
                             self.provided.add(key)
                         self.pending -= 1
+            for key in self.provided - set(keys):  # models gone: py-libp2p would republish them
+                self.unprovide(key)
             self.provided &= set(keys)
             with trio.move_on_after(RECHECK):
                 await wake.wait()

@@ -178,8 +178,11 @@ class MeshService:
     def finds_holders(self, snapshot: Snapshot) -> bool:
         """Whether a model no announcement lists may still be held: the mesh is large
         (not everyone's catalog need reach us), or an alive peer says its announcement
-        leaves models out (``announce.fit``). Then the DHT is asked (:meth:`find_holders`)."""
-        return self.load_sampling() or any(p.more for p in snapshot.peers if p.state is PeerState.ALIVE)
+        leaves models out (``announce.fit``) and lists enough for that to be true (a peer
+        with two models saying ``mm`` would send every gateway to the DHT for every unknown
+        name). Then the DHT is asked (:meth:`find_holders`)."""
+        return self.load_sampling() or any(p.more and len(p.models) >= holders.MORE_MIN
+                                           for p in snapshot.peers if p.state is PeerState.ALIVE)
 
     async def find_holders(self, model: str) -> holders.Holders:
         """Peers that hold ``model`` by their own word just now, found through DHT
@@ -206,7 +209,7 @@ class MeshService:
             return None
         view = self.table.get(peer_id)
         if view is not None and view.state is not PeerState.ALIVE:
-            return None
+            return holders.NOT_NOW
         if view is None:
             return 2
         return 0 if peer_id in self.connected() else 1
@@ -478,7 +481,7 @@ class MeshService:
                 await nursery.start(self._watched, loops.run)
                 if self._local is not None:  # we serve: our models go into the DHT (mesh.holders)
                     self.provider = providing.Provider(self._models, self.provide, self._changed, host.dht_size,
-                                                       self._pace)
+                                                       self._pace, unprovide=self.unprovide)
                     nursery.start_soon(self.provider.run)
                 task_status.started(list(self._addrs))
         finally:
@@ -560,6 +563,13 @@ class MeshService:
         host = self._host
         provide = getattr(host, "provide", None) if self._host_ready.is_set() else None
         return bool(await provide(key)) if provide is not None else False
+
+    def unprovide(self, key: str) -> None:
+        """We no longer hold ``key``: stop saying it (``P2PHost.unprovide``)."""
+        host = self._host
+        unprovide = getattr(host, "unprovide", None) if host is not None else None
+        if unprovide is not None:
+            unprovide(key)
 
     async def find_providers(self, key: str) -> list[str]:
         host = self._host

@@ -35,6 +35,7 @@ from .. import names
 from ..catalog import StoreInfo
 from ..errors import BadRequest
 from ..httpmsg import ProxyRequest, ProxyResponse
+from ..mesh import providing
 from .blob_fetch import MIN_RATE, PullError, leaf, one_error
 from . import listing
 from .blob_server import BlobServer
@@ -48,7 +49,7 @@ NDJSON = (("content-type", "application/x-ndjson"),)
 FREE_REFRESH = 10.0  # seconds between looks at the store's free space
 MAX_PULLING = 8  # pulls in progress a heartbeat names (placement counts them as copies)
 STALE_PARTIAL = 7 * 24 * 3600.0  # seconds after which an abandoned partial blob is deleted at start
-REPROVIDE = 1800.0  # seconds between re-announcing every DHT provider record (new models: at once)
+REPROVIDE = providing.REPROVIDE  # seconds between re-announcing every DHT provider record (new ones: at once)
 
 
 def build_store(config: Any, backend: Any) -> Store | None:
@@ -166,6 +167,8 @@ class ModelService:
             for key in sorted(keys - provided):
                 if await self.mesh.provide(key, later=True):
                     provided.add(key)
+            for key in provided - keys:  # blobs gone: py-libp2p would republish them
+                self.mesh.unprovide(key)
             provided &= keys
             with trio.move_on_after(FREE_REFRESH * 3):
                 await self._models_changed().wait()

@@ -43,6 +43,7 @@ from .mdns import start_mdns
 from .relay import Relay, RelaySettings
 from .stream import Stream
 
+LOOKUP_TIMEOUT = 1.5  # seconds a provider lookup may take (mesh.holders.WAIT leaves room for the questions)
 log = logging.getLogger("meshollama.p2p")
 
 TOPIC = "/meshollama/heartbeat/1"
@@ -152,6 +153,7 @@ class P2PHost:
         patches.patch_dht_protocol()
         patches.patch_yamux_window_updates()
         patches.patch_buffered_tcp_reads()
+        patches.patch_provider_lookup()
         host, pubsub, gossip = self._build()
         listen = [multiaddr.Multiaddr(a) for a in _bindable(self.settings.listen)]
         try:
@@ -488,39 +490,48 @@ class P2PHost:
         py-libp2p re-provides, every 600 s and unpaced, each key it has not
         republished for 22 h, which is every key said since its last check: a
         burst its receivers' rate limit drops (``mesh.providing``). The key is
-        marked as republished now; ``mesh.providing`` says it again itself."""
+        marked as republished first; ``mesh.providing`` says it again itself."""
         if self._dht is None:
             return False
         from libp2p.kad_dht.kad_dht import _encode_key
 
+        self._dht.provider_store._last_republish[_encode_key(key)] = time.time()
         try:
             with trio.move_on_after(self.settings.stream_timeout * 3):
-                done = bool(await self._dht.provide(key))
-                self._dht.provider_store._last_republish[_encode_key(key)] = time.time()
-                return done
+                return bool(await self._dht.provide(key))
         except trio.Cancelled:
             raise
         except Exception as exc:
             log.debug("DHT provide(%s) failed: %r", key[:16], exc)
         return False
 
-    async def find_providers(self, key: str, count: int = 20) -> list[str]:
-        """Peer ids the DHT says hold ``key``, each once (py-libp2p repeats them), not us.
+    def unprovide(self, key: str) -> None:
+        """We no longer hold ``key``: py-libp2p forgets it (it would republish it every 22 h)
+        and drops our own record; remote records expire (48 h; askers hear "no" first)."""
+        if self._dht is None:
+            return
+        from libp2p.kad_dht.kad_dht import _encode_key
 
-        py-libp2p answers from its local store alone when it holds any record
-        for the key, and it stores every provider a lookup found, for 48 h: one
-        lookup, and the network was never asked again for that name. The local
-        records are set aside for the lookup, then put back and returned too."""
+        store, dkey = self._dht.provider_store, _encode_key(key)
+        store.providing_keys.discard(dkey)
+        store._last_republish.pop(dkey, None)
+        records = store.providers.get(dkey)
+        if records is not None:
+            records.pop(self.peer_id, None)
+
+    async def find_providers(self, key: str, count: int = 20, timeout: float = LOOKUP_TIMEOUT) -> list[str]:
+        """Peer ids the DHT says hold ``key``, each once (py-libp2p repeats them), not us:
+        the network's answer (``patches.network_lookup``: py-libp2p would answer from its
+        local store alone) and the local store's, within ``timeout``; a lookup cut short
+        returns what it found by then (each find goes into the local store)."""
         if self._dht is None:
             return []
         from libp2p.kad_dht.kad_dht import _encode_key
 
         store = self._dht.provider_store
-        dkey = _encode_key(key)
         found: dict[str, None] = {}
-        held = store.providers.pop(dkey, None)
         try:
-            with trio.move_on_after(self.settings.stream_timeout):
+            with trio.move_on_after(timeout), patches.network_lookup():
                 for info in await self._dht.find_providers(key, count) or ():
                     pid = info.peer_id.to_base58()
                     if pid != self.peer_id:
@@ -530,12 +541,7 @@ class P2PHost:
             raise
         except Exception as exc:
             log.debug("DHT find_providers(%s) failed: %r", key[:16], exc)
-        finally:
-            if held:
-                now = store.providers.setdefault(dkey, {})
-                for pid, record in held.items():
-                    now.setdefault(pid, record)
-        for info in store.get_providers(dkey) if held else ():
+        for info in store.get_providers(_encode_key(key)):
             pid = info.peer_id.to_base58()
             if pid != self.peer_id:
                 found.setdefault(pid)

@@ -17,13 +17,21 @@
 4. Noise reads every message as two exact-size socket reads (length, then
    payload): :func:`patch_buffered_tcp_reads` serves them from a 64 KiB
    buffer, halving the ``recv`` calls per request.
+5. ``ProviderStore.find_providers`` answers from the local store alone when
+   it holds any record for the key, and it stores every provider a lookup
+   found for 48 h: after one lookup the network was never asked again for
+   that key. :func:`patch_provider_lookup` makes the local check come back
+   empty inside :func:`network_lookup` (a context variable: the lookup's own
+   tasks inherit it, the swarm's handlers answering other peers do not).
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
 
 import trio
 
@@ -113,6 +121,36 @@ def patch_yamux_window_updates() -> None:
     _STOCK_YAMUX_METHOD = YamuxStream._auto_tune_and_send_window_update
     _PATCHED_YAMUX_METHOD = auto_tune_and_send_window_update
     YamuxStream._auto_tune_and_send_window_update = auto_tune_and_send_window_update
+
+
+_NETWORK_LOOKUP: contextvars.ContextVar[bool] = contextvars.ContextVar("meshollama_network_lookup", default=False)
+_STOCK_GET_PROVIDERS = None
+
+
+def patch_provider_lookup() -> None:
+    """Inside :func:`network_lookup`, the provider store's local check finds nothing (idempotent)."""
+    global _STOCK_GET_PROVIDERS
+    if _STOCK_GET_PROVIDERS is not None:
+        return
+    from libp2p.kad_dht.provider_store import ProviderStore
+
+    stock = ProviderStore.get_providers
+
+    def get_providers(self, key: bytes):
+        return [] if _NETWORK_LOOKUP.get() else stock(self, key)
+
+    _STOCK_GET_PROVIDERS = stock
+    ProviderStore.get_providers = get_providers
+
+
+@contextmanager
+def network_lookup():
+    """``find_providers`` in here asks the network even when the local store has records."""
+    token = _NETWORK_LOOKUP.set(True)
+    try:
+        yield
+    finally:
+        _NETWORK_LOOKUP.reset(token)
 
 
 READ_CHUNK = 64 * 1024
