@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import trio
 
-from meshollama import names
+from meshollama import names, pace
 from meshollama.httpmsg import ProxyRequest
 from meshollama.mesh.loops import STREAM_ABORT_MISSES
 from meshollama.catalog import ModelInfo
@@ -362,11 +362,15 @@ async def test_bootstrap_is_dialled_with_jittered_doubling_backoff_reset_after_s
         assert len(host.dials) == 7
         r.net.reachable.discard(BOOT)
         host.peer_disconnects(BOOT)
-        # Noticed at the next look (connected_at + 4), dialled at once; the
-        # pauses after that failure start again from 0.25 s.
+        # Noticed at the next look (the looks fall on the ticks every 2 s of trio's
+        # clock, meshollama.pace), dialled at once; the pauses after that failure
+        # start again from 0.25 s.
+        look = pace.next_tick(r.t0 + connected_at, 2.0)
+        while look <= r.t0 + connected_at + 3.0:
+            look += 2.0
         draws = random.Random(7)
         draws = [draws.random() for _ in range(8)]  # one per failure: 6 before the success, then these
-        again = [connected_at + 4.0]
+        again = [look - r.t0]
         again.append(again[-1] + 0.25 * (0.5 + draws[6]))
         again.append(again[-1] + 0.5 * (0.5 + draws[7]))
         await r.at(again[-1] + EPS)
@@ -481,7 +485,9 @@ async def test_the_refresh_grows_with_the_mesh_once_announced_and_an_older_peer_
             await r.at(t)
             for pid in peers:
                 host.hear(heartbeat(pid, t, refresh_ms=30_000))
-        await r.at(200.0)
+        # Half a second before the loop's look at 200 s: the loops wake on whole seconds
+        # of trio's clock (meshollama.pace), so hearing it at 200.0 would tie with the look.
+        await r.at(199.5)
         said = [(round(t - r.t0, 3), ann.refresh_ms) for t, ann in host.published]
         # 30 s as said at the start; the refresh grows towards 50 s (5 peers x 10 s) by at
         # most 1.5x per announcement (a peer that misses one must not expire us).

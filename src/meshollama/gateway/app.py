@@ -85,6 +85,9 @@ class GatewayState:
         self.readiness: Any = None
         # Set when the server begins to shut down: endless answers (the panel's event stream) end then.
         self.closing = trio.Event()
+        # Called before each /metrics answer: gauges that mirror state (the node's peer
+        # gauges) are set when someone looks, not on a timer that wakes an idle node.
+        self.before_scrape: list[Any] = []
 
 
 class _HTTPConnection(TrioASGIHTTPConnection):
@@ -230,6 +233,11 @@ def _register_views(app: QuartTrio, state: GatewayState) -> None:
 
     @app.route("/metrics", methods=["GET"])
     async def metrics() -> Response:
+        for update in state.before_scrape:
+            try:
+                update()
+            except Exception:  # a gauge that cannot be set must not cost the scrape the rest
+                log.exception("updating gauges before a scrape failed")
         return Response(generate_latest(state.registry), status=200, content_type=CONTENT_TYPE_LATEST)
 
 

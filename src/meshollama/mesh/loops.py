@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .. import pace
 from ..errors import P2PError, StreamReset
 from ..p2p.events import Event
 from ..p2p.ping import Pinger
@@ -56,11 +57,6 @@ log = logging.getLogger("meshollama.mesh")
 STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
 POLL = 1.0  # seconds between looks at our load when the backend says nothing (our gateway's queue)
 BOOTSTRAP_FIRST_RETRY = 0.25
-
-
-async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
 
 
 class HostLoops(Hearing):
@@ -128,10 +124,18 @@ class HostLoops(Hearing):
                 await mesh._changed().wait()
                 woken[0].set()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_backend)
-            await self._announce_when_due(woken)
-            nursery.cancel_scope.cancel()
+        def wake() -> None:
+            woken[0].set()
+
+        mesh._wake_publisher = wake  # request_heartbeat wakes the same event: one thing to wait on
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_backend)
+                await self._announce_when_due(woken)
+                nursery.cancel_scope.cancel()
+        finally:
+            if mesh._wake_publisher is wake:
+                mesh._wake_publisher = None
 
     async def _announce_when_due(self, woken: list[trio.Event]) -> None:
         mesh, policy = self.mesh, self.policy
@@ -159,11 +163,13 @@ class HostLoops(Hearing):
                     continue
             # Never a zero wait when nothing went out: a deadline the policy did not act on
             # must not spin the loop (min_gap keeps the floor above zero).
-            wait = POLL if reason is not None else max(policy.cadence.min_gap / 4, policy.next_check(trio.current_time()))
-            with trio.move_on_after(min(POLL, wait)):
-                async with trio.open_nursery() as either:
-                    for event in (mesh._publish_now, woken[0]):
-                        either.start_soon(_set_then_cancel, event, either.cancel_scope)
+            now = trio.current_time()
+            wait = POLL if reason is not None else max(policy.cadence.min_gap / 4, policy.next_check(now))
+            # The POLL look falls on the ticks of the other loops (meshollama.pace): one wake-up, not two.
+            deadline = now + wait if wait < POLL else min(pace.next_tick(now, POLL), now + wait)
+            with trio.move_on_at(deadline):
+                if not mesh._publish_now.is_set():
+                    await woken[0].wait()
             await trio.sleep(max(0.0, (policy.last_at or 0.0) + policy.cadence.min_gap - trio.current_time()))
 
     def cadence_now(self) -> Cadence:
@@ -247,7 +253,7 @@ class HostLoops(Hearing):
         while True:
             if target and target in host.connected_peers():
                 backoff = BOOTSTRAP_FIRST_RETRY
-                await trio.sleep(self.settings.heartbeat_interval)
+                await pace.tick(self.settings.heartbeat_interval)
                 continue
             try:
                 dial = [addr]
@@ -282,14 +288,47 @@ class HostLoops(Hearing):
             backoff = min(backoff * 2, self.settings.bootstrap_retry_max)
 
     async def dht_loop(self) -> None:
-        await trio.sleep(min(self.settings.dht_refresh_first, 2 * self.settings.heartbeat_interval))
-        delay = self.settings.dht_refresh_first
+        """Walk the DHT towards our own id and dial the peers it names that we are
+        not connected to: soon after start, again ``dht_refresh_first`` later, then
+        every ``dht_refresh_every``. A walk asks every peer near us (in a mesh of
+        25, all 24 others, each a new stream at both ends): when it finds nobody
+        new and we lost no connection since the last one, the next waits twice as
+        long, up to ``dht_refresh_max``; news (a peer to dial, a lost connection)
+        brings the wait back to ``dht_refresh_every``. While we are connected to
+        every peer the table holds, walks are skipped (quiet) until the wait
+        reaches ``dht_refresh_max``; the first is never skipped."""
+        st = self.settings
+        await trio.sleep(min(st.dht_refresh_first, 2 * st.heartbeat_interval))
+        delay: float | None = None
+        connected_before = 0
+        ceiling = max(st.dht_refresh_max, st.dht_refresh_every)
         while True:
-            for peer_id, addrs in await self.host.dht_refresh():
-                if peer_id not in self.host.connected_peers():
-                    self.mesh.reach.maybe_dial(self.host, peer_id, addrs)
+            news = False
+            # Connected to every peer we know of: a walk would only name them again
+            # (it goes through their routing tables). Skip it, as a quiet one, except
+            # once the back-off reached its ceiling (a stale entry in a neighbour's
+            # table is how a walk heals a split, so that still runs now and then).
+            if not (delay is not None and delay < ceiling and self.knows_only_connected()):
+                for peer_id, addrs in await self.host.dht_refresh():
+                    if peer_id not in self.host.connected_peers():
+                        news = True
+                        self.mesh.reach.maybe_dial(self.host, peer_id, addrs)
+            connected = len(self.host.connected_peers())
+            news = news or connected < connected_before
+            connected_before = connected
+            if delay is None:
+                delay = st.dht_refresh_first
+            elif news or delay < st.dht_refresh_every:
+                delay = st.dht_refresh_every
+            else:
+                delay = min(delay * 2, ceiling)
             await trio.sleep(delay)
-            delay = self.settings.dht_refresh_every
+
+    def knows_only_connected(self) -> bool:
+        """Whether the table holds another peer, and we are connected to every one it holds."""
+        connected = self.host.connected_peers()
+        others = [p.peer_id for p in self.table.snapshot(trio.current_time()).peers if not p.is_self]
+        return bool(others) and all(p in connected for p in others)
 
     # --- liveness ----------------------------------------------------------------
 
@@ -317,7 +356,7 @@ class HostLoops(Hearing):
                 ):
                     nursery.start_soon(self.check, pid)
                 round_no += 1
-                await trio.sleep(self.settings.liveness_interval)
+                await pace.tick(self.settings.liveness_interval)
 
     def note_used(self, snap: Snapshot, now: float) -> None:
         """Remember the peers we had requests with since the last round (in flight

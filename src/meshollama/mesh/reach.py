@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import trio
 
+from .. import pace
 from ..errors import P2PError
 from ..p2p import addrs as addrs_mod
 from .peertable import PeerTable
@@ -129,7 +130,7 @@ class Reach:
         connected peers that offer relay service, so that others can reach us
         through them (our announcements then carry ``/p2p-circuit`` addresses)."""
         while True:
-            await trio.sleep(every)
+            await pace.tick(every)
             relay = host.relay
             if relay is None or not relay.wants_reservation():
                 continue

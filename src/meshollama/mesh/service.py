@@ -43,7 +43,7 @@ from functools import partial
 
 import trio
 
-from .. import __version__, names
+from .. import __version__, names, pace
 from ..catalog import LoadInfo, ModelInfo
 from ..errors import P2PError
 from ..p2p.host import HostSettings, P2PHost
@@ -114,6 +114,7 @@ class MeshService:
         self._seq = time.time_ns()
         self._started_at = trio.current_time()
         self._publish_now = trio.Event()
+        self._wake_publisher: Callable[[], None] | None = None  # set by the running publish loop
         self._rng = random.Random()
         self.reach = Reach(self.table, self.self_id, settings.unreachable_retry, settings.max_connections,
                            spawn=lambda fn: self._spawn(fn), rng=self._rng)
@@ -419,6 +420,8 @@ class MeshService:
     def request_heartbeat(self) -> None:
         """Publish a heartbeat now (at most one per 0.25 s; while no host runs, once one does)."""
         self._publish_now.set()
+        if self._wake_publisher is not None:
+            self._wake_publisher()
 
     def _drop(self, reason: str) -> None:
         MeshCounters.bump(self.counters.dropped, reason)
@@ -544,7 +547,7 @@ class MeshService:
             # Every half beat in a table of up to 1,000 peers; a scan costs O(peers), so a
             # larger table is scanned less often (at most every 10 s; ttls are minutes there).
             period = self.settings.heartbeat_interval / 2
-            await trio.sleep(min(max(period, 10.0), period * max(1.0, len(self.table) / 1000)))
+            await pace.tick(min(max(period, 10.0), period * max(1.0, len(self.table) / 1000)))
             now = trio.current_time()
             for peer_id in self.table.expire(now):
                 self.signed.pop(peer_id, None)

@@ -25,6 +25,7 @@ class MeshSettings:
     max_connections: int = 64
     dht_refresh_first: float = 10.0
     dht_refresh_every: float = 60.0
+    dht_refresh_max: float = 600.0  # walks that find nobody new back off, doubling, up to this (HostLoops.dht_loop)
     api_url: str = ""
     connect_timeout: float = 10.0  # opening a request stream to a peer (gateway.connect_timeout)
     max_peers: int = 4096  # peer table cap (p2p.max_peers)

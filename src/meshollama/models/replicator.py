@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from .. import names
+from .. import names, pace
 from ..catalog import ReplicaTarget
 from ..mesh.peertable import UP, PeerState
 from .placement import Candidate, holders_within, merge, volunteers
@@ -200,7 +200,7 @@ class Replicator:
                 for key in self.decide(self.mesh.snapshot(), now):
                     self._pulling.add(key)
                     nursery.start_soon(self._replicate, key)
-                await trio.sleep(self.interval)
+                await pace.tick(self.interval)
 
     async def _replicate(self, key: str) -> None:
         target = self._known[key]

@@ -154,6 +154,8 @@ class P2PHost:
         patches.patch_yamux_window_updates()
         patches.patch_buffered_tcp_reads()
         patches.patch_provider_lookup()
+        patches.patch_yamux_upkeep()
+        patches.pace_library_loops()
         host, pubsub, gossip = self._build()
         listen = [multiaddr.Multiaddr(a) for a in _bindable(self.settings.listen)]
         try:

@@ -23,6 +23,16 @@
    that key. :func:`patch_provider_lookup` makes the local check come back
    empty inside :func:`network_lookup` (a context variable: the lookup's own
    tasks inherit it, the swarm's handlers answering other peers do not).
+6. Every Yamux connection runs two timers: an RTT ping every 30 s (the RTT
+   only tunes receive windows) and a sweep of stale stream bookkeeping every
+   30 s. In a mesh of 25 that is 1.6 wake-ups a second per node, plus the
+   peers' pings to answer, on otherwise idle connections:
+   :func:`patch_yamux_upkeep` spaces both to 5 minutes (the first RTT
+   measurement, 0.5 s after the connection opens, is kept).
+7. py-libp2p's own periodic loops (DCUtR's 2 s look for relayed peers to
+   hole-punch, gossipsub's heartbeat, Yamux's stale-stream sweep) each wake
+   the process on their own phase: :func:`pace_library_loops` makes their
+   sleeps :func:`meshollama.pace.tick`, so they wake with our loops.
 """
 
 from __future__ import annotations
@@ -151,6 +161,131 @@ def network_lookup():
         yield
     finally:
         _NETWORK_LOOKUP.reset(token)
+
+
+YAMUX_RTT_EVERY = 300.0
+YAMUX_SWEEP_EVERY = 300.0
+
+
+def patch_yamux_upkeep(rtt_every: float = YAMUX_RTT_EVERY, sweep_every: float = YAMUX_SWEEP_EVERY) -> None:
+    """Space out Yamux's per-connection RTT pings and stale-stream sweeps (idempotent).
+
+    Both are module constants read on every round of their loops, so setting
+    them is enough. Neither is a keep-alive: the ping's answer is never
+    required (a missing pong only leaves the old RTT), and the sweep only
+    reclaims the bookkeeping of fully closed streams whose buffers were never
+    read, which our handlers always read or reset.
+    """
+    from libp2p.stream_muxer.yamux import yamux
+
+    yamux.RTT_MEASURE_INTERVAL = max(yamux.RTT_MEASURE_INTERVAL, rtt_every)
+    yamux._STALE_STREAM_SWEEP_INTERVAL = max(yamux._STALE_STREAM_SWEEP_INTERVAL, sweep_every)
+
+
+class _PacedTrio:
+    """``trio`` as one library function sees it: the same module, but ``sleep``
+    is :func:`meshollama.pace.tick` (same period, on the shared ticks)."""
+
+    def __init__(self) -> None:
+        from .. import pace
+
+        self.sleep = pace.tick
+
+    def __getattr__(self, name: str):
+        return getattr(trio, name)
+
+
+_PACED: list = []
+
+
+def _paced(func):
+    """A copy of ``func`` whose global ``trio`` is :class:`_PacedTrio` (only that function's)."""
+    import types
+
+    glb = dict(func.__globals__)
+    glb["trio"] = _PacedTrio()
+    new = types.FunctionType(func.__code__, glb, func.__name__, func.__defaults__, func.__closure__)
+    new.__kwdefaults__ = func.__kwdefaults__
+    new.__qualname__, new.__doc__, new.__module__ = func.__qualname__, func.__doc__, func.__module__
+    new.__wrapped__ = func
+    return new
+
+
+def pace_library_loops() -> None:
+    """Put py-libp2p's periodic loops on :mod:`meshollama.pace`'s ticks (idempotent).
+
+    Only functions whose one ``trio.sleep`` is the loop's period are changed:
+    ``GossipSub.heartbeat`` (its initial delay and interval) and
+    ``Yamux._stale_stream_sweeper``; ``DCUtRProtocol._auto_drive_loop`` (2 s)
+    is replaced by :func:`_auto_drive_loop`.
+    """
+    if _PACED:
+        return
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    for cls, name in ((GossipSub, "heartbeat"), (Yamux, "_stale_stream_sweeper")):
+        stock = getattr(cls, name)
+        setattr(cls, name, _paced(stock))
+        _PACED.append((cls, name, stock))
+    _PACED.append((DCUtRProtocol, "_auto_drive_loop", DCUtRProtocol._auto_drive_loop))
+    DCUtRProtocol._auto_drive_loop = _auto_drive_loop
+
+
+def _relayed(conn) -> bool:
+    """Whether a connection runs over a relay (``/p2p-circuit`` in its transport
+    addresses), remembered on the connection while those addresses are the same
+    list: turning two dozen addresses into strings every 2 s was most of what an
+    idle node's DCUtR loop cost."""
+    try:
+        addrs = conn.get_transport_addresses()
+    except Exception:  # noqa: BLE001 - as the stock loop: a connection that cannot say is not relayed
+        return False
+    known = getattr(conn, "_meshollama_relayed", None)
+    if known is not None and known[0] is addrs:
+        return known[1]
+    relayed = bool(addrs) and any("/p2p-circuit" in str(addr) for addr in addrs)
+    try:
+        conn._meshollama_relayed = (addrs, relayed)
+    except Exception:  # noqa: BLE001, S110 - a connection class with __slots__: just do not remember
+        pass
+    return relayed
+
+
+async def _auto_drive_loop(self) -> None:
+    """py-libp2p 0.8.1's ``DCUtRProtocol._auto_drive_loop`` (hole-punch the relayed
+    peers that never initiate), on :mod:`meshollama.pace`'s 2 s ticks and with
+    :func:`_relayed` remembered per connection; otherwise the same."""
+    from libp2p.relay.circuit_v2 import dcutr
+
+    from .. import pace
+
+    while True:
+        await pace.tick(2.0)
+        try:
+            network = self.host.get_network()
+            connections = getattr(network, "connections", {}) or {}
+            for peer_id in list(connections.keys()):
+                if peer_id == self.host.get_id():
+                    continue
+                if peer_id in self._in_progress or peer_id in self._direct_connections:
+                    continue
+                if self._hole_punch_attempts.get(peer_id, 0) >= dcutr.MAX_HOLE_PUNCH_ATTEMPTS:
+                    continue
+                conns = connections.get(peer_id)
+                if not conns:
+                    continue
+                if not isinstance(conns, list):
+                    conns = [conns]
+                if not any(_relayed(conn) for conn in conns):
+                    continue
+                dcutr.logger.debug("Auto-driving hole punch to %s", peer_id)
+                await self.initiate_hole_punch(peer_id)
+        except trio.Cancelled:
+            raise
+        except Exception as e:  # noqa: BLE001 - as the stock loop: one bad round must not end it
+            dcutr.logger.debug("Auto-drive loop error: %s", e)
 
 
 READ_CHUNK = 64 * 1024
