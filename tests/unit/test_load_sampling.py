@@ -133,7 +133,7 @@ def test_a_node_goes_quiet_past_full_view_and_loud_again_only_well_below_it():
 
 
 async def test_a_small_meshs_gateway_asks_only_the_holders_that_say_they_do_not_announce_load(autojump_clock):
-    from meshollama.gateway.proxy import Proxy
+    from meshollama.gateway.asking import Asking
 
     asked: list[list[str]] = []
 
@@ -150,10 +150,10 @@ async def test_a_small_meshs_gateway_asks_only_the_holders_that_say_they_do_not_
             asked.append(list(peers))
             return {p: LoadInfo(0, 2) for p in peers}
 
-    proxy = Proxy.__new__(Proxy)
-    proxy.mesh, proxy.strategy, proxy.stats, proxy.rng = Mesh(), Strategy.LEAST_LOADED, RouteStats(), random.Random(1)
+    proxy = SimpleNamespace(mesh=Mesh(), strategy=Strategy.LEAST_LOADED, stats=RouteStats(), rng=random.Random(1))
+    asking = Asking(proxy)
     s = Snapshot(peers=(peer("loud"), replace(peer("quiet"), quiet_load=True)), taken_at=0.0)
-    assert await proxy._ask_loads(s, names.key("m")) == ("quiet",)
+    assert await asking.loads(s, names.key("m")) == ("quiet",)
     assert asked == [["quiet"]]
     s = Snapshot(peers=(peer("loud"),), taken_at=0.0)
-    assert await proxy._ask_loads(s, names.key("m")) == () and len(asked) == 1
+    assert await asking.loads(s, names.key("m")) == () and len(asked) == 1

@@ -43,9 +43,7 @@ from typing import Any
 import trio
 
 from .. import names, routing
-from ..mesh import load_client
-from ..errors import (ModelNotFound, NoCapacity, Overloaded, RequestError, UpstreamBusy, UpstreamError,
-                      UpstreamUnavailable)
+from ..errors import NoCapacity, RequestError, UpstreamBusy, UpstreamError, UpstreamUnavailable
 from ..httpmsg import Headers, ProxyRequest, Upstream, error_text, forwardable
 from ..tracing import OFF, SERVER, end_request, ending, from_scope, send_trace_id
 from .asgi import (
@@ -62,6 +60,7 @@ from .asgi import (
     scope_headers,
     send_answer,
 )
+from .asking import Asking
 from .attempt import PEER_HEADER, Attempts, Broken, Failure, Outcome
 from .endpoints import Endpoint, check_fields, match, model_of, parse_payload
 from .errors import METHOD_NOT_ALLOWED_PAGE, answer_for, error_answer, message_of, ndjson_error_line, sse_error_event
@@ -74,12 +73,6 @@ log = logging.getLogger(__name__)
 # Request headers that describe the client's hop, not the request. The client's
 # trace context goes on as the parent of each try's span (``attempt``), re-formatted.
 _DROP_REQUEST = frozenset({"origin", "referer", "cookie", "expect", PEER_HEADER, "traceparent", "tracestate"})
-# A holder that does not announce load (``quiet_load``: a large mesh) and whose load we learnt
-# longer ago than this counts as free for the line (it answers busy if it is not), not full for ever.
-LOAD_STALE = 5.0
-FOUND_RECHECK = 1.0  # seconds (to twice that) between questions to busy holders found through the DHT
-UNANSWERED_RETRY = 5  # Retry-After when holders found through the DHT did not answer (holders.FAILED_TTL)
-LOAD_AWARE = frozenset({routing.Strategy.LEAST_LOADED, routing.Strategy.LOCAL_FIRST})  # strategies that use load
 
 
 def request_target(scope: Scope) -> str:
@@ -134,6 +127,7 @@ class Proxy:
         self.draining = False  # the node drains for a restart: new requests go to another node
         self.models: Any = None  # models.service.ModelService: /api/pull from peers first
         self._rr = itertools.count()
+        self.asking = Asking(self)
         self._idle = trio.Event()
         self._idle.set()
 
@@ -267,7 +261,7 @@ class Proxy:
         key = names.key(model)
         found: dict[str, Any] = {}  # peer -> mesh.holders.Found: holders no announcement lists
         if not routing.candidates(self.mesh.snapshot(), key):
-            found = await self._find_holders(endpoint, model, key)
+            found = await self.asking.holders(endpoint, model, key)
         # One spelling per model in metrics and traffic: the routing key's, not the client's
         # (llama3, Llama3 and LLAMA3:latest route alike; each would be new series).
         out.model = names.shortest(key)
@@ -282,9 +276,9 @@ class Proxy:
             queued = trio.current_time()
             if found:  # holders no announcement lists: their own answers say when a slot is free
                 if self.queues.size and (after_busy or all(f.busy() >= 1 for f in found.values())):
-                    found = await self._found_free(endpoint, model, key, deadline)
+                    found = await self.asking.found_free(endpoint, model, key, deadline)
             else:
-                await self.queues.wait(key, lambda: self._free(key), label=out.model, after_busy=after_busy,
+                await self.queues.wait(key, lambda: self.asking.free(key), label=out.model, after_busy=after_busy,
                                        deadline=deadline,
                                        servable=lambda: bool(routing.candidates(self.mesh.snapshot(), key)))
             if (waited := trio.current_time() - queued) > 0.001:  # it waited in line (a free slot returns at once)
@@ -315,12 +309,12 @@ class Proxy:
         resumed or ended); else what each tried peer failed with, before its first byte."""
         snapshot = self.mesh.snapshot()
         self.stats.observe(snapshot)
-        asked = await self._ask_loads(snapshot, key)
+        asked = await self.asking.loads(snapshot, key)
         now = trio.current_time()
         order = routing.choose(snapshot, key, self.stats, now, self.rng, self.strategy, frozenset(), next(self._rr),
                                prefer=asked) or list(found)  # found: least busy first
         if not order:  # every holder went away while we waited
-            self._unservable(endpoint, model, key)
+            self.asking.unservable(endpoint, model, key)
         tries = order[: 1 + self.retries]
         if out.route.recording:
             out.route.event("order", candidates=list(order), tries=list(tries))
@@ -345,92 +339,6 @@ class Proxy:
             if n < len(tries):
                 self.metrics.retries.labels(result.kind).inc()
         return failures
-
-    async def _ask_loads(self, snapshot: Any, key: str) -> tuple[str, ...]:
-        """In a large mesh, where load is not announced, ask a few holders how busy they
-        are (at most ``load_client.TIMEOUT``); the decision then includes them. In a
-        smaller one, only holders that say they do not announce load (``quiet_load``:
-        their tables are past the size where ours is not)."""
-        sampling = getattr(self.mesh, "load_sampling", None)
-        if sampling is None or self.strategy not in LOAD_AWARE:
-            return ()
-        holders = snapshot.serving(key)
-        if not sampling():
-            holders = tuple(p for p in holders if p.quiet_load)  # a small mesh: a few peers at most
-            if not holders:
-                return ()
-        now = trio.current_time()
-        connected = self.mesh.connected()  # a dial would not fit in the time a question has
-
-        def skip(pid: str) -> bool:
-            return pid == self.mesh.self_id or pid not in connected or self.stats.asked_within(pid, now, load_client.FRESH)
-
-        picked = load_client.pick(holders, skip, self.rng)
-        if not picked:
-            return ()
-        for pid in picked:  # asked, answered or not: not again within FRESH
-            self.stats.asking(pid, now)
-        loads = await self.mesh.ask_loads(picked)
-        now = trio.current_time()
-        for pid, load in loads.items():
-            self.stats.sampled(pid, load, now)
-        return tuple(loads)
-
-    async def _find_holders(self, endpoint: Endpoint, model: str, key: str) -> dict[str, Any]:
-        """Holders of a model no announcement lists, from DHT provider records, by their
-        own word just now (``mesh.holders``), least busy first; only where the mesh may
-        hide some: a large mesh, or a peer that says its announcement leaves models out.
-        Nobody: the 404 (or 503) a model nobody alive serves gets; providers that did
-        not answer: a 503, not "not found" (that tells a client to pull it)."""
-        finds = getattr(self.mesh, "finds_holders", None)
-        if finds is None or not finds(self.mesh.snapshot()):
-            self._unservable(endpoint, model, key)
-        holders = await self.mesh.find_holders(model)
-        found = {f.peer_id: f for f in sorted(holders.found, key=lambda f: f.busy())}
-        if not found:
-            if holders.unanswered or not holders.complete:
-                why = (f"{holders.unanswered} peer(s) that may hold it did not answer" if holders.unanswered
-                       else "the lookup did not finish in time")
-                raise Overloaded(f"model '{model}' may be on peers this node cannot reach now ({why}); retry later",
-                                 UNANSWERED_RETRY)
-            self._unservable(endpoint, model, key)
-        return found
-
-    async def _found_free(self, endpoint: Endpoint, model: str, key: str, deadline: float) -> dict[str, Any]:
-        """Every holder found through the DHT answered busy: ask them again (their answers
-        are fresh for ``holders.FRESH``) until one says a slot is free, or the request's
-        queue time is up (503 with Retry-After), instead of sending it again and again."""
-        while True:
-            with trio.move_on_at(deadline):
-                # Not in step with the other requests waiting: they share each answer.
-                await trio.sleep(FOUND_RECHECK * (1 + self.rng.random()))
-                try:
-                    found = await self._find_holders(endpoint, model, key)
-                except ModelNotFound:  # the holders went quiet (or the mesh stopped hiding any)
-                    raise Overloaded(f"the peers serving '{model}' are gone or not answering; retry later",
-                                     self.queues.retry_after(key)) from None
-                if any(f.busy() < 1 for f in found.values()):
-                    return found
-            if trio.current_time() >= deadline:
-                raise Overloaded(f"every peer serving '{model}' stayed busy for {self.queues.timeout:g}s "
-                                 "(gateway.queue_timeout); retry later", self.queues.retry_after(key))
-
-    def _unservable(self, endpoint: Endpoint, model: str, key: str) -> None:
-        """Raise the right error for a model nobody alive serves: a 503 when it
-        exists on peers we cannot reach now (a 404 tells clients to pull it)."""
-        held = [f"{p.peer_id} ({p.state.value})" for p in self.mesh.snapshot().peers
-                if p.serves(key) and p.state.value not in ("alive",)]
-        if held:
-            raise NoCapacity(f"model '{model}' is only on peers this node cannot reach now: {', '.join(held)}; "
-                             "see `meshollama peers`")
-        raise ModelNotFound(endpoint.not_found_message(model))
-
-    def _free(self, key: str) -> bool:
-        snapshot = self.mesh.snapshot()
-        self.stats.observe(snapshot)  # a heartbeat that already counts our finished requests resets the correction
-        sampling = getattr(self.mesh, "load_sampling", None)
-        return routing.has_free_slot(snapshot, key, self.stats, trio.current_time(), stale_after=LOAD_STALE,
-                                     all_quiet=sampling is not None and sampling())
 
     def _warm(self, snapshot: Any, peer_id: str, model_key: str, now: float) -> bool:
         """The model is loaded on the peer: its heartbeat says so, or it answered
