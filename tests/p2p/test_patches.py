@@ -11,6 +11,7 @@ from libp2p.stream_muxer.yamux import yamux
 
 from meshollama.httpmsg import ProxyRequest
 from meshollama.p2p import patches
+from meshollama import pace
 
 from .test_host import ScriptedBackend, fetch, http_pair
 
@@ -102,3 +103,20 @@ async def test_buffered_tcp_reads_cut_recv_calls_per_exchange():
         trio.SocketStream.receive_some = receive_some
         libp2p_trio.TrioTCPStream.read = patched
     assert after < before * 0.7, (before, after)
+
+
+def test_library_loops_are_paced_and_the_yamux_upkeep_is_spaced_whatever_the_order():
+    """pace_library_loops copies the sweeper with the module's globals as they are: it spaces
+    the Yamux upkeep itself first, so calling it alone still gives the 5 minute sweep."""
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+    patches.pace_library_loops()
+    assert yamux.RTT_MEASURE_INTERVAL >= patches.YAMUX_RTT_EVERY
+    assert yamux._STALE_STREAM_SWEEP_INTERVAL >= patches.YAMUX_SWEEP_EVERY
+    for fn in (GossipSub.heartbeat, yamux.Yamux._stale_stream_sweeper):
+        paced_trio = fn.__globals__["trio"]
+        assert isinstance(paced_trio, patches._PacedTrio) and paced_trio.sleep is pace.tick
+    sweeper = yamux.Yamux._stale_stream_sweeper
+    assert sweeper.__globals__["_STALE_STREAM_SWEEP_INTERVAL"] >= patches.YAMUX_SWEEP_EVERY
+    assert DCUtRProtocol._auto_drive_loop is patches._auto_drive_loop

@@ -214,7 +214,7 @@ class MeshMetrics:
             ["reason"],
             registry=registry,
         )
-        # Set once a second from the peer table (observe): per-peer series so that
+        # Set from the peer table when /metrics is scraped (observe): per-peer series so that
         # an alert can name the peer, not only count them.
         self.peer_state = Gauge(
             "meshollama_peer_state",

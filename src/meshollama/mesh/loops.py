@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshollama.mesh")
 
 STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
-POLL = 1.0  # seconds between looks at our load when the backend says nothing (our gateway's queue)
+POLL = 1.0  # seconds (on the shared ticks: 0.5 to 1.5) between looks at our load (our gateway's queue)
 BOOTSTRAP_FIRST_RETRY = 0.25
 
 
@@ -109,7 +109,7 @@ class HostLoops(Hearing):
         The loop looks when the backend reports a change (a model, a slot taken:
         only what the policy judges news goes out), when an announcement is
         forced (addresses, draining, a refutation), at the policy's next
-        deadline, and at least every :data:`POLL` (our gateway's queue has no
+        deadline, and about every :data:`POLL` (on the shared ticks) (our gateway's queue has no
         notice). While the table holds a peer of an older version (it expires
         peers after a few of *its* heartbeat intervals), we keep that cadence.
         A first gossip neighbour forces one: an announcement published before
@@ -295,26 +295,29 @@ class HostLoops(Hearing):
         new and we lost no connection since the last one, the next waits twice as
         long, up to ``dht_refresh_max``; news (a peer to dial, a lost connection)
         brings the wait back to ``dht_refresh_every``. While we are connected to
-        every peer the table holds, walks are skipped (quiet) until the wait
-        reaches ``dht_refresh_max``; the first is never skipped."""
+        every peer the table holds, walks are skipped (quiet), but one still runs
+        at least every ``dht_refresh_max`` (a stale entry in a neighbour's table is
+        how a walk heals a split); the first is never skipped."""
         st = self.settings
         await trio.sleep(min(st.dht_refresh_first, 2 * st.heartbeat_interval))
         delay: float | None = None
-        connected_before = 0
+        connected_before: set[str] = set()
         ceiling = max(st.dht_refresh_max, st.dht_refresh_every)
+        last_walk = -ceiling
         while True:
             news = False
+            now = trio.current_time()
             # Connected to every peer we know of: a walk would only name them again
-            # (it goes through their routing tables). Skip it, as a quiet one, except
-            # once the back-off reached its ceiling (a stale entry in a neighbour's
-            # table is how a walk heals a split, so that still runs now and then).
-            if not (delay is not None and delay < ceiling and self.knows_only_connected()):
+            # (it goes through their routing tables). Skip it, as a quiet one, unless
+            # the last real walk is a ceiling ago.
+            if delay is None or now - last_walk >= ceiling or not self.knows_only_connected():
+                last_walk = now
                 for peer_id, addrs in await self.host.dht_refresh():
                     if peer_id not in self.host.connected_peers():
                         news = True
                         self.mesh.reach.maybe_dial(self.host, peer_id, addrs)
-            connected = len(self.host.connected_peers())
-            news = news or connected < connected_before
+            connected = set(self.host.connected_peers())
+            news = news or bool(connected_before - connected)  # a connection lost (another may have come)
             connected_before = connected
             if delay is None:
                 delay = st.dht_refresh_first
@@ -322,7 +325,7 @@ class HostLoops(Hearing):
                 delay = st.dht_refresh_every
             else:
                 delay = min(delay * 2, ceiling)
-            await trio.sleep(delay)
+            await trio.sleep(min(delay, max(0.01, last_walk + ceiling - trio.current_time())))
 
     def knows_only_connected(self) -> bool:
         """Whether the table holds another peer, and we are connected to every one it holds."""

@@ -27,8 +27,8 @@
    only tunes receive windows) and a sweep of stale stream bookkeeping every
    30 s. In a mesh of 25 that is 1.6 wake-ups a second per node, plus the
    peers' pings to answer, on otherwise idle connections:
-   :func:`patch_yamux_upkeep` spaces both to 5 minutes (the first RTT
-   measurement, 0.5 s after the connection opens, is kept).
+   :func:`patch_yamux_upkeep` spaces the ping to 2 minutes and the sweep to 5
+   (the first RTT measurement, 0.5 s after the connection opens, is kept).
 7. py-libp2p's own periodic loops (DCUtR's 2 s look for relayed peers to
    hole-punch, gossipsub's heartbeat, Yamux's stale-stream sweep) each wake
    the process on their own phase: :func:`pace_library_loops` makes their
@@ -163,7 +163,7 @@ def network_lookup():
         _NETWORK_LOOKUP.reset(token)
 
 
-YAMUX_RTT_EVERY = 300.0
+YAMUX_RTT_EVERY = 120.0  # not 300: on a quiet connection it is the only regular traffic (idle NAT timeouts: 4 min)
 YAMUX_SWEEP_EVERY = 300.0
 
 
@@ -171,10 +171,13 @@ def patch_yamux_upkeep(rtt_every: float = YAMUX_RTT_EVERY, sweep_every: float = 
     """Space out Yamux's per-connection RTT pings and stale-stream sweeps (idempotent).
 
     Both are module constants read on every round of their loops, so setting
-    them is enough. Neither is a keep-alive: the ping's answer is never
-    required (a missing pong only leaves the old RTT), and the sweep only
-    reclaims the bookkeeping of fully closed streams whose buffers were never
-    read, which our handlers always read or reset.
+    them is enough (:func:`pace_library_loops` calls this first: its copy of the
+    sweeper reads the module's globals as they were). py-libp2p needs neither
+    as a keep-alive: the ping's answer is never required (a missing pong only
+    leaves the old RTT), and the sweep reclaims the bookkeeping of streams
+    closed without their buffers read, which our handlers always read or
+    reset. On the wire the ping is the only regular traffic of a quiet
+    connection, so it stays under a common idle NAT timeout (4 min).
     """
     from libp2p.stream_muxer.yamux import yamux
 
@@ -221,6 +224,8 @@ def pace_library_loops() -> None:
     """
     if _PACED:
         return
+    # The paced copies read the module's globals as they are now: its sweep interval first.
+    patch_yamux_upkeep()
     from libp2p.pubsub.gossipsub import GossipSub
     from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
     from libp2p.stream_muxer.yamux.yamux import Yamux
