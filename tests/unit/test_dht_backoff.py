@@ -16,7 +16,8 @@ from tests.unit.test_mesh_transport import HOST_SETTINGS, FakeNet
 NEW = "12D3KooWnewPeer"
 
 
-async def test_walks_that_find_nobody_new_back_off_and_news_brings_the_wait_back(autojump_clock):
+def dht_mesh() -> tuple[FakeNet, MeshService]:
+    """A mesh service over a fake host with a DHT: walks after 4 s, 10 s later, then 60 s doubling to 300 s."""
     net = FakeNet()
     mesh = MeshService(
         create_new_key_pair(), dataclasses.replace(HOST_SETTINGS, dht=True),
@@ -25,6 +26,11 @@ async def test_walks_that_find_nobody_new_back_off_and_news_brings_the_wait_back
         models=lambda: net.models, load=lambda: net.load, changed=net.changed, local_upstream=None,
         http_server_factory=lambda on_reject, on_error: SimpleNamespace(handle=None), host_factory=net.factory,
     )
+    return net, mesh
+
+
+async def test_walks_that_find_nobody_new_back_off_and_news_brings_the_wait_back(autojump_clock):
+    net, mesh = dht_mesh()
     walks: list[float] = []
     news_at = {4}  # the fifth walk names a peer we are not connected to
 
@@ -49,14 +55,7 @@ async def test_walks_that_find_nobody_new_back_off_and_news_brings_the_wait_back
 async def test_walks_are_skipped_while_every_known_peer_is_connected_except_at_the_ceiling(autojump_clock):
     from tests.unit.test_mesh_transport import heartbeat
 
-    net = FakeNet()
-    mesh = MeshService(
-        create_new_key_pair(), dataclasses.replace(HOST_SETTINGS, dht=True),
-        MeshSettings(heartbeat_interval=2.0, refresh_jitter=0.0, dht_refresh_first=10.0, dht_refresh_every=60.0,
-                     dht_refresh_max=300.0),
-        models=lambda: net.models, load=lambda: net.load, changed=net.changed, local_upstream=None,
-        http_server_factory=lambda on_reject, on_error: SimpleNamespace(handle=None), host_factory=net.factory,
-    )
+    net, mesh = dht_mesh()
     walks: list[float] = []
 
     async def dht_refresh():
