@@ -104,10 +104,12 @@ async def test_kill_term_restart_and_freeze(tmp_path):
 
             # SIGSTOP: a frozen idle peer sends nothing and keeps its connection; in a mesh
             # this small every idle peer is pinged every 5 rounds (liveness.IDLE_PING_EVERY x 1 s)
-            # and a ping times out after 2 s: marked down within 7 s, + slack. SIGCONT: back.
+            # and a ping times out after 2 s; an idle peer's first miss only makes it suspected
+            # and urgent (loops.SUSPECT_MISSES), so the next round's ping (1 s later, 2 s timeout)
+            # marks it down: within 10 s, + slack. SIGCONT: back.
             c.signal(b, signal.SIGSTOP)
             try:
-                with trio.fail_after(IDLE_PING_EVERY * 1.0 + 2.0 + 3.0):
+                with trio.fail_after(IDLE_PING_EVERY * 1.0 + 2.0 + (1.0 + 2.0) + 3.0):
                     await c.wait_until(partial(_not_alive, c, a, b.peer_id), step=0.05)
             finally:
                 c.signal(b, signal.SIGCONT)

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshollama.mesh")
 
 STREAM_ABORT_MISSES = 2  # liveness misses in a row before a peer's streams are cancelled
+SUSPECT_MISSES = 2  # misses in a row before an idle, connected peer is marked down (one with our requests: 1)
 POLL = 1.0  # seconds (on the shared ticks: 0.5 to 1.5) between looks at our load (our gateway's queue)
 BOOTSTRAP_FIRST_RETRY = 0.25
 
@@ -394,6 +395,14 @@ class HostLoops(Hearing):
         except P2PError as exc:
             misses = self.misses.get(peer_id, 0) + 1
             self.misses[peer_id] = misses
+            if misses < SUSPECT_MISSES and self.mesh.scopes.count(peer_id) == 0 \
+                    and peer_id in self.host.connected_peers():
+                # No request of ours waits on it and its connection is up: suspected, not
+                # down yet (SWIM). The miss makes it urgent, so the next round decides.
+                # A starting node on a saturated box answers late for a few seconds; each
+                # false "down" held convergence at N=25 back by a ping round trip or more.
+                log.debug("peer %s missed a liveness ping (%s): suspected, asked again", peer_id, exc)
+                return
             if self.table.mark_down(peer_id, trio.current_time()):
                 log.warning("peer %s failed its liveness check (%s): marked down", peer_id, exc)
                 self.suspect(peer_id)
