@@ -69,11 +69,12 @@ async def test_pull_then_replicate_across_hosts(net, tmp_path):
         assert (tmp_path / "b-models").joinpath(*manifest).exists()
 
         async def a_lists_the_target() -> dict | None:
-            # a takes the target from p's announcement at its replicator's next look (every
-            # few seconds); b's copy can be announced before that.
+            # a takes the target from p's announcement, and counts the copies, at its
+            # replicator's next look (every few seconds, on the shared ticks); b's copy can be
+            # announced before that.
             listed = await http(net, ah, "GET", "/api/mesh/models")
             row = next(m for m in json.loads("".join(listed["lines"]))["models"] if m["model"] == "tiny:1b")
-            return row if row["copies_target"] == 3 else None
+            return row if row["copies_target"] == 3 and row["copies"] == 3 else None
 
         row = await wait_for(a_lists_the_target)
         assert len(row["holders"]) == 3
