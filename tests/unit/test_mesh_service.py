@@ -154,16 +154,22 @@ async def test_liveness_misses_mark_down_then_abort_streams_and_an_answer_brings
         nursery.cancel_scope.cancel()
 
 
-async def test_an_idle_peer_is_pinged_only_every_few_rounds(autojump_clock):
+async def frozen_idle_peer(nursery: trio.Nursery) -> tuple[Running, int]:
+    """A service with one connected idle peer, frozen at 0.5 s (nobody waits on it: noticed
+    at its next idle ping); the round of that ping (pings time out after 0.75 s)."""
     from meshollama.mesh.liveness import IDLE_PING_EVERY, _stagger
 
+    r = await run_mesh(nursery, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75)
+    r.net.host.peer_connects(PEER)
+    r.net.host.hear(heartbeat(PEER, 1))
+    await r.at(0.5)
+    r.net.frozen.add(PEER)
+    return r, next(n for n in range(1, 1 + IDLE_PING_EVERY) if (n + _stagger(PEER)) % IDLE_PING_EVERY == 0)
+
+
+async def test_an_idle_peer_is_pinged_only_every_few_rounds(autojump_clock):
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75)
-        r.net.host.peer_connects(PEER)
-        r.net.host.hear(heartbeat(PEER, 1))
-        await r.at(0.5)
-        r.net.frozen.add(PEER)  # nobody waits on it: noticed at its next idle ping
-        due = next(n for n in range(1, 1 + IDLE_PING_EVERY) if (n + _stagger(PEER)) % IDLE_PING_EVERY == 0)
+        r, due = await frozen_idle_peer(nursery)
         await r.at(due + 0.75 + EPS)
         # Idle and connected: one miss makes it suspected, not down (a starting node on a
         # saturated box answers late), and urgent: pinged again the next round.
@@ -178,15 +184,8 @@ async def test_an_idle_peer_is_pinged_only_every_few_rounds(autojump_clock):
 
 
 async def test_a_suspected_idle_peer_that_answers_the_next_ping_was_never_down(autojump_clock):
-    from meshollama.mesh.liveness import IDLE_PING_EVERY, _stagger
-
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75)
-        r.net.host.peer_connects(PEER)
-        r.net.host.hear(heartbeat(PEER, 1))
-        await r.at(0.5)
-        r.net.frozen.add(PEER)  # a few slow seconds: a node starting on a saturated box
-        due = next(n for n in range(1, 1 + IDLE_PING_EVERY) if (n + _stagger(PEER)) % IDLE_PING_EVERY == 0)
+        r, due = await frozen_idle_peer(nursery)  # a few slow seconds: a node starting on a saturated box
         await r.at(due + 0.75 + EPS)
         assert r.mesh._loops.misses == {PEER: 1}
         r.net.frozen.discard(PEER)
