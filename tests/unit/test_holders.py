@@ -449,3 +449,18 @@ async def test_a_lookup_or_question_cut_by_the_wait_says_so(autojump_clock):
     slow.hang = True
     got = await finder(slow, {"a": found("a")}).find("m")
     assert got.found == [] and not got.complete
+
+
+async def test_a_stranger_to_a_closed_mesh_learns_nothing_from_the_holds_question(autojump_clock):
+    """The holds question says which models we hold: in a closed mesh only admitted peers
+    get an answer; a stranger's stream is reset before its question is even read."""
+    counts: list[str] = []
+    held = {names.key("secret:1b"): ModelInfo("secret:1b", digest="ab" * 32)}
+    srv = load_server.LoadServer(lambda: LOAD, holds=lambda key: held.get(key), allow=lambda p: p != "stranger",
+                                 on_count=counts.append)
+    client, far = pipe("stranger")
+    await client.write(b"secret:1b\n")
+    await srv.handle_holds(far)
+    assert far.reset_called and not far.closed and counts == ["refused_not_admitted"]
+    assert await client.read() == b""  # not a byte of an answer
+    assert await ask_over_pipe(srv, "secret:1b", peer="member") == Found("holder", "ab" * 32, False, LOAD)
