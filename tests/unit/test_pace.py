@@ -26,7 +26,10 @@ async def test_loops_of_dividing_periods_wake_together(autojump_clock):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(loop, 1.0, 0.13)
         nursery.start_soon(loop, 2.0, 0.71)
-        await trio.sleep(20)
+        # stop between ticks: at a whole second both loops are due at once and
+        # trio runs ready tasks in random order, so a cancel at t=20 could come
+        # after the 2 s loop's wake-up and before the 1 s loop's
+        await trio.sleep(20.5)
         nursery.cancel_scope.cancel()
     ones, twos = woke[1.0], woke[2.0]
     assert all(b - a == 1.0 for a, b in itertools.pairwise(ones))  # the period is kept
