@@ -304,7 +304,20 @@ async def join_latency(c: Cluster, nodes: list[NodeProc], heartbeat: float, tag:
     everywhere = round(max(after), 2) if len(seen_at) == len(nodes) else None
     sees_all = round(sees_all_at - t_json, 2) if sees_all_at is not None else None
     st = await mesh_status(c, new)
+    missed = []  # what the nodes that never saw the joiner say of themselves (the why, for the log)
+    for n in nodes:
+        if n.name not in seen_at:
+            ns = await mesh_status(c, n) or {}
+            peer = next((p for p in await c.peers(n) if p["peer_id"] == new.peer_id), None) \
+                if ns else None
+            missed.append({"node": n.name, "gossip": ns.get("gossip"),
+                           "connected": len(ns.get("connected_peers") or ()),
+                           "connected_to_joiner": new.peer_id in (ns.get("connected_peers") or ()),
+                           "joiner_entry": peer, "heartbeats_received": ns.get("heartbeats_received"),
+                           "heartbeats_dropped": ns.get("heartbeats_dropped"), "synced": ns.get("synced")})
     return {"startup_s": round(t_json - t_spawn, 2), "seen_by": len(seen_at), "of": len(nodes),
+            "not_seen_by": missed,
+            "joiner_gossip": (st or {}).get("gossip"),
             "visible_after_node_json_s": dist(after, 2),
             "visible_everywhere_s": everywhere,
             "joiner_sees_all_s": sees_all,
@@ -388,6 +401,9 @@ async def run_size(n: int, heartbeat: float, args: argparse.Namespace, join: boo
                 print(f"[mesh]   converged {res['converge_after_last_up_s']} s after the last node was up",
                       file=sys.stderr)
             res["loadavg_after_converge"] = loadavg()
+            statuses = [await mesh_status(c, node) or {} for node in nodes]
+            res["gossip_at_converge"] = [st.get("gossip") for st in statuses]
+            res["synced_at_converge"] = [st.get("synced") for st in statuses]
             # let start-up churn settle before measuring idle cost
             await trio.sleep(args.settle)
             refreshed = await mesh_status(c, nodes[0]) or {}

@@ -294,6 +294,7 @@ class MeshService:
             "uptime_seconds": round(trio.current_time() - self._started_at, 3),
             "heartbeat_interval": self.settings.heartbeat_interval,
             "connected_peers": sorted(host.connected_peers()) if host is not None else [],
+            "gossip": view() if host is not None and (view := getattr(host, "gossip_view", None)) else None,
             "dht_routing_table_size": host.dht_size() if host is not None else 0,
             "dht_models": self.provider.status() if self.provider is not None else None,
             "holder_lookups": dict(self.counters.holder_lookups),

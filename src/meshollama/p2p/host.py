@@ -39,6 +39,7 @@ from ..errors import P2PError, PortInUseError
 from . import addrs as addrs_mod
 from . import patches
 from .events import Event, EventQueue
+from .gossip import router as gossip_router
 from .mdns import start_mdns
 from .relay import Relay, RelaySettings
 from .stream import Stream
@@ -194,7 +195,6 @@ class P2PHost:
         from libp2p import new_host
         from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
         from libp2p.network.config import ConnectionConfig
-        from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
         from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
         from libp2p.security.noise.transport import Transport as NoiseTransport
         from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
@@ -221,19 +221,7 @@ class P2PHost:
             )
         except Exception as exc:
             raise P2PError(f"cannot create libp2p host: {exc}") from exc
-        gossip = GossipSub(
-            # Not 1.2: its IDONTWANT sends every mesh neighbour an extra RPC per message to
-            # spare duplicates of large ones; ours are a few hundred bytes, and that RPC
-            # (with the signed peer record py-libp2p attaches) cost more than the duplicate.
-            protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
-            degree=s.gossip_degree,
-            degree_low=s.gossip_degree_low,
-            degree_high=s.gossip_degree_high,
-            heartbeat_interval=1,
-            # Heartbeats are tiny and frequent; the default 10 msg/s/topic spam
-            # limit is per forwarder and would drop relayed heartbeats in big meshes.
-            max_messages_per_topic_per_second=1000.0,
-        )
+        gossip = gossip_router(s)  # p2p.gossip: our parameters, IHAVE despite back-off
         safe_pubsub = patches.make_safe_pubsub_class(lambda peer, exc: self._on_junk(peer, type(exc).__name__))
         pubsub = safe_pubsub(
             host,
@@ -436,6 +424,21 @@ class P2PHost:
         """Peers known to subscribe to the heartbeat topic: 0 means a publish reaches nobody."""
         pubsub = self._pubsub
         return len(pubsub.peer_topics.get(TOPIC, ())) if pubsub is not None else 0
+
+    def gossip_view(self) -> dict:
+        """How this host takes part in the heartbeat topic (``/api/mesh/status``'s
+        ``gossip``): peers with a pubsub stream of ours (``streams``), those known to
+        subscribe (``topic``), and our gossipsub mesh for it (``mesh``). A connected
+        peer missing from ``topic`` neither hears our announcements from us nor
+        sends us its own; a ``mesh`` of 0 with ``topic`` > 0 relies on gossip alone."""
+        pubsub, gossip = self._pubsub, self._gossip
+        if pubsub is None:
+            return {"streams": 0, "topic": 0, "mesh": 0, "backoff": 0}
+        mesh = getattr(gossip, "mesh", None) or {}
+        now = int(time.time())  # py-libp2p keeps gossipsub back-offs in whole wall-clock seconds
+        backoff = (getattr(gossip, "back_off", None) or {}).get(TOPIC, {})
+        return {"streams": len(pubsub.peers), "topic": len(pubsub.peer_topics.get(TOPIC, ())),
+                "mesh": len(mesh.get(TOPIC, ())), "backoff": sum(1 for t in backoff.values() if t > now)}
 
     async def disconnect(self, peer_id: str) -> None:
         from libp2p.peer.id import ID

@@ -1,0 +1,84 @@
+"""Our gossipsub router: py-libp2p 0.8.1's ``GossipSub`` with our parameters and
+two of its deviations from go-libp2p undone, which together left nodes of a
+25-node mesh deaf to news for up to a minute.
+
+**Opportunistic grafting on every heartbeat.** go-libp2p grafts opportunistically
+once a minute, and only when its mesh peers score below a configured threshold,
+taking peers that score above their median. py-libp2p does it every heartbeat,
+taking up to 2 peers whose score is at least half the median. We configure no
+score function, so every score is 0 and every peer qualifies: each node grafted
+2 more peers each second, ``D_high`` pruned them again, and every prune is a
+60 s back-off on both sides. In a full mesh of 8 hosts one or two ended in no
+gossip mesh at all; in 25 started nodes each was in back-off with 10 to 20 of
+its 24 peers. :class:`MeshGossipSub` does not graft opportunistically: meshes
+form from ``D``/``D_low``/``D_high`` alone and then stay put.
+
+**IHAVE skips peers in back-off.** py-libp2p also leaves peers in back-off out
+when it picks whom to send IHAVE gossip to (``_handle_topic_heartbeat`` asks
+``_get_in_topic_gossipsub_peers_from_minus`` with ``backoff_check=True``);
+go-libp2p's ``emitGossip`` does not, because back-off is about the mesh, and
+gossip is what reaches the peers outside it. A node in back-off with every
+peer that had it in its mesh heard nothing at all: a node that joined 15 s
+later was not seen by it in 30 s (``bench_mesh.py``, 2 runs of 5), until the
+joiner's next refresh. :class:`MeshGossipSub` picks gossip targets without
+the back-off check; the mesh itself still honours it.
+
+``tests/p2p/test_gossip.py`` shows both edges and the fixes on real hosts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .host import HostSettings
+
+
+def router(s: HostSettings):
+    """The gossipsub router a host runs, with our parameters."""
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11
+
+    return _router_class()(
+        # Not 1.2: its IDONTWANT sends every mesh neighbour an extra RPC per message to
+        # spare duplicates of large ones; ours are a few hundred bytes, and that RPC
+        # (with the signed peer record py-libp2p attaches) cost more than the duplicate.
+        protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
+        degree=s.gossip_degree,
+        degree_low=s.gossip_degree_low,
+        degree_high=s.gossip_degree_high,
+        heartbeat_interval=1,
+        # Heartbeats are tiny and frequent; the default 10 msg/s/topic spam
+        # limit is per forwarder and would drop relayed heartbeats in big meshes.
+        max_messages_per_topic_per_second=1000.0,
+    )
+
+
+_CLASS = None
+
+
+def _router_class():
+    """:class:`MeshGossipSub`, defined on first use (libp2p is imported lazily)."""
+    global _CLASS
+    if _CLASS is None:
+        from libp2p.pubsub.gossipsub import GossipSub
+
+        class MeshGossipSub(GossipSub):
+            _gossip_pass = False  # True while the heartbeat picks IHAVE targets
+
+            def gossip_heartbeat(self):
+                # Synchronous: nothing else runs on this router while the flag is set.
+                self._gossip_pass = True
+                try:
+                    return super().gossip_heartbeat()
+                finally:
+                    self._gossip_pass = False
+
+            def _get_in_topic_gossipsub_peers_from_minus(self, topic, num_to_select, minus, backoff_check=False):
+                return super()._get_in_topic_gossipsub_peers_from_minus(
+                    topic, num_to_select, minus, backoff_check and not self._gossip_pass)
+
+            def _perform_opportunistic_grafting(self, topic, peers_to_graft) -> int:
+                return 0  # with no score function it only churned (the module's docstring)
+
+        _CLASS = MeshGossipSub
+    return _CLASS
