@@ -64,3 +64,42 @@ def test_the_threshold_counts_every_peer_in_the_table_but_us():
     assert rounds(IDLE_PING_EVERY * 4, ping_all_up_to=len(PEERS) - 1) == Counter()
     down = Snapshot(peers=SNAP.peers + (view("12D3KooWdown", PeerState.DOWN),), taken_at=0.0)
     assert rounds(IDLE_PING_EVERY * 4, snap=down, ping_all_up_to=len(PEERS)) == Counter()  # down peers count too
+
+
+# --- local health (Lifeguard) ------------------------------------------------------
+
+
+def test_local_health_stretches_the_timeout_per_miss_up_to_a_cap():
+    from meshollama.mesh.liveness import LocalHealth
+
+    h = LocalHealth()
+    assert h.timeout(2.0, 0.0) == 2.0
+    h.missed(0.0)
+    assert h.timeout(2.0, 0.0) == 4.0
+    for _ in range(20):
+        h.missed(0.1)
+    assert h.score == LocalHealth.MAX_SCORE and h.timeout(2.0, 0.1) == 2.0 * (1 + LocalHealth.MAX_SCORE)
+
+
+def test_local_health_comes_back_with_answers_and_with_quiet_time():
+    from meshollama.mesh.liveness import LocalHealth
+
+    h = LocalHealth()
+    for _ in range(4):
+        h.missed(10.0)
+    h.answered(10.5)
+    assert h.score == 3
+    h.answered(10.6)
+    h.answered(10.7)
+    h.answered(10.8)
+    h.answered(10.9)  # never below zero
+    assert h.score == 0
+    for _ in range(3):
+        h.missed(20.0)
+    assert h.timeout(1.0, 20.0 + LocalHealth.DECAY - 0.01) == 4.0  # not yet a quiet period
+    assert h.timeout(1.0, 20.0 + LocalHealth.DECAY) == 3.0  # one quiet period: one point
+    assert h.timeout(1.0, 20.0 + 2 * LocalHealth.DECAY + 0.5) == 2.0
+    h.missed(20.0 + 2 * LocalHealth.DECAY + 1)  # a miss restarts the quiet count
+    assert h.score == 2
+    assert h.timeout(1.0, 20.0 + 3 * LocalHealth.DECAY) == 3.0
+    assert h.timeout(1.0, 1000.0) == 1.0

@@ -175,11 +175,70 @@ async def test_an_idle_peer_is_pinged_only_every_few_rounds(autojump_clock):
         # saturated box answers late), and urgent: pinged again the next round.
         assert r.state(PEER) is PeerState.ALIVE
         assert r.mesh._loops.misses == {PEER: 1}
-        await r.at(due + 1.75 - EPS)
+        # Its only peer missed: we cannot tell whose slowness it was, so the next ping
+        # waits twice as long (Lifeguard's local health, score 1).
+        assert r.mesh._loops.health.score == 1
+        await r.at(due + 1 + 1.5 - EPS)
         assert r.state(PEER) is PeerState.ALIVE
-        await r.at(due + 1.75 + EPS)  # the second miss in a row: down
+        await r.at(due + 1 + 1.5 + EPS)  # the second miss in a row: down
         assert r.state(PEER) is PeerState.DOWN
         assert r.mesh._loops.misses == {PEER: 2}
+        nursery.cancel_scope.cancel()
+
+
+SLOW = [f"12D3KooWslow{i}" for i in range(4)]
+
+
+async def late_echoes(nursery: trio.Nursery, seconds: float) -> tuple[Running, set[str], int]:
+    """Four connected idle peers whose echoes all come 0.9 s late (pings time out after
+    0.75 s): a saturated box, where every node answers late. The peers ever marked down,
+    and the highest local health score seen."""
+    r = await run_mesh(nursery, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75)
+    for peer in SLOW:
+        r.net.host.peer_connects(peer)
+        r.net.host.hear(heartbeat(peer, 1))
+        r.net.slow[peer] = 0.9
+    went_down: set[str] = set()
+    worst = 0
+    for step in range(int(seconds * 4)):
+        await r.at(0.25 * (step + 1))
+        went_down |= {p for p in SLOW if r.state(p) is PeerState.DOWN}
+        worst = max(worst, r.mesh._loops.health.score)
+    return r, went_down, worst
+
+
+async def test_on_a_box_where_every_echo_comes_late_idle_peers_are_not_called_down(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r, went_down, worst = await late_echoes(nursery, 30)
+        assert worst >= 1  # pings did time out: each peer was suspected, none called down
+        assert went_down == set()
+        # It settles where the pings are answered (0.75 s x 2 > 0.9 s), not at the cap.
+        assert worst <= 2 and r.mesh._loops.health.score <= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_local_health_the_same_late_echoes_mark_peers_down(autojump_clock, monkeypatch):
+    # What the test above guards against: every slow peer misses twice in a row.
+    from meshollama.mesh.liveness import LocalHealth
+
+    monkeypatch.setattr(LocalHealth, "MAX_SCORE", 0)
+    async with trio.open_nursery() as nursery:
+        _, went_down, _ = await late_echoes(nursery, 30)
+        assert went_down == set(SLOW)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_with_our_requests_in_flight_keeps_the_plain_timeout(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=10.0, liveness_interval=1.0, liveness_timeout=0.75)
+        r.net.host.peer_connects(PEER)
+        r.net.host.hear(heartbeat(PEER, 1))
+        r.mesh.scopes.register(PEER, Guard())
+        await r.at(2.5)
+        r.mesh._loops.health.score = 8  # our pings timed out all around a moment ago
+        r.net.frozen.add(PEER)
+        await r.at(3.75 + EPS)  # round 3's ping, 0.75 s: its callers must not wait 6.75 s
+        assert r.state(PEER) is PeerState.DOWN
         nursery.cancel_scope.cancel()
 
 

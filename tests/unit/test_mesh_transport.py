@@ -47,6 +47,8 @@ class FakeStream:
     async def read(self, max_bytes: int = 65536, *, timeout: float | None = None) -> bytes:
         if self.peer_id in self.net.frozen:
             await trio.sleep_forever()  # a SIGSTOPped peer: no answer, no error
+        if self.peer_id in self.net.slow:
+            await trio.sleep(self.net.slow[self.peer_id])  # a starved one: the echo comes late
         await trio.lowlevel.checkpoint()
         out, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
         return out
@@ -59,20 +61,25 @@ class FakeStream:
 
 
 class FakeSyncStream:
-    """A peer's ``/meshollama/sync/1`` answer: takes our frame, answers ``net.sync_table``."""
+    """A peer's ``/meshollama/sync/1`` answer: takes our frame, answers ``net.sync_table``
+    (or ``table``: its hello answer); a frozen peer never answers."""
 
-    def __init__(self, net: FakeNet, peer_id: str) -> None:
+    def __init__(self, net: FakeNet, peer_id: str, table: list[tuple[bytes, int]] | None = None) -> None:
         from meshollama.mesh.sync import frame
 
+        self.net = net
         self.peer_id = peer_id
         self.sent = b""
-        self._answer = b"".join(frame(age_ms.to_bytes(4, "big") + raw) for raw, age_ms in net.sync_table) + frame(b"")
+        table = net.sync_table if table is None else table
+        self._answer = b"".join(frame(age_ms.to_bytes(4, "big") + raw) for raw, age_ms in table) + frame(b"")
 
     async def write(self, data: bytes, *, timeout: float | None = None) -> None:
         await trio.lowlevel.checkpoint()
         self.sent += data
 
     async def read(self, max_bytes: int = 65536, *, timeout: float | None = None) -> bytes:
+        if self.peer_id in self.net.frozen:
+            await trio.sleep_forever()
         await trio.lowlevel.checkpoint()
         out, self._answer = self._answer[:max_bytes], self._answer[max_bytes:]
         return out
@@ -205,6 +212,7 @@ class FakeNet:
     def __init__(self) -> None:
         self.reachable: set[str] = set()  # peers that accept a dial
         self.frozen: set[str] = set()  # peers that never answer a ping
+        self.slow: dict[str, float] = {}  # peers whose echo comes this many seconds late
         self.start_errors: list[BaseException | None] = []  # how the next hosts start: None = fine
         self.hosts: list[FakeHost] = []
         self.built_at: list[float] = []

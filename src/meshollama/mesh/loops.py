@@ -40,7 +40,7 @@ import trio
 from .. import pace
 from ..errors import P2PError, StreamReset
 from ..p2p.events import Event
-from ..p2p.ping import Pinger
+from ..p2p.ping import Pinger, PingTimeout
 from . import announce, bootstrap_url, liveness, sync
 from .cadence import MIN_GAP, AnnouncePolicy, Cadence, Reason, refresh_for
 from .hearing import Hearing
@@ -68,6 +68,7 @@ class HostLoops(Hearing):
         self.table = mesh.table
         self.pinger = Pinger(host.open_stream, timeout=mesh.settings.liveness_timeout)
         self.misses: dict[str, int] = {}  # peer -> liveness misses in a row
+        self.health = liveness.LocalHealth()  # how far to trust our own ping timeouts (Lifeguard)
         self.used: dict[str, float] = {}  # peer -> when a request of ours to it was last seen in flight
         beat = self.settings.heartbeat_interval
         self.legacy_cadence = Cadence(refresh=beat, load_gap=beat, load_silence=beat, min_gap=min(beat, MIN_GAP))
@@ -376,23 +377,33 @@ class HostLoops(Hearing):
         """One liveness ping. A miss stops new requests to the peer at once;
         its in-flight streams are cancelled only after ``STREAM_ABORT_MISSES``
         misses in a row, so a peer that is merely slow to answer (a loaded
-        2-core box) does not lose the generations it is streaming."""
+        2-core box) does not lose the generations it is streaming. A peer
+        nobody waits on gets a timeout that grows while our pings time out all
+        around (:class:`liveness.LocalHealth`): it only needs to be judged right,
+        while one with our requests in flight must release its callers fast."""
+        health = self.health
+        base = self.settings.liveness_timeout
+        idle = self.mesh.scopes.count(peer_id) == 0
+        timeout = health.timeout(base, trio.current_time()) if idle else base
         try:
             try:
-                await self.pinger.ping(peer_id)
+                await self.pinger.ping(peer_id, timeout=timeout)
             except StreamReset:
                 # The kept stream's connection closed under it while the peer is
                 # still connected by another (a relayed connection gone after hole
                 # punching moved us to a direct one): one more try on a fresh stream.
                 if peer_id not in self.host.connected_peers():
                     raise
-                await self.pinger.ping(peer_id)
+                await self.pinger.ping(peer_id, timeout=timeout)
+            health.answered(trio.current_time())
             missed = self.misses.pop(peer_id, None)
             if self.table.mark_up(peer_id, trio.current_time()) and missed:
                 # Slow, not gone (a CPU-starved box): route to it again now rather
                 # than after its next heartbeat; expiry still needs fresh ones.
                 log.info("peer %s answers its liveness check again: alive", peer_id)
         except P2PError as exc:
+            if isinstance(exc, PingTimeout):
+                health.missed(trio.current_time())
             misses = self.misses.get(peer_id, 0) + 1
             self.misses[peer_id] = misses
             if misses < SUSPECT_MISSES and self.mesh.scopes.count(peer_id) == 0 \

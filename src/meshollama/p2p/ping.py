@@ -20,6 +20,10 @@ PING_PROTOCOL = "/ipfs/ping/1.0.0"
 PING_SIZE = 32
 
 
+class PingTimeout(P2PError):
+    """No echo in time: the peer, or we, may only be slow (``mesh.liveness.LocalHealth``)."""
+
+
 class Pinger:
     def __init__(self, open_stream, *, timeout: float) -> None:
         self._open_stream = open_stream
@@ -32,29 +36,30 @@ class Pinger:
         lock = self._locks.get(peer_id)
         return lock is not None and lock.locked()
 
-    async def ping(self, peer_id: str) -> float:
-        """Round-trip time in seconds; raises P2PError if the peer does not answer in time.
+    async def ping(self, peer_id: str, *, timeout: float | None = None) -> float:
+        """Round-trip time in seconds; raises :class:`PingTimeout` if the peer does not
+        answer within ``timeout`` (the Pinger's own by default), P2PError if it fails.
 
         Pings to one peer are serialised: two interleaved on the kept stream
         would read each other's echo (seen as "bad ping echo" under load).
         """
         lock = self._locks.setdefault(peer_id, trio.Lock())
         async with lock:
-            return await self._ping(peer_id)
+            return await self._ping(peer_id, self._timeout if timeout is None else timeout)
 
-    async def _ping(self, peer_id: str) -> float:
+    async def _ping(self, peer_id: str, timeout: float) -> float:
         start = trio.current_time()
         try:
-            with trio.fail_after(self._timeout):
+            with trio.fail_after(timeout):
                 stream = self._streams.get(peer_id)
                 if stream is None:
-                    stream = await self._open_stream(peer_id, PING_PROTOCOL, timeout=self._timeout)
+                    stream = await self._open_stream(peer_id, PING_PROTOCOL, timeout=timeout)
                     self._streams[peer_id] = stream
                 payload = os.urandom(PING_SIZE)
-                await stream.write(payload, timeout=self._timeout)
+                await stream.write(payload, timeout=timeout)
                 echo = b""
                 while len(echo) < PING_SIZE:
-                    chunk = await stream.read(PING_SIZE - len(echo), timeout=self._timeout)
+                    chunk = await stream.read(PING_SIZE - len(echo), timeout=timeout)
                     if not chunk:
                         raise P2PError(f"ping stream to {peer_id} closed")
                     echo += chunk
@@ -63,7 +68,7 @@ class Pinger:
         except (P2PError, trio.TooSlowError) as exc:
             await self.forget(peer_id)
             if isinstance(exc, trio.TooSlowError):
-                raise P2PError(f"ping to {peer_id} timed out after {self._timeout:.1f}s") from None
+                raise PingTimeout(f"ping to {peer_id} timed out after {timeout:.1f}s") from None
             raise
         return trio.current_time() - start
 
