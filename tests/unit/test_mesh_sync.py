@@ -200,7 +200,9 @@ async def test_a_new_connection_pulls_a_table_at_most_once_a_minute_and_a_failed
         await r.at(63.0)
         pulls = [p for p, proto in host.opened if proto == sync.PROTOCOL]
         assert pulls == ["12D3KooWpeer0", "12D3KooWpeer3"]
-        assert r.mesh.counters.synced == {"pulled": 2}
+        # The two in between, never heard of, were asked for a hello instead (they serve none).
+        assert [p for p, proto in host.opened if proto == sync.HELLO_PROTOCOL] == ["12D3KooWpeer1", "12D3KooWpeer2"]
+        assert r.mesh.counters.synced == {"pulled": 2, "hello_failed": 2}
         assert r.state(peer_of(kp)) is not None  # learnt from the pull (unreachable: the fake net has no path to it)
 
         # Peers that serve no sync (older nodes): each failure moves on to another peer.
@@ -212,4 +214,135 @@ async def test_a_new_connection_pulls_a_table_at_most_once_a_minute_and_a_failed
         pulls = [p for p, proto in host.opened if proto == sync.PROTOCOL]
         assert len(pulls) == 3 and pulls[0] == "12D3KooWpeer4" and len(set(pulls)) == 3
         assert r.mesh._loops.last_pull is None  # so the next connection tries again
+        nursery.cancel_scope.cancel()
+
+
+# --- hello: a connected peer we have not heard of ----------------------------------------
+
+
+async def test_a_peer_we_never_heard_of_that_connects_is_asked_for_its_heartbeat(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        host = r.net.host
+        r.net.sync_table = []
+        host.peer_connects("12D3KooWfirst")  # the first connection pulls a table instead
+        await r.at(1.0)
+        kp = create_new_key_pair()
+        newcomer = peer_of(kp)
+        r.net.hello_of[newcomer] = sign(kp, announce.encode(heartbeat(newcomer, 1, refresh_ms=30_000)))
+        host.peer_connects(newcomer)
+        await r.at(1.5)
+        assert r.state(newcomer) is PeerState.ALIVE  # one round trip, not hops of gossip
+        assert r.mesh.counters.synced == {"pulled": 1, "hello_said": 1}
+        # A peer we know already is not asked.
+        host.peer_disconnects(newcomer)
+        host.peer_connects(newcomer)
+        await r.at(2.0)
+        assert [p for p, proto in host.opened if proto == sync.HELLO_PROTOCOL] == [newcomer]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hello_answered_with_another_peers_heartbeat_is_dropped(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        host = r.net.host
+        r.net.sync_table = []
+        host.peer_connects("12D3KooWfirst")
+        await r.at(1.0)
+        other = create_new_key_pair()
+        r.net.hello_of["12D3KooWliar"] = sign(other, announce.encode(heartbeat(peer_of(other), 1)))
+        host.peer_connects("12D3KooWliar")
+        await r.at(1.5)
+        assert r.state(peer_of(other)) is None
+        assert r.mesh.counters.dropped.get("sync_not_own") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_hellos_in_flight_are_bounded_when_strangers_connect_by_the_dozen(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        host = r.net.host
+        r.net.sync_table = []
+        host.peer_connects("12D3KooWfirst")
+        await r.at(1.0)
+        strangers = [f"12D3KooWmute{i:02d}" for i in range(3 * sync.HELLO_IN_FLIGHT)]
+        for peer in strangers:  # each accepts the stream and never answers
+            r.net.hello_of[peer] = b""
+            r.net.frozen.add(peer)
+            host.peer_connects(peer)
+        await r.at(1.5)
+        assert len([p for p, proto in host.opened if proto == sync.HELLO_PROTOCOL]) == sync.HELLO_IN_FLIGHT
+        assert r.mesh.counters.synced["hello_skipped"] == 2 * sync.HELLO_IN_FLIGHT
+        await r.at(1.0 + sync.DEADLINE + 1)  # each ends at the exchange's deadline
+        assert r.mesh._loops.hellos == 0
+        assert r.mesh.counters.synced["hello_failed"] == sync.HELLO_IN_FLIGHT
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_hello_server_hands_our_own_heartbeat_alone_and_takes_the_callers(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        kp = create_new_key_pair()
+        other = create_new_key_pair()
+        r.net.host.hear(heartbeat(peer_of(other), 1))  # in our table: a hello never hands it on
+        await r.at(0.5)
+        caller = peer_of(kp)
+        ours = sign(create_new_key_pair(), b"our own heartbeat")
+        r.net.host.own_message = ours
+        server = r.mesh._loops.hello_server()
+        got: list[bytes] = []
+        client, far = pipe(client_id=caller)
+        nursery.start_soon(server.handle, far)
+        theirs = sign(kp, announce.encode(heartbeat(caller, 1, refresh_ms=30_000)))
+        assert await sync.pull(client, theirs, lambda raw, age: got.append(raw), max_frames=1) == 1
+        assert got == [ours]
+        assert r.state(caller) is not None  # learnt (unreachable: the fake net has no path to it)
+        # Asked again within HELLO_EVERY: refused.
+        client, far = pipe(client_id=caller)
+        nursery.start_soon(server.handle, far)
+        with pytest.raises(P2PError):
+            await sync.pull(client, theirs, lambda raw, age: None, max_frames=1)
+        assert r.mesh.counters.synced == {"hello_served": 1, "hello_refused_too_often": 1}
+        nursery.cancel_scope.cancel()
+
+
+class MembersOnly:
+    """A closed mesh's gate: only ``members`` are admitted."""
+
+    def __init__(self, *members: str) -> None:
+        self.members = set(members)
+        self.generation = 0
+        self.on_refused = self.on_admitted = None
+
+    def role(self, peer: str) -> str | None:
+        return "node" if peer in self.members else None
+
+    known_role = role
+
+    async def wait(self, peer: str, timeout: float | None = None) -> str | None:
+        return self.role(peer)
+
+
+async def test_in_a_closed_mesh_a_stranger_gets_no_hello_and_is_sent_none(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0, admission=MembersOnly("12D3KooWfirst"))
+        host = r.net.host
+        host.own_message = sign(create_new_key_pair(), b"our own heartbeat")
+        r.net.sync_table = []
+        host.peer_connects("12D3KooWfirst")
+        await r.at(1.0)
+        # It connects (Noise works for anyone): we never open a stream to it, so it gets
+        # neither our heartbeat nor our question.
+        r.net.hello_of["12D3KooWstranger"] = b""
+        host.peer_connects("12D3KooWstranger")
+        await r.at(2.0)
+        assert ("12D3KooWstranger", sync.HELLO_PROTOCOL) not in host.opened
+        assert r.mesh.counters.synced.get("hello_failed") == 1
+        # It asks us: the stream is reset before its frame is read, not a byte answered.
+        client, far = pipe(client_id="12D3KooWstranger")
+        await client.write(sync.frame(b""))
+        await r.mesh._loops.hello_server().handle(far)
+        assert far.reset_called and not far.closed
+        assert await client.read() == b""
+        assert r.mesh.counters.synced.get("hello_refused_not_admitted") == 1
         nursery.cancel_scope.cancel()

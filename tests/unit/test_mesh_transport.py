@@ -182,6 +182,8 @@ class FakeHost:
             raise P2PError(f"not connected to {peer_id}")
         if protocol == "/meshollama/sync/1" and self.net.sync_table is not None:
             return FakeSyncStream(self.net, peer_id)
+        if protocol == "/meshollama/hello/1" and peer_id in self.net.hello_of:
+            return FakeSyncStream(self.net, peer_id, [(self.net.hello_of[peer_id], 0)])
         if protocol != PING_PROTOCOL:
             raise P2PError(f"{peer_id} does not serve {protocol}")
         return FakeStream(self.net, peer_id)
@@ -221,6 +223,7 @@ class FakeNet:
         self.topic_peers = 1  # gossip neighbours subscribed to the heartbeat topic
         self.models = (ModelInfo(name="a:latest"),)  # what the backend serves
         self.sync_table: list[tuple[bytes, int]] | None = None  # peers' sync answer (signed, age ms); None: unserved
+        self.hello_of: dict[str, bytes] = {}  # a peer's hello answer (a signed heartbeat); absent: unserved
 
     def factory(self, key_pair, settings, **kw) -> FakeHost:
         host = FakeHost(self, key_pair, settings, **kw)
@@ -289,5 +292,5 @@ async def test_the_service_builds_its_hosts_with_the_factory(autojump_clock):
             addrs = await nursery.start(mesh.serve)
             assert len(net.hosts) == 1 and addrs == net.host.addrs()
             assert set(net.host.handlers) == {"/meshollama/http/1.1.0", "/meshollama/sync/1", "/meshollama/load/1",
-                                     "/meshollama/holds/1"}
+                                     "/meshollama/holds/1", "/meshollama/hello/1"}
             nursery.cancel_scope.cancel()

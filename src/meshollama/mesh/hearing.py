@@ -46,6 +46,7 @@ class Hearing:
     settings: MeshSettings
     hints: DownHints
     last_pull: float | None
+    hellos: int  # hellos of ours in flight
 
     async def receive_loop(self) -> None:
         while True:
@@ -196,6 +197,38 @@ class Hearing:
             accept=lambda raw, caller: self.accept_signed(raw, sender=caller),
             allow=self.member,
             on_count=lambda what: self.mesh._count("synced", what))
+
+    def hello_server(self) -> sync.SyncServer:
+        def ours() -> list[tuple[bytes, float]]:
+            own = getattr(self.host, "own_message", b"")
+            return [(own, 0.0)] if own else []
+
+        return sync.SyncServer(
+            table=ours,
+            accept=lambda raw, caller: self.accept_signed(raw, sender=caller),
+            allow=self.member,
+            on_count=lambda what: self.mesh._count("synced", f"hello_{what}"),
+            slots=sync.HELLO_SLOTS, every=sync.HELLO_EVERY)
+
+    async def hello(self, peer_id: str) -> None:
+        """``peer_id`` connected and our table does not hold it: trade our heartbeats with
+        it (``mesh.sync``'s hello) rather than wait for its announcement to hop here through
+        gossip. At most ``sync.HELLO_IN_FLIGHT`` at once; a closed mesh's admission comes
+        first (``mesh.open_stream``), so a stranger never gets our heartbeat."""
+        if self.hellos >= sync.HELLO_IN_FLIGHT:
+            self.mesh._count("synced", "hello_skipped")
+            return
+        self.hellos += 1
+        try:
+            stream = await self.mesh.open_stream(peer_id, sync.HELLO_PROTOCOL, timeout=self.settings.connect_timeout)
+            await sync.pull(stream, getattr(self.host, "own_message", b""),
+                            lambda raw, age: self.accept_signed(raw, sender=peer_id, age=age), max_frames=1)
+            self.mesh._count("synced", "hello_said")
+        except P2PError as exc:
+            log.debug("hello to %s failed: %s", peer_id, exc)
+            self.mesh._count("synced", "hello_failed")
+        finally:
+            self.hellos -= 1
 
     async def sync_with(self, peer_id: str, *, tries: int = SYNC_TRIES) -> None:
         """Pull ``peer_id``'s table, handing it our latest heartbeat (``mesh.sync``). If

@@ -75,6 +75,7 @@ class HostLoops(Hearing):
         self._cadence: tuple[tuple[float, bool], Cadence] | None = None  # ((refresh, announce_load), cadence)
         self.policy = AnnouncePolicy(self.cadence_now())
         self.last_pull: float | None = None  # when we last pulled a peer's table (mesh.sync)
+        self.hellos = 0  # hellos of ours in flight (mesh.sync)
         self.hints = DownHints()  # peers we and others saw go down (mesh.hints)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -243,6 +244,10 @@ class HostLoops(Hearing):
             if self.last_pull is None or now - self.last_pull >= sync.PULL_EVERY:
                 self.last_pull = now
                 nursery.start_soon(self.sync_with, event.peer_id)
+            elif self.table.get(event.peer_id) is None:
+                # A peer we have not heard of (a node starting now): ask it directly;
+                # its announcement may be hops of gossip away.
+                nursery.start_soon(self.hello, event.peer_id)
         elif event.kind == "discovered":
             self.mesh.reach.maybe_dial(host, event.peer_id, event.addrs)
 

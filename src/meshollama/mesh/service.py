@@ -469,6 +469,7 @@ class MeshService:
         host.set_handler(HTTP_PROTOCOL, server.handle)
         self._loops = loops = HostLoops(self, host)
         host.set_handler(sync.PROTOCOL, loops.sync_server().handle)
+        host.set_handler(sync.HELLO_PROTOCOL, loops.hello_server().handle)
         load = loops.load_server()
         host.set_handler(load_server.PROTOCOL, load.handle)
         host.set_handler(load_server.HOLDS_PROTOCOL, load.handle_holds)

@@ -8,6 +8,14 @@ answers with the signed heartbeats of every peer it holds up, then its own.
 Every one is checked as gossip checks it (``p2p.signed``) and applied like a
 gossiped one, so the peer handing them on can replay but never forge.
 
+``/meshollama/hello/1`` is the same exchange answered with the server's own
+heartbeat alone. A node that gets a connection from a peer its table does not
+hold asks it, rather than wait for that peer's announcement to hop here through
+gossip: a connection and gossip are separate paths, and gossip has failed
+before (``p2p.gossip``). While 25 nodes start on 2 cores about 65 hellos
+teach a node a peer that way; the last pairs of the start are no sooner for
+it (connections to the newest node come as late as its gossip).
+
 Wire: length-prefixed frames (4-byte big-endian length, then the bytes).
 The caller sends one frame (its own heartbeat, or an empty frame if it has
 none yet; the server takes it only if the caller signed it); the server
@@ -35,6 +43,12 @@ from ..p2p.signed import MAX_SIGNED
 from .gate import Gate
 
 PROTOCOL = "/meshollama/sync/1"
+# The same exchange, answered with the server's own heartbeat alone: two connected peers
+# of which one does not know the other introduce themselves in one round trip (mesh.loops).
+HELLO_PROTOCOL = "/meshollama/hello/1"
+HELLO_SLOTS = 8  # hellos served at once
+HELLO_EVERY = 10.0  # seconds: a peer is answered at most this often
+HELLO_IN_FLIGHT = 8  # hellos we make at once: a flood of connections from strangers stays bounded
 SERVE_SLOTS = 4  # syncs served at once
 SERVE_EVERY = 30.0  # seconds: a peer is served at most this often (well above any deadline: no slot hogging)
 DEADLINE = 10.0  # seconds for a whole sync, either side
