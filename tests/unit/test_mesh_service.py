@@ -183,6 +183,10 @@ async def test_an_idle_peer_is_pinged_only_every_few_rounds(autojump_clock):
         await r.at(due + 1 + 1.5 + EPS)  # the second miss in a row: down
         assert r.state(PEER) is PeerState.DOWN
         assert r.mesh._loops.misses == {PEER: 2}
+        # Still pinged every round while it stays connected, and still missing: only the
+        # streak's first miss counted, so our other peers' timeouts are not stretched by it.
+        await r.at(due + 20)
+        assert r.mesh._loops.misses[PEER] > 3 and r.mesh._loops.health.score == 0
         nursery.cancel_scope.cancel()
 
 
@@ -225,6 +229,27 @@ async def test_without_local_health_the_same_late_echoes_mark_peers_down(autojum
     async with trio.open_nursery() as nursery:
         _, went_down, _ = await late_echoes(nursery, 30)
         assert went_down == set(SLOW)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_that_begins_during_a_stretched_idle_ping_cuts_it_short(autojump_clock):
+    from meshollama.mesh.liveness import IDLE_PING_EVERY, _stagger
+
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=100.0, liveness_interval=1.0, liveness_timeout=0.75)
+        r.net.host.peer_connects(PEER)
+        r.net.host.hear(heartbeat(PEER, 1))
+        due = next(n for n in range(1, 1 + IDLE_PING_EVERY) if (n + _stagger(PEER)) % IDLE_PING_EVERY == 0)
+        await r.at(due - 0.5)
+        r.mesh._loops.health.missed(trio.current_time())
+        r.mesh._loops.health.score = 8  # idle pings wait 6.75 s now
+        r.net.frozen.add(PEER)
+        await r.at(due + 0.1)  # the idle ping is in flight; now a request to the peer begins
+        r.mesh.scopes.register(PEER, Guard())
+        # The next round cuts that ping to 0.75 s from its start: it is overdue, so the
+        # peer is down at once (its callers wait for a round, not 6.75 s).
+        await r.at(due + 1 + EPS)
+        assert r.state(PEER) is PeerState.DOWN
         nursery.cancel_scope.cancel()
 
 

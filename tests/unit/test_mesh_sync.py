@@ -273,8 +273,8 @@ async def test_hellos_in_flight_are_bounded_when_strangers_connect_by_the_dozen(
         await r.at(1.5)
         assert len([p for p, proto in host.opened if proto == sync.HELLO_PROTOCOL]) == sync.HELLO_IN_FLIGHT
         assert r.mesh.counters.synced["hello_skipped"] == 2 * sync.HELLO_IN_FLIGHT
-        await r.at(1.0 + sync.DEADLINE + 1)  # each ends at the exchange's deadline
-        assert r.mesh._loops.hellos == 0
+        await r.at(1.0 + sync.HELLO_DEADLINE + 0.5)  # each ends at the hello's deadline
+        assert r.mesh._loops.hellos == set()
         assert r.mesh.counters.synced["hello_failed"] == sync.HELLO_IN_FLIGHT
         nursery.cancel_scope.cancel()
 
@@ -345,4 +345,36 @@ async def test_in_a_closed_mesh_a_stranger_gets_no_hello_and_is_sent_none(autoju
         assert far.reset_called and not far.closed
         assert await client.read() == b""
         assert r.mesh.counters.synced.get("hello_refused_not_admitted") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hello_from_a_peer_with_nothing_to_say_yet_is_counted_empty(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        host = r.net.host
+        r.net.sync_table = []
+        host.peer_connects("12D3KooWfirst")
+        await r.at(1.0)
+        r.net.hello_of["12D3KooWquiet"] = b""  # it answers the end frame alone: no announcement yet
+        host.peer_connects("12D3KooWquiet")
+        await r.at(1.5)
+        assert r.state("12D3KooWquiet") is None
+        assert r.mesh.counters.synced == {"pulled": 1, "hello_empty": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_second_connection_to_a_peer_being_asked_asks_nothing_more(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        host = r.net.host
+        r.net.sync_table = []
+        host.peer_connects("12D3KooWfirst")
+        await r.at(1.0)
+        r.net.hello_of["12D3KooWslow"] = b""
+        r.net.frozen.add("12D3KooWslow")  # its answer does not come
+        host.peer_connects("12D3KooWslow")
+        await r.at(1.2)
+        host.peer_connects("12D3KooWslow")  # a second connection (relayed, then direct)
+        await r.at(1.4)
+        assert [p for p, proto in host.opened if proto == sync.HELLO_PROTOCOL] == ["12D3KooWslow"]
         nursery.cancel_scope.cancel()

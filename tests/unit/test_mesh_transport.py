@@ -183,7 +183,8 @@ class FakeHost:
         if protocol == "/meshollama/sync/1" and self.net.sync_table is not None:
             return FakeSyncStream(self.net, peer_id)
         if protocol == "/meshollama/hello/1" and peer_id in self.net.hello_of:
-            return FakeSyncStream(self.net, peer_id, [(self.net.hello_of[peer_id], 0)])
+            own = self.net.hello_of[peer_id]
+            return FakeSyncStream(self.net, peer_id, [(own, 0)] if own else [])
         if protocol != PING_PROTOCOL:
             raise P2PError(f"{peer_id} does not serve {protocol}")
         return FakeStream(self.net, peer_id)
@@ -223,7 +224,7 @@ class FakeNet:
         self.topic_peers = 1  # gossip neighbours subscribed to the heartbeat topic
         self.models = (ModelInfo(name="a:latest"),)  # what the backend serves
         self.sync_table: list[tuple[bytes, int]] | None = None  # peers' sync answer (signed, age ms); None: unserved
-        self.hello_of: dict[str, bytes] = {}  # a peer's hello answer (a signed heartbeat); absent: unserved
+        self.hello_of: dict[str, bytes] = {}  # a peer's hello answer (its signed heartbeat, b"": none yet); absent: unserved
 
     def factory(self, key_pair, settings, **kw) -> FakeHost:
         host = FakeHost(self, key_pair, settings, **kw)

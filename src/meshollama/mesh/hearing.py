@@ -46,7 +46,7 @@ class Hearing:
     settings: MeshSettings
     hints: DownHints
     last_pull: float | None
-    hellos: int  # hellos of ours in flight
+    hellos: set[str]  # peers a hello of ours is in flight to
 
     async def receive_loop(self) -> None:
         while True:
@@ -56,7 +56,8 @@ class Hearing:
                       held: frozenset[bytes] | set[bytes] = frozenset()) -> None:
         """A signed heartbeat handed on by a table sync (``mesh.sync``), heard ``age``
         seconds ago by whoever hands it on: checked as gossip is. ``sender``: the
-        caller of our sync server, whose own heartbeat only it may hand us;
+        peer that may hand us only its own heartbeat (the caller of our sync or hello
+        server, or the peer our hello asked);
         ``held``: heartbeats we hold already (nothing to check)."""
         if raw in held:
             return
@@ -215,20 +216,25 @@ class Hearing:
         it (``mesh.sync``'s hello) rather than wait for its announcement to hop here through
         gossip. At most ``sync.HELLO_IN_FLIGHT`` at once; a closed mesh's admission comes
         first (``mesh.open_stream``), so a stranger never gets our heartbeat."""
-        if self.hellos >= sync.HELLO_IN_FLIGHT:
+        if peer_id in self.hellos or self.table.get(peer_id) is not None:
+            return  # a second connection to it, or its announcement came meanwhile
+        if len(self.hellos) >= sync.HELLO_IN_FLIGHT:
             self.mesh._count("synced", "hello_skipped")
             return
-        self.hellos += 1
+        self.hellos.add(peer_id)
         try:
-            stream = await self.mesh.open_stream(peer_id, sync.HELLO_PROTOCOL, timeout=self.settings.connect_timeout)
-            await sync.pull(stream, getattr(self.host, "own_message", b""),
-                            lambda raw, age: self.accept_signed(raw, sender=peer_id, age=age), max_frames=1)
-            self.mesh._count("synced", "hello_said")
-        except P2PError as exc:
-            log.debug("hello to %s failed: %s", peer_id, exc)
+            with trio.fail_after(sync.HELLO_DEADLINE):  # one frame each way: a mute peer holds no slot long
+                stream = await self.mesh.open_stream(peer_id, sync.HELLO_PROTOCOL,
+                                                     timeout=self.settings.connect_timeout)
+                got = await sync.pull(stream, getattr(self.host, "own_message", b""),
+                                      lambda raw, age: self.accept_signed(raw, sender=peer_id, age=age),
+                                      max_frames=1)
+            self.mesh._count("synced", "hello_said" if got else "hello_empty")  # empty: it has not announced yet
+        except (P2PError, trio.TooSlowError) as exc:
+            log.debug("hello to %s failed: %r", peer_id, exc)
             self.mesh._count("synced", "hello_failed")
         finally:
-            self.hellos -= 1
+            self.hellos.discard(peer_id)
 
     async def sync_with(self, peer_id: str, *, tries: int = SYNC_TRIES) -> None:
         """Pull ``peer_id``'s table, handing it our latest heartbeat (``mesh.sync``). If

@@ -77,13 +77,19 @@ class LocalHealth:
     starting within 10 s) most misses were the prober's or the box's, not the
     peer's: at N=25 about 70 false "down" marks came after the last node was
     up, and each held convergence back until a later ping answered. So every
-    miss raises a score (up to :data:`MAX_SCORE`), every answered ping lowers
-    it, and so does each :data:`DECAY` seconds without a miss (in a large
-    mesh few pings go out to lower it); the ping timeout is the configured
-    one times ``1 + score``. A healthy node (score 0) waits exactly
-    ``liveness_timeout``, so a frozen peer among answering ones is found as
-    fast as before; a node whose pings time out all around waits longer
-    before it calls anyone down. Pure state on the clock it is handed.
+    streak of misses raises a score (its first miss only: a frozen peer pinged
+    every round must not keep stretching everyone's timeout; and with no
+    indirect probes, unlike memberlist, a dead peer's first miss counts too),
+    up to :data:`MAX_SCORE`; every answered ping lowers it, and so does each
+    :data:`DECAY` seconds since the score last changed (in a large mesh few
+    pings go out to lower it). An idle peer's ping timeout is the configured
+    one times ``1 + score``. A healthy node (score 0) waits ``liveness_timeout``
+    for the first ping to a frozen idle peer, and twice that for the second,
+    which marks it down (the first miss made the score 1, unless answers from
+    others brought it back); at the worst (score 8) that is about
+    ``2 x 9 x liveness_timeout`` plus a round, 37 s with the defaults. A
+    node whose pings time out all around waits that much longer before it
+    calls anyone down. Pure state on the clock it is handed.
     """
 
     MAX_SCORE = 8  # memberlist's default AwarenessMaxMultiplier

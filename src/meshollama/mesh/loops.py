@@ -75,7 +75,7 @@ class HostLoops(Hearing):
         self._cadence: tuple[tuple[float, bool], Cadence] | None = None  # ((refresh, announce_load), cadence)
         self.policy = AnnouncePolicy(self.cadence_now())
         self.last_pull: float | None = None  # when we last pulled a peer's table (mesh.sync)
-        self.hellos = 0  # hellos of ours in flight (mesh.sync)
+        self.hellos: set[str] = set()  # peers a hello of ours is in flight to (mesh.sync)
         self.hints = DownHints()  # peers we and others saw go down (mesh.hints)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -354,6 +354,10 @@ class HostLoops(Hearing):
                 now = trio.current_time()
                 snap = self.table.snapshot(now)
                 self.note_used(snap, now)
+                for pid in scopes.active():
+                    # A request began while its peer's (stretched) idle ping was in flight:
+                    # its callers get the plain timeout, counted from that ping's start.
+                    self.pinger.hurry(pid, self.settings.liveness_timeout)
                 for pid in liveness.peers_to_ping(
                     snap,
                     self.host.connected_peers(),
@@ -385,7 +389,8 @@ class HostLoops(Hearing):
         2-core box) does not lose the generations it is streaming. A peer
         nobody waits on gets a timeout that grows while our pings time out all
         around (:class:`liveness.LocalHealth`): it only needs to be judged right,
-        while one with our requests in flight must release its callers fast."""
+        while one with our requests in flight must release its callers fast (a
+        request that begins during the longer ping cuts it short: ``liveness_loop``)."""
         health = self.health
         base = self.settings.liveness_timeout
         idle = self.mesh.scopes.count(peer_id) == 0
@@ -407,7 +412,9 @@ class HostLoops(Hearing):
                 # than after its next heartbeat; expiry still needs fresh ones.
                 log.info("peer %s answers its liveness check again: alive", peer_id)
         except P2PError as exc:
-            if isinstance(exc, PingTimeout):
+            if isinstance(exc, PingTimeout) and peer_id not in self.misses:
+                # Only a streak's first miss: a frozen peer pinged every round until it
+                # expires would otherwise keep stretching every other peer's timeout.
                 health.missed(trio.current_time())
             misses = self.misses.get(peer_id, 0) + 1
             self.misses[peer_id] = misses

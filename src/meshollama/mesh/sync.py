@@ -49,6 +49,7 @@ HELLO_PROTOCOL = "/meshollama/hello/1"
 HELLO_SLOTS = 8  # hellos served at once
 HELLO_EVERY = 10.0  # seconds: a peer is answered at most this often
 HELLO_IN_FLIGHT = 8  # hellos we make at once: a flood of connections from strangers stays bounded
+HELLO_DEADLINE = 3.0  # seconds for a whole hello of ours, the stream's opening included
 SERVE_SLOTS = 4  # syncs served at once
 SERVE_EVERY = 30.0  # seconds: a peer is served at most this often (well above any deadline: no slot hogging)
 DEADLINE = 10.0  # seconds for a whole sync, either side

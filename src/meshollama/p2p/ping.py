@@ -30,6 +30,7 @@ class Pinger:
         self._timeout = timeout
         self._streams: dict[str, Stream] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self._running: dict[str, tuple[trio.CancelScope, float]] = {}  # peer -> (its ping's deadline scope, start)
 
     def busy(self, peer_id: str) -> bool:
         """True while a ping to this peer is in progress (don't start another)."""
@@ -47,10 +48,19 @@ class Pinger:
         async with lock:
             return await self._ping(peer_id, self._timeout if timeout is None else timeout)
 
+    def hurry(self, peer_id: str, timeout: float) -> None:
+        """Cut the ping in flight to ``peer_id`` (if any) to ``timeout`` from its start:
+        it began with a longer one and someone now waits on the answer."""
+        running = self._running.get(peer_id)
+        if running is not None:
+            scope, start = running
+            scope.deadline = min(scope.deadline, start + timeout)
+
     async def _ping(self, peer_id: str, timeout: float) -> float:
         start = trio.current_time()
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(timeout) as scope:
+                self._running[peer_id] = (scope, start)
                 stream = self._streams.get(peer_id)
                 if stream is None:
                     stream = await self._open_stream(peer_id, PING_PROTOCOL, timeout=timeout)
@@ -66,10 +76,14 @@ class Pinger:
                 if echo != payload:
                     raise P2PError(f"bad ping echo from {peer_id}")
         except (P2PError, trio.TooSlowError) as exc:
+            self._running.pop(peer_id, None)
             await self.forget(peer_id)
             if isinstance(exc, trio.TooSlowError):
-                raise PingTimeout(f"ping to {peer_id} timed out after {timeout:.1f}s") from None
+                waited = trio.current_time() - start
+                raise PingTimeout(f"ping to {peer_id} timed out after {waited:.1f}s") from None
             raise
+        finally:
+            self._running.pop(peer_id, None)
         return trio.current_time() - start
 
     async def forget(self, peer_id: str) -> None:
