@@ -16,7 +16,13 @@ from libp2p.peer.id import ID
 from meshollama.p2p import gossip
 from meshollama.p2p.host import TOPIC
 
-from .helpers import running_hosts, settings
+from .helpers import running_hosts
+from .helpers import settings as host_settings
+
+
+def settings(**kw):
+    """Hosts with a 1 s gossipsub heartbeat (ours is 5 s): these tests wait on heartbeats."""
+    return host_settings(**{"gossip_heartbeat": 1, **kw})
 
 
 async def _wait(cond) -> None:
@@ -157,5 +163,5 @@ def test_adaptive_gossip_would_slow_the_heartbeat_to_a_minute_and_is_off():
         router._update_network_health()
         router._adapt_gossip_parameters()
     assert stock.heartbeat_interval >= 30
-    assert ours.heartbeat_interval == 1
+    assert ours.heartbeat_interval == s.gossip_heartbeat
     assert not ours.eclipse_protection_enabled
