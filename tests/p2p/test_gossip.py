@@ -148,7 +148,7 @@ def test_adaptive_gossip_would_slow_the_heartbeat_to_a_minute_and_is_off():
     """py-libp2p's adaptive gossip scores "network health" with a peer-score part that is
     always 0 without a score function: a mesh of 2 peers (within D_low..D_high, never
     repaired) with no message in the last minute reads as poor health, and poor health
-    sets the gossipsub heartbeat to a minute. Ours keeps its 1 s heartbeat."""
+    sets the gossipsub heartbeat to a minute. Ours keeps the heartbeat it was given."""
     from libp2p.pubsub.gossipsub import GossipSub
 
     s = settings()
@@ -165,3 +165,53 @@ def test_adaptive_gossip_would_slow_the_heartbeat_to_a_minute_and_is_off():
     assert stock.heartbeat_interval >= 30
     assert ours.heartbeat_interval == s.gossip_heartbeat
     assert not ours.eclipse_protection_enabled
+
+
+# --- graft on subscription, when our stream to the peer comes late -------------------
+
+
+async def _joiner_meets_a_settled_mesh(register):
+    """Hosts a, c, d meshed with each other (mesh of 2 each: D_low), then a joiner j
+    connecting to a alone, whose outbound pubsub stream to a is registered 0.5 s late
+    (py-libp2p retries it when the first try races the muxer): a's subscription reaches
+    j first. The gossipsub heartbeat is a minute away: only the graft-on-subscribe path
+    can mesh j. ``register(pubsub, peer_id)`` is what j runs after the delay. j's mesh."""
+    slow = settings(gossip_heartbeat=60)
+    async with running_hosts(slow, slow, slow, slow) as (a, c, d, j):
+        await c.connect(a.addrs())
+        await d.connect(a.addrs())
+        await d.connect(c.addrs())
+        await _wait(lambda: all(len(h._gossip.mesh.get(TOPIC, ())) >= 2 for h in (a, c, d)))
+        pubsub = j._pubsub
+
+        async def late(peer_id):
+            await trio.sleep(0.5)
+            await register(pubsub, peer_id)
+
+        pubsub._handle_new_peer = late
+        await j.connect(a.addrs())
+        await _wait(lambda: a.topic_peers() == 3 and j.topic_peers() == 1)
+        with trio.move_on_after(3):
+            await _wait(lambda: j._gossip.mesh.get(TOPIC))
+        return set(j._gossip.mesh.get(TOPIC, ()))
+
+
+async def test_a_joiner_whose_stream_came_late_still_grafts_its_first_peer_at_once():
+    from libp2p.peer.id import ID as PeerID
+
+    async def ours(pubsub, peer_id):
+        await type(pubsub)._handle_new_peer(pubsub, peer_id)  # SafePubsub: offers the graft again
+
+    with trio.fail_after(40):
+        mesh = await _joiner_meets_a_settled_mesh(ours)
+    assert len(mesh) == 1 and all(isinstance(p, PeerID) for p in mesh)
+
+
+async def test_stock_pubsub_leaves_that_joiner_out_of_every_mesh_until_a_heartbeat():
+    from libp2p.pubsub.pubsub import Pubsub
+
+    async def stock(pubsub, peer_id):
+        await Pubsub._handle_new_peer(pubsub, peer_id)
+
+    with trio.fail_after(40):
+        assert await _joiner_meets_a_settled_mesh(stock) == set()

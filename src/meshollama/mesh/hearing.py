@@ -223,14 +223,14 @@ class Hearing:
             return
         self.hellos.add(peer_id)
         try:
-            with trio.fail_after(sync.HELLO_DEADLINE):  # one frame each way: a mute peer holds no slot long
-                stream = await self.mesh.open_stream(peer_id, sync.HELLO_PROTOCOL,
-                                                     timeout=self.settings.connect_timeout)
-                got = await sync.pull(stream, getattr(self.host, "own_message", b""),
-                                      lambda raw, age: self.accept_signed(raw, sender=peer_id, age=age),
-                                      max_frames=1)
+            # Admission (a closed mesh) and the stream's opening within connect_timeout;
+            # then one frame each way within HELLO_DEADLINE: a mute peer holds no slot long.
+            stream = await self.mesh.open_stream(peer_id, sync.HELLO_PROTOCOL, timeout=self.settings.connect_timeout)
+            got = await sync.pull(stream, getattr(self.host, "own_message", b""),
+                                  lambda raw, age: self.accept_signed(raw, sender=peer_id, age=age),
+                                  max_frames=1, deadline=sync.HELLO_DEADLINE)
             self.mesh._count("synced", "hello_said" if got else "hello_empty")  # empty: it has not announced yet
-        except (P2PError, trio.TooSlowError) as exc:
+        except P2PError as exc:
             log.debug("hello to %s failed: %r", peer_id, exc)
             self.mesh._count("synced", "hello_failed")
         finally:

@@ -49,7 +49,7 @@ HELLO_PROTOCOL = "/meshollama/hello/1"
 HELLO_SLOTS = 8  # hellos served at once
 HELLO_EVERY = 10.0  # seconds: a peer is answered at most this often
 HELLO_IN_FLIGHT = 8  # hellos we make at once: a flood of connections from strangers stays bounded
-HELLO_DEADLINE = 3.0  # seconds for a whole hello of ours, the stream's opening included
+HELLO_DEADLINE = 3.0  # seconds for a hello's exchange, once its stream is open (one frame each way)
 SERVE_SLOTS = 4  # syncs served at once
 SERVE_EVERY = 30.0  # seconds: a peer is served at most this often (well above any deadline: no slot hogging)
 DEADLINE = 10.0  # seconds for a whole sync, either side
@@ -136,12 +136,13 @@ class SyncServer:
             self.gate.leave()
 
 
-async def pull(stream, own: bytes, accept: Callable[[bytes, float], None], *, max_frames: int) -> int:
+async def pull(stream, own: bytes, accept: Callable[[bytes, float], None], *, max_frames: int,
+               deadline: float = DEADLINE) -> int:
     """Send ``own`` (our latest signed heartbeat, or ``b""``) and feed every heartbeat
     the peer answers to ``accept`` (with its age in seconds); returns how many. P2PError (the stream reset) if
     the answer breaks a bound: more than ``max_frames`` frames or :data:`MAX_TOTAL`
-    bytes, or slower than :data:`DEADLINE`."""
-    with trio.move_on_after(DEADLINE):
+    bytes, or slower than ``deadline``."""
+    with trio.move_on_after(deadline):
         try:
             await stream.write(frame(own))
             reader = FrameReader(stream)
@@ -159,8 +160,11 @@ async def pull(stream, own: bytes, accept: Callable[[bytes, float], None], *, ma
                     await trio.sleep(0)  # a large table must not hold up the other loops
             await stream.close()
             return count
-        except P2PError:
-            await stream.reset()
+        except BaseException:
+            # Any way out but the answer (a bound broken, a caller's deadline, a cancel)
+            # resets the stream: left open, it would hold a slot of the peer's server.
+            with trio.move_on_after(1.0) as scope:
+                scope.shield = True
+                await stream.reset()
             raise
-    await stream.reset()
-    raise P2PError(f"sync with {stream.peer_id} took over {DEADLINE:.0f}s")
+    raise P2PError(f"sync with {stream.peer_id} took over {deadline:.0f}s")  # reset on the way out

@@ -72,6 +72,18 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
     from libp2p.pubsub.pubsub import Pubsub
 
     class SafePubsub(Pubsub):
+        async def _handle_new_peer(self, peer_id) -> None:
+            await super()._handle_new_peer(peer_id)
+            # A peer's subscriptions can come before our stream to it is up (py-libp2p
+            # retries that stream, "frequently" needed); gossipsub's graft-on-subscribe
+            # then found it no gossipsub peer yet and did nothing, and the edge waited for
+            # a heartbeat (now 5 s). Offer it again now: it checks mesh, back-off, D_low.
+            graft = getattr(self.router, "on_peer_subscribed", None)
+            if graft is not None and peer_id in self.peers:
+                for topic, peers in list(self.peer_topics.items()):
+                    if peer_id in peers:
+                        await graft(peer_id, topic)
+
         async def stream_handler(self, stream) -> None:  # type: ignore[override]
             peer_id = stream.muxed_conn.peer_id
             try:
