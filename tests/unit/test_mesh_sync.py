@@ -220,13 +220,20 @@ async def test_a_new_connection_pulls_a_table_at_most_once_a_minute_and_a_failed
 # --- hello: a connected peer we have not heard of ----------------------------------------
 
 
+async def past_the_first_pull(nursery: trio.Nursery, **kw):
+    """A service whose first connection (12D3KooWfirst) pulled an empty table at 0 s: later
+    connections from peers it never heard of get a hello instead. Returned at 1 s."""
+    r = await run_mesh(nursery, heartbeat_interval=2.0, **kw)
+    r.net.sync_table = []
+    r.net.host.peer_connects("12D3KooWfirst")
+    await r.at(1.0)
+    return r
+
+
 async def test_a_peer_we_never_heard_of_that_connects_is_asked_for_its_heartbeat(autojump_clock):
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        r = await past_the_first_pull(nursery)
         host = r.net.host
-        r.net.sync_table = []
-        host.peer_connects("12D3KooWfirst")  # the first connection pulls a table instead
-        await r.at(1.0)
         kp = create_new_key_pair()
         newcomer = peer_of(kp)
         r.net.hello_of[newcomer] = sign(kp, announce.encode(heartbeat(newcomer, 1, refresh_ms=30_000)))
@@ -244,11 +251,8 @@ async def test_a_peer_we_never_heard_of_that_connects_is_asked_for_its_heartbeat
 
 async def test_a_hello_answered_with_another_peers_heartbeat_is_dropped(autojump_clock):
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        r = await past_the_first_pull(nursery)
         host = r.net.host
-        r.net.sync_table = []
-        host.peer_connects("12D3KooWfirst")
-        await r.at(1.0)
         other = create_new_key_pair()
         r.net.hello_of["12D3KooWliar"] = sign(other, announce.encode(heartbeat(peer_of(other), 1)))
         host.peer_connects("12D3KooWliar")
@@ -260,11 +264,8 @@ async def test_a_hello_answered_with_another_peers_heartbeat_is_dropped(autojump
 
 async def test_hellos_in_flight_are_bounded_when_strangers_connect_by_the_dozen(autojump_clock):
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        r = await past_the_first_pull(nursery)
         host = r.net.host
-        r.net.sync_table = []
-        host.peer_connects("12D3KooWfirst")
-        await r.at(1.0)
         strangers = [f"12D3KooWmute{i:02d}" for i in range(3 * sync.HELLO_IN_FLIGHT)]
         for peer in strangers:  # each accepts the stream and never answers
             r.net.hello_of[peer] = b""
@@ -325,12 +326,9 @@ class MembersOnly:
 
 async def test_in_a_closed_mesh_a_stranger_gets_no_hello_and_is_sent_none(autojump_clock):
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=2.0, admission=MembersOnly("12D3KooWfirst"))
+        r = await past_the_first_pull(nursery, admission=MembersOnly("12D3KooWfirst"))
         host = r.net.host
         host.own_message = sign(create_new_key_pair(), b"our own heartbeat")
-        r.net.sync_table = []
-        host.peer_connects("12D3KooWfirst")
-        await r.at(1.0)
         # It connects (Noise works for anyone): we never open a stream to it, so it gets
         # neither our heartbeat nor our question.
         r.net.hello_of["12D3KooWstranger"] = b""
@@ -350,11 +348,8 @@ async def test_in_a_closed_mesh_a_stranger_gets_no_hello_and_is_sent_none(autoju
 
 async def test_a_hello_from_a_peer_with_nothing_to_say_yet_is_counted_empty(autojump_clock):
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        r = await past_the_first_pull(nursery)
         host = r.net.host
-        r.net.sync_table = []
-        host.peer_connects("12D3KooWfirst")
-        await r.at(1.0)
         r.net.hello_of["12D3KooWquiet"] = b""  # it answers the end frame alone: no announcement yet
         host.peer_connects("12D3KooWquiet")
         await r.at(1.5)
@@ -365,11 +360,8 @@ async def test_a_hello_from_a_peer_with_nothing_to_say_yet_is_counted_empty(auto
 
 async def test_a_second_connection_to_a_peer_being_asked_asks_nothing_more(autojump_clock):
     async with trio.open_nursery() as nursery:
-        r = await run_mesh(nursery, heartbeat_interval=2.0)
+        r = await past_the_first_pull(nursery)
         host = r.net.host
-        r.net.sync_table = []
-        host.peer_connects("12D3KooWfirst")
-        await r.at(1.0)
         r.net.hello_of["12D3KooWslow"] = b""
         r.net.frozen.add("12D3KooWslow")  # its answer does not come
         host.peer_connects("12D3KooWslow")
