@@ -23,6 +23,14 @@ later was not seen by it in 30 s (``bench_mesh.py``, 2 runs of 5), until the
 joiner's next refresh. :class:`MeshGossipSub` picks gossip targets without
 the back-off check; the mesh itself still honours it.
 
+**Back-off is 15 s, not 60 s.** A PRUNE puts both sides in back-off. A host
+that many peers grafted (the first one each joiner met, or a bootstrap) prunes
+its surplus over ``D_high``; when the few it kept are over ``D_high`` too and
+prune it, every peer it has is in back-off and it has no mesh, hearing news
+only through IHAVE gossip, until the first back-off ends: a minute with the
+default. It happened in a full mesh of 8 even without opportunistic grafting.
+``router`` sets 15 s, so such a host is back in a mesh within about 20 s.
+
 **Adaptive gossip** is off too (``router``): with no score function it read
 ordinary moments as poor health and slowed the heartbeat to 30-60 s. We set
 the heartbeat ourselves instead (``HostSettings.gossip_heartbeat``, 5 s).
@@ -56,6 +64,15 @@ def router(s: HostSettings):
         # node against 0.44 % at 5 s (bench_mesh, 60 s windows). Meshes form on
         # subscription without it, and a table sync or a hello covers a joiner.
         heartbeat_interval=s.gossip_heartbeat,
+        # 15 s, not gossipsub's 60 s: a PRUNE puts both sides in back-off, so a host that
+        # pruned its surplus (over D_high) and was then pruned by the peers it kept has every
+        # peer in back-off and no mesh at all until the first back-off ends (the module's
+        # docstring). With D_high 4 that happened in a full mesh of 8 (CI, 1 run in many);
+        # 15 s is three heartbeats, long enough to stop a graft/prune flap (at most one
+        # GRAFT and one PRUNE per pair per 15 s) and short enough that such a host is back
+        # in a mesh within about 20 s instead of 65. It is also gossipsub's GRAFT-flood
+        # threshold (the smaller of 10 s and this), so a graft after it is never a flood.
+        prune_back_off=s.gossip_prune_back_off,
         # Heartbeats are tiny and frequent; the default 10 msg/s/topic spam
         # limit is per forwarder and would drop relayed heartbeats in big meshes.
         max_messages_per_topic_per_second=1000.0,

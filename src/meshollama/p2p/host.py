@@ -63,6 +63,7 @@ class HostSettings:
     gossip_degree_low: int = 2
     gossip_degree_high: int = 4
     gossip_heartbeat: int = 5  # seconds between gossipsub heartbeats (p2p.gossip says why; tests use 1)
+    gossip_prune_back_off: int = 15  # seconds a PRUNE keeps two peers out of each other's mesh (p2p.gossip)
     stream_timeout: float = 10.0
     dial_timeout: float = 5.0  # one address; a dead LAN IP would otherwise take a TCP SYN timeout
     max_pubsub_message: int = 256 * 1024
