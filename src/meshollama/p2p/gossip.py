@@ -8,7 +8,7 @@ taking peers that score above their median. py-libp2p does it every heartbeat,
 taking up to 2 peers whose score is at least a fraction (0.3 to 0.7) of the
 median. We configure no score function, so every score is 0 and every peer qualifies: each node grafted
 2 more peers each second, ``D_high`` pruned them again, and every prune is a
-60 s back-off on both sides. In a full mesh of 8 hosts one or two ended in no
+back-off (60 s by default). In a full mesh of 8 hosts one or two ended in no
 gossip mesh at all; in 25 started nodes each was in back-off with 10 to 20 of
 its 24 peers. :class:`MeshGossipSub` does not graft opportunistically: meshes
 form from ``D``/``D_low``/``D_high`` alone and then stay put.
@@ -23,13 +23,15 @@ later was not seen by it in 30 s (``bench_mesh.py``, 2 runs of 5), until the
 joiner's next refresh. :class:`MeshGossipSub` picks gossip targets without
 the back-off check; the mesh itself still honours it.
 
-**Back-off is 15 s, not 60 s.** A PRUNE puts both sides in back-off. A host
-that many peers grafted (the first one each joiner met, or a bootstrap) prunes
-its surplus over ``D_high``; when the few it kept are over ``D_high`` too and
-prune it, every peer it has is in back-off and it has no mesh, hearing news
-only through IHAVE gossip, until the first back-off ends: a minute with the
-default. It happened in a full mesh of 8 even without opportunistic grafting.
-``router`` sets 15 s, so such a host is back in a mesh within about 20 s.
+**Back-off is 15 s, not 60 s.** A peer pruned from a mesh backs off from the
+pruner for its own ``prune_back_off`` (py-libp2p's heartbeat PRUNE carries no
+back-off), and a GRAFT refused for being too soon comes back as a PRUNE that
+carries one. A host that many peers grafted (the first one each joiner met, or
+a bootstrap) prunes its surplus over ``D_high``; when the few it kept prune it
+too, it grafts the ones it pruned, they refuse, and every peer it has is in
+back-off: no mesh, only IHAVE gossip, until the first back-off ends, a minute
+with the default. It happened in a full mesh of 8 even without opportunistic
+grafting (CI, once; here 1 run in 12, back in a mesh after 13 s with 15 s).
 
 **Adaptive gossip** is off too (``router``): with no score function it read
 ordinary moments as poor health and slowed the heartbeat to 30-60 s. We set
@@ -64,14 +66,11 @@ def router(s: HostSettings):
         # node against 0.44 % at 5 s (bench_mesh, 60 s windows). Meshes form on
         # subscription without it, and a table sync or a hello covers a joiner.
         heartbeat_interval=s.gossip_heartbeat,
-        # 15 s, not gossipsub's 60 s: a PRUNE puts both sides in back-off, so a host that
-        # pruned its surplus (over D_high) and was then pruned by the peers it kept has every
-        # peer in back-off and no mesh at all until the first back-off ends (the module's
-        # docstring). With D_high 4 that happened in a full mesh of 8 (CI, 1 run in many);
-        # 15 s is three heartbeats, long enough to stop a graft/prune flap (at most one
-        # GRAFT and one PRUNE per pair per 15 s) and short enough that such a host is back
-        # in a mesh within about 20 s instead of 65. It is also gossipsub's GRAFT-flood
-        # threshold (the smaller of 10 s and this), so a graft after it is never a flood.
+        # 15 s, not gossipsub's 60 s: a host pruned by every peer it kept after pruning
+        # its own surplus had no mesh until a back-off ended (the module's docstring);
+        # with 15 s it is back within about 20 s. Three heartbeats is still enough to
+        # keep a pair from re-grafting at every heartbeat. (Old nodes use 60 s for what
+        # they refuse; a mix only means some pairs wait longer.)
         prune_back_off=s.gossip_prune_back_off,
         # Heartbeats are tiny and frequent; the default 10 msg/s/topic spam
         # limit is per forwarder and would drop relayed heartbeats in big meshes.
