@@ -101,7 +101,7 @@ class HostLoops(Hearing):
         those brings the rest)."""
         for peer in self.table.snapshot(trio.current_time()).peers:
             if not peer.is_self:
-                self.mesh.reach.maybe_dial(self.host, peer.peer_id, peer.addrs)
+                self.mesh.reach.maybe_dial(self.host, peer.peer_id, peer.addrs, now=True)
 
     # --- heartbeats ----------------------------------------------------------------
 

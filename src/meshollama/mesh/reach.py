@@ -26,6 +26,14 @@ from .transport import Transport
 log = logging.getLogger("meshollama.mesh")
 
 MAX_DIALS = 16  # dials in flight at once: mDNS and gossip can name peers by the thousand
+# Two nodes that hear of each other at once (a joiner that pulled a table and the
+# peers that hear its first announcement; two mDNS neighbours) both dialled: at N=25
+# started together, 1,042 TCP connections instead of 600, every pair's handshake,
+# identify and DHT setup done twice, on 2 cores already saturated by 25 starts. The
+# lower peer id dials at once; the higher waits DIAL_DEFER (plus up to half again) and
+# dials only if no connection came: a peer that cannot dial us is still reached.
+DIAL_DEFER = 2.0
+MAX_DEFERRED = 256
 MAX_BACKOFF = 60.0
 MAX_CANDIDATES = 64  # addresses of one peer we consider (announced, DHT, identify)
 
@@ -40,12 +48,18 @@ class Reach:
         self._spawn = spawn
         self._rng = rng
         self.dialing: set[str] = set()
+        self.deferred: set[str] = set()  # higher ids than ours, waiting for them to dial us
         self._inflight: dict[str, trio.Event] = {}  # peer -> set when the dial in progress ends
         self.retry: dict[str, tuple[float, float]] = {}  # unreachable peer -> (next try, backoff)
 
-    def maybe_dial(self, host: Transport, peer_id: str, addrs: tuple[str, ...]) -> None:
-        """Dial a peer we heard of, in the background, unless that is pointless now."""
+    def maybe_dial(self, host: Transport, peer_id: str, addrs: tuple[str, ...], *, now: bool = False) -> None:
+        """Dial a peer we heard of, in the background, unless that is pointless now.
+        Of two peers, the higher id waits first for the lower to dial (``DIAL_DEFER``);
+        ``now`` skips that (we restarted: nobody is about to dial us)."""
         if peer_id == self.self_id or peer_id in self.dialing or len(self.dialing) >= MAX_DIALS:
+            return
+        if not now and peer_id < self.self_id:
+            self._defer(host, peer_id, addrs)
             return
         if len(host.connected_peers()) >= self.max_connections:
             return
@@ -63,6 +77,22 @@ class Reach:
                 self.dialing.discard(peer_id)
 
         self._spawn(dial)
+
+    def _defer(self, host: Transport, peer_id: str, addrs: tuple[str, ...]) -> None:
+        if peer_id in self.deferred or len(self.deferred) >= MAX_DEFERRED or peer_id in host.connected_peers():
+            return
+        self.deferred.add(peer_id)
+        wait = DIAL_DEFER * (1 + 0.5 * self._rng.random())
+
+        async def later() -> None:
+            try:
+                await trio.sleep(wait)
+            finally:
+                self.deferred.discard(peer_id)
+            if peer_id not in host.connected_peers():
+                self.maybe_dial(host, peer_id, addrs, now=True)
+
+        self._spawn(later)
 
     async def reach(self, host: Transport, peer_id: str, addrs: tuple[str, ...] = (), *,
                     timeout: float | None = None) -> None:
