@@ -27,6 +27,8 @@ def addr(peer: str) -> tuple[str, ...]:
 class Host:
     """What Reach asks of the transport: who is connected, and a dial that records."""
 
+    relay = None
+
     def __init__(self) -> None:
         self.connected: set[str] = set()
         self.dials: list[tuple[float, str]] = []
@@ -96,15 +98,43 @@ async def test_a_restart_dials_everyone_at_once(clock):
     assert host.dials == [(0.0, LOW)]
 
 
-async def test_waiting_dials_are_bounded_and_take_no_dial_slot(clock, monkeypatch):
+async def test_past_the_bound_on_waits_we_dial_at_once(clock, monkeypatch):
     monkeypatch.setattr(reach_mod, "MAX_DEFERRED", 1)
+    other = "12D3KooWAX1NBuf9uThmMUEz3RuCcreUiwVwuxJVMJqUou7LdzJn"
+    assert other < HIGH
 
     async def script(r, host):
-        r.maybe_dial(host, LOW, addr(LOW))
-        assert len(r.deferred) == 1 and not r.dialing
-        r.deferred.add("someone else")  # at the bound: a second waits for nothing
-        r.deferred.discard(LOW)
-        r.maybe_dial(host, LOW, addr(LOW))
-        assert LOW not in r.deferred
+        r.maybe_dial(host, other, addr(other))
+        assert r.deferred == {other} and not r.dialing  # a wait takes no dial slot
+        r.maybe_dial(host, LOW, addr(LOW))  # no room to wait: as before the wait existed
+        await trio.sleep(0)
+        assert host.dials == [(0.0, LOW)]
 
-    await _run(HIGH, script)
+    host = await _run(HIGH, script)
+    assert [p for _, p in host.dials] == [LOW, other]
+
+
+async def test_behind_nat_we_never_wait(clock):
+    """Nobody can dial us directly: the lower id's dial would come through a relay and
+    leave the pair relayed, where ours to its public address makes a direct one."""
+
+    class Relay:
+        def behind_nat(self) -> bool:
+            return True
+
+    async def script(r, host):
+        host.relay = Relay()
+        r.maybe_dial(host, LOW, addr(LOW))
+
+    host = await _run(HIGH, script)
+    assert host.dials == [(0.0, LOW)]
+
+
+async def test_a_peer_in_backoff_gets_no_wait_either(clock):
+    async def script(r, host):
+        r.retry[LOW] = (10.0, 5.0)  # unreachable a moment ago
+        r.maybe_dial(host, LOW, addr(LOW))
+        assert not r.deferred and not r.dialing
+
+    host = await _run(HIGH, script)
+    assert host.dials == []

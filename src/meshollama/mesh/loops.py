@@ -322,7 +322,8 @@ class HostLoops(Hearing):
                 for peer_id, addrs in await self.host.dht_refresh():
                     if peer_id not in self.host.connected_peers():
                         news = True
-                        self.mesh.reach.maybe_dial(self.host, peer_id, addrs)
+                        # One-sided (it has likely not heard of us): no point waiting.
+                        self.mesh.reach.maybe_dial(self.host, peer_id, addrs, now=True)
             connected = set(self.host.connected_peers())
             news = news or bool(connected_before - connected)  # a connection lost (another may have come)
             connected_before = connected

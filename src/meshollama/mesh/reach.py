@@ -7,6 +7,8 @@ on :meth:`Reach.reach`. What is dialled, and in which order, is
 ``p2p.addrs.dial_plan``'s decision; this module owns the state around it:
 which dials are in flight (at most :data:`MAX_DIALS`), and when a peer that
 no path reached may be tried again (5 s doubling to 60 s, with jitter).
+Of two peers that hear of each other, the lower id dials at once and the
+higher waits :data:`DIAL_DEFER` first (see there).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ MAX_DIALS = 16  # dials in flight at once: mDNS and gossip can name peers by the
 # started together, 1,042 TCP connections instead of 600, every pair's handshake,
 # identify and DHT setup done twice, on 2 cores already saturated by 25 starts. The
 # lower peer id dials at once; the higher waits DIAL_DEFER (plus up to half again) and
-# dials only if no connection came: a peer that cannot dial us is still reached.
+# dials only if no connection came: a peer that cannot dial us is still reached. Behind
+# NAT we never wait: nobody can dial us directly, and the lower id's dial would only
+# come through a relay, leaving the pair on a relayed connection where our own dial
+# to its public address makes a direct one.
 DIAL_DEFER = 2.0
 MAX_DEFERRED = 256
 MAX_BACKOFF = 60.0
@@ -48,7 +53,7 @@ class Reach:
         self._spawn = spawn
         self._rng = rng
         self.dialing: set[str] = set()
-        self.deferred: set[str] = set()  # higher ids than ours, waiting for them to dial us
+        self.deferred: set[str] = set()  # lower ids than ours: we wait for them to dial us
         self._inflight: dict[str, trio.Event] = {}  # peer -> set when the dial in progress ends
         self.retry: dict[str, tuple[float, float]] = {}  # unreachable peer -> (next try, backoff)
 
@@ -58,14 +63,13 @@ class Reach:
         ``now`` skips that (we restarted: nobody is about to dial us)."""
         if peer_id == self.self_id or peer_id in self.dialing or len(self.dialing) >= MAX_DIALS:
             return
-        if not now and peer_id < self.self_id:
-            self._defer(host, peer_id, addrs)
-            return
         if len(host.connected_peers()) >= self.max_connections:
             return
         retry = self.retry.get(peer_id)
         if retry is not None and trio.current_time() < retry[0]:
             return  # unreachable a moment ago: wait for the backoff
+        if not now and peer_id < self.self_id and not _behind_nat(host) and self._defer(host, peer_id, addrs):
+            return
         self.dialing.add(peer_id)
 
         async def dial() -> None:
@@ -78,9 +82,13 @@ class Reach:
 
         self._spawn(dial)
 
-    def _defer(self, host: Transport, peer_id: str, addrs: tuple[str, ...]) -> None:
-        if peer_id in self.deferred or len(self.deferred) >= MAX_DEFERRED or peer_id in host.connected_peers():
-            return
+    def _defer(self, host: Transport, peer_id: str, addrs: tuple[str, ...]) -> bool:
+        """Wait for the lower id to dial us, then dial if it did not. False when no
+        wait can be held (at ``MAX_DEFERRED``): then we dial now, as before."""
+        if peer_id in self.deferred:
+            return True
+        if len(self.deferred) >= MAX_DEFERRED:
+            return False
         self.deferred.add(peer_id)
         wait = DIAL_DEFER * (1 + 0.5 * self._rng.random())
 
@@ -93,6 +101,7 @@ class Reach:
                 self.maybe_dial(host, peer_id, addrs, now=True)
 
         self._spawn(later)
+        return True
 
     async def reach(self, host: Transport, peer_id: str, addrs: tuple[str, ...] = (), *,
                     timeout: float | None = None) -> None:
@@ -174,3 +183,8 @@ class Reach:
                 log.info("behind NAT: reserving a slot on relay %s", pid)
                 relay.reserving.add(pid)  # now, not in the task: one pass must not pass max_relays
                 self._spawn(lambda pid=pid: relay.keep_reservation(pid, lambda: pid in host.connected_peers()))
+
+
+def _behind_nat(host: Transport) -> bool:
+    relay = getattr(host, "relay", None)
+    return relay is not None and relay.behind_nat()
