@@ -53,12 +53,13 @@ class Hearing:
             self.accept(await self.host.next_message())
 
     def accept_signed(self, raw: bytes, *, sender: str | None = None, age: float = 0.0,
-                      held: frozenset[bytes] | set[bytes] = frozenset()) -> None:
+                      held: frozenset[bytes] | set[bytes] = frozenset(), dial: str = "always") -> None:
         """A signed heartbeat handed on by a table sync (``mesh.sync``), heard ``age``
         seconds ago by whoever hands it on: checked as gossip is. ``sender``: the
         peer that may hand us only its own heartbeat (the caller of our sync or hello
         server, or the peer our hello asked);
-        ``held``: heartbeats we hold already (nothing to check)."""
+        ``held``: heartbeats we hold already (nothing to check); ``dial``: as
+        :meth:`accept`."""
         if raw in held:
             return
         msg = signed.verify(raw)
@@ -67,11 +68,13 @@ class Hearing:
         elif sender is not None and msg.from_peer != sender:
             self.mesh._drop("sync_not_own")  # a caller replaying someone else's
         elif self.mesh.signed.get(msg.from_peer) != raw:  # the very message we hold: nothing new
-            self.accept(msg, age=min(max(age, 0.0), announce.MAX_REFRESH_MS / 1000 * self.table.miss_limit))
+            self.accept(msg, age=min(max(age, 0.0), announce.MAX_REFRESH_MS / 1000 * self.table.miss_limit),
+                        dial=dial)
 
-    def accept(self, msg: Message, *, age: float = 0.0) -> ApplyResult | None:
+    def accept(self, msg: Message, *, age: float = 0.0, dial: str = "always") -> ApplyResult | None:
         """One heartbeat, its signature checked against ``msg.from_peer``, into the table
-        (heard ``age`` seconds ago: a synced one keeps the age it had)."""
+        (heard ``age`` seconds ago: a synced one keeps the age it had). ``dial``: how
+        we dial its sender if we are not connected (``mesh.reach.Reach.maybe_dial``)."""
         mesh, host = self.mesh, self.host
         try:
             ann = announce.decode(msg.data)
@@ -123,7 +126,9 @@ class Hearing:
             log.info("peer %s joined with %d model(s)%s", ann.peer_id, len(ann.models),
                      " (draining)" if ann.draining else "")
         if ann.peer_id not in host.connected_peers():
-            mesh.reach.maybe_dial(host, ann.peer_id, ann.addrs)
+            # Heard by gossip: it is new and dials us (it pulled a table), so we wait;
+            # named by a table we pulled, we are the one to dial (dial="now").
+            mesh.reach.maybe_dial(host, ann.peer_id, ann.addrs, wait=dial)
         return result
 
     # --- down hints (mesh.hints) ------------------------------------------------------
@@ -249,7 +254,7 @@ class Hearing:
                 # our heartbeat (and our table request) never goes to a stranger.
                 stream = await mesh.open_stream(peer_id, sync.PROTOCOL, timeout=self.settings.connect_timeout)
                 count = await sync.pull(stream, getattr(self.host, "own_message", b""),
-                                        lambda raw, age: self.accept_signed(raw, age=age, held=held),
+                                        lambda raw, age: self.accept_signed(raw, age=age, held=held, dial="now"),
                                         max_frames=max(self.settings.max_peers + 1, SYNC_MAX_FRAMES))
             except P2PError as exc:
                 log.debug("table sync with %s failed: %s", peer_id, exc)

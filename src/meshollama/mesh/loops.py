@@ -101,7 +101,7 @@ class HostLoops(Hearing):
         those brings the rest)."""
         for peer in self.table.snapshot(trio.current_time()).peers:
             if not peer.is_self:
-                self.mesh.reach.maybe_dial(self.host, peer.peer_id, peer.addrs, now=True)
+                self.mesh.reach.maybe_dial(self.host, peer.peer_id, peer.addrs, wait="now")
 
     # --- heartbeats ----------------------------------------------------------------
 
@@ -323,7 +323,7 @@ class HostLoops(Hearing):
                     if peer_id not in self.host.connected_peers():
                         news = True
                         # One-sided (it has likely not heard of us): no point waiting.
-                        self.mesh.reach.maybe_dial(self.host, peer_id, addrs, now=True)
+                        self.mesh.reach.maybe_dial(self.host, peer_id, addrs, wait="now")
             connected = set(self.host.connected_peers())
             news = news or bool(connected_before - connected)  # a connection lost (another may have come)
             connected_before = connected

@@ -7,8 +7,8 @@ on :meth:`Reach.reach`. What is dialled, and in which order, is
 ``p2p.addrs.dial_plan``'s decision; this module owns the state around it:
 which dials are in flight (at most :data:`MAX_DIALS`), and when a peer that
 no path reached may be tried again (5 s doubling to 60 s, with jitter).
-Of two peers that hear of each other, the lower id dials at once and the
-higher waits :data:`DIAL_DEFER` first (see there).
+Of two peers that hear of each other, one dials at once and the other waits
+:data:`DIAL_DEFER` first (see there for which).
 """
 
 from __future__ import annotations
@@ -31,12 +31,16 @@ MAX_DIALS = 16  # dials in flight at once: mDNS and gossip can name peers by the
 # Two nodes that hear of each other at once (a joiner that pulled a table and the
 # peers that hear its first announcement; two mDNS neighbours) both dialled: at N=25
 # started together, 1,042 TCP connections instead of 600, every pair's handshake,
-# identify and DHT setup done twice, on 2 cores already saturated by 25 starts. The
-# lower peer id dials at once; the higher waits DIAL_DEFER (plus up to half again) and
-# dials only if no connection came: a peer that cannot dial us is still reached. Behind
-# NAT we never wait: nobody can dial us directly, and the lower id's dial would only
-# come through a relay, leaving the pair on a relayed connection where our own dial
-# to its public address makes a direct one.
+# identify and DHT setup done twice, on 2 cores already saturated by 25 starts. Now
+# one side dials at once and the other waits DIAL_DEFER (plus up to half again), then
+# dials only if no connection came, so a peer that cannot dial us is still reached:
+# - a peer named by a table we pulled is dialled at once ("now"): we are the joiner,
+#   and the peers that hear of us by gossip wait ("always");
+# - of two mDNS neighbours, the lower id dials and the higher waits ("higher");
+# - a restart's rejoin and a DHT walk's finds dial at once (nobody is about to dial us).
+# Behind NAT we never wait: nobody can dial us directly, and the other side's dial
+# would only come through a relay, leaving the pair on a relayed connection where our
+# own dial to its public address makes a direct one.
 DIAL_DEFER = 2.0
 MAX_DEFERRED = 256
 MAX_BACKOFF = 60.0
@@ -53,14 +57,14 @@ class Reach:
         self._spawn = spawn
         self._rng = rng
         self.dialing: set[str] = set()
-        self.deferred: set[str] = set()  # lower ids than ours: we wait for them to dial us
+        self.deferred: set[str] = set()  # peers we wait for to dial us
         self._inflight: dict[str, trio.Event] = {}  # peer -> set when the dial in progress ends
         self.retry: dict[str, tuple[float, float]] = {}  # unreachable peer -> (next try, backoff)
 
-    def maybe_dial(self, host: Transport, peer_id: str, addrs: tuple[str, ...], *, now: bool = False) -> None:
+    def maybe_dial(self, host: Transport, peer_id: str, addrs: tuple[str, ...], *, wait: str = "higher") -> None:
         """Dial a peer we heard of, in the background, unless that is pointless now.
-        Of two peers, the higher id waits first for the lower to dial (``DIAL_DEFER``);
-        ``now`` skips that (we restarted: nobody is about to dial us)."""
+        ``wait`` says who waits ``DIAL_DEFER`` for the other to dial first: ``"now"``
+        nobody, ``"higher"`` the higher peer id, ``"always"`` we do (the module's notes)."""
         if peer_id == self.self_id or peer_id in self.dialing or len(self.dialing) >= MAX_DIALS:
             return
         if len(host.connected_peers()) >= self.max_connections:
@@ -68,7 +72,8 @@ class Reach:
         retry = self.retry.get(peer_id)
         if retry is not None and trio.current_time() < retry[0]:
             return  # unreachable a moment ago: wait for the backoff
-        if not now and peer_id < self.self_id and not _behind_nat(host) and self._defer(host, peer_id, addrs):
+        waits = wait == "always" or (wait == "higher" and peer_id < self.self_id)
+        if waits and not _behind_nat(host) and self._defer(host, peer_id, addrs):
             return
         self.dialing.add(peer_id)
 
@@ -83,7 +88,7 @@ class Reach:
         self._spawn(dial)
 
     def _defer(self, host: Transport, peer_id: str, addrs: tuple[str, ...]) -> bool:
-        """Wait for the lower id to dial us, then dial if it did not. False when no
+        """Wait for the peer to dial us, then dial if it did not. False when no
         wait can be held (at ``MAX_DEFERRED``): then we dial now, as before."""
         if peer_id in self.deferred:
             return True
@@ -98,7 +103,7 @@ class Reach:
             finally:
                 self.deferred.discard(peer_id)
             if peer_id not in host.connected_peers():
-                self.maybe_dial(host, peer_id, addrs, now=True)
+                self.maybe_dial(host, peer_id, addrs, wait="now")
 
         self._spawn(later)
         return True
