@@ -40,7 +40,8 @@ from .jwt_auth import JwtVerifier
 from .keystore import KeyStore
 from .metrics import GatewayMetrics
 from .middleware import Gate
-from .proxy import Proxy, ProxyRoutes
+from .proxy import Proxy
+from .proxy_routes import ProxyRoutes
 from .traffic import Traffic
 
 log = logging.getLogger(__name__)
