@@ -243,7 +243,7 @@ def _first_leaf(exc: BaseException) -> BaseException:
 
 def _id(args: argparse.Namespace) -> int:
     from .identity import load_or_create
-    from .node import read_node_file
+    from .node_setup import read_node_file
     from .p2p.keys import peer_id_of
 
     config = _load(args)
@@ -269,7 +269,7 @@ def _id(args: argparse.Namespace) -> int:
 
 
 def _api_url(args: argparse.Namespace, config) -> str:
-    from .node import read_node_file
+    from .node_setup import read_node_file
 
     if hasattr(args, "api"):
         return args.api.rstrip("/")
