@@ -603,6 +603,9 @@ class _Notifee:
         self._owner._emit(Event("connected", peer))
 
     async def disconnected(self, network, conn) -> None:
+        pubsub = self._owner._pubsub
+        if pubsub is not None and hasattr(pubsub, "connection_closed"):
+            pubsub.connection_closed(conn)  # patches.SafePubsub: off a closed connection
         peer = conn.muxed_conn.peer_id.to_base58()
         if self._owner.admission is not None and peer not in self._owner.connected_peers():
             self._owner.admission.disconnected(peer)

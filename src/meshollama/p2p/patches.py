@@ -84,6 +84,35 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
                     if peer_id in peers:
                         await graft(peer_id, topic)
 
+        def connection_closed(self, conn) -> None:
+            """py-libp2p keeps a peer whose closed connection leaves another open, and
+            with it our pubsub stream to that peer, even when the stream ran on the
+            closed connection: every later message to the peer went into a dead stream
+            and was lost until a write failed (and that message with it). A
+            hole-punched pair whose relay went away was deaf one way for a refresh
+            or more. Open a new stream on a live connection now. Only our stream
+            moves: the peer's subscriptions came on its own stream, and the router
+            keeps the peer (``_handle_dead_peer`` would forget both)."""
+            peer_id = conn.muxed_conn.peer_id
+            stream = self.peers.get(peer_id)
+            if (stream is None or getattr(stream, "muxed_conn", None) is not conn.muxed_conn
+                    or not self._peer_is_connected(peer_id)):
+                return
+            log.debug("pubsub stream to %s ran on a closed connection: reopening", peer_id)
+            del self.peers[peer_id]
+            queue = self.peer_queues.pop(peer_id, None)
+            if queue is not None:
+                queue.close()  # its sending task ends
+            self.manager.run_task(self._reopen_stream, peer_id)
+
+        async def _reopen_stream(self, peer_id) -> None:
+            try:
+                await self._handle_new_peer(peer_id)
+            except Exception as exc:  # noqa: BLE001 - py-libp2p's retry takes over
+                log.debug("reopening the pubsub stream to %s failed: %r", peer_id, exc)
+                if self._peer_is_connected(peer_id):
+                    self._schedule_peer_stream_retry(peer_id)
+
         async def stream_handler(self, stream) -> None:  # type: ignore[override]
             peer_id = stream.muxed_conn.peer_id
             try:
