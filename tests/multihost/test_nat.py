@@ -106,7 +106,7 @@ async def test_a_hole_punched_connection_outlives_the_relay(nat_net, tmp_path):
     connection; when the relay went, the peer stayed (a direct connection remained)
     and its stream stayed dead, so heartbeats from home2 never reached home1 until a
     write failed and lost its message (4 of 10 runs failed here).
-    ``patches.SafePubsub.connection_closed`` reopens the stream on the live
+    ``p2p.safe_pubsub`` reopens the stream on the live
     connection (12 of 12)."""
     net = nat_net
     with trio.fail_after(180):

@@ -16,7 +16,7 @@ An attempt ends in one of three ways, and says which:
 * :class:`Failure`: it failed before its first byte; nothing of it reached
   the client, so the caller may try another peer;
 * :class:`Broken`: it committed and then broke; the caller asks the relay
-  whether and how the answer goes on (``proxy._resume``).
+  whether and how the answer goes on (``proxy_resume``).
 
 Exceptions are mapped here, once, into those outcomes; only
 :class:`~meshollama.gateway.asgi.ClientGone` and cancellation pass through.

@@ -126,9 +126,10 @@ class Hearing:
             log.info("peer %s joined with %d model(s)%s", ann.peer_id, len(ann.models),
                      " (draining)" if ann.draining else "")
         if ann.peer_id not in host.connected_peers():
-            # Heard by gossip: it is new and dials us (it pulled a table), so we wait;
-            # named by a table we pulled, we are the one to dial (dial="now").
-            mesh.reach.maybe_dial(host, ann.peer_id, ann.addrs, wait=dial)
+            # Heard new by gossip: it dials us (it pulled a table), so we wait; named by a
+            # table we pulled, we dial (dial="now"); a known peer we lost: the lower id.
+            wait = "higher" if dial == "always" and result is not ApplyResult.NEW else dial
+            mesh.reach.maybe_dial(host, ann.peer_id, ann.addrs, wait=wait)
         return result
 
     # --- down hints (mesh.hints) ------------------------------------------------------

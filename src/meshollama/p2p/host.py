@@ -605,7 +605,10 @@ class _Notifee:
     async def disconnected(self, network, conn) -> None:
         pubsub = self._owner._pubsub
         if pubsub is not None and hasattr(pubsub, "connection_closed"):
-            pubsub.connection_closed(conn)  # patches.SafePubsub: off a closed connection
+            try:
+                pubsub.connection_closed(conn)  # p2p.safe_pubsub: a stream off a closed connection
+            except Exception as exc:  # noqa: BLE001 - the events below must still go out
+                log.debug("pubsub on a closed connection: %r", exc)
         peer = conn.muxed_conn.peer_id.to_base58()
         if self._owner.admission is not None and peer not in self._owner.connected_peers():
             self._owner.admission.disconnected(peer)

@@ -6,7 +6,7 @@
    never mixes records with an IPFS node it happens to meet.
 2. ``Pubsub.stream_handler`` catches libp2p's ``ParseError`` but not
    protobuf's ``DecodeError`` (nor anything else), so 8 junk bytes from any
-   peer raise out of the handler and take the host down. :class:`SafePubsub`
+   peer raise out of the handler and take the host down. ``safe_pubsub.SafePubsub``
    catches everything on that stream, resets it, and reports it.
 3. Yamux sends a WINDOW_UPDATE frame after almost every read (its "partial
    slack" branch grants credit whenever any is owed). Multistream-select
@@ -68,70 +68,10 @@ def patch_dht_protocol(protocol_id: str = DHT_PROTOCOL_ID) -> None:
 
 
 def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
-    """A ``Pubsub`` subclass whose stream handler survives any bad input."""
-    from libp2p.pubsub.pubsub import Pubsub
+    """``p2p.safe_pubsub.make_safe_pubsub_class`` (moved there)."""
+    from .safe_pubsub import make_safe_pubsub_class as make
 
-    class SafePubsub(Pubsub):
-        async def _handle_new_peer(self, peer_id) -> None:
-            await super()._handle_new_peer(peer_id)
-            # A peer's subscriptions can come before our stream to it is up (py-libp2p
-            # retries that stream, "frequently" needed); gossipsub's graft-on-subscribe
-            # then found it no gossipsub peer yet and did nothing, and the edge waited for
-            # a heartbeat (now 5 s). Offer it again now: it checks mesh, back-off, D_low.
-            graft = getattr(self.router, "on_peer_subscribed", None)
-            if graft is not None and peer_id in self.peers:
-                for topic, peers in list(self.peer_topics.items()):
-                    if peer_id in peers:
-                        await graft(peer_id, topic)
-
-        def connection_closed(self, conn) -> None:
-            """py-libp2p keeps a peer whose closed connection leaves another open, and
-            with it our pubsub stream to that peer, even when the stream ran on the
-            closed connection: every later message to the peer went into a dead stream
-            and was lost until a write failed (and that message with it). A
-            hole-punched pair whose relay went away was deaf one way for a refresh
-            or more. Open a new stream on a live connection now. Only our stream
-            moves: the peer's subscriptions came on its own stream, and the router
-            keeps the peer (``_handle_dead_peer`` would forget both)."""
-            peer_id = conn.muxed_conn.peer_id
-            stream = self.peers.get(peer_id)
-            if (stream is None or getattr(stream, "muxed_conn", None) is not conn.muxed_conn
-                    or not self._peer_is_connected(peer_id)):
-                return
-            log.debug("pubsub stream to %s ran on a closed connection: reopening", peer_id)
-            del self.peers[peer_id]
-            queue = self.peer_queues.pop(peer_id, None)
-            if queue is not None:
-                queue.close()  # its sending task ends
-            self.manager.run_task(self._reopen_stream, peer_id)
-
-        async def _reopen_stream(self, peer_id) -> None:
-            try:
-                await self._handle_new_peer(peer_id)
-            except Exception as exc:  # noqa: BLE001 - py-libp2p's retry takes over
-                log.debug("reopening the pubsub stream to %s failed: %r", peer_id, exc)
-                if self._peer_is_connected(peer_id):
-                    self._schedule_peer_stream_retry(peer_id)
-
-        async def stream_handler(self, stream) -> None:  # type: ignore[override]
-            peer_id = stream.muxed_conn.peer_id
-            try:
-                await super().stream_handler(stream)
-            except trio.Cancelled:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - any junk must not kill the host
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                log.debug("dropping bad pubsub stream from %s: %r", peer_id, exc)
-                on_junk(str(peer_id), exc)
-                with trio.move_on_after(1.0) as scope:
-                    scope.shield = True
-                    try:
-                        await stream.reset()
-                    except Exception:
-                        pass
-
-    return SafePubsub
+    return make(on_junk)
 
 
 _STOCK_YAMUX_METHOD = None
