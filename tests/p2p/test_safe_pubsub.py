@@ -67,3 +67,42 @@ async def test_a_retired_stream_neither_writes_nor_buries_its_successor():
     assert await p.write_msg(old, rpc) is False
     assert old.written == [] and p.buried == []
     assert await p.write_msg(new, rpc) is True and new.written
+
+
+async def test_an_open_asked_while_another_is_under_way_waits_and_opens_if_needed(monkeypatch):
+    """The stream an open registered died before that open ended (its replay): the
+    reopen asked meanwhile must not be dropped, or the peer stays unregistered."""
+    import trio
+    from libp2p.pubsub.pubsub import Pubsub
+
+    opens = []
+
+    async def stock_open(self, peer_id):
+        opens.append(peer_id)
+        if len(opens) == 1:
+            await trio.sleep(1)  # registered, then still flushing and replaying
+        else:
+            self.peers[peer_id] = Stream(closed=False)
+
+    monkeypatch.setattr(Pubsub, "_handle_new_peer", stock_open)
+    p = _pubsub(Stream(closed=True))
+    p.router = SimpleNamespace()
+    del p.peers[PEER]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p._handle_new_peer, PEER)
+        await trio.sleep(0.1)
+        await p._reopen_stream(PEER)  # waits for the first, then opens again
+    assert opens == [PEER, PEER] and PEER in p.peers
+
+
+def test_a_moved_peer_gone_before_its_new_stream_leaves_the_router(monkeypatch):
+    from libp2p.pubsub.pubsub import Pubsub
+
+    p = _pubsub(Stream(closed=True))
+    removed = []
+    p.router = SimpleNamespace(remove_peer=removed.append)
+    p._handle_dead_peer(PEER)  # moved: a reopen is under way
+    p._peer_is_connected = lambda peer_id: False  # and the peer is gone
+    monkeypatch.setattr(Pubsub, "_handle_dead_peer", lambda self, peer_id: None)  # stock: unregistered, nothing
+    p._handle_dead_peer(PEER)
+    assert removed == [PEER]

@@ -37,18 +37,24 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
     from libp2p.utils import encode_varint_prefixed
 
     class SafePubsub(Pubsub):
-        _opening: set | None = None  # peers whose stream is being opened
+        _opening: dict | None = None  # peer -> set when the open under way for it ends
+        _moved: set | None = None  # peers moved off a closed connection, not registered again yet
 
         async def _handle_new_peer(self, peer_id) -> None:
+            # One open per peer at a time: a later one waits for the first, then opens
+            # again only if that did not register the peer (the stock code skips it).
             if self._opening is None:
-                self._opening = set()
-            if peer_id in self._opening:
-                return  # another open for this peer is under way (a reopen, a retry)
-            self._opening.add(peer_id)
+                self._opening, self._moved = {}, set()
+            while (busy := self._opening.get(peer_id)) is not None:
+                await busy.wait()
+            done = self._opening[peer_id] = trio.Event()
             try:
                 await super()._handle_new_peer(peer_id)
             finally:
-                self._opening.discard(peer_id)
+                del self._opening[peer_id]
+                done.set()
+            if peer_id in self.peers:
+                self._moved.discard(peer_id)
             graft = getattr(self.router, "on_peer_subscribed", None)
             if graft is not None and peer_id in self.peers:
                 for topic, peers in list(self.peer_topics.items()):
@@ -63,8 +69,15 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
                 self._move_off_closed(conn.muxed_conn.peer_id)
 
         def _handle_dead_peer(self, peer_id) -> None:
-            if not self._move_off_closed(peer_id):
-                super()._handle_dead_peer(peer_id)
+            if self._move_off_closed(peer_id):
+                return
+            super()._handle_dead_peer(peer_id)
+            if self._moved and peer_id in self._moved and peer_id not in self.peers \
+                    and not self._peer_is_connected(peer_id):
+                # Moved, then gone before its new stream came: the stock code, finding
+                # it unregistered, leaves it in the router (in the mesh, counted to D).
+                self._moved.discard(peer_id)
+                self.router.remove_peer(peer_id)
 
         def _move_off_closed(self, peer_id) -> bool:
             """If our stream to ``peer_id`` runs on a closed connection while another
@@ -81,6 +94,9 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
             if queue is not None:
                 queue.close()  # its sending task ends
             self._replayed_recent_topics.pop(peer_id, None)  # the new stream may replay
+            if self._moved is None:
+                self._opening, self._moved = {}, set()
+            self._moved.add(peer_id)
             manager.run_task(self._reopen_stream, peer_id)
             return True
 
@@ -89,11 +105,12 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
                 await self._handle_new_peer(peer_id)
             except Exception as exc:  # noqa: BLE001 - handled below
                 log.debug("reopening the pubsub stream to %s failed: %r", peer_id, exc)
-            if peer_id in self.peers or (self._opening and peer_id in self._opening):
+            if peer_id in self.peers:
                 return
             if self._peer_is_connected(peer_id):
                 self._schedule_peer_stream_retry(peer_id)
             else:  # gone meanwhile: what the stock code does for a dead peer
+                self._moved.discard(peer_id)
                 self._forget_all_subscriptions(peer_id)
                 self.router.remove_peer(peer_id)
 
