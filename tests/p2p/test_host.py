@@ -12,7 +12,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from meshollama.errors import P2PError, UpstreamBroken, UpstreamBusy, UpstreamUnavailable
 from meshollama.httpmsg import ProxyRequest, ProxyResponse
 from meshollama.limits import InboundLimiter
-from meshollama.p2p import patches
+from meshollama.p2p import patches, safe_pubsub
 from meshollama.p2p.host import P2PHost
 from meshollama.p2p.httpstream import PROTOCOL, HttpStreamServer, PeerScopes, PeerUpstream, StreamPool
 from meshollama.p2p.ping import Pinger
@@ -100,7 +100,7 @@ async def test_stock_pubsub_handler_is_killed_by_decode_error():
         await Pubsub.stream_handler(stock, FakeStream())
 
     reported = []
-    Safe = patches.make_safe_pubsub_class(lambda peer, exc: reported.append(type(exc).__name__))
+    Safe = safe_pubsub.make_safe_pubsub_class(lambda peer, exc: reported.append(type(exc).__name__))
     safe = Safe.__new__(Safe)
     safe.continuously_read_stream = boom.__get__(safe)
     await safe.stream_handler(FakeStream())  # does not raise

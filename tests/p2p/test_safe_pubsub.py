@@ -40,6 +40,7 @@ def _pubsub(stream: Stream, *, connected: bool = True):
     p.peer_topics, p._replayed_recent_topics = {"t": {PEER}}, {PEER: {"t"}}
     p._peer_is_connected = lambda peer_id: connected
     p.ran, p.buried = [], []
+    p._opening, p._moved = {}, set()  # what __init__ sets
     p._manager = SimpleNamespace(is_running=True, run_task=lambda f, *a: p.ran.append((f.__name__, a)))
     return p
 

@@ -11,7 +11,7 @@ Sharp edges handled here (see docs/architecture.md for the list):
 * ``max_connections_per_peer=1`` avoids a 250 ms happy-eyeballs sleep per dial;
 * the DHT ignores ``protocol_prefix`` and never adds connected peers to its
   routing table: ``patches.patch_dht_protocol`` and ``_on_connected`` fix both;
-* a junk pubsub message kills a stock host: ``patches.make_safe_pubsub_class``;
+* a junk pubsub message kills a stock host: ``safe_pubsub.make_safe_pubsub_class``;
 * ``host.get_addrs()`` advertises a wildcard bind as ``0.0.0.0`` (identify
   and the DHT then hand out an address every peer dials itself on), and
   mDNS puts the same wildcard in its TXT records: we pass an
@@ -42,6 +42,7 @@ from .events import Event, EventQueue
 from .gossip import router as gossip_router
 from .mdns import start_mdns
 from .relay import Relay, RelaySettings
+from .safe_pubsub import make_safe_pubsub_class
 from .stream import Stream
 
 LOOKUP_TIMEOUT = 1.5  # seconds a provider lookup may take (mesh.holders.WAIT leaves room for the questions)
@@ -224,7 +225,7 @@ class P2PHost:
         except Exception as exc:
             raise P2PError(f"cannot create libp2p host: {exc}") from exc
         gossip = gossip_router(s)  # p2p.gossip: our parameters, IHAVE despite back-off
-        safe_pubsub = patches.make_safe_pubsub_class(lambda peer, exc: self._on_junk(peer, type(exc).__name__))
+        safe_pubsub = make_safe_pubsub_class(lambda peer, exc: self._on_junk(peer, type(exc).__name__))
         pubsub = safe_pubsub(
             host,
             gossip,

@@ -6,8 +6,8 @@
    never mixes records with an IPFS node it happens to meet.
 2. ``Pubsub.stream_handler`` catches libp2p's ``ParseError`` but not
    protobuf's ``DecodeError`` (nor anything else), so 8 junk bytes from any
-   peer raise out of the handler and take the host down. ``safe_pubsub.SafePubsub``
-   catches everything on that stream, resets it, and reports it.
+   peer raise out of the handler and take the host down. ``safe_pubsub``
+   (its own module now) catches everything on that stream, resets it, and reports it.
 3. Yamux sends a WINDOW_UPDATE frame after almost every read (its "partial
    slack" branch grants credit whenever any is owed). Multistream-select
    reads varints a byte at a time, so one request/response exchange cost
@@ -65,13 +65,6 @@ def patch_dht_protocol(protocol_id: str = DHT_PROTOCOL_ID) -> None:
         module = importlib.import_module(name)
         if hasattr(module, "PROTOCOL_ID"):
             module.PROTOCOL_ID = TProtocol(protocol_id)
-
-
-def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
-    """``p2p.safe_pubsub.make_safe_pubsub_class`` (moved there)."""
-    from .safe_pubsub import make_safe_pubsub_class as make
-
-    return make(on_junk)
 
 
 _STOCK_YAMUX_METHOD = None

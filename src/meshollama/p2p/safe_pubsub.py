@@ -37,14 +37,14 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
     from libp2p.utils import encode_varint_prefixed
 
     class SafePubsub(Pubsub):
-        _opening: dict | None = None  # peer -> set when the open under way for it ends
-        _moved: set | None = None  # peers moved off a closed connection, not registered again yet
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._opening: dict = {}  # peer -> set when the open under way for it ends
+            self._moved: set = set()  # peers moved off a closed connection, not registered again yet
 
         async def _handle_new_peer(self, peer_id) -> None:
             # One open per peer at a time: a later one waits for the first, then opens
             # again only if that did not register the peer (the stock code skips it).
-            if self._opening is None:
-                self._opening, self._moved = {}, set()
             while (busy := self._opening.get(peer_id)) is not None:
                 await busy.wait()
             done = self._opening[peer_id] = trio.Event()
@@ -72,8 +72,7 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
             if self._move_off_closed(peer_id):
                 return
             super()._handle_dead_peer(peer_id)
-            if self._moved and peer_id in self._moved and peer_id not in self.peers \
-                    and not self._peer_is_connected(peer_id):
+            if peer_id in self._moved and peer_id not in self.peers and not self._peer_is_connected(peer_id):
                 # Moved, then gone before its new stream came: the stock code, finding
                 # it unregistered, leaves it in the router (in the mesh, counted to D).
                 self._moved.discard(peer_id)
@@ -94,8 +93,6 @@ def make_safe_pubsub_class(on_junk: Callable[[str, BaseException], None]):
             if queue is not None:
                 queue.close()  # its sending task ends
             self._replayed_recent_topics.pop(peer_id, None)  # the new stream may replay
-            if self._moved is None:
-                self._opening, self._moved = {}, set()
             self._moved.add(peer_id)
             manager.run_task(self._reopen_stream, peer_id)
             return True
