@@ -191,5 +191,4 @@ class Reach:
 
 
 def _behind_nat(host: Transport) -> bool:
-    relay = getattr(host, "relay", None)
-    return relay is not None and relay.behind_nat()
+    return host.relay is not None and host.relay.behind_nat()
